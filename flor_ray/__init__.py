@@ -1,0 +1,134 @@
+"""flor_ray: multiversion hindsight logging for ML training, on Ray.
+
+Record with ``flor.log``, ``flor.arg``, ``flor.loop`` and ``flor.checkpointing``;
+later add a ``flor.log`` statement to today's script and back-fill it into every
+past run with ``flor.replay``; query with ``flor.dataframe`` or ``flor.sql``.
+
+Importing this package is cheap and does one thing only: when the command line
+holds FlorDB-style ``--kwargs name=value ...`` it takes them out of ``sys.argv``
+(so that the script's own argparse never sees them) for ``flor.arg`` to read.
+No run, file, thread or git call happens until a verb is first called.
+"""
+
+from __future__ import annotations
+
+import os as _os
+import sys as _sys
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from .errors import FlorError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = [
+    "log",
+    "arg",
+    "loop",
+    "checkpointing",
+    "commit",
+    "dataframe",
+    "runs",
+    "sql",
+    "plan_replay",
+    "replay",
+    "FlorError",
+    "__version__",
+]
+__version__ = "0.1.0"
+
+_KWARGS: dict[str, str] = {}
+if any(a == "--kwargs" or a.startswith("--kwargs=") for a in _sys.argv):
+    from .record.session import take_kwargs as _take_kwargs
+
+    _KWARGS = _take_kwargs(_sys.argv)
+
+_SESSION: Any = None
+
+
+def _session():
+    """The process's session, made on first use: replay mode when FLOR_REPLAY is set."""
+    global _SESSION
+    if _SESSION is None:
+        from .config import load_settings
+
+        spec = _os.environ.get("FLOR_REPLAY")
+        if spec:
+            from .execution.worker import ReplaySession
+
+            _SESSION = ReplaySession.from_spec_file(spec)
+        else:
+            from .record.session import RecordSession
+
+            _SESSION = RecordSession(load_settings(), _KWARGS)
+    return _SESSION
+
+
+def log(name: str, value: Any) -> Any:
+    """Record ``value`` under ``name`` in the current loop context; returns ``value``."""
+    return (_SESSION or _session()).log(name, value)
+
+
+def arg(name: str, default: Any) -> Any:
+    """A recorded hyper-parameter; ``--kwargs name=value`` overrides the default."""
+    return (_SESSION or _session()).arg(name, default)
+
+
+def loop(name: str, iterable: Iterable[Any]) -> Iterator[Any]:
+    """Iterate ``iterable`` as loop ``name``; the outermost loop sets checkpoints."""
+    return (_SESSION or _session()).loop(name, iterable)
+
+
+def checkpointing(**objects: Any):
+    """Context manager: checkpoint these objects (and every RNG) per outer iteration."""
+    return (_SESSION or _session()).checkpointing(**objects)
+
+
+def commit() -> None:
+    """Flush buffered rows to the store now (they are also flushed per outer iteration)."""
+    if _SESSION is not None:
+        _SESSION.commit()
+
+
+def _store(store: Any = None):
+    from .api import resolve_store
+
+    return resolve_store(store)
+
+
+def dataframe(*names: str, where: str | None = None, store: Any = None) -> "pd.DataFrame":
+    """One row per (run, loop context), a column per loop, log name and arg."""
+    from .relation import dataframe as _df
+
+    return _df(_store(store), names, where)
+
+
+def runs(where: str | None = None, store: Any = None) -> "pd.DataFrame":
+    """The runs table (one row per run, a column per arg)."""
+    from .relation import runs_frame, select_runs
+
+    st = _store(store).check()
+    df = runs_frame(st)
+    if where:
+        keep = set(select_runs(st, where))
+        df = df[df["run_id"].isin(keep)].reset_index(drop=True)
+    return df
+
+
+def sql(query: str, store: Any = None) -> "pd.DataFrame":
+    """DuckDB SQL over tables ``logs`` (long relation) and ``runs``."""
+    from .relation import sql as _sql
+
+    return _sql(_store(store), query)
+
+
+def plan_replay(names=None, **kwargs: Any):
+    """Plan a hindsight-logging query (see :func:`flor_ray.api.plan_replay`)."""
+    from .api import plan_replay as _plan
+
+    return _plan(names, **kwargs)
+
+
+def replay(names=None, **kwargs: Any):
+    """Plan and run a hindsight-logging query; returns the report."""
+    return plan_replay(names, **kwargs).run()

@@ -1,0 +1,39 @@
+"""Entry points that need the store or the repository (kept out of ``__init__``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import load_settings
+from .errors import RepositoryError
+from .store import Store
+
+__all__ = ["resolve_store", "plan_replay"]
+
+
+def resolve_store(store: Any = None, cwd: str | os.PathLike | None = None) -> Store:
+    """A Store from an argument, FLOR_STORE/config, or ``.flor`` of the enclosing repo."""
+    if isinstance(store, Store):
+        return store
+    settings = load_settings(store=store)
+    if settings.store:
+        return Store(settings.store, settings.storage_options)
+    from .versions import find_repo_root
+
+    here = Path(cwd or os.getcwd())
+    try:
+        root = find_repo_root(here)
+    except RepositoryError as exc:
+        raise RepositoryError(
+            f"no store given and {str(here)!r} is not inside a git repository: pass store=..., "
+            "--store URL or set FLOR_STORE"
+        ) from exc
+    return Store(os.path.join(root, ".flor"), settings.storage_options)
+
+
+def plan_replay(names=None, **kwargs: Any):
+    from .planning.planner import plan_replay as _plan
+
+    return _plan(names, **kwargs)

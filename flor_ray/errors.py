@@ -1,0 +1,135 @@
+"""The project's error hierarchy.
+
+One root class, :class:`FlorError`; every subclass keeps the offending values on the
+instance and builds a message that says what is wrong and what to do. Where callers
+already catch a builtin (``ValueError``, ``KeyError``...), the subclass inherits it too.
+A failure inside the user's training code (:class:`UserCodeError`) is kept apart
+from a bug or limit of the engine.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FlorError",
+    "InvalidNameError",
+    "UnsupportedValueError",
+    "ArgCastError",
+    "LoopError",
+    "CheckpointingError",
+    "CheckpointError",
+    "StoreError",
+    "StoreNotFoundError",
+    "RepositoryError",
+    "QueryError",
+    "UnknownRunError",
+    "PlanningError",
+    "PropagationError",
+    "UserCodeError",
+    "ConfigError",
+]
+
+
+class FlorError(Exception):
+    """Root of every error raised by flor_ray."""
+
+
+class InvalidNameError(FlorError, ValueError):
+    """A log, arg or loop name that is not a usable identifier."""
+
+    def __init__(self, kind: str, name: object, why: str = ""):
+        self.kind, self.name = kind, name
+        hint = why or "use a non-empty string such as 'loss' or 'val_acc'"
+        super().__init__(f"invalid {kind} name {name!r}: {hint}")
+
+
+class UnsupportedValueError(FlorError, TypeError):
+    """A value passed to ``flor.log`` that has no typed representation."""
+
+    def __init__(self, name: str, value: object, why: str = ""):
+        self.name, self.value = name, value
+        detail = f" ({why})" if why else ""
+        super().__init__(
+            f"flor.log({name!r}, ...) got a value of type {type(value).__name__}{detail}; "
+            "log an int, float, bool, str, a numpy/torch scalar or one-element tensor, "
+            "or a small list/dict of those (e.g. loss.item() instead of loss)"
+        )
+
+
+class ArgCastError(FlorError, ValueError):
+    """A ``--kwargs name=value`` override that cannot be cast to the default's type."""
+
+    def __init__(self, name: str, raw: str, default: object):
+        self.name, self.raw, self.default = name, raw, default
+        super().__init__(
+            f"--kwargs {name}={raw!r} cannot be cast to {type(default).__name__} "
+            f"(the type of flor.arg({name!r}, {default!r})); pass a value of that type"
+        )
+
+
+class LoopError(FlorError, TypeError):
+    """Misuse of ``flor.loop``."""
+
+
+class CheckpointingError(FlorError, RuntimeError):
+    """Misuse of ``flor.checkpointing`` (nesting, objects without state)."""
+
+
+class CheckpointError(FlorError, RuntimeError):
+    """A checkpoint that is missing, truncated or corrupted in the store."""
+
+    def __init__(self, message: str, path: str | None = None):
+        self.path = path
+        super().__init__(message)
+
+
+class StoreError(FlorError, OSError):
+    """The store cannot be reached or holds something unexpected."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """A store URL under which no store was ever written."""
+
+    def __init__(self, url: str):
+        self.url = url
+        super().__init__(
+            f"no flor_ray store at {url!r}: record a run first (any script that calls "
+            "flor.log/arg/loop), or point FLOR_STORE / --store at an existing store"
+        )
+
+
+class RepositoryError(FlorError, RuntimeError):
+    """The script does not live in a usable git repository."""
+
+
+class QueryError(FlorError, ValueError):
+    """A bad query: an invalid ``where`` predicate, unknown names, bad SQL."""
+
+
+class UnknownRunError(QueryError, KeyError):
+    """A run id that the store does not hold."""
+
+    def __init__(self, run_id: str, store_url: str):
+        self.run_id, self.store_url = run_id, store_url
+        ValueError.__init__(
+            self,
+            f"no run {run_id!r} in the store {store_url!r}; list runs with `flor-ray runs`",
+        )
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0])
+
+
+class PlanningError(FlorError, ValueError):
+    """A replay query that cannot be planned."""
+
+
+class PropagationError(FlorError, ValueError):
+    """A new log statement that cannot be placed in an old version with confidence."""
+
+
+class UserCodeError(FlorError, RuntimeError):
+    """An exception raised by the user's training script (not by flor_ray)."""
+
+
+class ConfigError(FlorError, ValueError):
+    """A configuration file or value that cannot be used."""

@@ -1,0 +1,1 @@
+"""Execution: Ray tasks that replay run segments and write their partitions."""

@@ -1,0 +1,216 @@
+"""Replay mode: the runtime inside the replayed script's own process.
+
+The task that replays a segment starts ``python <script>`` with ``FLOR_REPLAY``
+naming a JSON spec; the script's ``import flor_ray`` then gets a
+:class:`ReplaySession` instead of a recording one. It hands back the recorded args,
+restores checkpoints where the spec says, skips what need not run, keeps the rows
+of the segment's iterations and writes them as one Parquet file at exit. Nothing
+of the recording (runs table, checkpoints, code) is written.
+
+Spec keys: ``store``, ``storage_options``, ``run_id``, ``version``, ``script``,
+``args``, ``mode`` (``skip``: restore each iteration's checkpoint and skip the inner
+loops; ``reexec``: restore once, then run for real), ``start``/``stop`` (outer
+iterations whose rows are kept, inclusive), ``restore`` (``reexec``: one checkpoint
+entry or null), ``checkpoints`` (``skip``: iteration -> entry), ``names`` (names to
+keep, null for all), ``setup`` / ``after`` (keep rows outside the outer loop, before
+/ after it), ``output`` (store-relative partition path), ``task`` (its key).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping
+
+from ..errors import CheckpointError, CheckpointingError
+from ..record.session import LoopRuntime, check_name
+
+__all__ = ["ReplaySession", "SegmentDone"]
+
+
+class SegmentDone(SystemExit):
+    """Raised after the segment's last iteration: the rest of the script is not needed."""
+
+
+class ReplaySession(LoopRuntime):
+    def __init__(self, spec: Mapping[str, Any]):
+        super().__init__()
+        from ..store import Store
+
+        self.spec = dict(spec)
+        self.store = Store(spec["store"], spec.get("storage_options") or {})
+        self.args = dict(spec.get("args") or {})
+        self.mode = spec.get("mode", "reexec")
+        self.start, self.stop = int(spec["start"]), int(spec["stop"])
+        self.names = None if spec.get("names") is None else set(spec["names"])
+        self.restore_entry = spec.get("restore")
+        self.checkpoints = {int(k): v for k, v in (spec.get("checkpoints") or {}).items()}
+        self._objects: dict[str, Any] | None = None
+        self._in_ckpt = False
+        self._restore_at: dict | None = None  # entry to restore at a depth-1 exit
+        self._exits = 0
+        self._phase = "setup"  # setup -> loop -> after
+        self._cur_iter = -1
+        self._keep_iter = False
+        self._kept: dict[str, list] = {"contexts": [], "ctx_ids": [], "names": [], "values": []}
+        self._written = False
+        self._failed = False
+        self._suppress_saves()
+        atexit.register(self.finish)
+        prev = sys.excepthook
+
+        def hook(tp, val, tb):  # a failing script writes no partition
+            self._failed = True
+            prev(tp, val, tb)
+
+        sys.excepthook = hook
+
+    @classmethod
+    def from_spec_file(cls, path: str) -> "ReplaySession":
+        with open(path) as f:
+            return cls(json.load(f))
+
+    def _suppress_saves(self) -> None:
+        """Training side effects: torch.save to the user's paths does nothing in replay."""
+        torch = sys.modules.get("torch")
+        if torch is not None and not getattr(torch.save, "_flor_suppressed", False):
+            def _no_save(*_a: Any, **_k: Any) -> None:
+                return None
+
+            _no_save._flor_suppressed = True  # type: ignore[attr-defined]
+            torch.save = _no_save
+
+    # ------------------------------------------------------------------ verbs
+    def arg(self, name: str, default: Any) -> Any:
+        check_name("arg", name)
+        return self.args.get(name, default)
+
+    def loop(self, name: str, iterable: Iterable[Any]) -> Iterator[Any]:
+        self._suppress_saves()
+        return LoopRuntime.loop(self, name, iterable)
+
+    @contextmanager
+    def checkpointing(self, **objects: Any):
+        if self._in_ckpt:
+            raise CheckpointingError("flor.checkpointing is already active")
+        self._in_ckpt = True
+        self._objects = dict(objects)
+        try:
+            yield self
+        finally:
+            self._in_ckpt = False
+
+    def commit(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ loop hooks
+    def _outer_begin(self, i: int, length: int | None) -> bool:
+        self._move_rows()
+        self._phase = "loop"
+        self._cur_iter = i
+        self._exits = 0
+        self._restore_at = None
+        if self.mode == "skip":
+            if i < self.start:
+                return False
+            entry = self.checkpoints.get(i)
+            if entry is None:
+                raise CheckpointError(f"the plan gave no checkpoint for iteration {i} of a skip segment")
+            self._restore_at = entry
+            self._keep_iter = True
+            return True
+        restore_iter = self.restore_entry["iteration"] if self.restore_entry else -1
+        if i < restore_iter:
+            return False  # before the restored checkpoint: not executed at all
+        if i == restore_iter:
+            self._restore_at = self.restore_entry
+        self._keep_iter = self.start <= i <= self.stop
+        return True
+
+    def _inner_skipped(self, name: str, depth: int) -> bool:
+        if depth != 1 or self._restore_at is None:
+            return False
+        self._exits += 1
+        if self._exits >= max(1, int(self._restore_at.get("inner_exits", 1))):
+            self._restore(self._restore_at)
+            self._restore_at = None
+        return True
+
+    def _outer_end(self, i: int, seconds: float, completed: bool) -> None:
+        if self._restore_at is not None and completed:
+            # no inner loop in this iteration: the checkpoint was taken at its end
+            self._restore(self._restore_at)
+            self._restore_at = None
+        self._move_rows()
+
+    def _outer_stop(self, i: int) -> bool:
+        return i >= self.stop
+
+    def _outer_exit(self) -> None:
+        self._move_rows()
+        self._phase = "after"
+        if not self.spec.get("after"):
+            raise SegmentDone(0)
+
+    def _restore(self, entry: Mapping[str, Any]) -> None:
+        from ..record.checkpoint import deserialize, restore
+
+        where = self.store.full_url(entry["path"])
+        try:
+            data = self.store.read_bytes(entry["path"])
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"checkpoint {where} is missing", path=where) from exc
+        if entry.get("bytes") is not None and len(data) != entry["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {where} is truncated: {len(data)} bytes, {entry['bytes']} recorded", path=where
+            )
+        if entry.get("sha256"):
+            import hashlib
+
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise CheckpointError(f"checkpoint {where} is corrupted (sha256 differs from the recording)", path=where)
+        restore(self._objects or {}, deserialize(data, where), where)
+
+    # ------------------------------------------------------------------ rows
+    def _move_rows(self) -> None:
+        """Move buffered rows into the kept set if their phase/iteration is wanted."""
+        rows = self.take_rows()
+        if rows is None:
+            return
+        keep_phase = (
+            (self._phase == "setup" and self.spec.get("setup"))
+            or (self._phase == "loop" and self._keep_iter)
+            or (self._phase == "after" and self.spec.get("after"))
+        )
+        if not keep_phase:
+            return
+        base = len(self._kept["contexts"])
+        self._kept["contexts"].extend(rows["contexts"])
+        for cid, name, value in zip(rows["ctx_ids"], rows["names"], rows["values"]):
+            if self.names is None or name in self.names:
+                self._kept["ctx_ids"].append(base + cid)
+                self._kept["names"].append(name)
+                self._kept["values"].append(value)
+
+    def finish(self) -> None:
+        """Write the kept rows as the task's one partition (only on success)."""
+        if self._written:
+            return
+        self._written = True
+        if self._failed:
+            return
+        self._move_rows()
+        from ..relation import rows_to_table, table_to_parquet_bytes
+
+        k = self._kept
+        table = rows_to_table(
+            version=self.spec["version"], file=self.spec["script"], contexts=k["contexts"],
+            ctx_ids=k["ctx_ids"], names=k["names"], values=k["values"], seq_start=0, task=self.spec["task"],
+        )
+        self.store.write_bytes(self.spec["output"], table_to_parquet_bytes(table))
+        done = self.spec.get("done_marker")
+        if done:
+            with open(done, "w") as f:
+                json.dump({"rows": table.num_rows}, f)

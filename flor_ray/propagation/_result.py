@@ -1,0 +1,62 @@
+"""What propagation returns: small frozen, picklable values and their rendering."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One statement injected into the old version.
+
+    ``line`` is 1-based in the patched code; ``loops`` are the enclosing
+    ``flor.loop`` names there, outermost first; ``function`` the enclosing def.
+    ``wrapped`` is true when the statement replaced its old counterpart (a
+    ``x = flor.log("x", f())`` whose old version was ``x = f()``) instead of
+    being inserted next to it.
+    """
+
+    names: tuple[str, ...]
+    statement: str
+    line: int
+    loops: tuple[str, ...] = ()
+    function: str | None = None
+    renames: tuple[tuple[str, str], ...] = ()
+    wrapped: bool = False
+
+
+@dataclass(frozen=True)
+class PropagationResult:
+    """The patched target and how it was obtained."""
+
+    code: str
+    placements: tuple[Placement, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()  # (today's name, old name)
+    skipped: tuple[str, ...] = ()  # log names the target already logs
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.placements)
+
+    @property
+    def rename_map(self) -> dict[str, str]:
+        return dict(self.renames)
+
+
+def format_placements(result: PropagationResult) -> str:
+    """One line per placement, then renames and skipped names, for the CLI."""
+    out: list[str] = []
+    for p in result.placements:
+        where = f"[{' > '.join(p.loops)}] " if p.loops else ""
+        func = f"in {p.function}(): " if p.function else ""
+        lines = p.statement.splitlines() or [""]
+        text = lines[0] + (" ..." if len(lines) > 1 else "")
+        mark = "~" if p.wrapped else "+"
+        out.append(f"{mark} line {p.line} {where}{func}{text}")
+    for today, old in result.renames:
+        out.append(f"  renamed {today} -> {old} (the old version's name)")
+    for name in result.skipped:
+        out.append(f"= {name!r} already logged in target, skipped")
+    if not result.placements:
+        out.append("no new log statements to propagate")
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""Recording: the runtime behind the public verbs, checkpoints and the writer."""

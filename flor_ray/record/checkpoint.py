@@ -1,0 +1,130 @@
+"""Checkpoint capture, serialisation and restore (objects' state plus every RNG).
+
+A checkpoint of outer iteration ``e`` is captured right after the last inner
+``flor.loop`` of that iteration exits (or at the iteration's end when it has no
+inner loop). That is the point where a replay that skips the inner loops resumes:
+the outer-level code that follows (evaluation, ``scheduler.step()``...) then runs
+for real, exactly once, as it did in the recording.
+
+Capture happens on the training thread and only clones tensors (a memory copy);
+``torch.save`` runs later on the background writer.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import sys
+from typing import Any, Mapping
+
+from ..errors import CheckpointError, CheckpointingError
+
+__all__ = ["capture", "serialize", "deserialize", "restore", "check_objects"]
+
+FORMAT = 1
+
+
+def check_objects(objects: Mapping[str, Any]) -> None:
+    for name, obj in objects.items():
+        if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            raise CheckpointingError(
+                f"flor.checkpointing({name}=...) got a {type(obj).__name__}, which has no "
+                "state_dict()/load_state_dict(); pass modules, optimizers, LR schedulers, "
+                "GradScalers or your own object with those two methods"
+            )
+
+
+def _clone(x: Any) -> Any:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return type(x)((k, _clone(v)) for k, v in x.items()) if type(x) is not dict else {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clone(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_clone(v) for v in x)
+    return x
+
+
+def capture_rng() -> dict:
+    state: dict[str, Any] = {"python": random.getstate()}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        state["torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "torch" in state:
+        import torch
+
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture(objects: Mapping[str, Any], iteration: int, inner_exits: int) -> dict:
+    """A snapshot in memory: cloned states and RNG states (training thread)."""
+    return {
+        "format": FORMAT,
+        "iteration": iteration,
+        "inner_exits": inner_exits,
+        "objects": {name: _clone(obj.state_dict()) for name, obj in objects.items()},
+        "rng": capture_rng(),
+    }
+
+
+def serialize(snapshot: Mapping[str, Any]) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(dict(snapshot), buf)
+    return buf.getvalue()
+
+
+def deserialize(data: bytes, where: str) -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only."""
+    import pickle
+
+    import torch
+
+    try:
+        snap = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"checkpoint {where} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "it is truncated, corrupted or holds objects other than tensors and plain containers; "
+            "replay from an earlier checkpoint (it is skipped automatically) or re-record",
+            path=where,
+        ) from exc
+    if not isinstance(snap, dict) or snap.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {where} is not a flor_ray checkpoint of format {FORMAT}", path=where)
+    return snap
+
+
+def restore(objects: Mapping[str, Any], snapshot: Mapping[str, Any], where: str = "") -> None:
+    saved = snapshot["objects"]
+    missing = sorted(set(objects) - set(saved))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {where} holds no state for {', '.join(missing)} (it has {', '.join(sorted(saved))}); "
+            "the checkpointing(...) names of the replayed script must match the recorded ones",
+            path=where,
+        )
+    for name, obj in objects.items():
+        obj.load_state_dict(saved[name])
+    restore_rng(snapshot["rng"])

@@ -1,0 +1,645 @@
+"""The recording runtime behind ``flor.log``, ``flor.arg``, ``flor.loop`` and
+``flor.checkpointing``.
+
+:class:`LoopRuntime` owns what recording and replay share: the loop stack and its
+contexts, the row buffers and their conversion to Parquet. :class:`RecordSession`
+adds the run: its id, code snapshot, args, checkpoints, timings and the runs-table
+entry. Nothing happens until the first call of one of the four verbs, so a script
+that merely imports flor_ray creates no run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections.abc as _abc
+import datetime as _dt
+import math
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from ..config import Settings
+from ..errors import (
+    ArgCastError,
+    CheckpointingError,
+    FlorError,
+    InvalidNameError,
+    LoopError,
+    RepositoryError,
+)
+from ..relation import MAX_LOOP_DEPTH
+from ..values import INT64_MAX, INT64_MIN, convert
+from .writer import BackgroundWriter
+
+__all__ = ["LoopRuntime", "RecordSession", "take_kwargs", "cast_arg", "process_start_time"]
+
+RESERVED_NAMES = frozenset({"run_id", "version", "source"})
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def process_start_time() -> float:
+    """Wall-clock start of this process (Linux /proc), for the set-up timing."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return time.time()
+
+
+def _pid_start_ticks() -> int | None:
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def take_kwargs(argv: list[str]) -> dict[str, str]:
+    """Remove FlorDB-style ``--kwargs a=1 b=2`` from ``argv`` (in place); return them."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--kwargs":
+            j = i + 1
+            while j < len(argv) and "=" in argv[j] and not argv[j].startswith("-"):
+                k, v = argv[j].split("=", 1)
+                out[k] = v
+                j += 1
+            del argv[i:j]
+        elif argv[i].startswith("--kwargs="):
+            k, v = argv[i][len("--kwargs=") :].split("=", 1) if argv[i].count("=") >= 2 else (argv[i], "")
+            if not v and k == argv[i]:
+                i += 1
+                continue
+            out[k] = v
+            del argv[i]
+        else:
+            i += 1
+    return out
+
+
+def cast_arg(name: str, raw: str, default: Any) -> Any:
+    t = type(default)
+    try:
+        if default is None or t is str:
+            return raw
+        if t is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on", "t", "y"):
+                return True
+            if low in ("0", "false", "no", "off", "f", "n"):
+                return False
+            raise ValueError(raw)
+        if t is int:
+            return int(raw)
+        if t is float:
+            return float(raw)
+    except ValueError as exc:
+        raise ArgCastError(name, raw, default) from exc
+    raise ArgCastError(name, raw, default)
+
+
+def check_name(kind: str, name: Any) -> str:
+    if type(name) is not str or not name.strip() or len(name) > 200 or any(c in name for c in "\n\r\t/"):
+        raise InvalidNameError(kind, name)
+    if kind == "log" and name in RESERVED_NAMES:
+        raise InvalidNameError(kind, name, f"{name!r} is a column of the log relation; pick another name")
+    return name
+
+
+class LoopRuntime:
+    """Loop contexts and row buffers, shared by recording and replay."""
+
+    def __init__(self) -> None:
+        self._stack: list[list] = []  # frames: [name, iteration, item]
+        self._loops_str = ""
+        self._contexts: list[tuple] = []
+        self._cur = -1
+        self._ctx_ids: list[int] = []
+        self._names: list[str] = []
+        self._values: list[Any] = []
+        self._valid_names: set[str] = set()
+        self._seq = 0
+        self._outer_name: str | None = None
+        self._checkpoint_objects: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------- log
+    def log(self, name: str, value: Any) -> Any:
+        if name not in self._valid_names:
+            self._valid_names.add(check_name("log", name))
+        t = value.__class__
+        v = value
+        if t is float or t is str or t is bool:
+            pass
+        elif t is int:
+            if not INT64_MIN <= value <= INT64_MAX:
+                v = convert(name, value)
+        else:
+            v = convert(name, value)
+        cur = self._cur
+        if cur < 0:
+            cur = self._new_ctx()
+        self._ctx_ids.append(cur)
+        self._names.append(name)
+        self._values.append(v)
+        return value
+
+    def _new_ctx(self) -> int:
+        st = self._stack
+        items = None
+        if any(f[2] is not None for f in st):
+            items = tuple(f[2] for f in st)
+        self._contexts.append((self._loops_str, tuple(f[1] for f in st), items))
+        self._cur = len(self._contexts) - 1
+        return self._cur
+
+    def take_rows(self) -> dict | None:
+        """Hand over the buffered rows (and reset the buffers), or None if empty."""
+        if not self._names:
+            return None
+        rows = {
+            "contexts": self._contexts,
+            "ctx_ids": self._ctx_ids,
+            "names": self._names,
+            "values": self._values,
+            "seq_start": self._seq,
+        }
+        self._seq += len(self._names)
+        keep_cur = self._cur >= 0
+        self._contexts, self._ctx_ids, self._names, self._values = [], [], [], []
+        self._cur = -1
+        if keep_cur:
+            self._new_ctx()
+        return rows
+
+    # ------------------------------------------------------------------ loop
+    def loop(self, name: str, iterable: Iterable[Any]) -> Iterator[Any]:
+        check_name("loop", name)
+        # iter() is deferred to the generator's start: a skipped loop in replay never
+        # builds its iterator (a DataLoader would start workers and draw RNG for nothing)
+        if not (isinstance(iterable, _abc.Iterable) or hasattr(type(iterable), "__getitem__")):
+            raise LoopError(
+                f"flor.loop({name!r}, ...) needs an iterable (a range, list, DataLoader...), "
+                f"got {type(iterable).__name__}"
+            )
+        it = iterable
+        depth = len(self._stack)
+        if depth >= MAX_LOOP_DEPTH:
+            raise LoopError(
+                f"flor.loop({name!r}) would be nested {depth + 1} deep; the log relation keeps "
+                f"{MAX_LOOP_DEPTH} levels: use a plain for loop for the innermost ones"
+            )
+        if any(f[0] == name for f in self._stack):
+            raise LoopError(f"flor.loop({name!r}) is nested inside a loop of the same name; give each level its own name")
+        try:
+            length = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            length = None
+        if depth == 0:
+            return self._outer_gen(name, it, length)
+        return self._inner_gen(name, it, depth)
+
+    def _push(self, name: str) -> list:
+        frame = [name, -1, None]
+        self._stack.append(frame)
+        self._loops_str = "/".join(f[0] for f in self._stack)
+        self._cur = -1
+        return frame
+
+    def _pop(self) -> None:
+        self._stack.pop()
+        self._loops_str = "/".join(f[0] for f in self._stack)
+        self._cur = -1
+
+    def _inner_gen(self, name: str, it: Iterable[Any], depth: int) -> Iterator[Any]:
+        if self._inner_skipped(name, depth):
+            self._inner_done(name, depth, 0, 0.0, skipped=True)
+            return
+        frame = self._push(name)
+        t0 = time.perf_counter()
+        i = -1
+        try:
+            for item in iter(it):
+                i += 1
+                frame[1] = i
+                ti = type(item)
+                frame[2] = item if (ti is str or (ti is int and item != i)) else None
+                self._cur = -1
+                yield item
+        finally:
+            self._pop()
+            self._inner_done(name, depth, i + 1, time.perf_counter() - t0, skipped=False)
+
+    def _outer_gen(self, name: str, it: Iterable[Any], length: int | None) -> Iterator[Any]:
+        if self._outer_name is None:
+            self._outer_name = name
+        is_outer = self._outer_name == name
+        frame = self._push(name)
+        i = -1
+        try:
+            for item in iter(it):
+                i += 1
+                if is_outer and not self._outer_begin(i, length):
+                    continue
+                frame[1] = i
+                ti = type(item)
+                frame[2] = item if (ti is str or (ti is int and item != i)) else None
+                self._cur = -1
+                t0 = time.perf_counter()
+                completed = False
+                try:
+                    yield item
+                    completed = True
+                finally:
+                    if is_outer:
+                        self._outer_end(i, time.perf_counter() - t0, completed)
+                if is_outer and self._outer_stop(i):
+                    break
+        finally:
+            self._pop()
+            if is_outer:
+                self._outer_exit()
+
+    # hooks, overridden by the sessions
+    def _outer_begin(self, i: int, length: int | None) -> bool:
+        return True
+
+    def _outer_end(self, i: int, seconds: float, completed: bool) -> None:
+        pass
+
+    def _outer_stop(self, i: int) -> bool:
+        return False
+
+    def _outer_exit(self) -> None:
+        pass
+
+    def _inner_skipped(self, name: str, depth: int) -> bool:
+        return False
+
+    def _inner_done(self, name: str, depth: int, n: int, seconds: float, skipped: bool) -> None:
+        pass
+
+
+class RecordSession(LoopRuntime):
+    """One recording run of one script."""
+
+    def __init__(self, settings: Settings, kwargs: Mapping[str, str] | None = None, argv: list[str] | None = None):
+        super().__init__()
+        self.settings = settings
+        self.kwargs = dict(kwargs or {})
+        self.argv = list(sys.argv if argv is None else argv)
+        self.started = False
+        self.args: dict[str, Any] = {}
+        self.writer = BackgroundWriter()
+        self._lock = threading.Lock()
+        self._t_process = process_start_time()
+        self._error: dict | None = None
+        self._finished = False
+        self._flushes = 0
+        # timings for the cost model
+        self._setup_s: float | None = None
+        self._outer_s: list[float] = []
+        self._inner_s: list[float] = []
+        self._inner_n: list[int] = []
+        self._ckpt_s: list[float] = []
+        self._t_outer_end: float | None = None
+        self._iter_inner_s = 0.0
+        self._iter_inner_n = 0
+        self._iter_inner_exits = 0
+        # checkpoints
+        self._in_checkpointing = False
+        self._ckpt_due = False
+        self._ckpt_period = 1
+        self._last_ckpt: int | None = None
+        self._pending_snap: dict | None = None
+        self._pending_cost = 0.0
+        self._manifest: list[dict] = []
+        self._ckpt_errors: list[str] = []
+
+    # ----------------------------------------------------------------- start
+    def start(self) -> None:
+        if self.started:
+            return
+        self.started = True  # set first: a failure below must not retry on every call
+        try:
+            self._start()
+        except BaseException:
+            self.started = False
+            raise
+
+    def _start(self) -> None:
+        from ..store import Store
+        from ..versions import find_repo_root, snapshot, upload
+
+        script = self.argv[0] if self.argv else ""
+        if not script or not os.path.isfile(script):
+            raise RepositoryError(
+                f"flor_ray records scripts run as `python path/to/script.py`; sys.argv[0] is {script!r}, "
+                "not a file (interactive sessions and `python -c` cannot be replayed)"
+            )
+        script_path = Path(script).resolve()
+        repo_root = find_repo_root(script_path)
+        rel_script = script_path.relative_to(repo_root).as_posix()
+        url = self.settings.store or os.path.join(repo_root, ".flor")
+        self.store = Store(url, self.settings.storage_options)
+        self.store.ensure()
+        self.run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+        exclude = []
+        if self.store.is_local:
+            store_root = Path(self.store.root).resolve()
+            if store_root == Path(repo_root) or Path(repo_root) in store_root.parents:
+                exclude.append(store_root.relative_to(repo_root).as_posix())
+        snap = snapshot(
+            repo_root,
+            f"refs/flor/{self.run_id}",
+            exclude=exclude,
+            max_untracked_bytes=self.settings.snapshot_max_file_bytes,
+            message=f"flor_ray run {self.run_id} of {rel_script}",
+        )
+        self.snapshot = snap
+        self.version = snap.tree
+        self.script = rel_script
+        self.meta: dict[str, Any] = {
+            "run_id": self.run_id,
+            "project": Path(repo_root).name,
+            "script": rel_script,
+            "version": snap.tree,
+            "commit": snap.commit,
+            "ref": snap.ref,
+            "left_out_of_snapshot": list(snap.left_out),
+            "argv": self.argv[1:],
+            "cwd": os.path.relpath(os.getcwd(), repo_root) if os.getcwd().startswith(repo_root) else None,
+            "status": "running",
+            "started_at": now_iso(),
+            "ended_at": None,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _pid_start_ticks(),
+            "env": self._env(),
+            "store_format": 1,
+        }
+        self._write_meta()
+        self.writer.submit(upload, self.store, snap)
+        atexit.register(self.finish)
+        prev = sys.excepthook
+
+        def hook(tp, val, tb):  # record the failure, then let Python report it
+            self._error = {
+                "type": tp.__name__,
+                "message": str(val),
+                "traceback": "".join(traceback.format_exception(tp, val, tb))[-8000:],
+            }
+            prev(tp, val, tb)
+
+        sys.excepthook = hook
+
+    def _env(self) -> dict:
+        import platform
+
+        env = {"python": platform.python_version(), "platform": platform.platform(), "device": "cpu"}
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            env["torch"] = torch.__version__
+            try:
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    env["device"] = "cuda"
+                    env["gpu"] = torch.cuda.get_device_name()
+            except Exception:
+                pass
+        np = sys.modules.get("numpy")
+        if np is not None:
+            env["numpy"] = np.__version__
+        return env
+
+    # ------------------------------------------------------------------ verbs
+    def log(self, name: str, value: Any) -> Any:
+        if not self.started:
+            self.start()
+        return LoopRuntime.log(self, name, value)
+
+    def arg(self, name: str, default: Any) -> Any:
+        check_name("arg", name)
+        if default is not None and type(default) not in (int, float, bool, str):
+            raise InvalidNameError(
+                "arg", name, f"the default {default!r} is a {type(default).__name__}; "
+                "flor.arg takes an int, float, bool, str or None default"
+            )
+        if name in self.kwargs:
+            value = cast_arg(name, self.kwargs[name], default)
+        else:
+            value = default
+        if not self.started:
+            self.start()
+        if name in self.args:
+            return self.args[name]
+        self.args[name] = value
+        return value
+
+    def loop(self, name: str, iterable: Iterable[Any]) -> Iterator[Any]:
+        gen = LoopRuntime.loop(self, name, iterable)
+        if not self.started:
+            self.start()
+        return gen
+
+    @contextmanager
+    def checkpointing(self, **objects: Any):
+        from .checkpoint import check_objects
+
+        if self._in_checkpointing:
+            raise CheckpointingError(
+                "flor.checkpointing is already active; use one `with flor.checkpointing(...)` "
+                "around the outer loop, listing every object in it"
+            )
+        check_objects(objects)
+        if not self.started:
+            self.start()
+        self._in_checkpointing = True
+        self._checkpoint_objects = dict(objects)
+        self.meta["checkpointing"] = sorted(objects)
+        try:
+            yield self
+        finally:
+            self._in_checkpointing = False
+            self._checkpoint_objects = None
+
+    def commit(self) -> None:
+        if self.started:
+            self._flush()
+
+    # ----------------------------------------------------------- loop hooks
+    def _outer_begin(self, i: int, length: int | None) -> bool:
+        now = time.time()
+        if self._setup_s is None:
+            self._setup_s = now - self._t_process
+        self._iter_inner_s = 0.0
+        self._iter_inner_n = 0
+        self._iter_inner_exits = 0
+        self._pending_snap = None
+        self._pending_cost = 0.0
+        self._ckpt_due = self._checkpoint_objects is not None and (
+            self._last_ckpt is None
+            or i - self._last_ckpt >= self._ckpt_period
+            or (length is not None and i == length - 1)
+        )
+        return True
+
+    def _inner_done(self, name: str, depth: int, n: int, seconds: float, skipped: bool) -> None:
+        if depth != 1 or self._outer_name is None:
+            return
+        self._iter_inner_s += seconds
+        self._iter_inner_n += n
+        self._iter_inner_exits += 1
+        if self._ckpt_due and self._checkpoint_objects is not None:
+            self._capture(self._stack[0][1] if self._stack else -1)
+
+    def _capture(self, i: int) -> None:
+        from .checkpoint import capture
+
+        t0 = time.perf_counter()
+        self._pending_snap = capture(self._checkpoint_objects or {}, i, self._iter_inner_exits)
+        self._pending_cost += time.perf_counter() - t0
+
+    def _outer_end(self, i: int, seconds: float, completed: bool) -> None:
+        ckpt_s = 0.0
+        if completed and self._ckpt_due and self._checkpoint_objects is not None:
+            if self._pending_snap is None:
+                self._capture(i)
+            ckpt_s = self._pending_cost
+            self._submit_checkpoint(self._pending_snap)
+            self._last_ckpt = i
+            train_s = max(seconds - ckpt_s, 1e-9)
+            budget = max(self.settings.checkpoint_budget, 1e-6)
+            self._ckpt_period = max(1, min(self.settings.checkpoint_max_period, math.ceil(ckpt_s / (budget * train_s))))
+        self._pending_snap = None
+        if completed:
+            self._outer_s.append(seconds)
+            self._inner_s.append(self._iter_inner_s)
+            self._inner_n.append(self._iter_inner_n)
+            self._ckpt_s.append(ckpt_s)
+        self._flush()
+
+    def _outer_exit(self) -> None:
+        self._t_outer_end = time.time()
+
+    def _submit_checkpoint(self, snap: dict | None) -> None:
+        if snap is None:
+            return
+        from .checkpoint import serialize
+
+        rel = f"checkpoints/{self.run_id}/{snap['iteration']:06d}.pt"
+
+        def write(snap=snap, rel=rel):
+            import hashlib
+
+            data = serialize(snap)
+            self.store.write_bytes(rel, data)
+            with self._lock:
+                self._manifest.append(
+                    {
+                        "iteration": snap["iteration"],
+                        "inner_exits": snap["inner_exits"],
+                        "path": rel,
+                        "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                    }
+                )
+
+        self.writer.submit(write)
+
+    # ----------------------------------------------------------------- flush
+    def _flush(self) -> None:
+        self._flush_rows_only()
+        self._write_meta()
+
+    def _timings(self) -> dict:
+        return {
+            "setup_s": self._setup_s,
+            "outer_s": list(self._outer_s),
+            "inner_s": list(self._inner_s),
+            "inner_n": list(self._inner_n),
+            "checkpoint_s": list(self._ckpt_s),
+            "teardown_s": (time.time() - self._t_outer_end) if self._t_outer_end and self._finished else None,
+        }
+
+    def _write_meta(self) -> None:
+        with self._lock:
+            manifest = sorted(self._manifest, key=lambda m: m["iteration"])
+        self.meta.update(
+            {
+                "args": dict(self.args),
+                "outer_loop": self._outer_name,
+                "iterations": len(self._outer_s),
+                "timings": self._timings(),
+                "checkpoints": manifest,
+                "checkpoint_period": self._ckpt_period,
+                "flushes": self._flushes,
+                "updated_at": now_iso(),
+            }
+        )
+        self.meta["env"] = {**self.meta["env"], **{k: v for k, v in self._env().items() if k in ("device", "gpu")}}
+        self.store.write_json(self.store.runs_rel(self.run_id), self.meta)
+
+    # ------------------------------------------------------------------ exit
+    def finish(self) -> None:
+        """Flush rows, wait for background writes, verify checkpoints, close the run."""
+        if not self.started or self._finished:
+            return
+        self._finished = True
+        problems: list[str] = []
+        try:
+            self._flush_rows_only()
+        except FlorError as exc:
+            problems.append(str(exc))
+        self.writer.drain()
+        problems += self.writer.errors
+        with self._lock:
+            manifest = list(self._manifest)
+        for m in manifest:
+            try:
+                size = self.store.fs.size(self.store.path(m["path"]))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                size = f"unreadable ({exc})"
+            if size != m["bytes"]:
+                problems.append(f"checkpoint {m['path']} has {size} bytes, expected {m['bytes']}")
+                m["verified"] = False
+            else:
+                m["verified"] = True
+        unused = sorted(set(self.kwargs) - set(self.args))
+        if unused:
+            sys.stderr.write(
+                f"flor_ray: --kwargs {', '.join(unused)} given but never read by flor.arg(...); check the names\n"
+            )
+        self.meta["status"] = "failed" if self._error else "finished"
+        if self._error:
+            self.meta["error"] = self._error
+        if problems:
+            self.meta["problems"] = problems
+            sys.stderr.write("flor_ray: " + "\nflor_ray: ".join(p.strip() for p in problems) + "\n")
+        self.meta["ended_at"] = now_iso()
+        try:
+            self._write_meta()
+        finally:
+            self.writer.close()
+
+    def _flush_rows_only(self) -> None:
+        from ..relation import rows_to_table, table_to_parquet_bytes
+
+        rows = self.take_rows()
+        if rows is not None:
+            table = rows_to_table(version=self.version, file=self.script, **rows)
+            rel = f"logs/run_id={self.run_id}/source=record/part-{self._flushes:05d}.parquet"
+            self.store.write_bytes(rel, table_to_parquet_bytes(table))
+            self._flushes += 1

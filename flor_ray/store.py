@@ -1,0 +1,227 @@
+"""The store: everything a replay needs, under one fsspec URL.
+
+Layout (``SCHEMA_VERSION`` in :mod:`flor_ray.relation` versions the log files)::
+
+    <url>/flor-store.json                       marker: store format version
+    <url>/runs/<run_id>.json                    one run's metadata (rewritten whole)
+    <url>/logs/run_id=<id>/source=record/<part>.parquet   recorded rows, one file per flush
+    <url>/logs/run_id=<id>/source=replay/<task>.parquet   rows of one replay task
+    <url>/checkpoints/<run_id>/<iteration>.pt   checkpoint of one outer iteration
+    <url>/code/versions/<commit>.json           a version: {path: blob id}
+    <url>/code/objects/<blob id>                file contents, content-addressed
+
+Every write is atomic: on local disks a temporary file (``.``-prefixed, which every
+reader ignores) is renamed into place; on object stores one PUT makes the object
+appear whole or not at all. Paths built from user input go through
+:func:`safe_component`, so an id can never escape the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from typing import Any, Iterable, Mapping
+
+from .errors import InvalidNameError, StoreError, StoreNotFoundError
+
+__all__ = ["Store", "safe_component", "MARKER", "STORE_FORMAT"]
+
+MARKER = "flor-store.json"
+STORE_FORMAT = 1
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
+
+
+def safe_component(kind: str, value: object) -> str:
+    """Check that ``value`` can be one path component inside the store."""
+    if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
+        raise InvalidNameError(
+            kind,
+            value,
+            "use letters, digits, '.', '_', '-' and '=' only (no '/', no '..'); "
+            "it names a path inside the store",
+        )
+    return value
+
+
+class Store:
+    """A store at an fsspec URL. Cheap to build; picklable (holds the URL only)."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        if not isinstance(url, str) or not url.strip():
+            raise StoreError(f"store URL must be a non-empty string, got {url!r}")
+        self.url = url.rstrip("/") if "://" in url else os.path.abspath(os.path.expanduser(url))
+        self.storage_options = dict(storage_options or {})
+        self._fs = None
+        self._root: str | None = None
+
+    # pickling: ship the URL, rebuild the filesystem on the other side
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state["storage_options"])
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def fs(self):
+        if self._fs is None:
+            import fsspec
+
+            try:
+                self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            except (ImportError, ValueError) as exc:
+                raise StoreError(f"cannot open store URL {self.url!r}: {exc}") from exc
+            self._root = self._root.rstrip("/")
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        self.fs
+        assert self._root is not None
+        return self._root
+
+    @property
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol
+        protos = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return "file" in protos or "local" in protos
+
+    def path(self, *parts: str) -> str:
+        """Absolute path (in the filesystem's terms) of a store-relative path."""
+        for p in parts:
+            if p.startswith("/") or ".." in p.split("/"):
+                raise StoreError(f"store path {p!r} escapes the store")
+        return "/".join([self.root, *parts])
+
+    def full_url(self, *parts: str) -> str:
+        return "/".join([self.url, *parts])
+
+    def _wrap(self, what: str, exc: Exception) -> StoreError:
+        return StoreError(f"{what} in store {self.url!r} failed: {type(exc).__name__}: {exc}")
+
+    # ----------------------------------------------------------------- writing
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` at ``rel`` atomically (readers see all of it or nothing)."""
+        path = self.path(rel)
+        try:
+            if self.is_local:
+                d = os.path.dirname(path)
+                os.makedirs(d, exist_ok=True)
+                tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as exc:
+            raise self._wrap(f"writing {rel}", exc) from exc
+        except Exception as exc:  # botocore / aiohttp errors are not OSErrors
+            raise self._wrap(f"writing {rel}", exc) from exc
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    # ----------------------------------------------------------------- reading
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise self._wrap(f"reading {rel}", exc) from exc
+
+    def read_json(self, rel: str) -> Any:
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise StoreError(f"{self.full_url(rel)} is not valid JSON (truncated or corrupted): {exc}") from exc
+
+    def exists(self, rel: str) -> bool:
+        try:
+            return self.fs.exists(self.path(rel))
+        except Exception as exc:
+            raise self._wrap(f"checking {rel}", exc) from exc
+
+    def listdir(self, rel: str) -> list[str]:
+        """Names (not paths) directly under ``rel``; hidden temporaries left out."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise self._wrap(f"listing {rel}", exc) from exc
+        names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return sorted(n for n in names if n and not n.startswith((".", "_")))
+
+    def find(self, rel: str, suffix: str = "") -> list[str]:
+        """Store-relative paths of all files below ``rel`` ending in ``suffix``."""
+        base = self.path(rel)
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise self._wrap(f"listing {rel}", exc) from exc
+        out = []
+        for p in found:
+            name = p.rsplit("/", 1)[-1]
+            if name.startswith((".", "_")) or not p.endswith(suffix):
+                continue
+            out.append(p[len(self.root) + 1 :] if p.startswith(self.root) else p)
+        return sorted(out)
+
+    # ------------------------------------------------------------------- marker
+    def ensure(self) -> None:
+        """Create the store if needed (writes the marker); clear error if unreachable."""
+        try:
+            if self.exists(MARKER):
+                return
+            if self.is_local:  # a store inside a repository ignores itself
+                self.write_bytes(".gitignore", b"# written by flor_ray: the store is not source code\n*\n")
+            self.write_json(MARKER, {"format": STORE_FORMAT, "tool": "flor_ray"})
+        except StoreError as exc:
+            raise StoreError(
+                f"store {self.url!r} is unreachable or not writable ({exc}); "
+                "check FLOR_STORE / --store and the credentials or endpoint"
+            ) from exc
+
+    def check(self) -> "Store":
+        """Raise :class:`StoreNotFoundError` unless a store was written here."""
+        try:
+            ok = self.exists(MARKER)
+        except StoreError as exc:
+            raise StoreError(f"store {self.url!r} is unreachable: {exc}") from exc
+        if not ok:
+            raise StoreNotFoundError(self.url)
+        return self
+
+    # ------------------------------------------------------------ arrow access
+    def arrow_fs(self):
+        """A pyarrow filesystem and root path for datasets over this store."""
+        import pyarrow.fs as pafs
+
+        if self.is_local:
+            return pafs.LocalFileSystem(), self.root
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs)), self.root
+
+    def runs_rel(self, run_id: str) -> str:
+        return f"runs/{safe_component('run id', run_id)}.json"
+
+    def iter_run_ids(self) -> Iterable[str]:
+        for name in self.listdir("runs"):
+            if name.endswith(".json"):
+                yield name[: -len(".json")]

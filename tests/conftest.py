@@ -1,0 +1,92 @@
+"""Shared fixtures: real git repositories in temp dirs, scripts run as real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+# A tiny but real training script: a torch MLP with dropout, SGD with momentum,
+# shuffling from torch, python and numpy RNGs, step- and epoch-level logs.
+TRAIN_SCRIPT = textwrap.dedent(
+    '''
+    import random
+
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    import flor_ray as flor
+
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    lr = flor.arg("lr", 0.05)
+    epochs = flor.arg("epochs", 4)
+    X = torch.randn(96, 8)
+    Y = (X[:, 0] + X[:, 1] > 0).long()
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+
+    with flor.checkpointing(net=net, opt=opt):
+        for epoch in flor.loop("epoch", range(epochs)):
+            net.train()
+            perm = torch.randperm(96)
+            offset = random.randint(0, 3) + int(np.random.randint(0, 2))
+            for step in flor.loop("step", range(6)):
+                idx = perm[(step * 16 + offset) % 80 : (step * 16 + offset) % 80 + 16]
+                loss = nn.functional.cross_entropy(net(X[idx]), Y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                flor.log("loss", loss.item())
+            net.eval()
+            with torch.no_grad():
+                acc = (net(X).argmax(1) == Y).float().mean().item()
+            flor.log("acc", acc)
+    '''
+)
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    r = tmp_path / "proj"
+    r.mkdir()
+    git(r, "init", "-q", "-b", "main")
+    git(r, "config", "user.email", "dev@example.com")
+    git(r, "config", "user.name", "Dev")
+    return r
+
+
+def clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env.update(extra)
+    return env
+
+
+def run_script(repo: Path, script: str = "train.py", *args: str, env: dict | None = None, check: bool = True):
+    proc = subprocess.run(
+        [sys.executable, script, *args], cwd=repo, env=env or clean_env(), capture_output=True, text=True
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write(repo: Path, name: str, text: str) -> Path:
+    p = repo / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(textwrap.dedent(text))
+    return p
