@@ -90,3 +90,19 @@ def write(repo: Path, name: str, text: str) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(textwrap.dedent(text))
     return p
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session (num_cpus=2), bound to 127.0.0.1."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    from flor_ray.execution.driver import ensure_ray
+
+    if not ray.is_initialized():
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ensure_ray()
+    yield ray
+    ray.shutdown()

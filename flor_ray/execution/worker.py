@@ -112,12 +112,15 @@ class ReplaySession(LoopRuntime):
         self._cur_iter = i
         self._exits = 0
         self._restore_at = None
+        if self.mode == "setup":  # only the code before the outer loop was needed
+            self._phase = "setup"
+            raise SegmentDone(0)
         if self.mode == "skip":
             if i < self.start:
                 return False
             entry = self.checkpoints.get(i)
-            if entry is None:
-                raise CheckpointError(f"the plan gave no checkpoint for iteration {i} of a skip segment")
+            if entry is None:  # not asked for (or replayed by another task): not executed
+                return False
             self._restore_at = entry
             self._keep_iter = True
             return True
@@ -148,10 +151,10 @@ class ReplaySession(LoopRuntime):
     def _outer_stop(self, i: int) -> bool:
         return i >= self.stop
 
-    def _outer_exit(self) -> None:
+    def _outer_exit(self, normal: bool) -> None:
         self._move_rows()
         self._phase = "after"
-        if not self.spec.get("after"):
+        if normal and not self.spec.get("after"):
             raise SegmentDone(0)
 
     def _restore(self, entry: Mapping[str, Any]) -> None:

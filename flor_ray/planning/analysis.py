@@ -35,7 +35,7 @@ from typing import Literal, Mapping, Sequence
 
 import libcst as cst
 import libcst.helpers  # noqa: F401 - cst.helpers.get_full_name_for_node
-from libcst.metadata import MetadataWrapper, PositionProvider, ScopeProvider
+from libcst.metadata import MetadataWrapper, PositionProvider
 
 from flor_ray.errors import PlanningError, QueryError
 
@@ -194,7 +194,7 @@ class _Unit:
     all_callees: frozenset[str] = frozenset()  # transitive
     calls_loop: bool = False  # calls a script function that runs a flor.loop
     flor_loop_call: bool = False
-    text: str = ""
+    node: cst.CSTNode | None = None  # rendered lazily, only for the reasons that quote it
     logs: tuple[tuple[str | None, int, frozenset[str]], ...] = ()
 
 
@@ -298,13 +298,18 @@ def _last_name(node: cst.BaseExpression) -> str | None:
 
 
 def _root(node: cst.BaseExpression) -> str | None:
-    """The variable an expression hangs off: ``a`` for ``a.b[0].c()``."""
+    """The variable an expression hangs off: ``a`` for ``a.b[0].c()``.
+
+    A method's result is taken to alias its receiver (``model.parameters()``), but
+    the result of calling a bare name is a fresh value: ``criterion(out, y)`` in
+    ``criterion(out, y).backward()`` is not a mutation of ``criterion``.
+    """
     while True:
         if isinstance(node, cst.Name):
             return node.value
         if isinstance(node, (cst.Attribute, cst.Subscript)):
             node = node.value
-        elif isinstance(node, cst.Call):
+        elif isinstance(node, cst.Call) and not isinstance(node.func, cst.Name):
             node = node.func
         else:
             return None
@@ -356,14 +361,25 @@ def _value_args(call: cst.Call) -> list[cst.BaseExpression]:
     return out
 
 
-class _Imports(cst.CSTVisitor):
-    """How the script refers to flor_ray, and which names are bound by imports."""
+class _Declarations(cst.CSTVisitor):
+    """One pass over the module: how it refers to flor_ray, import-bound names, defs.
+
+    Methods (defs directly in a class body) are listed in ``all`` but are not
+    ``callable`` by a bare name.
+    """
 
     def __init__(self) -> None:
         self.aliases: set[str] = set()
         self.direct: dict[str, str] = {}
         self.modules: set[str] = set()
         self.saw_flor = False
+        self.stack: list[str] = []
+        self.callable: dict[str, list[cst.FunctionDef]] = defaultdict(list)
+        self.all: list[cst.FunctionDef] = []
+        self.withs: list[cst.With] = []
+
+    def visit_With(self, node: cst.With) -> None:
+        self.withs.append(node)
 
     def visit_Import(self, node: cst.Import) -> None:
         for alias in node.names:
@@ -386,15 +402,6 @@ class _Imports(cst.CSTVisitor):
                 self.saw_flor = True
                 self.direct[bound] = name
 
-
-class _Functions(cst.CSTVisitor):
-    """Every ``def`` in the script; methods are kept apart (not callable by name)."""
-
-    def __init__(self) -> None:
-        self.stack: list[str] = []
-        self.callable: dict[str, list[cst.FunctionDef]] = defaultdict(list)
-        self.all: list[cst.FunctionDef] = []
-
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self.stack.append("class")
 
@@ -409,6 +416,10 @@ class _Functions(cst.CSTVisitor):
 
     def leave_FunctionDef(self, original_node: cst.FunctionDef) -> None:
         self.stack.pop()
+
+    # Expressions hold no imports or defs worth a visit (lambdas aside, which bind nothing we use).
+    def visit_SimpleStatementLine(self, node: cst.SimpleStatementLine) -> bool:
+        return any(isinstance(s, (cst.Import, cst.ImportFrom)) for s in node.body)
 
 
 class _Walker:
@@ -618,7 +629,7 @@ class _Walker:
         an = self.an
         pos = len(self.units)
         unit = _Unit(pos, an.line(node_for_line), chain, guards, function, path)
-        unit.text = an.code(node_for_line)
+        unit.node = node_for_line
         if scan is None:
             unit.uses, unit.strong, unit.weak = uses or frozenset(), strong, weak
             self.units.append(unit)
@@ -724,22 +735,23 @@ class _Slice:
 
 class _Analyzer:
     def __init__(self, module: cst.Module, filename: str) -> None:
-        self.wrapper = MetadataWrapper(module)
+        # The module was parsed here and is never mutated: skipping the defensive deep
+        # copy halves the cost of metadata resolution on a typical script.
+        self.wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
         self.module = self.wrapper.module
         self.filename = filename
         self.positions = self.wrapper.resolve(PositionProvider)
-        self.scopes = self.wrapper.resolve(ScopeProvider)
-        imports = _Imports()
-        self.module.visit(imports)
-        self.aliases = imports.aliases if imports.saw_flor else {"flor"}
-        self.direct = imports.direct
-        self.modules = imports.modules
+        found = _Declarations()
+        self.module.visit(found)
+        self.aliases = found.aliases if found.saw_flor else {"flor"}
+        self.direct = found.direct
+        self.modules = found.modules
         self.flor_names = frozenset(self.aliases | set(self.direct))
-        funcs = _Functions()
-        self.module.visit(funcs)
-        self.callable: dict[str, list[cst.FunctionDef]] = dict(funcs.callable)
-        self.all_functions = funcs.all
+        self.callable: dict[str, list[cst.FunctionDef]] = dict(found.callable)
+        self.all_functions = found.all
+        self.withs = found.withs
         self.summaries: dict[str, _Summary] = {}
+        self._walks: dict[int, _Walker] = {}
 
     # -- helpers
     def line(self, node: cst.CSTNode) -> int:
@@ -748,7 +760,9 @@ class _Analyzer:
         except KeyError:
             return 0
 
-    def code(self, node: cst.CSTNode) -> str:
+    def code(self, node: cst.CSTNode | None) -> str:
+        if node is None:
+            return ""
         try:
             text = self.module.code_for_node(node).strip().splitlines()[0]
         except (IndexError, Exception):  # noqa: BLE001 - a display string only
@@ -773,12 +787,13 @@ class _Analyzer:
         ps = fdef.params
         params = tuple(p.name.value for p in (*ps.posonly_params, *ps.params, *ps.kwonly_params))
         star = isinstance(ps.star_arg, cst.Param) or ps.star_kwarg is not None
-        first = walker._block(fdef.body)
+        # Locals: parameters and every name the body binds (assignments, loop and
+        # with targets, imports, nested defs). libcst's ScopeProvider would give the
+        # same sets but costs more than the rest of the analysis together, and
+        # comprehension variables are already kept out of ``uses`` by ``_Scan``.
         local: set[str] = set(params)
-        if first:
-            scope = self.scopes.get(first[0])
-            if scope is not None:
-                local |= {a.name for a in scope.assignments}
+        for u in walker.units:
+            local |= u.strong
         declared: set[str] = set()
         for node in _iter_small(fdef):
             if isinstance(node, (cst.Global, cst.Nonlocal)):
@@ -859,9 +874,7 @@ class _Analyzer:
             fname = fdef.name.value
             if fname in drv.inlined:
                 continue
-            fw = _Walker(self, driver=False)
-            fw.walk(fw._block(fdef.body), (), (), (), fname, ())
-            for u in fw.units:
+            for u in self._fwalk(fdef).units:
                 in_loop = any(br == "loop" for _, br in u.chain)
                 for name, line, _ in u.logs:
                     paths = self._paths(fname, frozenset())
@@ -884,21 +897,16 @@ class _Analyzer:
         )
 
     def _checkpointed(self) -> tuple[str, ...]:
+        """Expressions passed to ``with flor.checkpointing(...)``, in order, deduplicated."""
         out: list[str] = []
-
-        an = self
-
-        class V(cst.CSTVisitor):
-            def visit_Call(self, node: cst.Call) -> None:
-                if an.api(node.func) == "checkpointing":
-                    for arg in node.args:
-                        if arg.star:
-                            continue
-                        text = an.module.code_for_node(arg.value).strip()
-                        if text not in out:
+        for node in self.withs:
+            for item in node.items:
+                call = item.item
+                if isinstance(call, cst.Call) and self.api(call.func) == "checkpointing":
+                    for arg in call.args:
+                        text = self.module.code_for_node(arg.value).strip()
+                        if not arg.star and text not in out:
                             out.append(text)
-
-        self.module.visit(V())
         return tuple(out)
 
     def _regions(self) -> None:
@@ -1054,7 +1062,7 @@ class _Analyzer:
             n, d = res.inner_hits[0]
             verb = "written" if n in d.strong else "mutated"
             why = (
-                f"{what} depends on {n!r}, which is {verb} {self._where(d)} (line {d.line}: {d.text}); "
+                f"{what} depends on {n!r}, which is {verb} {self._where(d)} (line {d.line}: {self.code(d.node)}); "
                 "skipping that loop would give a wrong value, so the inner loops must re-execute."
             )
             full = self._slice([(s, vuses)], True)
@@ -1062,7 +1070,7 @@ class _Analyzer:
         if res.grad_units:
             d = min(res.grad_units, key=lambda x: x.pos)
             why = (
-                f"{what} reads gradients (line {d.line}: {d.text}); checkpoints hold state_dicts, "
+                f"{what} reads gradients (line {d.line}: {self.code(d.node)}); checkpoints hold state_dicts, "
                 "not gradients, so the inner loops must re-execute."
             )
             return Need("inner", why + _carried_note(res.carried), _t(res.reads), _t(res.carried))
@@ -1109,6 +1117,15 @@ class _Analyzer:
             parts.append(need)
         return _combine(name, [(p, line) for p in parts], merge_reason=False)
 
+    def _fwalk(self, fdef: cst.FunctionDef) -> _Walker:
+        """A function body's units under the final summaries (cached: several sites ask)."""
+        walker = self._walks.get(id(fdef))
+        if walker is None:
+            walker = _Walker(self, driver=False)
+            walker.walk(walker._block(fdef.body), (), (), (), fdef.name.value, ())
+            self._walks[id(fdef)] = walker
+        return walker
+
     def _paths(self, fname: str, visiting: frozenset[str]) -> set[tuple[str, ...]]:
         """Loop paths at the call sites of ``fname``: driver units, then callers' callers."""
         out = {u.flor_path for u in self.units if fname in u.callees}
@@ -1118,9 +1135,7 @@ class _Analyzer:
             if caller in self.drv.inlined:
                 continue
             for fdef in defs:
-                fw = _Walker(self, driver=False)
-                fw.walk(fw._block(fdef.body), (), (), (), caller, ())
-                local = {u.flor_path for u in fw.units if fname in u.callees}
+                local = {u.flor_path for u in self._fwalk(fdef).units if fname in u.callees}
                 if local:
                     for p in self._paths(caller, visiting | {fname}):
                         out |= {p + q for q in local}

@@ -166,11 +166,13 @@ def _with_suites(node: SNode, changed: dict[str, list[Any]]) -> Any:
         return out.with_changes(body=changed["body"]) if changed else out
     for key, stmts in changed.items():
         old = cst_block(out, key)
-        block = _new_block(old, stmts)
+        block = _new_block(old, stmts) if not isinstance(old, cst.If) or len(stmts) > 1 else None
         if key == "body":
             out = out.with_changes(body=block)
         elif key == "orelse":
-            if isinstance(out.orelse, cst.If):  # elif chain -> else: if ...
+            if isinstance(out.orelse, cst.If) and len(stmts) == 1:  # the elif itself changed
+                out = out.with_changes(orelse=stmts[0])
+            elif isinstance(out.orelse, cst.If):  # a statement beside an elif: else: if ...
                 out = out.with_changes(orelse=cst.Else(body=block))
             else:
                 out = out.with_changes(orelse=out.orelse.with_changes(body=block))

@@ -4,7 +4,9 @@ Three phases, as in Falleri et al., "Fine-grained and accurate source code
 differencing" (ASE 2014), adapted to statement granularity:
 
 1. top-down: subtrees whose exact hash is unique in both files are matched with all
-   their descendants (an unchanged function, an unchanged line);
+   their descendants (an unchanged function, an unchanged line); then lines whose
+   alpha-normalised hash is unique and that mostly agree on names (moved *and*
+   renamed, e.g. a step extracted into a function over differently named objects);
 2. bottom-up: an unmatched compound statement is matched to the same-kind target
    statement that holds most of its matched descendants (Dice >= ``MIN_DICE``), which
    is how a loop survives a changed header or a def survives an edited body;
@@ -38,7 +40,7 @@ class Matching:
         self.t2s: dict[int, SNode] = {}
         # (source scope pre, source name) -> Counter of target names
         self.evidence: dict[tuple[int, str], Counter[str]] = defaultdict(Counter)
-        self._src_locals = local_names(src)
+        self.src_locals = local_names(src)
         self._run()
 
     # ------------------------------------------------------------------ queries
@@ -54,6 +56,7 @@ class Matching:
     def _run(self) -> None:
         self._link(self.src.root, self.tgt.root)
         self._top_down()
+        self._renamed_anywhere()
         self._bottom_up()
         self._recover_all(self.src.root)
 
@@ -90,6 +93,30 @@ class Matching:
             if t.pre in self.t2s or (not s.compound and len(s.tokens) < MIN_TOPDOWN_TOKENS):
                 continue
             self._link_iso(s, t)
+
+    def _renamed_anywhere(self) -> None:
+        """Unique alpha-equal leftovers that mostly agree on names: moved *and* renamed.
+
+        A step extracted into ``def train_step(model, ...)`` in one version and inline
+        over ``net`` in the other shares no parent with its counterpart, so recovery
+        never sees it; a unique, mostly-identical statement is still the same one.
+        """
+        src_by: dict[int, list[SNode]] = defaultdict(list)
+        tgt_by: dict[int, list[SNode]] = defaultdict(list)
+        for n in self.src.nodes[1:]:
+            if n.pre not in self.s2t and not n.compound:
+                src_by[n.ahash].append(n)
+        for n in self.tgt.nodes[1:]:
+            if n.pre not in self.t2s and not n.compound:
+                tgt_by[n.ahash].append(n)
+        for h, ss in src_by.items():
+            ts = tgt_by.get(h, ())
+            if len(ss) != 1 or len(ts) != 1 or len(ss[0].tokens) < MIN_TOPDOWN_TOKENS:
+                continue
+            s, t = ss[0], ts[0]
+            differ = sum(a != b for a, b in zip(s.names, t.names))
+            if differ * 2 <= len(s.names):
+                self._link(s, t)
 
     def _bottom_up(self) -> None:
         for s in reversed(self.src.nodes[1:]):  # descendants before ancestors
@@ -138,8 +165,8 @@ class Matching:
                 continue
             self._align(skids, tkids, lambda a, b: a.hash == b.hash, iso=True)
             self._align(skids, tkids, lambda a, b: a.ahash == b.ahash, iso=True)
-            self._align(skids, tkids, _same_header, iso=False)
-            self._align(skids, tkids, self._similar, iso=False)
+            self._align_gaps(skids, tkids, _same_header)
+            self._align_gaps(skids, tkids, self._similar)
         for kid in s.children():
             u = self.s2t.get(kid.pre)
             if kid.compound and u is not None:
@@ -171,6 +198,23 @@ class Matching:
             return False  # a log line is the same log or a new one, never an "edit"
         return _token_sim(a, b) >= MIN_TOKEN_SIM
 
+    def _align_gaps(self, skids: Sequence[SNode], tkids: Sequence[SNode],
+                    same: Callable[[SNode, SNode], bool]) -> None:
+        """Pair edited statements, each only between its matched neighbours' counterparts."""
+        where = {t.pre: j for j, t in enumerate(tkids)}
+        for i, s in enumerate(skids):
+            if s.pre in self.s2t:
+                continue
+            before = [where[u.pre] for k in skids[:i]
+                      if (u := self.s2t.get(k.pre)) is not None and u.pre in where]
+            after = [where[u.pre] for k in skids[i + 1:]
+                     if (u := self.s2t.get(k.pre)) is not None and u.pre in where]
+            lo, hi = max(before, default=-1), min(after, default=len(tkids))
+            for t in tkids[lo + 1:hi]:
+                if t.pre not in self.t2s and same(s, t):
+                    self._link(s, t)
+                    break
+
     # ------------------------------------------------------------------ renames
 
     def _record_evidence(self, s: SNode, t: SNode) -> None:
@@ -180,9 +224,10 @@ class Matching:
         for a, b in zip(s.names, t.names):
             if forward.setdefault(a, b) != b or backward.setdefault(b, a) != a:
                 return  # not a pure renaming: no evidence
-        at = s.parent if s.is_def else s
         for a, b in forward.items():
-            scope = resolve_scope(a, at, self._src_locals)  # type: ignore[arg-type]
+            # a def's parameters live in its own scope, the rest of its header outside
+            at = s.parent if s.is_def and a not in s.params else s
+            scope = resolve_scope(a, at, self.src_locals)  # type: ignore[arg-type]
             self.evidence[(scope, a)][b] += 1
 
 
@@ -190,10 +235,18 @@ def _same_header(a: SNode, b: SNode) -> bool:
     return a.compound and a.kind == b.kind and a.alpha == b.alpha
 
 
+def _content(tokens: tuple[str, ...]) -> list[str]:
+    """Identifiers, attributes and constants: what an edit changes, not the syntax."""
+    return [t for t in tokens if t not in _PUNCT and not t.endswith("(")]
+
+
+_PUNCT = frozenset({")", "[", "]", ";", "None"})
+
+
 def _token_sim(a: SNode, b: SNode) -> float:
-    ca, cb = Counter(a.tokens), Counter(b.tokens)
-    common = sum((ca & cb).values())
-    return 2.0 * common / max(1, len(a.tokens) + len(b.tokens))
+    ta, tb = _content(a.tokens), _content(b.tokens)
+    common = sum((Counter(ta) & Counter(tb)).values())
+    return 2.0 * common / max(1, len(ta) + len(tb))
 
 
 def _lcs(a: Sequence[SNode], b: Sequence[SNode],

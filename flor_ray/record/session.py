@@ -249,6 +249,7 @@ class LoopRuntime:
         is_outer = self._outer_name == name
         frame = self._push(name)
         i = -1
+        normal = False
         try:
             for item in iter(it):
                 i += 1
@@ -268,10 +269,14 @@ class LoopRuntime:
                         self._outer_end(i, time.perf_counter() - t0, completed)
                 if is_outer and self._outer_stop(i):
                     break
+            normal = True
+        except GeneratorExit:  # the script broke out of the loop: a normal end too
+            normal = True
+            raise
         finally:
             self._pop()
             if is_outer:
-                self._outer_exit()
+                self._outer_exit(normal)
 
     # hooks, overridden by the sessions
     def _outer_begin(self, i: int, length: int | None) -> bool:
@@ -283,7 +288,7 @@ class LoopRuntime:
     def _outer_stop(self, i: int) -> bool:
         return False
 
-    def _outer_exit(self) -> None:
+    def _outer_exit(self, normal: bool) -> None:
         pass
 
     def _inner_skipped(self, name: str, depth: int) -> bool:
@@ -531,7 +536,7 @@ class RecordSession(LoopRuntime):
             self._ckpt_s.append(ckpt_s)
         self._flush()
 
-    def _outer_exit(self) -> None:
+    def _outer_exit(self, normal: bool) -> None:
         self._t_outer_end = time.time()
 
     def _submit_checkpoint(self, snap: dict | None) -> None:

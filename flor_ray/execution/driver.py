@@ -1,0 +1,212 @@
+"""The driver: submit a plan's tasks to Ray, show progress, collect a report."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .task import TaskResult, run_task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..planning.plan import Plan
+
+__all__ = ["Report", "Fidelity", "run_plan", "ensure_ray", "compare_fidelity"]
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    compared: int = 0
+    mismatched: int = 0
+    by_name: tuple[tuple[str, int, int], ...] = ()  # (name, compared, mismatched)
+    examples: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Report:
+    results: tuple[TaskResult, ...]
+    skipped_runs: tuple[tuple[str, str], ...]
+    fidelity: Fidelity
+    wall_s: float
+    estimate_s: float
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "failed" for r in self.results) and self.fidelity.mismatched == 0
+
+    @property
+    def failed(self) -> tuple[TaskResult, ...]:
+        return tuple(r for r in self.results if r.status == "failed")
+
+    @property
+    def rows(self) -> int:
+        return sum(r.rows for r in self.results)
+
+    def __str__(self) -> str:
+        n = {s: sum(r.status == s for r in self.results) for s in ("done", "failed", "skipped")}
+        lines = [
+            f"replay: {n['done']} done, {n['failed']} failed, {n['skipped']} skipped; {self.rows} rows; "
+            f"wall {self.wall_s:.1f}s (estimate {self.estimate_s:.1f}s)"
+        ]
+        for r in self.results:
+            est = f"est {r.estimate_s:.1f}s" if r.estimate_s else ""
+            line = f"  {r.status:7s} {r.key[:8]} run={r.run_id} rows={r.rows} {r.wall_s:.1f}s {est}"
+            if r.error:
+                line += f"  {r.error}"
+            lines.append(line)
+        for rid, why in self.skipped_runs:
+            lines.append(f"  skipped run={rid}: {why}")
+        f = self.fidelity
+        lines.append(f"fidelity: {f.compared} recorded values recomputed, {f.mismatched} mismatched")
+        for name, c, m in f.by_name:
+            lines.append(f"  {name}: {c} compared, {m} mismatched")
+        lines.extend(f"  e.g. {e}" for e in f.examples)
+        return "\n".join(lines)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {}
+    if not address:  # a local Ray for this machine only: bind loopback, no dashboard
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        kwargs = {"log_to_driver": False, "include_dashboard": False}
+    # runtime_env: workers import flor_ray from where the driver does
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")]))}
+    ray.init(address=address, runtime_env={"env_vars": env_vars}, **kwargs)
+
+
+def _remote():
+    import ray
+
+    return ray.remote(run_task)
+
+
+class _Progress:
+    def __init__(self, total: int, estimate: float, enabled: bool):
+        self.total, self.estimate, self.enabled = total, estimate, enabled and total > 0
+        self.t0 = time.time()
+        self.done = 0
+
+    def update(self, done: int) -> None:
+        changed = done != self.done
+        self.done = done
+        if not self.enabled or not (changed or sys.stderr.isatty()):
+            return
+        el = time.time() - self.t0
+        left = max(self.estimate - el, 0.0) if done < self.total else 0.0
+        if done:
+            left = el / done * (self.total - done)
+        width = 24
+        fill = int(width * done / self.total)
+        sys.stderr.write(f"{chr(13) if sys.stderr.isatty() else ''}replay [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} tasks "
+                         f"{el:.0f}s elapsed, ~{left:.0f}s left " + ("" if sys.stderr.isatty() else "\n"))
+        sys.stderr.flush()
+        if done == self.total and sys.stderr.isatty():
+            sys.stderr.write("\n")
+
+
+def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = None, inline: bool = False) -> Report:
+    t0 = time.time()
+    results: list[TaskResult] = []
+    pending = plan.pending
+    for t in plan.tasks:
+        if t.done:
+            results.append(TaskResult(t.key, t.run_id, "skipped", 0, 0.0, t.estimate_s, error="already done"))
+    bar = _Progress(len(pending), plan.makespan_s, progress)
+    calls = []
+    for t in pending:
+        run = plan.run_info(t.run_id)
+        spec = t.spec(plan.store_url, plan.storage_options, run)
+        code = plan.patch(t.version).code
+        calls.append((t, (spec, code, list(run.argv), run.cwd, t.estimate_s)))
+    if inline or not calls:
+        for i, (t, args) in enumerate(calls):
+            results.append(run_task(*args))
+            bar.update(i + 1)
+    else:
+        import ray
+
+        ensure_ray(ray_address)
+        fn = _remote()
+        refs = {}
+        for t, args in calls:
+            opts: dict[str, Any] = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "max_retries": plan.retries,
+                                    "name": f"flor-replay-{t.key[:12]}"}
+            if t.memory:
+                opts["memory"] = t.memory
+            refs[fn.options(**opts).remote(*args)] = t
+        waiting = list(refs)
+        done = 0
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
+            for ref in ready:
+                t = refs[ref]
+                try:
+                    results.append(ray.get(ref))
+                except Exception as exc:  # noqa: BLE001 - retries exhausted: report, never drop
+                    results.append(TaskResult(t.key, t.run_id, "failed", 0, 0.0, t.estimate_s,
+                                              error=f"task lost after {plan.retries} retries: {type(exc).__name__}: {exc}"))
+                done += 1
+            bar.update(done)
+    fid = compare_fidelity(plan, [r for r in results if r.status in ("done", "skipped")])
+    return Report(tuple(results), tuple((s.run_id, s.reason) for s in plan.skipped), fid,
+                  round(time.time() - t0, 3), plan.makespan_s)
+
+
+def compare_fidelity(plan: "Plan", results: Sequence[TaskResult], rtol: float | None = None) -> Fidelity:
+    """Compare every recomputed value that the run also recorded."""
+    import math
+
+    from ..config import load_settings
+    from ..relation import ITER_COLS, read_logs
+    from ..store import Store
+
+    if rtol is None:
+        rtol = load_settings().fidelity_rtol
+    keys = {r.key for r in results}
+    run_ids = sorted({r.run_id for r in results})
+    if not run_ids:
+        return Fidelity()
+    st = Store(plan.store_url, plan.storage_options)
+    t = read_logs(st, None, run_ids).to_pandas()
+    if t.empty:
+        return Fidelity()
+    rep = t[(t["source"] == "replay") & (t["task"].isin(keys))]
+    rec = t[t["source"] == "record"]
+    cols = ["run_id", "loops", *ITER_COLS, "name"]
+    rep = rep.assign(_k=rep.sort_values("seq").groupby(cols, dropna=False).cumcount())
+    rec = rec.assign(_k=rec.sort_values("seq").groupby(cols, dropna=False).cumcount())
+    rep = rep.drop_duplicates(cols + ["_k"])
+    m = rep.merge(rec, on=cols + ["_k"], suffixes=("_rep", "_rec"))
+    by: dict[str, list[int]] = {}
+    examples = []
+    for row in m.itertuples(index=False):
+        d = row._asdict()
+        vt = d["vtype_rec"]
+        a = (d["value_float_rep"], d["value_int_rep"], d["value_str_rep"])
+        b = (d["value_float_rec"], d["value_int_rec"], d["value_str_rec"])
+        if vt == "float" and d["vtype_rep"] == "float":
+            x, y = a[0], b[0]
+            same = x == y or (math.isnan(x) and math.isnan(y)) or (rtol > 0 and abs(x - y) <= rtol * max(abs(x), abs(y)))
+        else:
+            same = d["vtype_rep"] == vt and all((p == q) or (p != p and q != q) for p, q in zip(a, b))
+        c = by.setdefault(d["name"], [0, 0])
+        c[0] += 1
+        if not same:
+            c[1] += 1
+            if len(examples) < 5:
+                ctx = ", ".join(f"{n}={d[ITER_COLS[i]]}" for i, n in enumerate(filter(None, str(d["loops"]).split("/"))))
+                examples.append(f"{d['name']} run={d['run_id']} {ctx}: recorded {b}, replayed {a}")
+    return Fidelity(
+        sum(c for c, _ in by.values()),
+        sum(m_ for _, m_ in by.values()),
+        tuple((n, c, m_) for n, (c, m_) in sorted(by.items())),
+        tuple(examples),
+    )

@@ -1,0 +1,102 @@
+"""One replay task: materialise the patched version, run its segment, report a value.
+
+This runs inside a Ray worker (or inline for tests and debugging). The script runs
+in its own process (``sys.executable``) in a fresh directory holding the version's
+files from the store, never in the user's checkout. The task returns a
+:class:`TaskResult` in every case; only a crash of the worker itself (killed
+process, lost node) escapes, and Ray retries those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["TaskResult", "run_task", "CACHE_DIR"]
+
+CACHE_DIR = Path(os.environ.get("FLOR_CACHE_DIR", Path(tempfile.gettempdir()) / "flor-ray-cache"))
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    key: str
+    run_id: str
+    status: str  # "done" | "failed" | "skipped"
+    rows: int = 0
+    wall_s: float = 0.0
+    estimate_s: float = 0.0
+    error: str | None = None
+    traceback: str | None = None
+    node: str | None = None
+    user_error: bool = False
+
+
+def _materialize_cached(store, version: str) -> Path:
+    """The version's files, once per machine (content-addressed, immutable)."""
+    from ..versions import materialize
+
+    target = CACHE_DIR / version
+    if (target / ".flor-version.json").exists():
+        return target
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version[:8]}-", dir=CACHE_DIR))
+    materialize(store, version, tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another task on this machine won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | None, estimate_s: float = 0.0,
+             timeout_s: float | None = None) -> TaskResult:
+    import socket
+
+    from ..store import Store
+
+    t0 = time.time()
+    node = socket.gethostname()
+    key, run_id = spec["task"], spec["run_id"]
+    store = Store(spec["store"], spec.get("storage_options") or {})
+    try:
+        if store.exists(spec["output"]):
+            return TaskResult(key, run_id, "skipped", 0, time.time() - t0, estimate_s,
+                              error="already done (its partition exists)", node=node)
+        base = _materialize_cached(store, spec["version"])
+        with tempfile.TemporaryDirectory(prefix=f"flor-task-{key[:8]}-") as tmp:
+            work = Path(tmp) / "tree"
+            shutil.copytree(base, work, symlinks=True)
+            script = work / spec["script"]
+            script.write_text(code)
+            spec_path = Path(tmp) / "spec.json"
+            done_path = Path(tmp) / "done.json"
+            spec_path.write_text(json.dumps({**spec, "done_marker": str(done_path)}))
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_")}
+            env["FLOR_REPLAY"] = str(spec_path)
+            run_dir = work / cwd if cwd else script.parent
+            proc = subprocess.run(
+                [sys.executable, str(script), *argv], cwd=run_dir, env=env, capture_output=True, text=True,
+                timeout=timeout_s,
+            )
+            wall = time.time() - t0
+            if proc.returncode != 0 or not done_path.exists():
+                tail = (proc.stderr or proc.stdout or "")[-4000:]
+                last = next((ln for ln in reversed(tail.strip().splitlines()) if ln.strip()), "no output")
+                user = "flor_ray" not in last.split(":")[0]
+                return TaskResult(key, run_id, "failed", 0, wall, estimate_s,
+                                  error=f"the replayed script exited with {proc.returncode}: {last}",
+                                  traceback=tail, node=node, user_error=user)
+            rows = json.loads(done_path.read_text())["rows"]
+            return TaskResult(key, run_id, "done", rows, wall, estimate_s, node=node)
+    except Exception as exc:  # noqa: BLE001 - a failure is a value, never lost
+        return TaskResult(key, run_id, "failed", 0, time.time() - t0, estimate_s,
+                          error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), node=node)

@@ -1,0 +1,59 @@
+"""``Plan.explain()``: a pure rendering of the plan, one line per operator."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import Plan
+
+__all__ = ["explain"]
+
+
+def _secs(s: float) -> str:
+    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}min"
+
+
+def _task_line(t) -> str:
+    its = f"{t.start}" if t.start == t.stop else f"{t.start}..{t.stop}"
+    if t.mode == "skip":
+        what = f"restore+outer {its}"
+    elif t.mode == "setup":
+        what = "setup only"
+    else:
+        frm = f"restore@{t.restore.iteration}" if t.restore else "from 0"
+        what = f"re-execute {its} {frm}"
+    extra = "".join(
+        [", setup" if t.setup and t.mode != "setup" else "", ", after" if t.after else "",
+         f", gpus={t.num_gpus:g}" if t.num_gpus else ""]
+    )
+    status = " [done]" if t.done else ""
+    note = f"  # {t.note}" if t.note else ""
+    return f"  Task[{t.key[:8]} run={t.run_id} {what}{extra}, cpus={t.num_cpus:g}, est={_secs(t.estimate_s)}]{status}{note}"
+
+
+def explain(plan: "Plan") -> str:
+    pending = plan.pending
+    head = (
+        f"ReplayPlan[names={','.join(plan.names)}; runs={len(plan.runs)}"
+        + (f" where {plan.where}" if plan.where else "")
+        + f"; iterations={plan.iterations}; tasks={len(plan.tasks)} ({len(pending)} to run)"
+        + f"; workers={int(plan.cluster.num_cpus)}; est. makespan={_secs(plan.makespan_s)}]"
+    )
+    lines = [head]
+    by_version: dict[str, list[str]] = {}
+    for version, name, what in plan.statements:
+        by_version.setdefault(version, []).append(f"{name} -> {what}")
+    for p in plan.patches:
+        if p.code is None:
+            lines.append(f"  Propagate[{p.version[:8]}] FAILED: {p.error}")
+            continue
+        placed = "; ".join(p.placements) or "already logged"
+        lines.append(f"  Propagate[{p.version[:8]}] {placed}")
+        for s in by_version.get(p.version, []):
+            lines.append(f"    Need[{s}]")
+    for t in plan.tasks:
+        lines.append(_task_line(t))
+    for s in plan.skipped:
+        lines.append(f"  Skip[run={s.run_id}] {s.reason}")
+    return "\n".join(lines)

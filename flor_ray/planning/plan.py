@@ -1,0 +1,481 @@
+"""The replay plan: frozen values and the pure function that builds them.
+
+:func:`make_plan` reads no clock, cluster or store: the runs, their checkpoint
+manifests, the propagated code, the cluster snapshot and the done partitions all
+come in as arguments, so a plan is reproducible and ``explain()`` can be asserted.
+
+Per run, the most demanding need of the requested names decides the mode:
+
+* ``skip``: every requested name is computed at the outer level from restored
+  state. Each needed iteration that has a checkpoint is replayed by restoring it
+  where the inner loops ended and running only the outer-level code.
+* ``reexec``: some name needs the inner loops. Training re-executes from the
+  nearest checkpoint at or before each segment's start.
+* a name that reads loop-carried state (``global_step``, ``best_acc``) that no
+  checkpoint restores forces re-execution from iteration 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ..errors import PlanningError
+
+__all__ = [
+    "CheckpointRef",
+    "RunInfo",
+    "VersionPatch",
+    "ClusterSnapshot",
+    "Resources",
+    "Task",
+    "SkippedRun",
+    "Plan",
+    "make_plan",
+    "task_key",
+    "iteration_set",
+]
+
+PROCESS_OVERHEAD_S = 1.5  # python start + imports of a replay process when the run did not record its set-up
+RESTORE_BYTES_PER_S = 200e6  # reading + torch.load of a checkpoint, conservative for local disks and S3
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    iteration: int
+    inner_exits: int
+    path: str
+    bytes: int | None = None
+    sha256: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"iteration": self.iteration, "inner_exits": self.inner_exits, "path": self.path,
+                "bytes": self.bytes, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    version: str
+    script: str
+    args: tuple[tuple[str, Any], ...]
+    argv: tuple[str, ...]
+    cwd: str | None
+    iterations: int
+    checkpoints: tuple[CheckpointRef, ...]
+    setup_s: float
+    outer_s: tuple[float, ...]
+    inner_s: tuple[float, ...]
+    device: str = "cpu"
+    logged: frozenset[str] = frozenset()
+    status: str = "finished"
+
+    @staticmethod
+    def from_meta(meta: Mapping[str, Any], logged: frozenset[str] = frozenset()) -> "RunInfo":
+        t = meta.get("timings") or {}
+        return RunInfo(
+            run_id=meta["run_id"],
+            version=meta["version"],
+            script=meta["script"],
+            args=tuple(sorted((meta.get("args") or {}).items())),
+            argv=tuple(meta.get("argv") or ()),
+            cwd=meta.get("cwd"),
+            iterations=int(meta.get("iterations") or 0),
+            checkpoints=tuple(
+                CheckpointRef(c["iteration"], c.get("inner_exits", 1), c["path"], c.get("bytes"), c.get("sha256"))
+                for c in meta.get("checkpoints") or ()
+                if c.get("verified", True)
+            ),
+            setup_s=float(t.get("setup_s") or PROCESS_OVERHEAD_S),
+            outer_s=tuple(t.get("outer_s") or ()),
+            inner_s=tuple(t.get("inner_s") or ()),
+            device=(meta.get("env") or {}).get("device", "cpu"),
+            logged=logged,
+            status=meta.get("status", "finished"),
+        )
+
+
+@dataclass(frozen=True)
+class VersionPatch:
+    """Today's statements propagated into one version (or why they could not be)."""
+
+    version: str
+    code: str | None
+    error: str | None = None
+    placements: tuple[str, ...] = ()
+    needs: tuple[tuple[str, str, str, tuple[str, ...]], ...] = ()  # (name, kind, reason, carried)
+    logged: tuple[str, ...] = ()  # every name the patched code logs
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256((self.code or "").encode()).hexdigest()[:16]
+
+    def need(self, name: str) -> tuple[str, str, tuple[str, ...]]:
+        for n, kind, reason, carried in self.needs:
+            if n == name:
+                return kind, reason, carried
+        raise PlanningError(f"version {self.version[:8]} does not log {name!r} after propagation")
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    num_cpus: float
+    num_gpus: float = 0.0
+    nodes: int = 1
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float | None = None  # None: 1 for runs recorded on CUDA, else 0
+    memory: int | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str
+    run_id: str
+    version: str
+    script: str
+    mode: str  # "skip" | "reexec" | "setup"
+    start: int
+    stop: int
+    restore: CheckpointRef | None
+    checkpoints: tuple[CheckpointRef, ...]
+    names: tuple[str, ...]
+    setup: bool
+    after: bool
+    num_cpus: float
+    num_gpus: float
+    memory: int | None
+    estimate_s: float
+    note: str = ""
+    done: bool = False
+
+    @property
+    def output(self) -> str:
+        return f"logs/run_id={self.run_id}/source=replay/{self.key}.parquet"
+
+    def spec(self, store_url: str, storage_options: Mapping[str, Any], run: RunInfo) -> dict:
+        return {
+            "store": store_url,
+            "storage_options": dict(storage_options),
+            "run_id": self.run_id,
+            "version": self.version,
+            "script": self.script,
+            "args": dict(run.args),
+            "mode": self.mode,
+            "start": self.start,
+            "stop": self.stop,
+            "restore": self.restore.as_dict() if self.restore else None,
+            "checkpoints": {str(c.iteration): c.as_dict() for c in self.checkpoints},
+            "names": list(self.names),
+            "setup": self.setup,
+            "after": self.after,
+            "output": self.output,
+            "task": self.key,
+        }
+
+
+@dataclass(frozen=True)
+class SkippedRun:
+    run_id: str
+    version: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    names: tuple[str, ...]
+    where: str | None
+    iterations: str
+    store_url: str
+    storage_options: Mapping[str, Any]
+    runs: tuple[RunInfo, ...]
+    patches: tuple[VersionPatch, ...]
+    tasks: tuple[Task, ...]
+    skipped: tuple[SkippedRun, ...]
+    cluster: ClusterSnapshot
+    makespan_s: float
+    statements: tuple[tuple[str, str, str], ...] = ()  # (version, name, "kind: reason")
+    retries: int = 3
+
+    def run_info(self, run_id: str) -> RunInfo:
+        for r in self.runs:
+            if r.run_id == run_id:
+                return r
+        raise KeyError(run_id)
+
+    def patch(self, version: str) -> VersionPatch:
+        for p in self.patches:
+            if p.version == version:
+                return p
+        raise KeyError(version)
+
+    @property
+    def pending(self) -> tuple[Task, ...]:
+        return tuple(t for t in self.tasks if not t.done)
+
+    def explain(self) -> str:
+        from .explain import explain
+
+        return explain(self)
+
+    def run(self, *, progress: bool = True, ray_address: str | None = None):
+        from ..execution.driver import run_plan
+
+        return run_plan(self, progress=progress, ray_address=ray_address)
+
+
+# ---------------------------------------------------------------------- helpers
+def iteration_set(spec: Any, n: int) -> list[int]:
+    """Outer iterations asked for: "all", "last", an int, a range, a list, or "a:b"."""
+    if n <= 0:
+        return []
+    if spec is None or spec == "all":
+        return list(range(n))
+    if spec == "last":
+        return [n - 1]
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        its = [spec]
+    elif isinstance(spec, range):
+        its = list(spec)
+    elif isinstance(spec, str):
+        try:
+            if ":" in spec:
+                a, b = spec.split(":", 1)
+                its = list(range(int(a or 0), int(b) if b else n))
+            else:
+                its = [int(x) for x in spec.replace(",", " ").split()]
+        except ValueError as exc:
+            raise PlanningError(
+                f"iterations={spec!r} is not understood; use 'all', 'last', '3', '0:5' or '1,4,7'"
+            ) from exc
+    elif isinstance(spec, Sequence):
+        its = list(spec)
+    else:
+        raise PlanningError(f"iterations={spec!r} is not understood; use 'all', 'last', a list or a range")
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in its):
+        raise PlanningError(f"iterations must be integers, got {its!r}")
+    return sorted({i if i >= 0 else n + i for i in its if -n <= i < n})
+
+
+def task_key(run_id: str, version: str, patch: str, mode: str, start: int, stop: int,
+             restore: int | None, names: Sequence[str], setup: bool, after: bool) -> str:
+    from ..relation import SCHEMA_VERSION
+
+    doc = json.dumps([run_id, version, patch, mode, start, stop, restore, sorted(names), setup, after, SCHEMA_VERSION])
+    return hashlib.sha256(doc.encode()).hexdigest()[:20]
+
+
+_RANK = {"setup": 0, "outer": 1, "after": 2, "inner": 3}
+
+
+def _iter_cost(run: RunInfo, i: int, skip: bool) -> float:
+    if i < len(run.outer_s):
+        total = run.outer_s[i]
+        inner = run.inner_s[i] if i < len(run.inner_s) else 0.0
+        return max(total - inner, 0.0) if skip else total
+    if run.outer_s:
+        return sum(run.outer_s) / len(run.outer_s)
+    return 0.0
+
+
+def _restore_cost(c: CheckpointRef | None) -> float:
+    return 0.0 if c is None or not c.bytes else 0.02 + c.bytes / RESTORE_BYTES_PER_S
+
+
+# ------------------------------------------------------------------- the planner
+def make_plan(
+    *,
+    names: Sequence[str],
+    where: str | None,
+    iterations: Any,
+    runs: Sequence[RunInfo],
+    patches: Mapping[str, VersionPatch],
+    cluster: ClusterSnapshot,
+    resources: Resources = Resources(),
+    done_keys: frozenset[str] = frozenset(),
+    store_url: str = "",
+    storage_options: Mapping[str, Any] | None = None,
+    retries: int = 3,
+) -> Plan:
+    names = tuple(names)
+    tasks: list[Task] = []
+    skipped: list[SkippedRun] = []
+    statements: list[tuple[str, str, str]] = []
+    seen_versions: set[str] = set()
+    slots = max(1, int(cluster.num_cpus // max(resources.num_cpus, 1e-9)))
+    per_run_target = max(1, math.ceil(slots / max(1, len(runs))))
+
+    for run in runs:
+        patch = patches.get(run.version)
+        if patch is None or patch.code is None:
+            reason = patch.error if patch is not None else "no propagated code for this version"
+            skipped.append(SkippedRun(run.run_id, run.version, f"propagation failed: {reason}"))
+            continue
+        if run.iterations == 0:
+            skipped.append(SkippedRun(run.run_id, run.version, "the run completed no outer iteration"))
+            continue
+        kinds = {}
+        carried: set[str] = set()
+        for n in names:
+            kind, reason, car = patch.need(n)
+            kinds[n] = kind
+            carried |= set(car)
+            if run.version not in seen_versions:
+                statements.append((run.version, n, f"{kind}: {reason}"))
+        seen_versions.add(run.version)
+        want = iteration_set(iterations, run.iterations)
+        if any(k == "after" for k in kinds.values()) and run.iterations - 1 not in want:
+            want.append(run.iterations - 1)
+        if not want and all(k == "setup" for k in kinds.values()):
+            want = []
+        worst = max(kinds.values(), key=_RANK.__getitem__) if kinds else "setup"
+        need_after = any(k == "after" for k in kinds.values())
+        need_setup = any(k == "setup" for k in kinds.values())
+        gpus = resources.num_gpus if resources.num_gpus is not None else (1.0 if run.device == "cuda" else 0.0)
+        keep_reexec = sorted(set(names) | (set(patch.logged) & run.logged))
+        keep_skip = sorted(
+            set(names) | {n for n in patch.logged if n in run.logged and patch.need(n)[0] in ("setup", "outer", "after")}
+        )
+
+        def add(mode, start, stop, restore, ckpts, keep, setup, after, note=""):
+            if mode == "setup":
+                est = run.setup_s
+            elif mode == "skip":
+                est = run.setup_s + sum(_iter_cost(run, c.iteration, True) + _restore_cost(c) for c in ckpts)
+            else:
+                first = (restore.iteration if restore else -1)
+                est = run.setup_s + _restore_cost(restore) + (
+                    _iter_cost(run, first, True) if restore else 0.0
+                ) + sum(_iter_cost(run, i, False) for i in range(first + 1, stop + 1))
+            key = task_key(run.run_id, run.version, patch.digest, mode, start, stop,
+                           restore.iteration if restore else None, keep, setup, after)
+            tasks.append(Task(key, run.run_id, run.version, run.script, mode, start, stop, restore, tuple(ckpts),
+                              tuple(keep), setup, after, resources.num_cpus, gpus, resources.memory,
+                              round(est, 3), note, key in done_keys))
+
+        ckpts = {c.iteration: c for c in run.checkpoints}
+        if worst == "setup" or not want:
+            add("setup", 0, -1, None, (), sorted(set(names)), True, False)
+            continue
+        if carried:
+            add("reexec", min(want), max(want), None, (), keep_reexec, need_setup, need_after and max(want) == run.iterations - 1,
+                note=f"reads loop-carried {', '.join(sorted(carried))}: replays from iteration 0")
+            continue
+        first_task = len(tasks)
+        if worst in ("outer", "after"):
+            with_ckpt = [i for i in want if i in ckpts]
+            without = [i for i in want if i not in ckpts]
+            if with_ckpt:
+                chunks = _split(with_ckpt, min(per_run_target, len(with_ckpt)), lambda i: _iter_cost(run, i, True) + _restore_cost(ckpts[i]))
+                for ch in chunks:
+                    add("skip", ch[0], ch[-1], None, [ckpts[i] for i in ch], keep_skip, False,
+                        need_after and ch[-1] == run.iterations - 1)
+            # iterations without a checkpoint re-execute from the nearest earlier one
+            for group in _group_by_restore(without, ckpts):
+                restore = group[0]
+                start, stop = group[1][0], group[1][-1]
+                note = (f"no checkpoint for iteration{'s' if len(group[1]) > 1 else ''} {_fmt_its(group[1])}: "
+                        + (f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0"))
+                add("reexec", start, stop, restore, (), keep_skip, False, need_after and stop == run.iterations - 1, note)
+        else:
+            lo, hi = min(want), max(want)
+            span = list(range(lo, hi + 1))
+            # split points: a segment may start at s when a checkpoint exists at s - 1
+            starts = [lo] + [i for i in span[1:] if (i - 1) in ckpts]
+            cost = {i: _iter_cost(run, i, False) for i in span}
+            pieces = []
+            for a, b in zip(starts, starts[1:] + [hi + 1]):
+                its = [i for i in range(a, b)]
+                pieces.append(its)
+            target = min(per_run_target, len(pieces))
+            merged = _merge(pieces, target, lambda p: sum(cost[i] for i in p) + run.setup_s)
+            for seg in merged:
+                a, b = seg[0], seg[-1]
+                restore = _nearest(ckpts, a - 1)
+                note = ""
+                if a > 0 and (restore is None or restore.iteration != a - 1):
+                    note = (f"no checkpoint at iteration {a - 1}: " + (
+                        f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0"))
+                add("reexec", a, b, restore, (), keep_reexec, False, need_after and b == run.iterations - 1, note)
+        if need_setup or tasks[first_task:]:
+            # rows logged before the outer loop are kept by the run's first task only
+            t0 = min(tasks[first_task:], key=lambda t: t.start)
+            idx = tasks.index(t0)
+            key = task_key(run.run_id, run.version, patch.digest, t0.mode, t0.start, t0.stop,
+                           t0.restore.iteration if t0.restore else None, t0.names, True, t0.after)
+            tasks[idx] = _replace(t0, setup=True, key=key, done=key in done_keys)
+
+    makespan = _makespan([t.estimate_s for t in tasks if not t.done], slots)
+    return Plan(names, where, str(iterations), store_url, dict(storage_options or {}), tuple(runs),
+                tuple(patches.values()), tuple(tasks), tuple(skipped), cluster, round(makespan, 3),
+                tuple(statements), retries)
+
+
+def _replace(task: Task, **kw: Any) -> Task:
+    import dataclasses
+
+    return dataclasses.replace(task, **kw)
+
+
+def _nearest(ckpts: Mapping[int, CheckpointRef], i: int) -> CheckpointRef | None:
+    best = [c for c in ckpts if c <= i]
+    return ckpts[max(best)] if best else None
+
+
+def _group_by_restore(its: Sequence[int], ckpts: Mapping[int, CheckpointRef]):
+    groups: dict[int, tuple[CheckpointRef | None, list[int]]] = {}
+    for i in its:
+        r = _nearest(ckpts, i - 1)
+        k = r.iteration if r else -1
+        groups.setdefault(k, (r, []))[1].append(i)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _fmt_its(its: Sequence[int]) -> str:
+    its = list(its)
+    if len(its) > 2 and its == list(range(its[0], its[-1] + 1)):
+        return f"{its[0]}..{its[-1]}"
+    return ", ".join(map(str, its))
+
+
+def _split(items: Sequence[int], k: int, cost) -> list[list[int]]:
+    """Contiguous chunks of ``items`` with balanced cost (k chunks at most)."""
+    if k <= 1:
+        return [list(items)]
+    total = sum(cost(i) for i in items) or len(items)
+    target = total / k
+    chunks, cur, acc = [], [], 0.0
+    for i in items:
+        c = cost(i) or total / len(items)
+        if cur and acc + c / 2 > target and len(chunks) < k - 1:
+            chunks.append(cur)
+            cur, acc = [], 0.0
+        cur.append(i)
+        acc += c
+    chunks.append(cur)
+    return chunks
+
+
+def _merge(pieces: list[list[int]], k: int, cost) -> list[list[int]]:
+    """Merge adjacent pieces until at most ``k`` remain, cheapest neighbours first."""
+    pieces = [list(p) for p in pieces]
+    while len(pieces) > k:
+        j = min(range(len(pieces) - 1), key=lambda j: cost(pieces[j] + pieces[j + 1]))
+        pieces[j : j + 2] = [pieces[j] + pieces[j + 1]]
+    return pieces
+
+
+def _makespan(costs: Sequence[float], workers: int) -> float:
+    """Longest-processing-time-first list scheduling on ``workers`` slots."""
+    loads = [0.0] * max(1, workers)
+    heapq.heapify(loads)
+    for c in sorted(costs, reverse=True):
+        heapq.heappush(loads, heapq.heappop(loads) + c)
+    return max(loads) if loads else 0.0

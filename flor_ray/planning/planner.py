@@ -1,0 +1,164 @@
+"""Gather the planner's inputs (store, repository, cluster) and call :func:`make_plan`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..errors import PlanningError, QueryError, RepositoryError
+from .plan import ClusterSnapshot, Plan, Resources, RunInfo, VersionPatch, make_plan
+
+__all__ = ["plan_replay", "cluster_snapshot", "propagate_versions"]
+
+
+def cluster_snapshot() -> ClusterSnapshot:
+    """Resources of the connected Ray cluster, else of this machine (Ray not started)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        res = ray.cluster_resources()
+        nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        return ClusterSnapshot(float(res.get("CPU", 1)), float(res.get("GPU", 0)), nodes)
+    return ClusterSnapshot(float(os.cpu_count() or 1), 0.0, 1)
+
+
+def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+    """Names each run already has (recorded or replayed), from the relation's names only."""
+    from ..relation import read_logs
+
+    out: dict[str, set[str]] = {r: set() for r in run_ids}
+    if not run_ids:
+        return {}
+    t = read_logs(store, None, run_ids).select(["run_id", "name", "source"])
+    pairs = t.group_by(["run_id", "name", "source"]).aggregate([])
+    for rid, name, src in zip(pairs.column("run_id").to_pylist(), pairs.column("name").to_pylist(),
+                              pairs.column("source").to_pylist()):
+        if src == "record":
+            out.setdefault(rid, set()).add(name)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None) -> dict[str, VersionPatch]:
+    """Propagate today's statements into each version's script; analyse the result."""
+    from ..propagation import PropagationError, propagate_detailed
+    from ..versions import read_file
+    from .analysis import analyze
+
+    patches: dict[str, VersionPatch] = {}
+    for version, script in versions.items():
+        try:
+            old = read_file(store, version, script).decode()
+        except Exception as exc:  # noqa: BLE001 - becomes a skipped run with the reason
+            patches[version] = VersionPatch(version, None, f"cannot read {script} of this version: {exc}")
+            continue
+        try:
+            res = propagate_detailed(today, old)
+        except PropagationError as exc:
+            patches[version] = VersionPatch(version, None, str(exc))
+            continue
+        an = analyze(res.code, filename=f"{script}@{version[:8]}")
+        placements = tuple(
+            f"+{','.join(p.names)} at line {p.line}" + (f" [{' > '.join(p.loops)}]" if p.loops else "")
+            + (f" renamed {', '.join(f'{a}->{b}' for a, b in p.renames)}" if p.renames else "")
+            for p in res.placements
+        )
+        needs = tuple((n, nd.kind, nd.reason, tuple(nd.carried)) for n, nd in an.needs)
+        patches[version] = VersionPatch(version, res.code, None, placements, needs, tuple(an.logged_names))
+        if names is not None:
+            missing = [n for n in names if n not in an.logged_names]
+            if missing:
+                patches[version] = VersionPatch(
+                    version, None, f"after propagation the script still does not log {', '.join(missing)}"
+                )
+    return patches
+
+
+def plan_replay(
+    names: str | Sequence[str] | None = None,
+    *,
+    where: str | None = None,
+    iterations: Any = "all",
+    script: str | os.PathLike | None = None,
+    store: Any = None,
+    resources: Resources | Mapping[str, Any] | None = None,
+    cluster: ClusterSnapshot | None = None,
+) -> Plan:
+    from ..api import resolve_store
+    from ..config import load_settings
+    from ..relation import load_runs, select_runs
+    from .analysis import analyze
+
+    st = resolve_store(store).check()
+    settings = load_settings()
+    if isinstance(names, str):
+        names = [names]
+    if names is not None:
+        names = list(names)
+        if not names or any(not isinstance(n, str) or not n for n in names):
+            raise QueryError(f"names must be non-empty strings, got {names!r}")
+    metas = load_runs(st)
+    if not metas:
+        raise QueryError(f"the store {st.url!r} holds no runs yet; record a run first")
+    selected = set(select_runs(st, where, metas))
+    metas = [m for m in metas if m["run_id"] in selected]
+    if not metas:
+        raise QueryError(f"no run matches where={where!r}; see the runs with `flor-ray runs`")
+
+    # today's script: the argument, else the latest run's script in this checkout
+    if script is None:
+        from ..versions import find_repo_root
+
+        try:
+            root = find_repo_root(os.getcwd())
+        except RepositoryError as exc:
+            raise PlanningError(
+                "no script= given and the current directory is not in the repository of the runs; "
+                "pass script='path/to/train.py' (today's version, holding the new flor.log statements)"
+            ) from exc
+        script = Path(root) / metas[-1]["script"]
+    path = Path(script)
+    if not path.is_file():
+        raise PlanningError(f"today's script {str(path)!r} does not exist; pass script= with the path of the training script")
+    today = path.read_text()
+    today_an = analyze(today, filename=str(path))
+    if names is None:
+        logged = _logged_per_run(st, [m["run_id"] for m in metas])
+        names = [n for n in today_an.logged_names if any(n not in logged.get(m["run_id"], ()) for m in metas)]
+        if not names:
+            raise QueryError(
+                f"every name logged by {path.name} is already in every selected run; "
+                "name the statements to replay explicitly"
+            )
+    else:
+        unknown = [n for n in names if n not in today_an.logged_names]
+        if unknown:
+            raise QueryError(
+                f"{', '.join(map(repr, unknown))} not logged by today's script {str(path)!r}; add "
+                f"flor.log({unknown[0]!r}, ...) to it first (it logs: {', '.join(today_an.logged_names) or 'nothing'})"
+            )
+        logged = _logged_per_run(st, [m["run_id"] for m in metas])
+    runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
+    versions = {r.version: r.script for r in runs}
+    patches = propagate_versions(st, today, versions, names)
+    if isinstance(resources, Mapping):
+        resources = Resources(**resources)
+    done = frozenset(
+        p.rsplit("/", 1)[-1][: -len(".parquet")]
+        for r in runs
+        for p in st.find(f"logs/run_id={r.run_id}/source=replay", ".parquet")
+    )
+    return make_plan(
+        names=names,
+        where=where,
+        iterations=iterations,
+        runs=runs,
+        patches=patches,
+        cluster=cluster or cluster_snapshot(),
+        resources=resources or Resources(),
+        done_keys=done,
+        store_url=st.url,
+        storage_options=st.storage_options,
+        retries=settings.max_retries,
+    )
