@@ -46,12 +46,14 @@ TARGET_DF_1M_S = 0.5
 # ----------------------------------------------------------------------------- scripts
 # One template, two renderings: {flor} fills the flor calls in, {plain} takes them out.
 CNN_TEMPLATE = '''
+import atexit
 import os
 import random
 import sys
 import time
 
 T0 = time.perf_counter()
+atexit.register(lambda: print(f"BENCH exit={{time.perf_counter() - T2:.6f}}", flush=True))
 import numpy as np
 import torch
 import torch.nn as nn
@@ -214,14 +216,19 @@ def bench_overhead(tmp: Path, quick: bool, pairs: int, workload: float | None) -
 
     walls: dict[str, list[float]] = {"plain": [], "flor": []}
     trains: dict[str, list[float]] = {"plain": [], "flor": []}
+    setups: dict[str, list[float]] = {"plain": [], "flor": []}
+    exits: dict[str, list[float]] = {"plain": [], "flor": []}
     losses: dict[str, set] = {"plain": set(), "flor": set()}
     for p in range(pairs):
         for variant in ("plain", "flor"):  # A B A B ...
             wall, info = run_py(repo, f"train_{variant}.py")
             walls[variant].append(wall)
             trains[variant].append(info["train"])
+            setups[variant].append(info["setup"])
+            exits[variant].append(info["exit"])
             losses[variant].add(round(info["loss"], 6))
-            log(f"  pair {p + 1}/{pairs} {variant:5s}: wall {wall:7.2f} s, train loop {info['train']:7.2f} s")
+            log(f"  pair {p + 1}/{pairs} {variant:5s}: wall {wall:7.2f} s, setup {info['setup']:5.2f} s, "
+                f"train loop {info['train']:7.2f} s, exit {info['exit']:5.2f} s")
     # what was recorded
     import flor_ray
 
@@ -240,6 +247,12 @@ def bench_overhead(tmp: Path, quick: bool, pairs: int, workload: float | None) -
         "median_wall_flor_s": med(walls["flor"]),
         "median_train_plain_s": med(trains["plain"]),
         "median_train_flor_s": med(trains["flor"]),
+        "setup_s": setups,
+        "exit_s": exits,
+        "median_setup_plain_s": med(setups["plain"]),
+        "median_setup_flor_s": med(setups["flor"]),
+        "median_exit_plain_s": med(exits["plain"]),
+        "median_exit_flor_s": med(exits["flor"]),
         "ratio_wall": ratio,
         "ratio_train_loop": med(trains["flor"]) / med(trains["plain"]),
         "target_ratio": TARGET_OVERHEAD,
@@ -359,6 +372,10 @@ def table(res: dict) -> str:
         f"{'record overhead: flor / plain (wall)':52s} {o['ratio_wall']:12.4f} {'<= 1.02':>12s} "
         f"{o['ratio_wall'] / TARGET_OVERHEAD:7.3f}  {ok(o['pass'])}",
         f"{'record overhead: flor / plain (train loop only)':52s} {o['ratio_train_loop']:12.4f} {'<= 1.02':>12s}",
+        f"{'record overhead: setup plain / flor (s)':52s} "
+        f"{format(o['median_setup_plain_s'], '.2f') + ' / ' + format(o['median_setup_flor_s'], '.2f'):>12s}",
+        f"{'record overhead: exit plain / flor (s)':52s} "
+        f"{format(o['median_exit_plain_s'], '.2f') + ' / ' + format(o['median_exit_flor_s'], '.2f'):>12s}",
         f"{'import flor_ray, median of 10 (s)':52s} {i['median_s']:12.4f} {'<= 0.2':>12s} "
         f"{i['median_s'] / TARGET_IMPORT_S:7.3f}  {ok(i['pass'])}",
         f"{'log-heavy: empty script wall (s)':52s} {h['median_wall_empty_s']:12.3f} {'':>12s}",

@@ -1,0 +1,109 @@
+"""The planner is a pure function: plans and their explain() strings, no Ray, no store."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from flor_ray.errors import PlanningError
+from flor_ray.planning.plan import (
+    CheckpointRef,
+    ClusterSnapshot,
+    Resources,
+    RunInfo,
+    VersionPatch,
+    iteration_set,
+    make_plan,
+)
+
+
+def run(rid, ckpts, n=6, device="cpu", version="v1"):
+    return RunInfo(
+        run_id=rid, version=version, script="train.py", args=(("lr", 0.1),), argv=(), cwd=".", iterations=n,
+        checkpoints=tuple(CheckpointRef(i, 1, f"checkpoints/{rid}/{i:06d}.pt", 1000, "x") for i in ckpts),
+        setup_s=2.0, outer_s=(10.0,) * n, inner_s=(9.0,) * n, device=device, logged=frozenset({"loss", "acc"}),
+    )
+
+
+PATCH = VersionPatch(
+    "v1", "code", None, ("+wnorm at line 30 [epoch]",),
+    (("loss", "inner", "in the step loop", ()), ("acc", "outer", "outer level", ()),
+     ("wnorm", "outer", "outer level", ()), ("gnorm", "inner", "in the step loop", ()),
+     ("best", "outer", "reads best_acc", ("best_acc",))),
+    ("loss", "acc", "wnorm", "gnorm", "best"),
+)
+
+
+def plan(names, runs, iterations="all", cpus=2, **kw):
+    return make_plan(names=names, where=None, iterations=iterations, runs=runs, patches={"v1": PATCH},
+                     cluster=ClusterSnapshot(cpus), store_url="memory://s", **kw)
+
+
+def test_outer_statement_skips_and_falls_back_where_checkpoints_are_missing():
+    p = plan(["wnorm"], [run("r1", [0, 1, 3, 5])])
+    lines = p.explain().splitlines()
+    assert lines[0] == f"ReplayPlan[names=wnorm; runs=1; iterations=all; tasks=4 (4 to run); workers=2; est. makespan={p.makespan_s:.1f}s]"
+    assert lines[1] == "  Propagate[v1] +wnorm at line 30 [epoch]"
+    assert lines[2] == "    Need[wnorm -> outer: outer level]"
+    skip = [t for t in p.tasks if t.mode == "skip"]
+    assert [c.iteration for t in skip for c in t.checkpoints] == [0, 1, 3, 5]
+    fallback = [(t.start, t.stop, t.restore.iteration) for t in p.tasks if t.mode == "reexec"]
+    assert fallback == [(2, 2, 1), (4, 4, 3)]
+    assert "no checkpoint for iteration 2: re-executes from checkpoint 1" in p.explain()
+    assert "no checkpoint for iteration 4: re-executes from checkpoint 3" in p.explain()
+    assert set(skip[0].names) == {"wnorm", "acc"}  # acc is recomputed and compared, loss is not
+
+
+def test_inner_statement_reexecutes_in_balanced_segments():
+    p = plan(["gnorm"], [run("r1", [0, 1, 2, 3, 4, 5])], cpus=3)
+    segs = [(t.start, t.stop, t.restore.iteration if t.restore else None) for t in p.tasks]
+    assert segs == [(0, 1, None), (2, 3, 1), (4, 5, 3)]
+    assert all(t.mode == "reexec" and set(t.names) == {"gnorm", "loss", "acc"} for t in p.tasks)
+    assert p.tasks[0].setup and not p.tasks[1].setup
+
+
+def test_missing_checkpoint_falls_back_to_iteration_zero():
+    p = plan(["gnorm"], [run("r1", [])], iterations="last")
+    (t,) = p.tasks
+    assert (t.start, t.stop, t.restore) == (5, 5, None)
+    assert "no checkpoint at iteration 4: re-executes from iteration 0" in p.explain()
+
+
+def test_loop_carried_state_replays_from_zero():
+    (t,) = plan(["best"], [run("r1", [0, 1, 2, 3, 4, 5])], iterations="last").tasks
+    assert (t.mode, t.start, t.restore) == ("reexec", 5, None) and "loop-carried best_acc" in t.note
+
+
+def test_keys_are_deterministic_and_done_tasks_are_not_rerun():
+    a = plan(["wnorm"], [run("r1", [0, 1, 3, 5])])
+    b = plan(["wnorm"], [run("r1", [0, 1, 3, 5])], done_keys=frozenset(t.key for t in a.tasks))
+    assert [t.key for t in a.tasks] == [t.key for t in b.tasks]
+    assert not b.pending and "(0 to run)" in b.explain()
+    assert pickle.loads(pickle.dumps(a)) == a
+
+
+def test_gpu_hint_and_resources_override():
+    p = plan(["wnorm"], [run("r1", [5], device="cuda")], iterations="last")
+    assert p.tasks[0].num_gpus == 1.0 and "gpus=1" in p.explain()
+    q = plan(["wnorm"], [run("r1", [5], device="cuda")], iterations="last", resources=Resources(num_cpus=2, num_gpus=0))
+    assert q.tasks[0].num_gpus == 0 and q.tasks[0].num_cpus == 2
+
+
+def test_unplaceable_version_is_reported_not_dropped():
+    p = make_plan(names=["wnorm"], where=None, iterations="all", runs=[run("r1", [0], version="v0")],
+                  patches={"v0": VersionPatch("v0", None, "wnorm reads 'model', undefined in this version")},
+                  cluster=ClusterSnapshot(2))
+    assert not p.tasks and p.skipped[0].reason.startswith("propagation failed: wnorm reads")
+    assert "Skip[run=r1] propagation failed" in p.explain()
+
+
+@pytest.mark.parametrize("spec, want", [("all", [0, 1, 2, 3]), ("last", [3]), ("1:3", [1, 2]), ("0,3", [0, 3]),
+                                        (range(2), [0, 1]), ([-1], [3]), (2, [2])])
+def test_iteration_specs(spec, want):
+    assert iteration_set(spec, 4) == want
+
+
+def test_bad_iteration_spec():
+    with pytest.raises(PlanningError, match="not understood"):
+        iteration_set("x:y", 4)
