@@ -65,8 +65,15 @@ def _session():
 
 
 def log(name: str, value: Any) -> Any:
-    """Record ``value`` under ``name`` in the current loop context; returns ``value``."""
-    return (_SESSION or _session()).log(name, value)
+    """Record ``value`` under ``name`` in the current loop context; returns ``value``.
+
+    After the first call the module attribute ``flor_ray.log`` is rebound to the
+    session's own method, so ``flor.log(...)`` in a hot loop costs one call.
+    """
+    session = _SESSION or _session()
+    out = session.log(name, value)
+    globals()["log"] = session.fast_log
+    return out
 
 
 def arg(name: str, default: Any) -> Any:

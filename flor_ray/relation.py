@@ -33,6 +33,8 @@ __all__ = [
     "ITER_COLS",
     "schema",
     "rows_to_table",
+    "merge_rows",
+    "empty_rows",
     "runs_frame",
     "select_runs",
     "read_logs",
@@ -88,8 +90,10 @@ def rows_to_table(
     *,
     version: str,
     file: str,
-    contexts: Sequence[tuple],
-    ctx_ids: Sequence[int],
+    prefixes: Sequence[tuple],
+    pids: Sequence[int],
+    lasts: Sequence[int | None],
+    items: Sequence[tuple[int, Any]],
     names: Sequence[str],
     values: Sequence[Any],
     seq_start: int,
@@ -97,52 +101,82 @@ def rows_to_table(
 ) -> "pa.Table":
     """Build one Parquet-ready table from buffered rows.
 
-    ``contexts[k]`` is ``(loops, iters, items)`` for context id ``k``; each row points
-    at one through ``ctx_ids``. Context columns are built once per context and
-    gathered with ``take``, so a million rows cost a few vectorised passes.
+    Row ``r`` sits in loop context ``prefixes[pids[r]]`` = ``(loops, enclosing
+    iterations, enclosing items, depth)`` at innermost iteration ``lasts[r]``;
+    ``items`` lists ``(row, innermost item)`` where the item is worth keeping.
+    Prefix columns are built once per prefix and gathered with ``take``, so a
+    million rows cost a few vectorised passes.
     """
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     n = len(names)
     sch = schema()
-    idx = pa.array(ctx_ids, type=pa.int32())
-    loops = pa.array([c[0] for c in contexts], type=pa.string())
+    idx = pa.array(pids, type=pa.int32())
+    last = pa.array(lasts, type=pa.int32())
+    depth = pc.take(pa.array([p[3] for p in prefixes], pa.int32()), idx)
+    zeros = pa.array(np.zeros(n, dtype=np.int32))
     cols: dict[str, Any] = {
-        "version": pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()), pa.array([version])).cast(pa.string())
-        if n
-        else pa.array([], pa.string()),
-        "file": pa.array([file] * n, pa.string()),
-        "loops": pc.take(loops, idx),
+        "version": pc.take(pa.array([version], pa.string()), zeros),
+        "file": pc.take(pa.array([file], pa.string()), zeros),
+        "loops": pc.take(pa.array([p[0] for p in prefixes], pa.string()), idx),
     }
     for d, col in enumerate(ITER_COLS):
-        arr = pa.array([c[1][d] if len(c[1]) > d else None for c in contexts], type=pa.int32())
-        cols[col] = pc.take(arr, idx)
-    items = pa.array(
-        [None if c[2] is None else json.dumps(list(c[2])) for c in contexts], type=pa.string()
-    )
-    cols["items"] = pc.take(items, idx)
+        enclosing = pa.array([p[1][d] if len(p[1]) > d else None for p in prefixes], type=pa.int32())
+        cols[col] = pc.if_else(pc.equal(depth, d + 1), last, pc.take(enclosing, idx))
+    if items or any(p[2] is not None for p in prefixes):
+        inner = dict(items)
+        docs: list[str | None] = []
+        for r in range(n):
+            p = prefixes[pids[r]]
+            it = inner.get(r)
+            if p[2] is None and it is None:
+                docs.append(None)
+            else:
+                docs.append(json.dumps([*(p[2] or (None,) * len(p[1])), it]))
+        cols["items"] = pa.array(docs, pa.string())
+    else:
+        cols["items"] = pa.nulls(n, pa.string())
     cols["name"] = pa.array(names, type=pa.string())
 
     types = set(map(type, values))
     if types == {float}:
-        vtype = ["float"] * n
+        vtype = pa.array(["float"] * n, pa.string())
         vf, vi, vs = pa.array(values, pa.float64()), pa.nulls(n, pa.int64()), pa.nulls(n, pa.string())
     elif types == {int}:
-        vtype = ["int"] * n
+        vtype = pa.array(["int"] * n, pa.string())
         vf, vi, vs = pa.nulls(n, pa.float64()), pa.array(values, pa.int64()), pa.nulls(n, pa.string())
     else:
-        vtype = [_vtype_of(v) for v in values]
-        vf = pa.array([v if t == "float" else None for v, t in zip(values, vtype)], pa.float64())
-        vi = pa.array(
-            [int(v) if t in ("int", "bool") else None for v, t in zip(values, vtype)], pa.int64()
-        )
-        vs = pa.array([str(v) if t in ("str", "json") else None for v, t in zip(values, vtype)], pa.string())
-    cols["vtype"] = pa.array(vtype, pa.string())
+        vt = [_vtype_of(v) for v in values]
+        vtype = pa.array(vt, pa.string())
+        vf = pa.array([v if t == "float" else None for v, t in zip(values, vt)], pa.float64())
+        vi = pa.array([int(v) if t in ("int", "bool") else None for v, t in zip(values, vt)], pa.int64())
+        vs = pa.array([str(v) if t in ("str", "json") else None for v, t in zip(values, vt)], pa.string())
+    cols["vtype"] = vtype
     cols["value_float"], cols["value_int"], cols["value_str"] = vf, vi, vs
-    cols["seq"] = pa.array(range(seq_start, seq_start + n), pa.int64())
-    cols["task"] = pa.array([task] * n, pa.string())
+    cols["seq"] = pa.array(np.arange(seq_start, seq_start + n, dtype=np.int64))
+    cols["task"] = pc.take(pa.array([task], pa.string()), zeros)
     return pa.Table.from_arrays([cols[f.name] for f in sch], schema=sch)
+
+
+def merge_rows(into: dict, rows: dict, keep: "set[str] | None") -> None:
+    """Append buffered ``rows`` (from ``take_rows``) to ``into``, keeping some names."""
+    base = len(into["prefixes"])
+    into["prefixes"].extend(rows["prefixes"])
+    items = dict(rows["items"])
+    for r, (pid, last, name, value) in enumerate(zip(rows["pids"], rows["lasts"], rows["names"], rows["values"])):
+        if keep is None or name in keep:
+            if r in items:
+                into["items"].append((len(into["names"]), items[r]))
+            into["pids"].append(base + pid)
+            into["lasts"].append(last)
+            into["names"].append(name)
+            into["values"].append(value)
+
+
+def empty_rows() -> dict:
+    return {"prefixes": [], "pids": [], "lasts": [], "items": [], "names": [], "values": []}
 
 
 def table_to_parquet_bytes(table: "pa.Table") -> bytes:
@@ -261,13 +295,23 @@ def _partition_schema():
     return pa.schema([("run_id", pa.string()), ("source", pa.string())])
 
 
+_DICT_COLS = ("version", "file", "loops", "name", "vtype", "task")
+
+
 def read_logs(
     store: "Store",
     names: Sequence[str] | None = None,
     run_ids: Iterable[str] | None = None,
     sources: Sequence[str] = ("record", "replay"),
+    columns: Sequence[str] | None = None,
+    dictionary: bool = False,
 ) -> "pa.Table":
-    """Rows of the relation (with ``run_id`` and ``source``) for these names/runs."""
+    """Rows of the relation (with ``run_id`` and ``source``) for these names/runs.
+
+    Only the files of the asked runs are opened. ``dictionary=True`` keeps the
+    repetitive string columns dictionary-encoded, as they are in the files, which
+    saves materialising millions of identical strings.
+    """
     import pyarrow as pa
     import pyarrow.dataset as ds
 
@@ -281,14 +325,28 @@ def read_logs(
             for src in sources:
                 files += store.find(f"logs/run_id={rid}/source={src}", ".parquet")
     files = [f for f in files if any(f"/source={s}/" in f for s in sources)]
-    full = pa.schema(list(schema()) + list(_partition_schema()))
+    str_t = pa.dictionary(pa.int32(), pa.string()) if dictionary else pa.string()
+    file_schema = pa.schema(
+        [pa.field(f.name, str_t) if dictionary and f.name in _DICT_COLS else f for f in schema()]
+    )
+    part_schema = pa.schema([("run_id", str_t), ("source", str_t)])
+    full = pa.schema(list(file_schema) + list(part_schema))
+    if columns is not None:
+        full = pa.schema([full.field(c) for c in columns])
     if not files:
         return full.empty_table()
-    part = ds.partitioning(_partition_schema(), flavor="hive")
+    kw = {}
+    if dictionary:
+        runs_seen = sorted({f.split("/")[1][len("run_id="):] for f in files})
+        kw["dictionaries"] = {"run_id": pa.array(runs_seen), "source": pa.array(["record", "replay"])}
+        fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(_DICT_COLS)))
+    else:
+        fmt = ds.ParquetFileFormat()
+    part = ds.partitioning(part_schema, flavor="hive", **kw)
     dset = ds.dataset(
         [f"{root}/{f}" for f in files],
-        schema=full,
-        format="parquet",
+        schema=pa.schema(list(file_schema) + list(part_schema)),
+        format=fmt,
         filesystem=fs,
         partitioning=part,
         partition_base_dir=f"{root}/logs",
@@ -297,7 +355,8 @@ def read_logs(
     if names is not None:
         flt = ds.field("name").isin(list(names))
     try:
-        return dset.to_table(filter=flt)
+        out = dset.to_table(filter=flt, columns=list(columns) if columns is not None else None)
+        return out.unify_dictionaries() if dictionary else out
     except (OSError, pa.ArrowInvalid) as exc:
         raise QueryError(
             f"the log relation under {store.full_url('logs')} could not be read ({exc}); "
@@ -305,28 +364,52 @@ def read_logs(
         ) from exc
 
 
-def _value_column(sub: "pd.DataFrame") -> "pd.Series":
-    """One typed column from the rows of one name."""
-    import pandas as pd
+def _one_series(t: "pa.Table", kinds: set[str], run_rank: "np.ndarray"):
+    """Rows of one (name, source): context keys in order, last value per context."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    kinds = set(sub["vtype"].unique())
+    rid = t.column("run_id").combine_chunks()
+    if pa.types.is_dictionary(rid.type):
+        rank = run_rank[rid.indices.to_numpy(zero_copy_only=False)] if len(run_rank) else np.zeros(len(rid), np.int64)
+    else:
+        rank = np.zeros(len(rid), np.int64)
+    seq = t.column("seq").to_numpy()
+    order = np.lexsort((seq, rank))
+    t = t.take(pa.array(order))
+    rank = rank[order]
+    keys = [rank] + [t.column(c).fill_null(-1).to_numpy() for c in ITER_COLS]
+    loops_idx = pc.dictionary_encode(t.column("loops")).combine_chunks() if not pa.types.is_dictionary(
+        t.column("loops").type) else t.column("loops").combine_chunks()
+    keys.append(loops_idx.indices.to_numpy(zero_copy_only=False))
+    n = t.num_rows
+    last = np.ones(n, dtype=bool)  # keep the last row of each run of equal contexts
+    if n > 1:
+        same = np.ones(n - 1, dtype=bool)
+        for k in keys:
+            same &= k[1:] == k[:-1]
+        last[:-1] = ~same
+    t = t.filter(pa.array(last))
     if kinds <= {"float"}:
-        return sub["value_float"]
-    if kinds <= {"int"}:
-        return sub["value_int"].astype("int64")
-    if kinds <= {"int", "float"}:
-        return sub["value_float"].fillna(sub["value_int"].astype("float64"))
-    if kinds <= {"bool"}:
-        return sub["value_int"].astype(bool)
-    if kinds <= {"str"}:
-        return sub["value_str"]
-    out = []
-    for vt, f, i, s in zip(sub["vtype"], sub["value_float"], sub["value_int"], sub["value_str"]):
-        out.append(
+        vals = t.column("value_float").to_numpy()
+    elif kinds <= {"int"}:
+        vals = t.column("value_int").to_numpy()
+    elif kinds <= {"int", "float"}:
+        vals = pc.coalesce(t.column("value_float"), pc.cast(t.column("value_int"), pa.float64())).to_numpy()
+    elif kinds <= {"bool"}:
+        vals = t.column("value_int").to_numpy().astype(bool)
+    elif kinds <= {"str"}:
+        vals = t.column("value_str").to_numpy(zero_copy_only=False)
+    else:
+        decoded = [
             f if vt == "float" else int(i) if vt == "int" else bool(i) if vt == "bool"
-            else json.loads(s) if vt == "json" else s
-        )
-    return pd.Series(out, index=sub.index, dtype=object)
+            else json.loads(s_) if vt == "json" else s_
+            for vt, f, i, s_ in zip(*(t.column(c).to_pylist() for c in ("vtype", "value_float", "value_int", "value_str")))
+        ]
+        vals = np.empty(len(decoded), dtype=object)  # lists stay elements, not a 2-D array
+        vals[:] = decoded
+    return t, vals
 
 
 def dataframe(store: "Store", names: Sequence[str], where: str | None = None) -> "pd.DataFrame":
@@ -335,8 +418,13 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
     A value recorded by the run is shown as is; a name only replayed shows the
     replayed value. Where both exist, ``<name>`` holds the recorded value and
     ``<name>__replay`` the replayed one, so the two can be compared side by side.
+    Per name the rows are put in loop order and de-duplicated with vectorised
+    passes (no per-row Python); several names are joined on the loop context.
     """
+    import numpy as np
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     store.check()
     names = list(names)
@@ -345,71 +433,123 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
             raise QueryError(f"log names must be non-empty strings, got {n!r}")
     metas = load_runs(store)
     run_ids = select_runs(store, where, metas)
-    table = read_logs(store, names or None, run_ids if where else None)
-    df = table.to_pandas(types_mapper=None) if table.num_rows else None
-    key_cols = ["run_id", "loops", *ITER_COLS]
-    if names and (df is None or df.empty):
+    table = read_logs(
+        store, names or None, run_ids if where else None, dictionary=True,
+        columns=["run_id", "source", "loops", *ITER_COLS, "name", "vtype", "value_float", "value_int", "value_str", "seq"],
+    )
+    if names and table.num_rows == 0:
         raise QueryError(
             f"no values logged under {', '.join(map(repr, names))}"
             + (f" in the runs where {where}" if where else "")
             + "; list the names with `flor-ray sql \"SELECT DISTINCT name FROM logs\"`, "
             "or back-fill a new name with flor.replay"
         )
-    if df is None or df.empty:
+    if table.num_rows == 0:
         return pd.DataFrame(columns=["run_id", "version"])
-    df = df.sort_values("seq", kind="stable")
-    frames = []
-    out_names = names or list(dict.fromkeys(df["name"]))
+    rid_dict = table.column("run_id").combine_chunks().dictionary.to_pylist() if table.num_rows else []
+    order_of = {m["run_id"]: i for i, m in enumerate(metas)}
+    run_rank = np.array([order_of.get(r, len(order_of) + i) for i, r in enumerate(rid_dict)], dtype=np.int64)
+    kinds_t = table.group_by(["name", "source", "vtype"]).aggregate([])
+    kinds: dict[tuple[str, str], set[str]] = {}
+    for n, src, vt in zip(*(kinds_t.column(c).to_pylist() for c in ("name", "source", "vtype"))):
+        kinds.setdefault((str(n), str(src)), set()).add(str(vt))
+    out_names = names or list(dict.fromkeys(str(x) for x in pc.unique(table.column("name")).to_pylist()))
+    key_cols = ["_rank", "loops", *ITER_COLS]
+    frames: list[pd.DataFrame] = []
+    cols: list[str] = []
     for name in out_names:
-        sub = df[df["name"] == name]
         for source, suffix in (("record", ""), ("replay", "__replay")):
-            part = sub[sub["source"] == source]
-            if part.empty:
+            if (name, source) not in kinds:
                 continue
-            part = part.drop_duplicates(key_cols, keep="last")
-            col = name + suffix
-            frames.append(part[key_cols].assign(**{col: _value_column(part).to_numpy()}).set_index(key_cols))
-    if not frames:
-        return pd.DataFrame(columns=["run_id", "version", *names])
+            sub = table.filter(pc.and_(pc.equal(pc.cast(table.column("name"), pa.string()), name),
+                                       pc.equal(pc.cast(table.column("source"), pa.string()), source)))
+            t, vals = _one_series(sub, kinds[(name, source)], run_rank)
+            col = name if suffix == "" or (name, "record") not in kinds else name + suffix
+            rid = t.column("run_id").combine_chunks()
+            frame = pd.DataFrame({
+                "_rank": run_rank[rid.indices.to_numpy(zero_copy_only=False)],
+                "run_id": pd.Categorical.from_codes(rid.indices.to_numpy(zero_copy_only=False), categories=rid_dict),
+                "loops": pd.Categorical.from_codes(*_dict_codes(t.column("loops"))),
+                **{c: t.column(c).to_pandas(types_mapper={pa.int32(): pd.Int64Dtype()}.get) for c in ITER_COLS},
+                col: vals,
+            })
+            frames.append(frame)
+            cols.append(col)
     if len(frames) == 1:
-        wide = frames[0].reset_index()
+        wide = frames[0]
     else:
-        wide = pd.concat(frames, axis=1, join="outer", sort=False).reset_index()
-    # a name only replayed is shown under its own name
-    for name in out_names:
-        rep = name + "__replay"
-        if rep in wide and name not in wide:
-            wide = wide.rename(columns={rep: name})
+        wide = frames[0].drop(columns=["run_id"])
+        for f in frames[1:]:
+            wide = wide.merge(f.drop(columns=["run_id"]), on=key_cols, how="outer", sort=False)
+        wide["run_id"] = pd.Categorical.from_codes(_codes_from_rank(wide["_rank"].to_numpy(), run_rank),
+                                                   categories=rid_dict)
+        wide = wide.sort_values(["_rank", *ITER_COLS], na_position="first", kind="stable")
+    wide = wide.reset_index(drop=True)
+    # plain (Arrow-backed) strings, gathered in C++ from the few distinct run ids
+    codes = wide["run_id"].cat.codes.to_numpy()
+    wide["run_id"] = pd.arrays.ArrowStringArray(
+        pc.take(pa.array(rid_dict, pa.string()), pa.array(codes)), dtype=pd.Series(["x"]).dtype
+    )
     # loop columns named after the loops
+    paths = [str(p) for p in pc.unique(table.column("loops")).to_pylist() if p is not None]
+    per_depth: dict[int, list[str]] = {}
+    for path in paths:
+        for d, lname in enumerate(x for x in path.split("/") if x):
+            if lname not in per_depth.setdefault(d, []):
+                per_depth[d].append(lname)
     loop_cols: list[str] = []
-    loops_vals = wide["loops"].astype(str)
-    for path in loops_vals.unique():
-        mask = loops_vals == path
-        for d, lname in enumerate(p for p in path.split("/") if p):
-            if lname not in wide:
-                wide[lname] = pd.array([pd.NA] * len(wide), dtype="Int64")
-                loop_cols.append(lname)
-            wide.loc[mask, lname] = wide.loc[mask, ITER_COLS[d]]
-    for c in loop_cols:
-        wide[c] = wide[c].astype("Int64")
+    for d, lnames in sorted(per_depth.items()):
+        src = wide[ITER_COLS[d]].astype("Int64")
+        for lname in lnames:
+            if lname in loop_cols:
+                continue
+            loop_cols.append(lname)
+            if len(lnames) == 1:
+                wide[lname] = src
+            else:
+                has = [len(p.split("/")) > d and p.split("/")[d] == lname for p in wide["loops"].cat.categories]
+                mask = np.asarray(has, dtype=bool)[wide["loops"].cat.codes.to_numpy()]
+                wide[lname] = src.where(mask, pd.NA)
     runs = {m["run_id"]: m for m in metas}
-    wide["version"] = wide["run_id"].map(lambda r: (runs.get(r) or {}).get("version"))
+    wide["version"] = _by_run(codes, rid_dict, {r: m.get("version") for r, m in runs.items()})
     arg_names: list[str] = []
     for m in metas:
-        for a in (m.get("args") or {}):
+        for a in m.get("args") or {}:
             if a not in arg_names:
                 arg_names.append(a)
     arg_cols = []
     for a in arg_names:
-        col = a if a not in wide.columns and a not in out_names else f"arg_{a}"
-        wide[col] = wide["run_id"].map(lambda r, a=a: ((runs.get(r) or {}).get("args") or {}).get(a))
+        col = a if a not in cols and a not in loop_cols and a not in ("run_id", "version") else f"arg_{a}"
+        wide[col] = _by_run(codes, rid_dict, {r: (m.get("args") or {}).get(a) for r, m in runs.items()})
         arg_cols.append(col)
-    order = {r: i for i, r in enumerate(runs)}
-    wide["_order"] = wide["run_id"].map(order)
-    wide = wide.sort_values(["_order", *ITER_COLS], na_position="first", kind="stable")
-    value_cols = [c for c in wide.columns if c not in (*key_cols, "version", "_order", *loop_cols, *arg_cols)]
-    wide = wide[["run_id", "version", *arg_cols, *loop_cols, *value_cols]].reset_index(drop=True)
-    return wide
+    return wide[["run_id", "version", *arg_cols, *loop_cols, *cols]]
+
+
+def _by_run(codes, rid_dict: list[str], value_of: dict):
+    """A per-row column from one value per run, gathered by run codes (vectorised)."""
+    import pandas as pd
+
+    per_run = pd.Series([value_of.get(r) for r in rid_dict])
+    return per_run.take(codes).reset_index(drop=True).to_numpy() if len(per_run) else []
+
+
+def _dict_codes(col) -> tuple:
+    """(codes, categories) of a dictionary-encoded (or plain string) Arrow column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = col.combine_chunks()
+    if not pa.types.is_dictionary(arr.type):
+        arr = pc.dictionary_encode(arr)
+    return arr.indices.to_numpy(zero_copy_only=False), [str(x) for x in arr.dictionary.to_pylist()]
+
+
+def _codes_from_rank(ranks, run_rank):
+    import numpy as np
+
+    inv = np.empty(int(run_rank.max()) + 1 if len(run_rank) else 0, dtype=np.int64)
+    inv[run_rank] = np.arange(len(run_rank))
+    return inv[ranks]
 
 
 def sql(store: "Store", query: str) -> "pd.DataFrame":

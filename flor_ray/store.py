@@ -105,8 +105,14 @@ class Store:
         return StoreError(f"{what} in store {self.url!r} failed: {type(exc).__name__}: {exc}")
 
     # ----------------------------------------------------------------- writing
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` at ``rel`` atomically (readers see all of it or nothing)."""
+    def write_bytes(self, rel: str, data: bytes, durable: bool = False) -> None:
+        """Write ``data`` at ``rel`` atomically (readers see all of it or nothing).
+
+        Atomic against crashes of the writing process (temp file + rename). With
+        ``durable`` the data is also fsync'ed before the rename, against a crash of
+        the machine; checkpoints use it (they are written in the background), the
+        per-iteration row flushes do not (an fsync costs more than the flush).
+        """
         path = self.path(rel)
         try:
             if self.is_local:
@@ -115,8 +121,9 @@ class Store:
                 tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
                 with open(tmp, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
                 os.replace(tmp, path)
             else:
                 self.fs.pipe_file(path, data)

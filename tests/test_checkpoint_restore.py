@@ -13,7 +13,7 @@ from conftest import TRAIN_SCRIPT, clean_env, run_script, write
 
 def _record(repo):
     write(repo, "train.py", TRAIN_SCRIPT)
-    run_script(repo, env=clean_env(FLOR_CHECKPOINT_BUDGET="10"))  # a checkpoint every epoch
+    run_script(repo, env=clean_env(FLOR_CHECKPOINT_MAX_PERIOD="1"))  # a checkpoint every epoch
     st = Store(str(repo / ".flor"))
     rid = flor_ray.runs(store=st).loc[0, "run_id"]
     return st, st.read_json(f"runs/{rid}.json")

@@ -78,11 +78,14 @@ class TestStoreSuite:
 
     def test_relation_roundtrip(self, store):
         store.ensure()
-        contexts = [("epoch", (0,), None), ("epoch/step", (0, 1), None), ("epoch", (1,), ("a",))]
+        prefixes = [("epoch", (), None, 1), ("epoch/step", (0,), None, 2)]
         table = rows_to_table(
-            version="v1", file="train.py", contexts=contexts, ctx_ids=[0, 1, 1, 2],
-            names=["acc", "loss", "tag", "acc"], values=[0.5, 2, "hi", 0.75], seq_start=0,
+            version="v1", file="train.py", prefixes=prefixes, pids=[0, 1, 1, 0], lasts=[0, 1, 1, 1],
+            items=[(3, "a")], names=["acc", "loss", "tag", "acc"], values=[0.5, 2, "hi", 0.75], seq_start=0,
         )
+        assert table.column("iter0").to_pylist() == [0, 0, 0, 1]
+        assert table.column("iter1").to_pylist() == [None, 1, 1, None]
+        assert table.column("items").to_pylist() == [None, None, None, '["a"]']
         store.write_bytes("logs/run_id=r1/source=record/part-00000.parquet", table_to_parquet_bytes(table))
         store.write_json("runs/r1.json", {"run_id": "r1", "version": "v1", "args": {"lr": 0.1}, "status": "finished", "started_at": "2026-01-01T00:00:00+00:00"})
         t = read_logs(store, ["acc"])

@@ -54,7 +54,9 @@ class ReplaySession(LoopRuntime):
         self._phase = "setup"  # setup -> loop -> after
         self._cur_iter = -1
         self._keep_iter = False
-        self._kept: dict[str, list] = {"contexts": [], "ctx_ids": [], "names": [], "values": []}
+        from ..relation import empty_rows
+
+        self._kept: dict[str, list] = empty_rows()
         self._written = False
         self._failed = False
         self._suppress_saves()
@@ -189,13 +191,9 @@ class ReplaySession(LoopRuntime):
         )
         if not keep_phase:
             return
-        base = len(self._kept["contexts"])
-        self._kept["contexts"].extend(rows["contexts"])
-        for cid, name, value in zip(rows["ctx_ids"], rows["names"], rows["values"]):
-            if self.names is None or name in self.names:
-                self._kept["ctx_ids"].append(base + cid)
-                self._kept["names"].append(name)
-                self._kept["values"].append(value)
+        from ..relation import merge_rows
+
+        merge_rows(self._kept, rows, self.names)
 
     def finish(self) -> None:
         """Write the kept rows as the task's one partition (only on success)."""
@@ -207,10 +205,8 @@ class ReplaySession(LoopRuntime):
         self._move_rows()
         from ..relation import rows_to_table, table_to_parquet_bytes
 
-        k = self._kept
         table = rows_to_table(
-            version=self.spec["version"], file=self.spec["script"], contexts=k["contexts"],
-            ctx_ids=k["ctx_ids"], names=k["names"], values=k["values"], seq_start=0, task=self.spec["task"],
+            version=self.spec["version"], file=self.spec["script"], seq_start=0, task=self.spec["task"], **self._kept
         )
         self.store.write_bytes(self.spec["output"], table_to_parquet_bytes(table))
         done = self.spec.get("done_marker")

@@ -120,15 +120,29 @@ def check_name(kind: str, name: Any) -> str:
     return name
 
 
+def _warm_imports() -> None:
+    import pyarrow.parquet  # noqa: F401
+
+    from .. import relation  # noqa: F401
+
+
 class LoopRuntime:
     """Loop contexts and row buffers, shared by recording and replay."""
 
     def __init__(self) -> None:
         self._stack: list[list] = []  # frames: [name, iteration, item]
         self._loops_str = ""
-        self._contexts: list[tuple] = []
-        self._cur = -1
-        self._ctx_ids: list[int] = []
+        # Row buffers. A row's loop context is its prefix (loop names, the iterations
+        # and items of the enclosing loops: constant while the innermost loop runs)
+        # plus the innermost iteration. So a log costs four appends, and a context
+        # object is built once per loop entry, not once per iteration.
+        self._prefixes: list[tuple] = []
+        self._pid = -1  # current prefix id; -1 = not built yet
+        self._last: int | None = None  # innermost iteration number
+        self._last_item: Any = None  # innermost item, when not the iteration number
+        self._r_pid: list[int] = []
+        self._r_last: list[int | None] = []
+        self._r_item: list[tuple[int, Any]] = []
         self._names: list[str] = []
         self._values: list[Any] = []
         self._valid_names: set[str] = set()
@@ -149,40 +163,49 @@ class LoopRuntime:
                 v = convert(name, value)
         else:
             v = convert(name, value)
-        cur = self._cur
-        if cur < 0:
-            cur = self._new_ctx()
-        self._ctx_ids.append(cur)
+        pid = self._pid
+        if pid < 0:
+            pid = self._new_prefix()
+        if self._last_item is not None:
+            self._r_item.append((len(self._names), self._last_item))
+        self._r_pid.append(pid)
+        self._r_last.append(self._last)
         self._names.append(name)
         self._values.append(v)
         return value
 
-    def _new_ctx(self) -> int:
+    @property
+    def fast_log(self):
+        """The bound log method itself (the facade rebinds ``flor_ray.log`` to it)."""
+        return LoopRuntime.log.__get__(self)
+
+    def _new_prefix(self) -> int:
         st = self._stack
+        enclosing = st[:-1]
         items = None
-        if any(f[2] is not None for f in st):
-            items = tuple(f[2] for f in st)
-        self._contexts.append((self._loops_str, tuple(f[1] for f in st), items))
-        self._cur = len(self._contexts) - 1
-        return self._cur
+        if any(f[2] is not None for f in enclosing):
+            items = tuple(f[2] for f in enclosing)
+        self._prefixes.append((self._loops_str, tuple(f[1] for f in enclosing), items, len(st)))
+        self._pid = len(self._prefixes) - 1
+        return self._pid
 
     def take_rows(self) -> dict | None:
         """Hand over the buffered rows (and reset the buffers), or None if empty."""
         if not self._names:
             return None
         rows = {
-            "contexts": self._contexts,
-            "ctx_ids": self._ctx_ids,
+            "prefixes": self._prefixes,
+            "pids": self._r_pid,
+            "lasts": self._r_last,
+            "items": self._r_item,
             "names": self._names,
             "values": self._values,
             "seq_start": self._seq,
         }
         self._seq += len(self._names)
-        keep_cur = self._cur >= 0
-        self._contexts, self._ctx_ids, self._names, self._values = [], [], [], []
-        self._cur = -1
-        if keep_cur:
-            self._new_ctx()
+        self._prefixes, self._r_pid, self._r_last, self._r_item = [], [], [], []
+        self._names, self._values = [], []
+        self._pid = -1
         return rows
 
     # ------------------------------------------------------------------ loop
@@ -213,16 +236,25 @@ class LoopRuntime:
         return self._inner_gen(name, it, depth)
 
     def _push(self, name: str) -> list:
+        if self._stack:  # the enclosing loop's position becomes part of the prefix
+            top = self._stack[-1]
+            top[1], top[2] = self._last, self._last_item
         frame = [name, -1, None]
         self._stack.append(frame)
         self._loops_str = "/".join(f[0] for f in self._stack)
-        self._cur = -1
+        self._pid = -1
+        self._last, self._last_item = None, None
         return frame
 
     def _pop(self) -> None:
         self._stack.pop()
         self._loops_str = "/".join(f[0] for f in self._stack)
-        self._cur = -1
+        self._pid = -1
+        if self._stack:
+            top = self._stack[-1]
+            self._last, self._last_item = top[1], top[2]
+        else:
+            self._last, self._last_item = None, None
 
     def _inner_gen(self, name: str, it: Iterable[Any], depth: int) -> Iterator[Any]:
         if self._inner_skipped(name, depth):
@@ -234,10 +266,9 @@ class LoopRuntime:
         try:
             for item in iter(it):
                 i += 1
-                frame[1] = i
                 ti = type(item)
-                frame[2] = item if (ti is str or (ti is int and item != i)) else None
-                self._cur = -1
+                self._last = i
+                self._last_item = item if (ti is str or (ti is int and item != i)) else None
                 yield item
         finally:
             self._pop()
@@ -255,10 +286,9 @@ class LoopRuntime:
                 i += 1
                 if is_outer and not self._outer_begin(i, length):
                     continue
-                frame[1] = i
                 ti = type(item)
-                frame[2] = item if (ti is str or (ti is int and item != i)) else None
-                self._cur = -1
+                self._last = i
+                self._last_item = item if (ti is str or (ti is int and item != i)) else None
                 t0 = time.perf_counter()
                 completed = False
                 try:
@@ -397,7 +427,9 @@ class RecordSession(LoopRuntime):
             "store_format": 1,
         }
         self._write_meta()
+        self.writer.submit(_warm_imports)  # pyarrow's import (~0.3 s) off the training thread
         self.writer.submit(upload, self.store, snap)
+        self.log = self.fast_log  # type: ignore[method-assign]  # started: skip the check
         atexit.register(self.finish)
         prev = sys.excepthook
 
@@ -481,6 +513,7 @@ class RecordSession(LoopRuntime):
             self._checkpoint_objects = None
 
     def commit(self) -> None:
+        """Flush now: the rows are in the store when this returns."""
         if self.started:
             self._flush()
 
@@ -508,7 +541,7 @@ class RecordSession(LoopRuntime):
         self._iter_inner_n += n
         self._iter_inner_exits += 1
         if self._ckpt_due and self._checkpoint_objects is not None:
-            self._capture(self._stack[0][1] if self._stack else -1)
+            self._capture(self._last if len(self._stack) == 1 else self._stack[0][1])
 
     def _capture(self, i: int) -> None:
         from .checkpoint import capture
@@ -550,7 +583,7 @@ class RecordSession(LoopRuntime):
             import hashlib
 
             data = serialize(snap)
-            self.store.write_bytes(rel, data)
+            self.store.write_bytes(rel, data, durable=True)
             with self._lock:
                 self._manifest.append(
                     {
@@ -566,6 +599,11 @@ class RecordSession(LoopRuntime):
 
     # ----------------------------------------------------------------- flush
     def _flush(self) -> None:
+        """Write the buffered rows and the run's metadata now.
+
+        Synchronous on purpose: when an outer iteration ends, its rows are in the
+        store, so a crash (even SIGKILL) loses at most the rows logged since.
+        """
         self._flush_rows_only()
         self._write_meta()
 
@@ -640,11 +678,14 @@ class RecordSession(LoopRuntime):
             self.writer.close()
 
     def _flush_rows_only(self) -> None:
-        from ..relation import rows_to_table, table_to_parquet_bytes
-
         rows = self.take_rows()
         if rows is not None:
-            table = rows_to_table(version=self.version, file=self.script, **rows)
             rel = f"logs/run_id={self.run_id}/source=record/part-{self._flushes:05d}.parquet"
-            self.store.write_bytes(rel, table_to_parquet_bytes(table))
             self._flushes += 1
+            self._write_rows(rows, rel)
+
+    def _write_rows(self, rows: dict, rel: str) -> None:
+        from ..relation import rows_to_table, table_to_parquet_bytes
+
+        table = rows_to_table(version=self.version, file=self.script, **rows)
+        self.store.write_bytes(rel, table_to_parquet_bytes(table))
