@@ -1,0 +1,89 @@
+"""Setup-, after- and loop-carried statements, replayed inline (no Ray), against hand-typed re-runs."""
+
+from __future__ import annotations
+
+import pytest
+
+import flor_ray
+from flor_ray.execution.driver import run_plan
+from flor_ray.planning.plan import ClusterSnapshot
+from flor_ray.relation import read_logs
+from flor_ray.store import Store
+
+from conftest import clean_env, git, run_script, write
+
+OLD = '''
+import torch
+import flor_ray as flor
+
+torch.manual_seed(0)
+net = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(net.parameters(), lr=0.1)
+X, Y = torch.randn(32, 4), torch.randn(32, 1)
+#SETUP
+best = 1e9
+with flor.checkpointing(net=net, opt=opt):
+    for epoch in flor.loop("epoch", range(5)):
+        for step in flor.loop("step", range(4)):
+            idx = torch.randint(0, 32, (8,))
+            loss = ((net(X[idx]) - Y[idx]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        full = ((net(X) - Y) ** 2).mean().item()
+        best = min(best, full)
+        flor.log("full", full)
+        #BEST
+#AFTER
+'''
+NEW = {
+    "#SETUP": 'flor.log("nparams", sum(p.numel() for p in net.parameters()))',
+    "#BEST": 'flor.log("best", best)',
+    "#AFTER": 'flor.log("final_bias", net.bias.item())',
+}
+
+
+def fill(src: str, which=NEW) -> str:
+    for marker, stmt in NEW.items():
+        src = src.replace(marker, stmt.replace("\n", "\n" + " " * 8) if marker in which else "")
+    return src
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("modes") / "proj"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    write(repo, "train.py", fill(OLD, ()))
+    run_script(repo, env=clean_env(FLOR_CHECKPOINT_MAX_PERIOD="2"))
+    hand = repo.parent / "hand"
+    hand.mkdir()
+    git(hand, "init", "-q")
+    write(hand, "train.py", fill(OLD))
+    run_script(hand, env=clean_env(FLOR_STORE=str(repo.parent / "hand-store")))
+    write(repo, "train.py", fill(OLD))  # today's script
+    return repo, Store(str(repo / ".flor")), Store(str(repo.parent / "hand-store"))
+
+
+def _vals(store, name, source):
+    t = read_logs(store, [name], sources=(source,)).to_pandas()
+    return sorted(zip(t["iter0"].fillna(-1), t["value_float"].fillna(t["value_int"].astype(float))))
+
+
+@pytest.mark.parametrize(
+    "name, kind, mode",
+    [("nparams", "setup", "setup"), ("final_bias", "after", "skip"), ("best", "outer", "reexec")],
+)
+def test_statement_kinds_replay_exactly(recorded, name, kind, mode):
+    repo, store, hand = recorded
+    plan = flor_ray.plan_replay([name], store=store, script=repo / "train.py", cluster=ClusterSnapshot(2))
+    text = plan.explain()
+    assert f"Need[{name} -> {kind}:" in text
+    assert {t.mode for t in plan.tasks} >= {mode}, text
+    if name == "best":
+        assert "loop-carried best" in text  # a mid-run checkpoint cannot restore `best`
+        assert len(plan.tasks) == 1 and plan.tasks[0].restore is None
+    report = run_plan(plan, progress=False, inline=True)
+    assert not report.failed, str(report)
+    assert _vals(store, name, "replay") == _vals(hand, name, "record")
+    assert report.fidelity.mismatched == 0
