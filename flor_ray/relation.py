@@ -335,22 +335,7 @@ def read_logs(
         full = pa.schema([full.field(c) for c in columns])
     if not files:
         return full.empty_table()
-    kw = {}
-    if dictionary:
-        runs_seen = sorted({f.split("/")[1][len("run_id="):] for f in files})
-        kw["dictionaries"] = {"run_id": pa.array(runs_seen), "source": pa.array(["record", "replay"])}
-        fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(_DICT_COLS)))
-    else:
-        fmt = ds.ParquetFileFormat()
-    part = ds.partitioning(part_schema, flavor="hive", **kw)
-    dset = ds.dataset(
-        [f"{root}/{f}" for f in files],
-        schema=pa.schema(list(file_schema) + list(part_schema)),
-        format=fmt,
-        filesystem=fs,
-        partitioning=part,
-        partition_base_dir=f"{root}/logs",
-    )
+    dset = _dataset(store, files, file_schema, part_schema, dictionary)
     flt = None
     if names is not None:
         flt = ds.field("name").isin(list(names))
@@ -362,6 +347,40 @@ def read_logs(
             f"the log relation under {store.full_url('logs')} could not be read ({exc}); "
             "a truncated or corrupted Parquet file is named above: delete it and replay again"
         ) from exc
+
+
+def _dataset(store: "Store", files: Sequence[str], file_schema, part_schema, dictionary: bool):
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    fs, root = store.arrow_fs()
+    kw = {}
+    if dictionary:
+        runs_seen = sorted({f.split("/")[1][len("run_id="):] for f in files})
+        kw["dictionaries"] = {"run_id": pa.array(runs_seen), "source": pa.array(["record", "replay"])}
+        fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(_DICT_COLS)))
+    else:
+        fmt = ds.ParquetFileFormat()
+    part = ds.partitioning(part_schema, flavor="hive", **kw)
+    return ds.dataset(
+        [f"{root}/{f}" for f in files],
+        schema=pa.schema(list(file_schema) + list(part_schema)),
+        format=fmt,
+        filesystem=fs,
+        partitioning=part,
+        partition_base_dir=f"{root}/logs",
+    )
+
+
+def logs_dataset(store: "Store"):
+    """The whole relation as a lazy pyarrow Dataset (scans push filters down)."""
+    import pyarrow as pa
+
+    files = store.find("logs", ".parquet")
+    part_schema = pa.schema([("run_id", pa.string()), ("source", pa.string())])
+    if not files:
+        return None
+    return _dataset(store, files, schema(), part_schema, False)
 
 
 def _one_series(t: "pa.Table", kinds: set[str], run_rank: "np.ndarray"):
@@ -552,6 +571,18 @@ def _codes_from_rank(ranks, run_rank):
     return inv[ranks]
 
 
+def _sql_str(v: str) -> str:
+    return "'" + v.replace("'", "''") + "'"
+
+
+def _sql_error(exc: Exception, runs) -> QueryError:
+    return QueryError(
+        f"SQL failed: {str(exc).splitlines()[0]}; tables: logs(run_id, source, version, file, "
+        "loops, iter0..iter3, items, name, vtype, value, value_float, value_int, value_str, seq, task) "
+        f"and runs({', '.join(runs.columns)})"
+    )
+
+
 def sql(store: "Store", query: str) -> "pd.DataFrame":
     """Run DuckDB SQL with ``logs`` (the long relation) and ``runs`` as tables."""
     import duckdb
@@ -559,11 +590,16 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
     store.check()
     if not isinstance(query, str) or not query.strip():
         raise QueryError("sql() needs a query string, e.g. \"SELECT name, count(*) FROM logs GROUP BY name\"")
-    logs = read_logs(store)
+    files = store.find("logs", ".parquet")
     runs = runs_frame(store)
     con = duckdb.connect()
     try:
-        con.register("logs_arrow", logs)
+        con.execute("SET enable_progress_bar = false")
+        if files and store.is_local:  # DuckDB's own parallel Parquet reader, partitions from the paths
+            paths = ", ".join(_sql_str(f"{store.root}/{f}") for f in files)
+            con.execute(f"CREATE VIEW logs_arrow AS SELECT * FROM read_parquet([{paths}], hive_partitioning = true)")
+        else:  # any fsspec store: a lazy Arrow dataset, projections and filters pushed down
+            con.register("logs_arrow", logs_dataset(store) if files else read_logs(store))
         con.execute(
             "CREATE VIEW logs AS SELECT *, "
             "CASE vtype WHEN 'float' THEN value_float WHEN 'int' THEN value_int::DOUBLE "
@@ -572,11 +608,14 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
         con.register("runs", runs)
         try:
             return con.execute(query).df()
-        except duckdb.Error as exc:
+        except (OSError, ValueError) as exc:  # a corrupted file met during the scan
+            if isinstance(exc, duckdb.Error):
+                raise _sql_error(exc, runs) from exc
             raise QueryError(
-                f"SQL failed: {str(exc).splitlines()[0]}; tables: logs(run_id, source, version, file, "
-                "loops, iter0..iter3, items, name, vtype, value, value_float, value_int, value_str, seq, task) "
-                f"and runs({', '.join(runs.columns)})"
+                f"the log relation under {store.full_url('logs')} could not be read ({exc}); "
+                "a truncated or corrupted Parquet file is named above: delete it and replay again"
             ) from exc
+        except duckdb.Error as exc:
+            raise _sql_error(exc, runs) from exc
     finally:
         con.close()

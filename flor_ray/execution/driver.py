@@ -136,7 +136,8 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
         ensure_ray(ray_address)
         fn = _remote()
         refs = {}
-        for t, args in calls:
+        # longest first: what the makespan estimate (LPT list scheduling) assumes
+        for t, args in sorted(calls, key=lambda c: -c[0].estimate_s):
             opts: dict[str, Any] = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "max_retries": plan.retries,
                                     "name": f"flor-replay-{t.key[:12]}"}
             if t.memory:

@@ -373,7 +373,9 @@ def make_plan(
             with_ckpt = [i for i in want if i in ckpts]
             without = [i for i in want if i not in ckpts]
             if with_ckpt:
-                chunks = _split(with_ckpt, min(per_run_target, len(with_ckpt)), lambda i: _iter_cost(run, i, True) + _restore_cost(ckpts[i]))
+                unit = lambda i: _iter_cost(run, i, True) + _restore_cost(ckpts[i])  # noqa: E731
+                k = _worth_splitting(sum(unit(i) for i in with_ckpt), run.setup_s, min(per_run_target, len(with_ckpt)))
+                chunks = _split(with_ckpt, k, unit)
                 for ch in chunks:
                     add("skip", ch[0], ch[-1], None, [ckpts[i] for i in ch], keep_skip, False,
                         need_after and ch[-1] == run.iterations - 1)
@@ -394,7 +396,7 @@ def make_plan(
             for a, b in zip(starts, starts[1:] + [hi + 1]):
                 its = [i for i in range(a, b)]
                 pieces.append(its)
-            target = min(per_run_target, len(pieces))
+            target = _worth_splitting(sum(cost.values()), run.setup_s, min(per_run_target, len(pieces)))
             merged = _merge(pieces, target, lambda p: sum(cost[i] for i in p) + run.setup_s)
             for seg in merged:
                 a, b = seg[0], seg[-1]
@@ -443,6 +445,17 @@ def _fmt_its(its: Sequence[int]) -> str:
     if len(its) > 2 and its == list(range(its[0], its[-1] + 1)):
         return f"{its[0]}..{its[-1]}"
     return ", ".join(map(str, its))
+
+
+def _worth_splitting(work: float, setup: float, k_max: int) -> int:
+    """How many segments a run's work is worth: each segment pays the set-up again
+    (a process start, imports, data loading), so a split must save more than that.
+    With ``k`` segments on free workers the run takes ``setup + work / k``; each
+    extra segment also costs ``setup`` of worker time that other runs could use, so
+    we split only while a segment's share of the work stays above its set-up."""
+    if setup <= 0:
+        return max(1, k_max)
+    return max(1, min(k_max, int(work // setup)))
 
 
 def _split(items: Sequence[int], k: int, cost) -> list[list[int]]:
