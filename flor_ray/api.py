@@ -13,11 +13,14 @@ from .store import Store
 __all__ = ["resolve_store", "plan_replay"]
 
 
-def resolve_store(store: Any = None, cwd: str | os.PathLike | None = None) -> Store:
-    """A Store from an argument, FLOR_STORE/config, or ``.flor`` of the enclosing repo."""
+def resolve_store(store: Any = None, cwd: str | os.PathLike | None = None,
+                  config: str | os.PathLike | None = None) -> Store:
+    """A Store from, highest first: the ``store`` argument, ``FLOR_STORE``, ``store:`` of
+    the config file (``config`` or ``FLOR_CONFIG``), else ``.flor`` of the repository
+    that holds ``cwd``. ``storage_options`` come from the config file."""
     if isinstance(store, Store):
         return store
-    settings = load_settings(store=store)
+    settings = load_settings(config, store=store)
     if settings.store:
         return Store(settings.store, settings.storage_options)
     from .versions import find_repo_root

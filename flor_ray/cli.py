@@ -1,56 +1,116 @@
-"""``flor-ray``: the command line (also the entry point for ``ray job submit``)."""
+"""``flor-ray``: the command line (also the entry point for ``ray job submit``).
+
+Every command has ``--help``. Exit codes: 0 success; 1 a replay with failed tasks, or
+an internal error; 2 a usage error or an error that the message says how to fix
+(unknown names, no store, bad predicate, bad config); 130 interrupted. An error is one
+line on stderr, ``flor-ray <command>: <what is wrong and what to do>``, plus a hint to
+rerun with ``--verbose`` (accepted before or after the command) for the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from .errors import FlorError
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+_FORMATS = ("table", "csv", "json", "parquet")
+_EXAMPLES = """\
+examples (in the repository whose runs you recorded; try them after `flor-ray demo DIR`):
+  flor-ray runs
+  flor-ray df acc wnorm --where "lr > 0.05"
+  flor-ray sql "SELECT name, count(*) AS n FROM logs GROUP BY name"
+  flor-ray replay wnorm --dry-run
+  flor-ray replay wnorm
+  flor-ray plot wnorm --by version -o wnorm.png
+  flor-ray propagate today.py old.py -o patched.py
+  flor-ray demo /tmp/flor-ray-demo
+"""
 
 
-def _print_frame(df, fmt: str) -> None:
+class _CliError(FlorError):
+    """A misuse of the command line that argparse cannot see (e.g. parquet to a terminal)."""
+
+
+# ----------------------------------------------------------------- output
+def _short_table(df):
+    """A copy that reads well in a terminal: short version ids, timestamps to the second."""
+    import pandas as pd
+
+    out = df.copy()
+    if "version" in out:
+        out["version"] = out["version"].map(lambda v: v[:8] if isinstance(v, str) else v)
+    for c in out.columns:
+        if pd.api.types.is_datetime64_any_dtype(out[c]):
+            out[c] = out[c].dt.strftime("%Y-%m-%d %H:%M:%S")
+    return out
+
+
+def _write_frame(df, fmt: str | None, output: str | None) -> None:
+    """Print or save a frame: ``table`` (terminal), ``csv``, ``json`` (records) or ``parquet``."""
+    if fmt is None:  # from the output file's extension, else a table
+        ext = os.path.splitext(output or "")[1].lower().lstrip(".")
+        fmt = {"csv": "csv", "json": "json", "parquet": "parquet", "pq": "parquet"}.get(ext, "table")
+    if fmt == "parquet" and output is None and sys.stdout.isatty():
+        raise _CliError("parquet is binary and stdout is a terminal; redirect it (> out.parquet) or pass -o out.parquet")
+    if output:
+        if fmt == "table":
+            with open(output, "w") as f:
+                f.write(_render_table(df) + "\n")
+        elif fmt == "csv":
+            df.to_csv(output, index=False)
+        elif fmt == "json":
+            df.to_json(output, orient="records", date_format="iso")
+        else:
+            df.to_parquet(output, index=False)
+        sys.stderr.write(f"wrote {len(df)} rows to {output}\n")
+        return
     if fmt == "csv":
         df.to_csv(sys.stdout, index=False)
     elif fmt == "json":
         sys.stdout.write(df.to_json(orient="records", date_format="iso") + "\n")
     elif fmt == "parquet":
+        sys.stdout.flush()
         df.to_parquet(sys.stdout.buffer, index=False)
     else:
-        import pandas as pd
-
-        with pd.option_context("display.max_rows", 200, "display.max_columns", 50, "display.width", 200):
-            print(df.to_string(index=False) if len(df) else "(no rows)")
+        print(_render_table(df))
 
 
-def _iterations(raw: str | None):
-    if raw is None or raw in ("all", "last"):
-        return raw or "all"
-    return raw
+def _render_table(df) -> str:
+    import pandas as pd
+
+    if not len(df):
+        return "(no rows)"
+    with pd.option_context("display.max_columns", None, "display.width", 10_000, "display.max_colwidth", 60):
+        return _short_table(df).to_string(index=False)
 
 
+# --------------------------------------------------------------- commands
 def cmd_runs(a) -> int:
     import flor_ray
 
     df = flor_ray.runs(where=a.where, store=a.store)
-    cols = [c for c in df.columns if c not in ("argv", "project")]
-    _print_frame(df[cols], a.format)
+    if (a.format or "table") == "table" and not a.output:
+        df = df[[c for c in df.columns if c not in ("argv", "project")]]
+    _write_frame(df, a.format, a.output)
     return 0
 
 
 def cmd_df(a) -> int:
     import flor_ray
 
-    _print_frame(flor_ray.dataframe(*a.names, where=a.where, store=a.store), a.format)
+    _write_frame(flor_ray.dataframe(*a.names, where=a.where, store=a.store), a.format, a.output)
     return 0
 
 
 def cmd_sql(a) -> int:
     import flor_ray
 
-    _print_frame(flor_ray.sql(a.query, store=a.store), a.format)
+    _write_frame(flor_ray.sql(a.query, store=a.store), a.format, a.output)
     return 0
 
 
@@ -62,9 +122,9 @@ def cmd_replay(a) -> int:
         resources["num_cpus"] = a.num_cpus
     if a.num_gpus is not None:
         resources["num_gpus"] = a.num_gpus
-    plan = flor_ray.plan_replay(a.names or None, where=a.where, iterations=_iterations(a.iterations),
+    plan = flor_ray.plan_replay(a.names or None, where=a.where, iterations=a.iterations or "all",
                                 script=a.script, store=a.store, resources=resources or None)
-    print(plan.explain())
+    print(plan.explain(), flush=True)
     if a.dry_run:
         return 0
     report = plan.run(progress=not a.quiet, ray_address=a.address)
@@ -86,83 +146,160 @@ def cmd_propagate(a) -> int:
     return 0
 
 
-def cmd_demo(a) -> int:
-    from .demo import run_demo
+def cmd_plot(a) -> int:
+    import flor_ray
 
-    run_demo(a.dir)
+    from .plot import plot_metric
+
+    df = flor_ray.dataframe(a.name, where=a.where, store=a.store)
+    out = a.output or f"{a.name}.png"
+    plot_metric(df, a.name, out, by="run_id" if a.by == "run" else a.by, x=a.x)
+    print(f"wrote {out}")
     return 0
 
 
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    run_demo(a.dir, gnorm=not a.skip_gnorm)
+    return 0
+
+
+# ----------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flor-ray", description="Multiversion hindsight logging for ML training, on Ray.")
-    p.add_argument("--verbose", action="store_true", help="show the full traceback on errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    from . import __version__
 
-    def common(sp, store=True, fmt=False):
+    p = argparse.ArgumentParser(
+        prog="flor-ray",
+        description="Multiversion hindsight logging for ML training, on Ray: list runs, query logged values, "
+                    "back-fill new flor.log statements into past runs, plot.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", "-v", action="store_true", help="show the full traceback on errors")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML settings file (see configs/local.yaml); same as FLOR_CONFIG=FILE. "
+                        "Precedence: defaults < file < FLOR_* environment < command-line options")
+    p.add_argument("--version", action="version", version=f"flor-ray {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, fn, help, example, store=True, fmt=False):
+        sp = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(fn=fn, parser=sp)
         if store:
-            sp.add_argument("--store", help="store URL (default: FLOR_STORE, else .flor/ of this repository)")
+            sp.add_argument("--store", metavar="URL",
+                            help="store URL, e.g. s3://bucket/flor (default: FLOR_STORE, else store: of the config "
+                                 "file, else .flor/ of this git repository)")
         if fmt:
-            sp.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
-        sp.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
+            sp.add_argument("--format", choices=_FORMATS, default=None,
+                            help="output format (default: from -o's extension, else a table)")
+            sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+        # accepted after the command too; SUPPRESS keeps a value given before it
+        sp.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return sp
 
-    sp = sub.add_parser("runs", help="list the recorded runs")
+    sp = add("runs", cmd_runs, "list the recorded runs: id, version, status, timings, one column per flor.arg",
+             'flor-ray runs --where "lr > 0.05" --format csv', fmt=True)
     sp.add_argument("--where", help="SQL predicate over the runs table, e.g. \"lr > 0.01\"")
-    common(sp, fmt=True)
-    sp.set_defaults(fn=cmd_runs)
 
-    sp = sub.add_parser("df", help="one row per run and loop context, a column per name")
-    sp.add_argument("names", nargs="+")
-    sp.add_argument("--where", help="SQL predicate over the runs table")
-    common(sp, fmt=True)
-    sp.set_defaults(fn=cmd_df)
+    sp = add("df", cmd_df, "logged values, one row per run and loop iteration, one column per name "
+             "(<name> recorded, <name>__replay replayed)", "flor-ray df acc wnorm --where \"lr > 0.05\"", fmt=True)
+    sp.add_argument("names", nargs="+", metavar="NAME", help="log names, e.g. acc loss")
+    sp.add_argument("--where", help="SQL predicate over the runs table, e.g. \"lr > 0.01\"")
 
-    sp = sub.add_parser("sql", help="SQL over tables logs and runs (DuckDB)")
-    sp.add_argument("query")
-    common(sp, fmt=True)
-    sp.set_defaults(fn=cmd_sql)
+    sp = add("sql", cmd_sql, "run DuckDB SQL over the tables logs (one row per value) and runs",
+             "flor-ray sql \"SELECT run_id, max(value) FROM logs WHERE name = 'acc' GROUP BY run_id\"", fmt=True)
+    sp.add_argument("query", help="a SELECT over logs and runs")
 
-    sp = sub.add_parser("replay", help="back-fill new log statements into past runs")
-    sp.add_argument("names", nargs="*", help="log names (default: every new name of today's script)")
-    sp.add_argument("--where", help="SQL predicate selecting runs")
-    sp.add_argument("--iterations", help="'all' (default), 'last', '3', '0:5' or '1,4,7'")
+    sp = add("replay", cmd_replay, "back-fill new log statements of today's script into past runs, on Ray",
+             "flor-ray replay wnorm --where \"lr > 0.05\" --dry-run")
+    sp.add_argument("names", nargs="*", metavar="NAME",
+                    help="log names (default: every name today's script logs that the runs did not)")
+    sp.add_argument("--where", help="SQL predicate selecting runs, e.g. \"lr > 0.01\"")
+    sp.add_argument("--iterations", metavar="SPEC", help="'all' (default), 'last', '3', '0:5' or '1,4,7'")
     sp.add_argument("--script", help="today's script (default: the latest run's script in this checkout)")
-    sp.add_argument("--dry-run", action="store_true", help="print the plan only")
-    sp.add_argument("--num-cpus", type=float, help="CPUs per task (default 1)")
-    sp.add_argument("--num-gpus", type=float, help="GPUs per task (default: 1 for runs recorded on CUDA)")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan and its estimate, run nothing")
+    sp.add_argument("--num-cpus", type=float, metavar="N", help="CPUs per task (default 1)")
+    sp.add_argument("--num-gpus", type=float, metavar="N", help="GPUs per task (default: 1 for runs recorded on CUDA)")
     sp.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    common(sp)
-    sp.set_defaults(fn=cmd_replay)
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
-    sp = sub.add_parser("propagate", help="inject today's new log statements into an old version of a file")
+    sp = add("propagate", cmd_propagate, "inject today's new log statements into an old version of a file",
+             "flor-ray propagate today.py old.py -o patched.py", store=False)
     sp.add_argument("source", help="today's file, with the new flor.log statements")
     sp.add_argument("target", help="the old version")
-    sp.add_argument("-o", "--output", help="write the patched target here (default: stdout)")
-    common(sp, store=False)
-    sp.set_defaults(fn=cmd_propagate)
+    sp.add_argument("-o", "--output", metavar="FILE", help="write the patched target here (default: stdout)")
 
-    sp = sub.add_parser("demo", help="record 3 versions of a small training script, then back-fill a new metric")
-    sp.add_argument("dir", nargs="?", default="flor-ray-demo", help="a new directory for the demo repository")
-    common(sp, store=False)
-    sp.set_defaults(fn=cmd_demo)
+    sp = add("plot", cmd_plot, "plot a logged name across iterations as a PNG, one line per run or per version",
+             "flor-ray plot wnorm --by version -o wnorm.png")
+    sp.add_argument("name", metavar="NAME", help="a numeric log name, recorded or back-filled")
+    sp.add_argument("--by", choices=["run", "version"], default="run",
+                    help="one line per run (default) or per code version (the mean of its runs)")
+    sp.add_argument("--x", metavar="LOOP", help="the loop on the x axis (default: epoch, else step); "
+                                                "values of inner loops are averaged per x")
+    sp.add_argument("--where", help="SQL predicate over the runs table")
+    sp.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: NAME.png)")
+
+    sp = add("demo", cmd_demo, "record 3 versions of a small torch script in a new git repository, then "
+             "back-fill new metrics into them on a local Ray (1-2 minutes)", "flor-ray demo /tmp/flor-ray-demo",
+             store=False)
+    sp.add_argument("dir", nargs="?", default="flor-ray-demo", metavar="DIR",
+                    help="a new or empty directory; it is left behind to try the other commands in "
+                         "(default: ./flor-ray-demo)")
+    sp.add_argument("--skip-gnorm", action="store_true",
+                    help="back-fill only the epoch-level wnorm, not the step-level gnorm (faster)")
     return p
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, FlorError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename!r}" if exc.filename else exc.strerror
+    text = " ".join(str(exc).split()) if isinstance(exc, FlorError) else str(exc).strip().splitlines()[0:1]
+    if isinstance(text, list):
+        text = text[0] if text else ""
+    return text or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, extra = parser.parse_known_args(argv)
+    if extra:  # report it with the command's own usage, not the top-level one
+        a.parser.error(f"unrecognized arguments: {' '.join(extra)} (see `flor-ray {a.command} --help`)")
+    verbose = getattr(a, "verbose", False)
+    name = f"flor-ray {a.command}"
     try:
+        if a.config:
+            from .config import load_settings
+
+            load_settings(a.config)  # fail here, once, with the file's own message
+            # every part (store, planner, workers started from here) reads FLOR_CONFIG
+            os.environ["FLOR_CONFIG"] = os.path.abspath(a.config)
         return a.fn(a)
-    except FlorError as exc:
-        if a.verbose:
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{name}: interrupted\n")
+        return 130
+    except BrokenPipeError:  # `flor-ray df x | head`: the reader left; not an error
+        try:  # Python's recipe: point stdout at devnull so the flush at exit cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except (FlorError, OSError) as exc:
+        if verbose:
             raise
-        sys.stderr.write(f"flor-ray {a.command}: {exc}\n(run with --verbose for the traceback)\n")
+        hint = "" if isinstance(exc, FlorError) else " (check the path)"
+        sys.stderr.write(f"{name}: {_describe(exc)}{hint}\n(run with --verbose for the traceback)\n")
         return 2
-    except (FileNotFoundError, PermissionError) as exc:
-        if a.verbose:
+    except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback behind --verbose
+        if verbose:
             raise
-        sys.stderr.write(f"flor-ray {a.command}: {exc}\n")
-        return 2
+        if type(exc).__module__.split(".")[0] == "ray":
+            sys.stderr.write(f"{name}: Ray failed: {type(exc).__name__}: {_describe(exc)}; check `ray status` and "
+                             "RAY_ADDRESS (unset it for a local Ray)\n(run with --verbose for the traceback)\n")
+            return 2
+        sys.stderr.write(f"{name}: internal error: {type(exc).__name__}: {_describe(exc)}\n"
+                         "this is a bug in flor_ray, not in your input; rerun with --verbose and report the traceback\n")
+        return 1
 
 
 if __name__ == "__main__":

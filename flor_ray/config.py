@@ -1,22 +1,25 @@
 """Defaults, in one place, each with the reason for its number.
 
-Precedence (lowest first): these defaults < a YAML config file (``FLOR_CONFIG`` or
-``configs/local.yaml`` style files passed explicitly) < environment variables <
-explicit arguments. Only the standard library is used here so that ``import
-flor_ray`` stays light.
+Precedence (lowest first): these defaults < a YAML config file (the ``config_file``
+argument, ``flor-ray --config FILE``, or ``FLOR_CONFIG``) < environment variables
+(``FLOR_STORE``, ``FLOR_CHECKPOINT_BUDGET``... see :data:`ENV_VARS`) < explicit
+arguments. ``configs/local.yaml`` lists every setting with its default and reason.
+Only the standard library is used here (PyYAML is imported when a file is read), so
+that ``import flor_ray`` stays light.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "DEFAULTS_DOC"]
+__all__ = ["Settings", "load_settings", "DEFAULTS_DOC", "ENV_VARS"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,9 @@ class Settings:
 
 DEFAULTS_DOC = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "storage_options"}
 
-_ENV = {
+#: The environment variable of each setting (``storage_options`` has none: credentials
+#: come from the backend's own variables, e.g. ``AWS_*`` for s3fs).
+ENV_VARS = {
     "store": "FLOR_STORE",
     "checkpoint_budget": "FLOR_CHECKPOINT_BUDGET",
     "checkpoint_max_period": "FLOR_CHECKPOINT_MAX_PERIOD",
@@ -57,50 +62,108 @@ _ENV = {
     "fidelity_rtol": "FLOR_FIDELITY_RTOL",
     "max_retries": "FLOR_MAX_RETRIES",
 }
+_ENV = ENV_VARS  # old name
+
+# The valid range of each number, as (test, what a valid value is).
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "checkpoint_budget": (lambda v: 0 < v <= 1, "a share of training time in (0, 1], e.g. 0.01 for 1%"),
+    "checkpoint_max_period": (lambda v: v >= 1, "a whole number of outer iterations >= 1"),
+    "snapshot_max_file_bytes": (lambda v: v >= 0, "a number of bytes >= 0"),
+    "fidelity_rtol": (lambda v: v >= 0, "a relative tolerance >= 0 (0 = exact)"),
+    "max_retries": (lambda v: v >= 0, "a number of retries >= 0"),
+}
 
 
-def _coerce(name: str, raw: Any) -> Any:
+def _known() -> str:
+    return ", ".join(f.name for f in dataclasses.fields(Settings))
+
+
+def _coerce(name: str, raw: Any, source: str = "") -> Any:
+    """``raw`` (from YAML, an environment string or an argument) as the setting's type."""
+    where = f" (from {source})" if source else ""
     fld = {f.name: f for f in dataclasses.fields(Settings)}.get(name)
     if fld is None:
-        known = ", ".join(sorted(_ENV) + ["storage_options"])
-        raise ConfigError(f"unknown setting {name!r}; known settings: {known}")
-    default = fld.default if fld.default is not dataclasses.MISSING else None
+        raise ConfigError(f"unknown setting {name!r}{where}; known settings: {_known()}")
     if name == "storage_options":
+        if raw is None:
+            return {}
         if not isinstance(raw, Mapping):
-            raise ConfigError("storage_options must be a mapping of fsspec options")
+            raise ConfigError(f"storage_options{where} must be a mapping of fsspec options, "
+                              f"e.g. {{endpoint_url: http://127.0.0.1:9000}}; got {type(raw).__name__}")
         return dict(raw)
-    if raw is None or default is None:
-        return None if raw in (None, "") else str(raw)
+    if name == "store":
+        if raw is None or raw == "":
+            return None
+        if not isinstance(raw, (str, os.PathLike)):
+            raise ConfigError(f"store{where} must be a URL or path string, got {raw!r}")
+        return os.fspath(raw)
+    default = fld.default
+    kind = type(default)
+    article = "an" if kind is int else "a"
+    if raw is None or isinstance(raw, bool):  # YAML `yes`/`~` are never numbers here
+        raise ConfigError(f"setting {name}={raw!r}{where} is not {article} {kind.__name__}; the default is {default!r}")
     try:
-        if isinstance(default, bool):
-            return str(raw).lower() in ("1", "true", "yes", "on")
-        return type(default)(raw)
+        if kind is int:
+            num = float(raw) if isinstance(raw, str) else raw
+            if isinstance(raw, str) and raw.strip().lstrip("+-").isdigit():
+                value: Any = int(raw)
+            elif isinstance(num, (int, float)) and float(num).is_integer():
+                value = int(num)
+            else:
+                raise ValueError(raw)
+        else:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name}={raw!r} is not a {type(default).__name__}") from exc
+        raise ConfigError(
+            f"setting {name}={raw!r}{where} is not {article} {kind.__name__}; "
+            f"the default is {default!r}"
+        ) from exc
+    ok, what = _RANGES[name]
+    if not ok(value):
+        raise ConfigError(f"setting {name}={raw!r}{where} is out of range: use {what}")
+    return value
+
+
+def _read_file(path: str | os.PathLike, how: str) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} ({how}) does not exist; fix the path or create it "
+                          "from configs/local.yaml")
+    import yaml  # lazy: only needed when a file is given
+
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).replace("\n", " ")
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {first}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of settings (name: value), "
+                          f"not a {type(data).__name__}; see configs/local.yaml")
+    return {str(k): _coerce(str(k), v, f"config file {str(p)!r}") for k, v in data.items()}
 
 
 def load_settings(config_file: str | os.PathLike | None = None, **overrides: Any) -> Settings:
-    """Defaults < config file (argument or ``FLOR_CONFIG``) < environment < overrides."""
-    values: dict[str, Any] = {}
-    path = config_file or os.environ.get("FLOR_CONFIG")
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; fix FLOR_CONFIG or the --config path")
-        import yaml  # lazy: only needed when a file is given
+    """Defaults < config file (argument or ``FLOR_CONFIG``) < environment < overrides.
 
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of settings")
-        for k, v in data.items():
-            values[k] = _coerce(k, v)
-    for name, env in _ENV.items():
+    Overrides that are ``None`` are ignored, so callers can pass optional arguments
+    straight through. Every bad file, name or value raises :class:`ConfigError` with a
+    message that names where the value came from.
+    """
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(_read_file(config_file, "config_file argument / --config"))
+    elif os.environ.get("FLOR_CONFIG"):
+        values.update(_read_file(os.environ["FLOR_CONFIG"], "FLOR_CONFIG"))
+    for name, env in ENV_VARS.items():
         if os.environ.get(env):
-            values[name] = _coerce(name, os.environ[env])
+            values[name] = _coerce(name, os.environ[env], f"environment {env}")
     for k, v in overrides.items():
         if v is not None:
-            values[k] = _coerce(k, v)
+            values[k] = _coerce(k, v, "argument")
     return Settings(**values)

@@ -394,14 +394,20 @@ def _one_series(t: "pa.Table", kinds: set[str], run_rank: "np.ndarray"):
         rank = run_rank[rid.indices.to_numpy(zero_copy_only=False)] if len(run_rank) else np.zeros(len(rid), np.int64)
     else:
         rank = np.zeros(len(rid), np.int64)
+    # Sort by (run, loop context, seq): rows of one context become neighbours even
+    # when they come from several files (replay tasks number their rows from 0),
+    # and the loop context order is the iteration order.
     seq = t.column("seq").to_numpy()
-    order = np.lexsort((seq, rank))
-    t = t.take(pa.array(order))
-    rank = rank[order]
-    keys = [rank] + [t.column(c).fill_null(-1).to_numpy() for c in ITER_COLS]
     loops_idx = pc.dictionary_encode(t.column("loops")).combine_chunks() if not pa.types.is_dictionary(
         t.column("loops").type) else t.column("loops").combine_chunks()
+    keys = [rank] + [t.column(c).fill_null(-1).to_numpy() for c in ITER_COLS]
     keys.append(loops_idx.indices.to_numpy(zero_copy_only=False))
+    order = np.lexsort((seq, keys[0]))  # run, then logging order: usually already context order
+    keys = [k[order] for k in keys]
+    if not _nondecreasing(keys[:-1]):
+        again = np.lexsort((keys[-1], *reversed(keys[:-1])))  # stable: seq order kept within a context
+        order, keys = order[again], [k[again] for k in keys]
+    t = t.take(pa.array(order))
     n = t.num_rows
     last = np.ones(n, dtype=bool)  # keep the last row of each run of equal contexts
     if n > 1:
@@ -473,7 +479,10 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
     for n, src, vt in zip(*(kinds_t.column(c).to_pylist() for c in ("name", "source", "vtype"))):
         kinds.setdefault((str(n), str(src)), set()).add(str(vt))
     out_names = names or list(dict.fromkeys(str(x) for x in pc.unique(table.column("name")).to_pylist()))
-    key_cols = ["_rank", "loops", *ITER_COLS]
+    paths = [str(p) for p in pc.unique(table.column("loops")).to_pylist() if p is not None]
+    depth = max([len([x for x in p.split("/") if x]) for p in paths] + [0])
+    iter_cols = list(ITER_COLS[:depth])  # deeper columns are all null: not carried
+    key_cols = ["_rank", "loops", *iter_cols]
     frames: list[pd.DataFrame] = []
     cols: list[str] = []
     for name in out_names:
@@ -489,7 +498,7 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
                 "_rank": run_rank[rid.indices.to_numpy(zero_copy_only=False)],
                 "run_id": pd.Categorical.from_codes(rid.indices.to_numpy(zero_copy_only=False), categories=rid_dict),
                 "loops": pd.Categorical.from_codes(*_dict_codes(t.column("loops"))),
-                **{c: t.column(c).to_pandas(types_mapper={pa.int32(): pd.Int64Dtype()}.get) for c in ITER_COLS},
+                **{c: _int_array(t.column(c)) for c in iter_cols},
                 col: vals,
             })
             frames.append(frame)
@@ -502,7 +511,7 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
             wide = wide.merge(f.drop(columns=["run_id"]), on=key_cols, how="outer", sort=False)
         wide["run_id"] = pd.Categorical.from_codes(_codes_from_rank(wide["_rank"].to_numpy(), run_rank),
                                                    categories=rid_dict)
-        wide = wide.sort_values(["_rank", *ITER_COLS], na_position="first", kind="stable")
+        wide = wide.sort_values(["_rank", *iter_cols], na_position="first", kind="stable")
     wide = wide.reset_index(drop=True)
     # plain (Arrow-backed) strings, gathered in C++ from the few distinct run ids
     codes = wide["run_id"].cat.codes.to_numpy()
@@ -510,7 +519,6 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
         pc.take(pa.array(rid_dict, pa.string()), pa.array(codes)), dtype=pd.Series(["x"]).dtype
     )
     # loop columns named after the loops
-    paths = [str(p) for p in pc.unique(table.column("loops")).to_pylist() if p is not None]
     per_depth: dict[int, list[str]] = {}
     for path in paths:
         for d, lname in enumerate(x for x in path.split("/") if x):
@@ -518,7 +526,7 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
                 per_depth[d].append(lname)
     loop_cols: list[str] = []
     for d, lnames in sorted(per_depth.items()):
-        src = wide[ITER_COLS[d]].astype("Int64")
+        src = wide[ITER_COLS[d]]
         for lname in lnames:
             if lname in loop_cols:
                 continue
@@ -530,7 +538,10 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
                 mask = np.asarray(has, dtype=bool)[wide["loops"].cat.codes.to_numpy()]
                 wide[lname] = src.where(mask, pd.NA)
     runs = {m["run_id"]: m for m in metas}
-    wide["version"] = _by_run(codes, rid_dict, {r: m.get("version") for r, m in runs.items()})
+    versions = [str((runs.get(r) or {}).get("version")) for r in rid_dict]
+    wide["version"] = pd.arrays.ArrowStringArray(
+        pc.take(pa.array(versions, pa.string()), pa.array(codes)), dtype=pd.Series(["x"]).dtype
+    )
     arg_names: list[str] = []
     for m in metas:
         for a in m.get("args") or {}:
@@ -550,6 +561,33 @@ def _by_run(codes, rid_dict: list[str], value_of: dict):
 
     per_run = pd.Series([value_of.get(r) for r in rid_dict])
     return per_run.take(codes).reset_index(drop=True).to_numpy() if len(per_run) else []
+
+
+def _int_array(col):
+    """A nullable pandas Int64 array from an Arrow int column, without per-row work."""
+    import numpy as np
+    import pandas as pd
+
+    arr = col.combine_chunks()
+    values = arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    mask = arr.is_null().to_numpy(zero_copy_only=False)
+    return pd.arrays.IntegerArray(values, mask)
+
+
+def _nondecreasing(keys) -> bool:
+    """Whether rows are in lexicographic order of ``keys`` (vectorised, O(n) per key)."""
+    import numpy as np
+
+    n = len(keys[0])
+    if n < 2:
+        return True
+    undecided = np.ones(n - 1, dtype=bool)
+    for k in keys:
+        d = np.sign(k[1:].astype(np.int64) - k[:-1].astype(np.int64))
+        if np.any(undecided & (d < 0)):
+            return False
+        undecided &= d == 0
+    return True
 
 
 def _dict_codes(col) -> tuple:

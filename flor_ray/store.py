@@ -72,8 +72,14 @@ class Store:
         if self._fs is None:
             import fsspec
 
+            options = dict(self.storage_options)
+            if fsspec.utils.get_protocol(self.url) not in ("file", "local", "memory"):
+                # other processes (replay tasks, other runs) add files all the time: a cached
+                # listing would hide them, and s3fs answers info()/open() from the cached
+                # listing of the parent, so a partition just written reads as missing
+                options.setdefault("use_listings_cache", False)
             try:
-                self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+                self._fs, self._root = fsspec.core.url_to_fs(self.url, **options)
             except (ImportError, ValueError) as exc:
                 raise StoreError(f"cannot open store URL {self.url!r}: {exc}") from exc
             self._root = self._root.rstrip("/")

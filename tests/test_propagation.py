@@ -420,11 +420,20 @@ def test_name_bound_only_later_in_target_is_not_visible():
         propagate(new, OLD)
 
 
-def test_enclosing_loop_without_counterpart_raises():
+def test_new_loop_is_injected_whole():
+    block = ('            for g in opt.param_groups:\n'
+             '                flor.log("lr", g["lr"])')
+    new = with_lines(OLD, "opt.step()", block)
+    res = propagate_detailed(new, OLD)
+    assert res.code == new
+    assert res.placements[0].statement.startswith("for g in opt.param_groups:")
+
+
+def test_new_loop_reading_an_undefined_name_raises():
     new = with_lines(OLD, 'flor.log("acc", acc)',
                      '        for xv, yv in flor.loop("val_step", val_loader):\n'
                      '            flor.log("val_loss", crit(model(xv), yv).item())')
-    with pytest.raises(PropagationError, match=r"'val_loss'.*loop"):
+    with pytest.raises(PropagationError, match=r"'val_loss'.*`val_loader`"):
         propagate(new, OLD)
 
 
@@ -550,3 +559,141 @@ def test_error_is_picklable_with_its_failures():
         propagate(new, OLD)
     again = pickle.loads(pickle.dumps(exc.value))
     assert str(again) == str(exc.value) and again.failures == exc.value.failures  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- spellings, attributes
+
+
+def test_flor_log_in_source_imported_log_in_target():
+    old = d('''
+        from flor_ray import log, loop
+        for e in loop("epoch", range(3)):
+            loss = step()
+            log("acc", 1)
+    ''')
+    new = d('''
+        import flor_ray as flor
+        for e in flor.loop("epoch", range(3)):
+            loss = step()
+            flor.log("loss", loss)
+            flor.log("acc", 1)
+    ''')
+    assert propagate(new, old) == old.replace('    log("acc", 1)', '    log("loss", loss)\n    log("acc", 1)')
+    # and the other way round
+    assert propagate(old.replace('log("acc", 1)', 'log("acc", 1)\n    log("l2", loss)'), new) == \
+        new + '    flor.log("l2", loss)\n'
+
+
+def test_target_without_flor_import_raises():
+    old = "for e in range(3):\n    loss = step()\n"
+    new = "from flor_ray import log\nfor e in range(3):\n    loss = step()\n    log('loss', loss)\n"
+    with pytest.raises(PropagationError, match="'loss'.*import flor_ray"):
+        propagate(new, old)
+
+
+LIT = d('''
+    import flor_ray as flor
+
+    class Module:
+        def __init__(self):
+            self.model = Net()
+            self.opt = SGD(self.model.parameters())
+
+        def training_step(self, batch):
+            x, y = batch
+            out = self.model(x)
+            loss = crit(out, y)
+            self.opt.step()
+            return loss
+''')
+
+
+def test_attribute_rename_is_applied_and_reported():
+    new = LIT.replace("self.model", "self.net").replace(
+        "self.opt.step()\n", "self.opt.step()\n        flor.log('wn', self.net.fc.weight.norm().item())\n")
+    res = propagate_detailed(new, LIT)
+    assert res.code == LIT.replace(
+        "self.opt.step()\n", "self.opt.step()\n        flor.log('wn', self.model.fc.weight.norm().item())\n")
+    assert ("self.net", "self.model") in res.renames
+
+
+def test_ambiguous_attribute_rename_raises():
+    old = LIT.replace("self.opt = SGD(self.model.parameters())",
+                      "self.ema = Net()\n        self.opt = SGD(self.ema.parameters())")
+    new = LIT.replace("self.model", "self.net").replace(
+        "self.opt.step()\n", "self.opt.step()\n        flor.log('wn', self.net.fc.weight.norm().item())\n")
+    with pytest.raises(PropagationError, match="'wn'.*ambiguous"):
+        propagate(new, old)
+
+
+def test_insert_into_one_line_suite_grows_a_block():
+    old = d('''
+        import flor_ray as flor
+        for e in flor.loop("epoch", range(3)):
+            if e > 1: print(e)  # big
+            z = 1
+    ''')
+    new = d('''
+        import flor_ray as flor
+        for e in flor.loop("epoch", range(3)):
+            if e > 1:
+                print(e)
+                flor.log("e", e)
+            z = 1
+    ''')
+    res = propagate_detailed(new, old)
+    assert same_ast(res.code, new) and "# big" in res.code and res.placements[0].line == 5
+
+
+def test_gc_state_is_restored():
+    import gc
+
+    gc.disable()
+    try:
+        propagate(with_lines(OLD, "opt.step()", '            flor.log("loss", loss.item())'), OLD)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    propagate(with_lines(OLD, "opt.step()", '            flor.log("loss", loss.item())'), OLD)
+    assert gc.isenabled()
+
+
+def test_new_else_branch_is_created_in_order_with_neighbours():
+    old = d('''
+        import flor_ray as flor
+        best = 1e9
+        for epoch in flor.loop("epoch", range(10)):
+            val = evaluate()
+            if val < best:
+                best = val  # improved
+            # after the if
+            flor.log("val", val)
+    ''')
+    new = d('''
+        import flor_ray as flor
+        best = 1e9
+        for epoch in flor.loop("epoch", range(10)):
+            val = evaluate()
+            if val < best:
+                best = val
+                flor.log("best", best)
+            else:
+                flor.log("no_improve", epoch)
+            flor.log("gap", val - best)
+            flor.log("val", val)
+    ''')
+    res = propagate_detailed(new, old)
+    assert same_ast(res.code, new)
+    assert all(c in comments(res.code) for c in comments(old))
+    assert [p.line for p in res.placements] == [7, 9, 10]
+    one_line = old.replace("    if val < best:\n        best = val  # improved\n", "    if val < best: best = val\n")
+    assert same_ast(propagate(new, one_line), new)
+
+
+def test_log_sharing_a_line_is_cut_out_alone():
+    old = 'import flor_ray as flor\nfor e in flor.loop("epoch", range(3)):\n    loss = f()\n    opt.step()\n'
+    new = ('import flor_ray as flor\nfor e in flor.loop("epoch", range(3)):\n    loss = f()\n'
+           '    opt.step(); flor.log("loss", loss); x = 1  # both\n')
+    out = propagate(new, old)
+    assert out.count("opt.step()") == 1 and "x = 1" not in out
+    assert out == old + '    flor.log("loss", loss)  # both\n'

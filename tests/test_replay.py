@@ -17,7 +17,7 @@ from flor_ray.store import Store
 
 from conftest import clean_env, git, run_script, write
 
-from flor_ray.demo import V1, V2, V3, plain, with_statements
+from histories import V1, V2, V3, plain, with_statements
 
 
 @pytest.fixture(scope="module")

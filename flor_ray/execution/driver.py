@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .task import TaskResult, run_task
+from .task import ReplayProcessKilled, TaskResult, run_task
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..planning.plan import Plan
@@ -73,7 +73,10 @@ def ensure_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {}
-    if not address:  # a local Ray for this machine only: bind loopback, no dashboard
+    if not address:
+        # a new local Ray for this driver only (never silently join a cluster that
+        # someone else started on the machine): loopback, no dashboard
+        address = "local"
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         kwargs = {"log_to_driver": False, "include_dashboard": False}
     # runtime_env: workers import flor_ray from where the driver does
@@ -128,7 +131,10 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
         calls.append((t, (spec, code, list(run.argv), run.cwd, t.estimate_s)))
     if inline or not calls:
         for i, (t, args) in enumerate(calls):
-            results.append(run_task(*args))
+            try:
+                results.append(run_task(*args))
+            except ReplayProcessKilled as exc:
+                results.append(TaskResult(t.key, t.run_id, "failed", 0, 0.0, t.estimate_s, error=str(exc)))
             bar.update(i + 1)
     else:
         import ray
@@ -139,7 +145,7 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
         # longest first: what the makespan estimate (LPT list scheduling) assumes
         for t, args in sorted(calls, key=lambda c: -c[0].estimate_s):
             opts: dict[str, Any] = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "max_retries": plan.retries,
-                                    "name": f"flor-replay-{t.key[:12]}"}
+                                    "retry_exceptions": [ReplayProcessKilled], "name": f"flor-replay-{t.key[:12]}"}
             if t.memory:
                 opts["memory"] = t.memory
             refs[fn.options(**opts).remote(*args)] = t

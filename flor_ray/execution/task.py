@@ -21,9 +21,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["TaskResult", "run_task", "CACHE_DIR"]
+__all__ = ["TaskResult", "run_task", "CACHE_DIR", "ReplayProcessKilled"]
 
 CACHE_DIR = Path(os.environ.get("FLOR_CACHE_DIR", Path(tempfile.gettempdir()) / "flor-ray-cache"))
+#: Fork replayed scripts from a warm zygote (torch etc. imported once per worker)
+#: instead of starting ``python script.py`` per task; FLOR_REPLAY_FORK=0 turns it off.
+FORK = os.environ.get("FLOR_REPLAY_FORK", "1") != "0" and hasattr(os, "fork")
+
+
+class ReplayProcessKilled(RuntimeError):
+    """The replayed script's process died from a signal (OOM killer, kill -9): a
+    failure of the machine rather than of the script, so Ray retries the task."""
+
+
+_ZYGOTE: "subprocess.Popen | None" = None
+
+
+def _zygote(env: dict) -> "subprocess.Popen":
+    global _ZYGOTE
+    if _ZYGOTE is None or _ZYGOTE.poll() is not None:
+        _ZYGOTE = subprocess.Popen(
+            [sys.executable, "-m", "flor_ray.execution.zygote"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+    return _ZYGOTE
+
+
+def _run_script(script: Path, argv: list[str], cwd: Path, env: dict, out: Path, err: Path,
+                timeout_s: float | None) -> int:
+    """Run the script to completion; its exit code (negative: killed by that signal)."""
+    if FORK:
+        z = _zygote({k: v for k, v in env.items() if k != "FLOR_REPLAY"})
+        req = {"script": str(script), "argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        try:
+            z.stdin.write(json.dumps(req) + "\n")
+            z.stdin.flush()
+            line = z.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if line:
+            return int(json.loads(line)["code"])
+        # the zygote died: fall back to a plain process for this task
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.run([sys.executable, str(script), *argv], cwd=cwd, env=env, stdout=fo, stderr=fe,
+                              timeout=timeout_s)
+    return proc.returncode
 
 
 @dataclass(frozen=True)
@@ -83,20 +125,22 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
             env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_")}
             env["FLOR_REPLAY"] = str(spec_path)
             run_dir = work / cwd if cwd else script.parent
-            proc = subprocess.run(
-                [sys.executable, str(script), *argv], cwd=run_dir, env=env, capture_output=True, text=True,
-                timeout=timeout_s,
-            )
+            out, err = Path(tmp) / "stdout.txt", Path(tmp) / "stderr.txt"
+            code = _run_script(script, list(argv), run_dir, env, out, err, timeout_s)
             wall = time.time() - t0
-            if proc.returncode != 0 or not done_path.exists():
-                tail = (proc.stderr or proc.stdout or "")[-4000:]
+            if code < 0:
+                raise ReplayProcessKilled(f"the replayed script of task {key} was killed by signal {-code}")
+            if code != 0 or not done_path.exists():
+                tail = (err.read_text(errors="replace") or out.read_text(errors="replace"))[-4000:]
                 last = next((ln for ln in reversed(tail.strip().splitlines()) if ln.strip()), "no output")
                 user = "flor_ray" not in last.split(":")[0]
                 return TaskResult(key, run_id, "failed", 0, wall, estimate_s,
-                                  error=f"the replayed script exited with {proc.returncode}: {last}",
+                                  error=f"the replayed script exited with {code}: {last}",
                                   traceback=tail, node=node, user_error=user)
             rows = json.loads(done_path.read_text())["rows"]
             return TaskResult(key, run_id, "done", rows, wall, estimate_s, node=node)
+    except ReplayProcessKilled:
+        raise  # Ray retries it (driver: retry_exceptions)
     except Exception as exc:  # noqa: BLE001 - a failure is a value, never lost
         return TaskResult(key, run_id, "failed", 0, time.time() - t0, estimate_s,
                           error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), node=node)

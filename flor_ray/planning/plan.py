@@ -331,6 +331,10 @@ def make_plan(
                 statements.append((run.version, n, f"{kind}: {reason}"))
         seen_versions.add(run.version)
         want = iteration_set(iterations, run.iterations)
+        if not want and any(k != "setup" for k in kinds.values()):
+            skipped.append(SkippedRun(run.run_id, run.version,
+                                      f"iterations={iterations} selects none of its iterations 0..{run.iterations - 1}"))
+            continue
         if any(k == "after" for k in kinds.values()) and run.iterations - 1 not in want:
             want.append(run.iterations - 1)
         if not want and all(k == "setup" for k in kinds.values()):

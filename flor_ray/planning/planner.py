@@ -149,7 +149,7 @@ def plan_replay(
         for r in runs
         for p in st.find(f"logs/run_id={r.run_id}/source=replay", ".parquet")
     )
-    return make_plan(
+    plan = make_plan(
         names=names,
         where=where,
         iterations=iterations,
@@ -162,3 +162,9 @@ def plan_replay(
         storage_options=st.storage_options,
         retries=settings.max_retries,
     )
+    if not plan.tasks and plan.skipped and all("selects none of its iterations" in s.reason for s in plan.skipped):
+        raise PlanningError(
+            f"iterations={iterations!r} is out of range for every selected run ({plan.skipped[0].reason}); "
+            "use 'all', 'last' or numbers within the runs' iterations"
+        )
+    return plan

@@ -3,7 +3,7 @@
 ``propagate(source, target)`` injects every statement of today's ``source`` that
 logs a name the old ``target`` never logs, at the place in ``target`` that
 corresponds to its place in ``source``, keeping everything else of ``target``
-byte for byte (libcst; comments and formatting survive). Places are found by
+byte for byte (the target text is spliced; comments and formatting survive). Places are found by
 structural matching of the two statement trees (GumTree-style), not by a line
 diff, so reformatting, reordering, renamed variables, changed loop headers and
 code moved into or out of functions do not get in the way. A statement that

@@ -40,6 +40,8 @@ class Matching:
         self.t2s: dict[int, SNode] = {}
         # (source scope pre, source name) -> Counter of target names
         self.evidence: dict[tuple[int, str], Counter[str]] = defaultdict(Counter)
+        # "base.attr" today -> Counter of "base.attr" then (``self.net`` -> ``self.model``)
+        self.attr_evidence: dict[str, Counter[str]] = defaultdict(Counter)
         self.src_locals = local_names(src)
         self._run()
 
@@ -63,7 +65,7 @@ class Matching:
     def _link(self, s: SNode, t: SNode) -> None:
         self.s2t[s.pre] = t
         self.t2s[t.pre] = s
-        if s.alpha == t.alpha and s.parent is not None:
+        if s.alpha2 == t.alpha2 and s.parent is not None:
             self._record_evidence(s, t)
 
     def _link_iso(self, s: SNode, t: SNode) -> None:
@@ -165,6 +167,8 @@ class Matching:
                 continue
             self._align(skids, tkids, lambda a, b: a.hash == b.hash, iso=True)
             self._align(skids, tkids, lambda a, b: a.ahash == b.ahash, iso=True)
+            # attribute renames (``self.net(x)`` then ``self.model(x)``), between neighbours
+            self._align_gaps(skids, tkids, _same_alpha2)
             self._align_gaps(skids, tkids, _same_header)
             self._align_gaps(skids, tkids, self._similar)
         for kid in s.children():
@@ -224,11 +228,35 @@ class Matching:
         for a, b in zip(s.names, t.names):
             if forward.setdefault(a, b) != b or backward.setdefault(b, a) != a:
                 return  # not a pure renaming: no evidence
+        afwd: dict[str, str] = {}
+        abwd: dict[str, str] = {}
+        for (ba, aa), (bb, ab) in zip(s.attrs, t.attrs):
+            x, y = f"{ba}.{aa}", f"{bb}.{ab}"
+            if afwd.setdefault(x, y) != y or abwd.setdefault(y, x) != x:
+                break  # attributes do not rename consistently: no attribute evidence
+        else:
+            for x, y in afwd.items():
+                self.attr_evidence[x][y] += 1
         for a, b in forward.items():
             # a def's parameters live in its own scope, the rest of its header outside
             at = s.parent if s.is_def and a not in s.params else s
             scope = resolve_scope(a, at, self.src_locals)  # type: ignore[arg-type]
             self.evidence[(scope, a)][b] += 1
+
+
+def _same_alpha2(a: SNode, b: SNode) -> bool:
+    """The same line up to renamed attributes: same names, and enough else in common.
+
+    ``opt.step()`` and ``opt.zero_grad()`` differ in their one attribute and share only
+    ``opt``: two different calls, not a rename; ``out = self.net(x)`` and
+    ``out = self.model(x)`` share ``out``, ``self`` and ``x``.
+    """
+    if a.compound or b.compound or a.has_log or b.has_log:
+        return False
+    if a.alpha2 != b.alpha2 or a.names != b.names:
+        return False
+    differ = sum(x != y for x, y in zip(a.attrs, b.attrs))
+    return differ > 0 and len(_content(a.tokens)) - differ >= 2
 
 
 def _same_header(a: SNode, b: SNode) -> bool:

@@ -3,18 +3,24 @@
 For every ``flor.log`` call of today's file whose name the old file never logs:
 
 1. the *unit* is the statement that holds it, widened to the outermost enclosing
-   block that is itself new (a whole new ``if step % 100 == 0:`` block), but never
-   across a function or loop: a log inside a function or ``for`` that the old
-   version lacks cannot be placed with confidence and is refused;
+   statement that is itself new (a whole new ``if step % 100 == 0:`` block, a whole
+   new ``for g in opt.param_groups:`` loop), but never across a ``def`` or ``class``:
+   a log inside a function the old version lacks would never run there (its call
+   site is new too), so it cannot be placed with confidence and is refused;
 2. its *anchor* is the nearest preceding sibling with a counterpart in the matching
-   block of the target (it goes right after it), else the nearest following one
-   (right before it), else the start of that block; when the enclosing block itself
-   has no counterpart (code moved into ``def main()``, a step extracted into a
-   function) the neighbours' counterparts decide alone; when the names do not fit
+   block of the target (it goes right after it, or right after the statement of
+   that block that holds it when the old version nested it deeper, e.g. under
+   ``if (step + 1) % k == 0:``), else the nearest following one (right before it),
+   else the start of that block (always the start when it is first in its block
+   today; a new ``else:`` branch of a matched if/for/while is created); when the
+   enclosing block itself has no counterpart (code moved into ``def main()``, a
+   step extracted into a function) the neighbours' counterparts decide alone; when the names do not fit
    there but do right after the predecessor's counterpart in another block (the old
    version had the step extracted into a function), it goes there;
-3. every name it reads must be bound there in the target; a name that the matching
-   shows was only renamed is rewritten, an ambiguous or unknown one is refused.
+3. every name it reads must be bound there in the target; a name (or a
+   ``self.net``-style attribute) that the matching shows was only renamed is
+   rewritten, an ambiguous or unknown one is refused; ``flor.log`` is re-spelled the
+   target's way (``fr.log``, or ``log`` imported with ``from flor_ray import log``).
 
 A statement whose log call wraps an expression (``x = flor.log("x", f())``) and
 whose old version is the same statement without the wrapper replaces it in place.
@@ -24,13 +30,14 @@ All refusals are collected and raised together, each naming its log.
 from __future__ import annotations
 
 import ast
+import gc
 from dataclasses import dataclass, field
 from typing import Any
 
 from flor_ray.errors import PropagationError
 
 from . import _inject
-from ._inject import Edits
+from ._inject import Edits, Respelling
 from ._match import Matching
 from ._result import Placement, PropagationResult
 from ._scope import Visibility, free_reads
@@ -47,7 +54,7 @@ class _Planned:
     names: tuple[str, ...]
     stmt: Any  # the libcst node spliced into the target
     owner: SNode  # target node whose suite receives it
-    renames: dict[str, str] = field(default_factory=dict)
+    renames: dict[str, str] = field(default_factory=dict)  # as reported
     wrapped: bool = False
 
 
@@ -58,32 +65,38 @@ def propagate(source: str, target: str) -> str:
 
 def propagate_detailed(source: str, target: str) -> PropagationResult:
     """Like :func:`propagate`, with where each statement went, renames and skipped names."""
+    # Two ``ast`` trees and their labels are tens of thousands of small objects, none
+    # of them in a reference cycle that outlives the call; the cyclic collector would
+    # walk them again and again while they are built (about a quarter of the time on
+    # 200-line files). It is paused for the call only, and restored as it was.
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return _propagate(source, target)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _propagate(source: str, target: str) -> PropagationResult:
     src_ast = parse_ast(source, "source")
     tgt_ast = parse_ast(target, "target")
-    src_syntax, tgt_syntax = LogSyntax.of(src_ast), LogSyntax.of(tgt_ast)
-    old_names = {
-        name for node in ast.walk(tgt_ast)
-        if tgt_syntax.is_log_call(node) and (name := literal_first_arg(node)) is not None  # type: ignore[arg-type]
-    }
-    src_calls = sorted((n for n in ast.walk(src_ast) if src_syntax.is_log_call(n)),
-                       key=lambda c: (c.lineno, c.col_offset))
-    src_names = [literal_first_arg(c) for c in src_calls]  # type: ignore[arg-type]
-    skipped = tuple(dict.fromkeys(n for n in src_names if n is not None and n in old_names))
-    if all(n is not None and n in old_names for n in src_names):
+    src = build(src_ast, LogSyntax.of(src_ast), grouped=False)
+    tgt = build(tgt_ast, LogSyntax.of(tgt_ast))
+    old_names = {n for n in tgt.log_names if n is not None}
+    skipped = tuple(dict.fromkeys(n for n in src.log_names if n is not None and n in old_names))
+    if all(n is not None and n in old_names for n in src.log_names):
         return PropagationResult(code=target, skipped=skipped)  # nothing new: byte-identical
-
-    tgt_cst = parse_cst(target, "target")
-    planner = _Planner(source, src_ast, src_syntax, tgt_ast, tgt_syntax, tgt_cst, old_names)
-    return planner.run(skipped)
+    return _Planner(source, target, src, tgt, old_names).run(skipped)
 
 
 class _Planner:
-    def __init__(self, source: str, src_ast: ast.Module, src_syntax: LogSyntax,
-                 tgt_ast: ast.Module, tgt_syntax: LogSyntax, tgt_cst: Any, old_names: set[str]):
-        self.src = build(src_ast, src_syntax)
-        self.tgt = build(tgt_ast, tgt_syntax, tgt_cst)
+    def __init__(self, source: str, target: str, src: Tree, tgt: Tree, old_names: set[str]):
+        self.src, self.tgt = src, tgt
+        self.target = target
         self.old_names = old_names
-        self.lines = source.splitlines(keepends=True)
+        self.lines = _inject.split_lines(source)
         self.matching = Matching(self.src, self.tgt)
         self.visibility = Visibility(self.tgt)
         self.edits = Edits()
@@ -116,7 +129,7 @@ class _Planner:
             err.failures = tuple(self.failures)  # type: ignore[attr-defined]
             raise err
         if not self.edits:
-            return PropagationResult(code=self.tgt.root.cst.code, skipped=skipped)
+            return PropagationResult(code=self.target, skipped=skipped)
         return self._finish(skipped)
 
     def _calls(self, node: SNode) -> list[ast.Call]:
@@ -158,7 +171,7 @@ class _Planner:
         units.setdefault(self._unit(node, new).pre, []).extend(new)
 
     def _unit(self, node: SNode, names: list[str]) -> SNode:
-        """The outermost new statement around ``node`` (never a new def or loop)."""
+        """The outermost new statement around ``node`` (loops included, never a new def)."""
         unit = node
         while True:
             parent = unit.parent
@@ -167,12 +180,13 @@ class _Planner:
                 return unit
             if self.matching.matched_descendants(parent) > 0:
                 return unit  # an existing block whose counterpart was not found: use neighbours
-            if parent.is_def or parent.is_loop:
-                what = "function" if parent.is_def else "loop"
+            if parent.is_def:
+                what = "function" if isinstance(parent.first, FUNCS) else "class"
                 raise _Refused(
                     f"{_logs(names)} at source line {node.first.lineno} cannot be placed: its "
                     f"enclosing {what} `{_header(self.lines, parent)}` (source line "
-                    f"{parent.first.lineno}) has no counterpart in the target version"
+                    f"{parent.first.lineno}) has no counterpart in the target version, so "
+                    "nothing there would call it"
                 )
             unit = parent
 
@@ -184,16 +198,19 @@ class _Planner:
             try:
                 owner, key, position = slot
                 kids = owner.suite(key) or []
-                after = kids[position - 1].last if position > 0 else owner.pre
-                mapping = self._renames(unit, names, owner, after, self._where(owner, kids, position))
+                if owner.suite(key) is None:  # a new else branch runs after the whole body
+                    after = owner.last
+                else:
+                    after = kids[position - 1].last if position > 0 else owner.pre
+                how = self._renames(unit, names, owner, after, self._where(owner, kids, position))
             except _Refused as exc:
                 first_error = first_error or exc
                 continue
             stmt = _inject.rename(
-                _inject.parse_unit(_inject.unit_text(self.lines, unit), names), mapping)
+                _inject.parse_unit(_inject.unit_text(self.lines, unit), names), how)
             self.edits.insert(owner, key, position, stmt)
             self.slots[unit.pre] = slot
-            self.planned.append(_Planned(names, stmt, owner, mapping))
+            self.planned.append(_Planned(names, stmt, owner, how.reported()))
             return
         assert first_error is not None
         raise first_error
@@ -222,6 +239,18 @@ class _Planner:
             if in_block(t):
                 slot = here  # type: ignore[assignment]
                 break
+            holder = _child_holding(t_parent, unit.key, t)
+            if holder is not None:
+                # the counterpart sits deeper in the matching block (the old version
+                # wrapped it in ``if (step + 1) % k == 0:`` or ``with autocast():``):
+                # stay at today's level, right after the statement that holds it
+                slot = (t_parent, unit.key, holder.index + 1)  # type: ignore[assignment]
+                break
+        if slot is None and unit.index == 0 and t_parent is not None \
+                and t_parent.suite(unit.key) is not None:
+            # no predecessor at all: first in the block, even if the old block starts
+            # with statements that today's lacks
+            slot = (t_parent, unit.key, _first_position(t_parent, unit.key))
         if slot is None:
             for sib in siblings[unit.index + 1:]:
                 t = self.matching.target_of(sib)
@@ -230,6 +259,11 @@ class _Planner:
                     break
         if slot is None and t_parent is not None and t_parent.suite(unit.key) is not None:
             slot = (t_parent, unit.key, _first_position(t_parent, unit.key))
+        if slot is None and t_parent is not None and unit.key == "orelse" \
+                and t_parent.kind == parent.kind and isinstance(t_parent.first, _ELSE_OWNERS) \
+                and t_parent.suite("orelse") is None:
+            # a new ``else:`` branch of a matched if/for/while: the old version gets one
+            slot = (t_parent, "orelse", 0)
         # The predecessor's counterpart in another block (the step extracted into a
         # function in the old version) is a fallback, used only if the names fit there.
         slots = [s for s in (slot, nearest) if s is not None]
@@ -248,17 +282,18 @@ class _Planner:
 
     def _wrap(self, node: SNode, t: SNode, names: tuple[str, ...]) -> None:
         """The old statement, wrapped in today's log call(s)."""
-        mapping = {a: b for a, b in zip(node.names, t.names) if a != b}
         where = f"line {t.first.lineno}"
-        src_alias = self._flor_alias_renames(node, t.parent, t.pre - 1, names, where)  # type: ignore[arg-type]
-        mapping.update(src_alias)
+        how = self._spelling(node, t.parent, t.pre - 1, names, where)  # type: ignore[arg-type]
+        how.names.update({a: b for a, b in zip(node.names, t.names) if a != b})
+        how.attrs.update({(ba, aa): ab for (ba, aa), (_, ab) in zip(node.attrs, t.attrs) if aa != ab})
         stmt = _inject.rename(
-            _inject.parse_unit(_inject.unit_text(self.lines, node), names), mapping)
-        new = _inject.replacement(t.cst, stmt)
-        self.edits.replaces[t.pre] = new
-        self.planned.append(_Planned(names, new, t.parent, mapping, wrapped=True))  # type: ignore[arg-type]
+            _inject.parse_unit(_inject.unit_text(self.lines, node), names), how)
+        self.edits.replaces[t.pre] = stmt
+        self.planned.append(_Planned(names, stmt, t.parent, how.reported(), wrapped=True))  # type: ignore[arg-type]
 
     def _where(self, owner: SNode, kids: list[SNode], position: int) -> str:
+        if owner.parent is not None and not kids:
+            return f"in a new else branch of the block at line {owner.first.lineno}"
         if position > 0:
             return f"after line {kids[position - 1].first.end_lineno}"
         if owner.parent is None:
@@ -267,30 +302,60 @@ class _Planner:
 
     # ------------------------------------------------------------------ names
 
-    def _flor_alias_renames(self, unit: SNode, owner: SNode, after: int,
-                            names: tuple[str, ...], where: str) -> dict[str, str]:
+    def _spelling(self, unit: SNode, owner: SNode, after: int,
+                  names: tuple[str, ...], where: str) -> Respelling:
+        """How the unit's ``flor_ray`` calls are spelled in the target at that point."""
         visible = self.visibility.names_at(owner, after)
-        out: dict[str, str] = {}
-        for name in free_reads(unit.stmts):
-            if name in visible or name not in self.src.syntax.modules:
-                continue
-            alias = sorted(a for a in self.tgt.syntax.modules if a in visible)
-            if not alias:
-                raise _Refused(
-                    f"{_logs(names)} cannot be placed {where} of the target: the target does "
-                    f"not import flor_ray as a module there (add `import flor_ray as {name}`)"
-                )
-            out[name] = alias[0]
-        return out
+        src, tgt = self.src.syntax, self.tgt.syntax
+        t_modules = sorted(m for m in tgt.modules if m in visible)
+        t_direct: dict[str, str] = {}  # verb -> local name imported in the target
+        for local, verb in sorted(tgt.direct_map.items()):
+            if local in visible:
+                t_direct.setdefault(verb, local)
+        how = Respelling()
+        reads = free_reads(unit.stmts)
+
+        def missing(verb: str) -> _Refused:
+            return _Refused(
+                f"{_logs(names)} cannot be placed {where} of the target: the target does not "
+                f"import flor_ray (or its `{verb}`) there; add `import flor_ray as flor`"
+            )
+
+        for name in reads:
+            if name in src.modules:
+                if name in tgt.modules and name in visible:
+                    continue
+                verbs = _verbs_through(unit.stmts, name)
+                if t_modules:
+                    how.names[name] = t_modules[0]
+                    continue
+                for verb in verbs or ["log"]:
+                    if verb is None or verb not in t_direct:
+                        raise missing(verb or "module")
+                    how.to_name[(name, verb)] = t_direct[verb]
+            elif name in src.direct_map:
+                verb = src.direct_map[name]
+                if tgt.direct_map.get(name) == verb and name in visible:
+                    continue
+                if verb in t_direct:
+                    how.names[name] = t_direct[verb]
+                elif t_modules:
+                    how.to_attr[name] = (t_modules[0], verb)
+                else:
+                    raise missing(verb)
+        return how
 
     def _renames(self, unit: SNode, names: tuple[str, ...], owner: SNode, after: int,
-                 where: str) -> dict[str, str]:
+                 where: str) -> Respelling:
         visible = self.visibility.names_at(owner, after)
-        mapping = self._flor_alias_renames(unit, owner, after, names, where)
+        how = self._spelling(unit, owner, after, names, where)
+        handled = set(how.names) | set(how.to_attr) | {m for m, _ in how.to_name}
+        mapping = how.names
         src_locals = self.matching.src_locals
         at = unit.parent if unit.is_def else unit
-        for name in free_reads(unit.stmts):
-            if name in visible or name in mapping:
+        reads = free_reads(unit.stmts)
+        for name in reads:
+            if name in visible or name in handled:
                 continue
             scope = resolve_scope(name, at, src_locals)  # type: ignore[arg-type]
             seen = self.matching.evidence.get((scope, name), {})
@@ -324,14 +389,51 @@ class _Planner:
                     "at that point"
                 )
             mapping[name] = old
-        return mapping
+        self._attr_renames(unit, names, set(reads), how)
+        return how
+
+    def _attr_renames(self, unit: SNode, names: tuple[str, ...], reads: set[str],
+                      how: Respelling) -> None:
+        """``self.net`` today where the matched lines say ``self.model`` then."""
+        evidence = self.matching.attr_evidence
+        for base, attr in _attribute_reads(unit.stmts, reads):
+            dotted = f"{base}.{attr}"
+            seen = evidence.get(dotted)
+            if not seen or dotted in seen:
+                continue
+            cands = sorted(seen)
+            if len(cands) > 1:
+                raise _Refused(
+                    f"{_logs(names)} at source line {unit.line} cannot be placed: it reads "
+                    f"`{dotted}`, which corresponds to several attributes in the target "
+                    f"({', '.join(cands)}); the rename is ambiguous"
+                )
+            old = cands[0]
+            rivals = sorted(d for d, seen2 in evidence.items() if d != dotted and old in seen2)
+            if rivals:
+                raise _Refused(
+                    f"{_logs(names)} at source line {unit.line} cannot be placed: it reads "
+                    f"`{dotted}`, which looks renamed to `{old}`, but `{old}` also stands for "
+                    f"{', '.join(f'`{r}`' for r in rivals)}; the rename is ambiguous"
+                )
+            old_base, _, old_attr = old.partition(".")
+            if old_base == how.names.get(base, base):
+                how.attrs[(base, attr)] = old_attr
 
     # ------------------------------------------------------------------ output
 
     def _finish(self, skipped: tuple[str, ...]) -> PropagationResult:
-        module = _inject.apply(self.tgt.root, self.tgt.nodes, self.edits)
-        code = module.code
-        lines = _lines_of(code, module, self.tgt.syntax, {id(p.stmt) for p in self.planned})
+        spliced = _inject.splice(self.target, self.tgt.nodes, self.edits)
+        if spliced is not None:
+            code, lines = spliced
+        else:  # a one-line suite grows into a block, an elif gets a sibling: libcst
+            module_cst = parse_cst(self.target, "target")
+            ctree = build(ast.parse(self.target), self.tgt.syntax, module_cst, light=True)
+            module, made = _inject.apply(ctree.root, ctree.nodes, self.edits)
+            code = module.code
+            by_id = _lines_of(code, module, self.tgt.syntax, {id(n) for n in made.values()} | {
+                id(p.stmt) for p in self.planned})
+            lines = {id(p.stmt): by_id[id(made.get(id(p.stmt), p.stmt))] for p in self.planned}
         placements = []
         renames: dict[str, str] = {}
         for p in self.planned:
@@ -359,6 +461,22 @@ class _Planner:
                                  renames=tuple(renames.items()), skipped=skipped)
 
 
+_ELSE_OWNERS = (ast.If, ast.For, ast.AsyncFor, ast.While)
+
+
+def _child_holding(owner: SNode | None, key: str, node: SNode) -> SNode | None:
+    """The statement of ``owner``'s ``key`` block that contains ``node``, if any.
+
+    Never a ``def``/``class``: code after a definition runs before its body does.
+    """
+    if owner is None:
+        return None
+    for a in node.ancestors()[:-1]:
+        if a.parent is owner and a.key == key:
+            return None if a.is_def else a
+    return None
+
+
 def _first_position(owner: SNode, key: str) -> int:
     """Index of the first statement of a block, past a docstring and future imports."""
     kids = owner.suite(key) or []
@@ -378,6 +496,33 @@ def _lines_of(code: str, module: Any, syntax: LogSyntax, wanted: set[int]) -> di
     """1-based line of each wanted libcst statement in the rendered code."""
     tree: Tree = build(ast.parse(code), syntax, module, light=True)
     return {id(n.cst): n.line for n in tree.nodes[1:] if id(n.cst) in wanted}
+
+
+def _verbs_through(stmts: tuple[ast.stmt, ...], module: str) -> list[str | None]:
+    """The ``flor_ray`` verbs used as ``module.verb``; None for a bare use of ``module``."""
+    verbs: list[str | None] = []
+    attrs: set[int] = set()
+    for stmt in stmts:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == module:
+                verbs.append(node.attr)
+                attrs.add(id(node.value))
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name) and node.id == module and id(node) not in attrs:
+                verbs.append(None)
+    return list(dict.fromkeys(verbs))
+
+
+def _attribute_reads(stmts: tuple[ast.stmt, ...], free: set[str]) -> list[tuple[str, str]]:
+    """``(base, attr)`` of every ``base.attr`` whose base is read from outside."""
+    out = []
+    for stmt in stmts:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in free:
+                out.append((node.value.id, node.attr))
+    return list(dict.fromkeys(out))
 
 
 def _logs(names: "list[str] | tuple[str, ...]") -> str:

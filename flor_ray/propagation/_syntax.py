@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
+from functools import cached_property
 
 import libcst as cst
 
@@ -22,32 +23,62 @@ _FLOR_MODULES = frozenset({"flor_ray", "flor"})
 
 @dataclass(frozen=True)
 class LogSyntax:
-    """How one file spells ``flor_ray``: module aliases and directly imported verbs."""
+    """How one file spells ``flor_ray``: module aliases and directly imported verbs.
+
+    ``direct`` maps each local name bound by ``from flor_ray import verb [as name]``
+    to its verb, so that ``log(...)`` in one version and ``flor.log(...)`` in the
+    other are recognised as the same call, and an injected statement can be
+    re-spelled the target's way.
+    """
 
     modules: frozenset[str]
     log_functions: frozenset[str]
     loop_functions: frozenset[str]
+    direct: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, tree: ast.Module) -> "LogSyntax":
         modules: set[str] = set()
-        logs: set[str] = set()
-        loops: set[str] = set()
-        for node in ast.walk(tree):
+        direct: dict[str, str] = {}
+        # imports are statements: walking statements only is several times cheaper
+        # than ast.walk over every expression of the file
+        stack: list[ast.stmt] = list(tree.body)
+        while stack:
+            node = stack.pop()
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name in _FLOR_MODULES:
                         modules.add(alias.asname or alias.name)
             elif isinstance(node, ast.ImportFrom) and node.module in _FLOR_MODULES and not node.level:
                 for alias in node.names:
-                    if alias.name == "log":
-                        logs.add(alias.asname or "log")
-                    elif alias.name == "loop":
-                        loops.add(alias.asname or "loop")
+                    if alias.name != "*":
+                        direct[alias.asname or alias.name] = alias.name
+            for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+                sub = getattr(node, field, None)
+                if isinstance(sub, list):
+                    for item in sub:
+                        if isinstance(item, ast.stmt):
+                            stack.append(item)
+                        elif hasattr(item, "body"):  # except handlers, match cases
+                            stack.extend(item.body)
+        logs = {k for k, v in direct.items() if v == "log"}
+        loops = {k for k, v in direct.items() if v == "loop"}
         if not modules and not logs:
             # A snippet without imports: assume the documented spelling.
             modules.add("flor")
-        return cls(frozenset(modules), frozenset(logs), frozenset(loops))
+        return cls(frozenset(modules), frozenset(logs), frozenset(loops), tuple(sorted(direct.items())))
+
+    @cached_property  # frozen dataclass: cached_property writes __dict__ directly
+    def direct_map(self) -> dict[str, str]:
+        return dict(self.direct)
+
+    def verb_of(self, func: ast.AST) -> str | None:
+        """``"log"`` for ``flor.log``/``fr.log``/an imported ``log``; None for other callees."""
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in self.modules:
+            return func.attr
+        if isinstance(func, ast.Name):
+            return self.direct_map.get(func.id)
+        return None
 
     def _is_call_to(self, node: ast.AST, verb: str, direct: frozenset[str]) -> bool:
         if not isinstance(node, ast.Call):

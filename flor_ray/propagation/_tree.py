@@ -19,7 +19,7 @@ from typing import Any
 
 import libcst as cst
 
-from ._syntax import LogSyntax
+from ._syntax import LogSyntax, literal_first_arg
 
 COMPOUND = (
     ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.For, ast.AsyncFor,
@@ -48,6 +48,8 @@ class SNode:
     tokens: tuple[str, ...] = ()  # header (compound) or whole statement (simple)
     names: tuple[str, ...] = ()  # identifiers in ``tokens``, in order
     alpha: tuple[str, ...] = ()  # ``tokens`` with identifiers masked
+    attrs: tuple[tuple[str, str], ...] = ()  # ``base.attr`` reads (``self.net``), in order
+    alpha2: tuple[str, ...] = ()  # ``alpha`` with those attribute names masked too
     binds: frozenset[str] = frozenset()  # names this node binds in its enclosing scope
     params: frozenset[str] = frozenset()  # a def's parameters (bound in its own scope)
     hash: int = 0  # exact subtree hash
@@ -112,6 +114,8 @@ class Tree:
     root: SNode
     nodes: list[SNode]  # in preorder; nodes[i].pre == i
     syntax: LogSyntax
+    # the first argument of every log call, in file order: the literal name or None
+    log_names: list[str | None] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- suites
@@ -186,8 +190,13 @@ def _group_with_cst(stmts: list[ast.stmt], block: Any) -> list[tuple[tuple[ast.s
 
 
 def build(module: ast.Module, syntax: LogSyntax, cst_module: cst.Module | None = None,
-          light: bool = False) -> Tree:
-    """The statement tree of a module; ``light`` skips labels (used to find lines)."""
+          light: bool = False, grouped: bool = True) -> Tree:
+    """The statement tree of a module; ``light`` skips labels (used to find lines).
+
+    ``grouped=False`` (today's file) gives every statement a node of its own, so that
+    ``opt.step(); flor.log("loss", l)`` yields the log alone as the unit, with
+    ``opt.step()`` as its predecessor.
+    """
     root = SNode(stmts=(ast.Pass(),), parent=None, key="", index=0, cst=cst_module)
     nodes: list[SNode] = [root]
     ser = None if light else _Serializer(syntax)
@@ -197,8 +206,10 @@ def build(module: ast.Module, syntax: LogSyntax, cst_module: cst.Module | None =
             if cst_node is not None:
                 block = cst_node if node is root else cst_block(cst_node, key)
                 groups = _group_with_cst(stmts, block)
-            else:
+            elif grouped:
                 groups = [(g, None) for g in _group_ast(stmts)]
+            else:
+                groups = [((st,), None) for st in stmts]
             kids: list[SNode] = []
             for index, (group, child_cst) in enumerate(groups):
                 kid = SNode(stmts=group, parent=node, key=key, index=index, cst=child_cst)
@@ -214,13 +225,15 @@ def build(module: ast.Module, syntax: LogSyntax, cst_module: cst.Module | None =
 
     fill(root, [("body", module.body)], cst_module)
     root.last = len(nodes) - 1
+    log_names: list[str | None] = []
     if ser is not None:
         for node in reversed(nodes):  # children before parents
             kids = tuple((k, tuple(c.hash for c in cs)) for k, cs in node.suites)
             akids = tuple((k, tuple(c.ahash for c in cs)) for k, cs in node.suites)
             node.hash = hash((node.kind, node.tokens, kids))
             node.ahash = hash((node.kind, node.alpha, akids))
-    return Tree(root, nodes, syntax)
+        log_names = ser.logs
+    return Tree(root, nodes, syntax, log_names)
 
 
 # --------------------------------------------------------------------------- labels
@@ -236,10 +249,17 @@ class _Serializer:
 
     def __init__(self, syntax: LogSyntax):
         self.syntax = syntax
+        self.logs: list[str | None] = []  # every log call's literal name (None: not literal)
+
+    def _saw_log(self, call: ast.Call) -> None:
+        self.has_log = True
+        self.logs.append(literal_first_arg(call))
 
     def label(self, node: SNode) -> None:
         self.out: list[str] = []
         self.name_pos: list[int] = []
+        self.attr_pos: list[int] = []
+        self.attr_pairs: list[tuple[str, str]] = []
         self.stores: set[str] = set()
         self.has_log = False
         head = node.stmts[0]
@@ -279,7 +299,7 @@ class _Serializer:
         else:
             for stmt in node.stmts:
                 if isinstance(stmt, ast.Expr) and self.syntax.is_log_call(stmt.value):
-                    self.has_log = True
+                    self._saw_log(stmt.value)  # type: ignore[arg-type]
                     self.out.append("Expr")
                     self._ser_call(stmt.value)  # type: ignore[arg-type]
                 else:
@@ -297,13 +317,21 @@ class _Serializer:
         for i in self.name_pos:
             alpha[i] = _NAME
         node.alpha = tuple(alpha)
+        for i in self.attr_pos:
+            alpha[i] = _NAME
+        node.alpha2 = tuple(alpha)
+        node.attrs = tuple(self.attr_pairs)
         node.binds = frozenset(binds | self.stores)
         node.params = frozenset(params)
         node.has_log = self.has_log
 
     def _ser_call(self, call: ast.Call) -> None:
         self.out.append("Call(")
-        self._ser(call.func)
+        verb = self.syntax.verb_of(call.func)
+        if verb is not None:  # ``flor.log``, ``fr.log`` and an imported ``log`` are one callee
+            self.out.append("flor_ray." + verb)
+        else:
+            self._ser(call.func)
         for a in call.args:
             self._ser(a)
         for k in call.keywords:
@@ -328,9 +356,17 @@ class _Serializer:
         if isinstance(node, ast.Constant):
             out.append(repr(node.value))
             return
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            out.append("Attribute(")
+            self._ser(node.value)
+            self.attr_pos.append(len(out))
+            self.attr_pairs.append((node.value.id, node.attr))
+            out.append(repr(node.attr))
+            out.append(")")
+            return
         if isinstance(node, ast.Call):
             if self.syntax.is_log_call(node):
-                self.has_log = True
+                self._saw_log(node)
                 value = node.args[1] if len(node.args) > 1 else next(
                     (k.value for k in node.keywords if k.arg == "value"), None)
                 if value is not None:

@@ -1,0 +1,212 @@
+"""Scaling of flor_ray's plan execution on Ray: makespan against the ideal total/W.
+
+This measures scheduling, not training. A synthetic history of N runs (>= 1,000)
+with known per-epoch costs (seeded log-normal, a few long runs among many short
+ones, like a real sweep) is planned with flor_ray's own planner
+(``flor_ray.planning.plan.make_plan``, one re-execution task per run) for W worker
+slots, W = 1, 2, 4, ... 64. Each planned task is then run on Ray as a
+``time.sleep`` of exactly its estimated cost, instead of a replay process (so W can
+exceed this machine's cores: sleeps need none). The tasks are submitted in plan
+order and collected with the same ``ray.wait`` loop as ``flor_ray.execution.driver``.
+
+The Ray cluster is started on this machine with several nodes
+(``ray.cluster_utils.Cluster``, which starts each node as ``ray start`` does:
+its own raylet and object store): full mode 4 nodes x 16 CPUs = 64 slots, quick
+mode 2 nodes x 8 CPUs = 16 slots. For each W a placement group of W one-CPU
+bundles (spread over the nodes) confines the tasks to W slots; the worker
+processes are started once, before any timing.
+
+Reported per W: measured makespan, the planner's LPT estimate (``plan.makespan_s``),
+the ideal total/W, efficiency = ideal / measured and the estimate error.
+Prints a table; writes benchmarks/results/scaling.json and scaling.png.
+Usage: ``python benchmarks/bench_scaling.py [--quick] [--tasks N] [--work S] [--max-w W]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ROOT, RESULTS_DIR, log, save_results  # noqa: E402
+
+
+def synthetic_runs(n: int, total_s: float, seed: int = 0):
+    """n RunInfos, one epoch each, costs log-normal (sigma 0.8) scaled to sum to total_s."""
+    from flor_ray.planning.plan import RunInfo
+
+    rng = random.Random(seed)
+    raw = [rng.lognormvariate(0.0, 0.8) for _ in range(n)]
+    scale = total_s / sum(raw)
+    runs = []
+    for i, c in enumerate(raw):
+        cost = round(c * scale, 6)
+        runs.append(RunInfo(run_id=f"run{i:05d}", version="v" * 40, script="train.py", args=(("i", i),), argv=(),
+                            cwd=None, iterations=1, checkpoints=(), setup_s=0.0, outer_s=(cost,), inner_s=(cost,)))
+    return runs
+
+
+def make(runs, w: int):
+    from flor_ray.planning.plan import ClusterSnapshot, Resources, VersionPatch, make_plan
+
+    patch = VersionPatch("v" * 40, "# synthetic\n", None, (), (("x", "inner", "synthetic", ()),), ("x",))
+    t = time.perf_counter()
+    plan = make_plan(names=["x"], where=None, iterations="all", runs=runs, patches={patch.version: patch},
+                     cluster=ClusterSnapshot(float(w)), resources=Resources(num_cpus=1.0))
+    return plan, time.perf_counter() - t
+
+
+def start_cluster(nodes: int, cpus: int):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=cpus)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster
+
+
+def run_width(plan, w: int, sleep_fn) -> dict:
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = placement_group([{"CPU": 1}] * w, strategy="SPREAD")
+    ray.get(pg.ready())
+    strat = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=-1)
+    fn = sleep_fn.options(scheduling_strategy=strat)
+    t0 = time.perf_counter()
+    waiting = [fn.remote(t.estimate_s) for t in plan.tasks]  # plan order, as the driver submits
+    submit_s = time.perf_counter() - t0
+    done = 0
+    while waiting:  # the driver's collection loop
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
+        ray.get(ready)
+        done += len(ready)
+    wall = time.perf_counter() - t0
+    remove_placement_group(pg)
+    return {"makespan_s": wall, "submit_s": submit_s, "tasks_done": done}
+
+
+def table(res: dict) -> str:
+    hdr = f"{'W':>4s} {'tasks':>6s} {'measured (s)':>13s} {'estimate (s)':>13s} {'ideal T/W (s)':>14s} " \
+          f"{'efficiency':>10s} {'est. err':>9s} {'plan (s)':>9s}"
+    lines = [hdr, "-" * len(hdr)]
+    for r in res["widths"]:
+        lines.append(f"{r['w']:>4d} {r['tasks']:>6d} {r['makespan_s']:13.2f} {r['estimate_s']:13.2f} {r['ideal_s']:14.2f} "
+                     f"{r['efficiency']:10.2f} {r['estimate_err']:9.2f} {r['plan_s']:9.3f}")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = [r["w"] for r in res["widths"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(ws, [r["makespan_s"] for r in res["widths"]], "o-", label="measured makespan")
+    a1.plot(ws, [r["estimate_s"] for r in res["widths"]], "s--", label="plan estimate (LPT)")
+    a1.plot(ws, [r["ideal_s"] for r in res["widths"]], "k:", label="ideal total / W")
+    a1.set_xscale("log", base=2)
+    a1.set_yscale("log")
+    a1.set_xlabel("worker slots W")
+    a1.set_ylabel("seconds")
+    a1.set_title(f"{res['tasks']} sleep tasks, total {res['total_work_s']:.0f} s ({res['mode']})")
+    a1.legend(fontsize=8)
+    a2.plot(ws, [r["efficiency"] for r in res["widths"]], "o-")
+    a2.axhline(1.0, color="k", lw=0.5)
+    a2.set_xscale("log", base=2)
+    a2.set_ylim(0, 1.1)
+    a2.set_xlabel("worker slots W")
+    a2.set_ylabel("ideal / measured")
+    a2.set_title(f"scheduling efficiency on {res['nodes']} local Ray nodes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1,000 tasks, 8 s of work, W up to 16 (under 2 minutes)")
+    ap.add_argument("--tasks", type=int, default=None, help="runs (= tasks) in the history (quick 1000, full 2000)")
+    ap.add_argument("--work", type=float, default=None, help="total seconds of work (quick 8, full 96)")
+    ap.add_argument("--max-w", type=int, default=None, help="largest W (quick 16, full 64)")
+    ap.add_argument("--nodes", type=int, default=None, help="Ray nodes on this machine (quick 2, full 4)")
+    ap.add_argument("--no-save", action="store_true")
+    a = ap.parse_args()
+    mode = "quick" if a.quick else "full"
+    n = a.tasks or (1000 if a.quick else 2000)
+    total = a.work or (8.0 if a.quick else 96.0)
+    max_w = a.max_w or (16 if a.quick else 64)
+    nodes = a.nodes or (2 if a.quick else 4)
+    cpus = max(1, -(-max_w // nodes))
+    widths = [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256) if w <= max_w]
+    t_all = time.perf_counter()
+    res: dict = {"mode": mode, "python": platform.python_version(), "cpus": os.cpu_count(),
+                 "load_avg_start": os.getloadavg(), "tasks": n, "nodes": nodes, "cpus_per_node": cpus,
+                 "measures": "Ray scheduling of planned sleep tasks (each sleeps its estimated cost), not training",
+                 "widths": []}
+    runs = synthetic_runs(n, total)
+    res["total_work_s"] = sum(r.outer_s[0] for r in runs)
+    res["task_cost_s"] = {"min": min(r.outer_s[0] for r in runs), "max": max(r.outer_s[0] for r in runs),
+                          "mean": res["total_work_s"] / n}
+    log(f"starting a local Ray cluster: {nodes} nodes x {cpus} CPUs")
+    t = time.perf_counter()
+    cluster = start_cluster(nodes, cpus)
+    import ray
+
+    try:
+        res["cluster_start_s"] = time.perf_counter() - t
+
+        @ray.remote(num_cpus=1)
+        def sleep_task(s: float) -> float:
+            time.sleep(s)
+            return s
+
+        # start every worker process before timing (one per slot of the widest W)
+        t = time.perf_counter()
+        ray.get([sleep_task.remote(1.0) for _ in range(max_w)])
+        res["warmup_s"] = time.perf_counter() - t
+        log(f"  cluster {res['cluster_start_s']:.1f} s, {max_w} workers warm in {res['warmup_s']:.1f} s")
+        for w in widths:
+            plan, plan_s = make(runs, w)
+            m = run_width(plan, w, sleep_task)
+            ideal = res["total_work_s"] / w
+            r = {"w": w, "tasks": len(plan.tasks), "plan_s": plan_s, "estimate_s": plan.makespan_s, "ideal_s": ideal,
+                 **m, "efficiency": ideal / m["makespan_s"],
+                 "estimate_err": abs(plan.makespan_s - m["makespan_s"]) / m["makespan_s"]}
+            res["widths"].append(r)
+            log(f"  W={w:3d}: {m['makespan_s']:.2f} s (estimate {plan.makespan_s:.2f} s, ideal {ideal:.2f} s)")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    res["total_s"] = time.perf_counter() - t_all
+    res["load_avg_end"] = os.getloadavg()
+    res["date"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    print(table(res))
+    print(f"\n({mode} mode, {res['total_s']:.0f} s; {n} tasks of {res['task_cost_s']['min'] * 1e3:.1f}.."
+          f"{res['task_cost_s']['max'] * 1e3:.0f} ms (mean {res['task_cost_s']['mean'] * 1e3:.1f} ms) on "
+          f"{nodes} Ray nodes x {cpus} CPUs on one {os.cpu_count()}-core machine; this measures scheduling "
+          f"of sleep tasks, not training)")
+    if not a.no_save:
+        png = RESULTS_DIR / f"scaling{'_quick' if a.quick else ''}.png"
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        plot(res, png)
+        res["png"] = str(png.relative_to(ROOT))
+        save_results("scaling", mode, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""LSTM language model workload, v2: `lm` renamed `model`, the train step extracted; next-token prediction on generated token sequences."""
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import flor_ray as flor
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+random.seed(0)
+np.random.seed(0)
+
+lr = flor.arg("lr", 0.01)
+epochs = flor.arg("epochs", 4)
+steps = flor.arg("steps", 16)
+VOCAB = 64
+SEQ = 32
+BATCH = 16
+N = 512
+
+# sequences from a fixed random Markov chain over VOCAB tokens: learnable structure
+P = torch.softmax(3.0 * torch.randn(VOCAB, VOCAB), dim=1)
+tokens = [torch.randint(0, VOCAB, (N,))]
+for _ in range(SEQ):
+    tokens.append(torch.multinomial(P[tokens[-1]], 1).squeeze(1))
+data = torch.stack(tokens, dim=1)
+held_out = data[:64]
+
+
+class LSTMLM(nn.Module):
+    def __init__(self, vocab=VOCAB, dim=32, hidden=64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.rnn = nn.LSTM(dim, hidden, batch_first=True)
+        self.drop = nn.Dropout(0.1)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, x):
+        h, _ = self.rnn(self.emb(x))
+        return self.out(self.drop(h))
+
+
+def nll(net, batch):
+    logits = net(batch[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+
+model = LSTMLM()
+opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def train_step(batch):
+    loss = nll(model, batch)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+with flor.checkpointing(model=model, optimizer=opt):
+    for epoch in flor.loop("epoch", range(epochs)):
+        model.train()
+        perm = torch.randperm(N)
+        for step in flor.loop("step", range(steps)):
+            loss = train_step(data[perm[(step * BATCH) % N : (step * BATCH) % N + BATCH]])
+            flor.log("loss", loss.item())
+        model.eval()
+        with torch.no_grad():
+            ppl = torch.exp(nll(model, held_out)).item()
+        flor.log("val_ppl", ppl)

@@ -1,0 +1,97 @@
+"""A warm process that forks replayed scripts, so heavy imports are paid once.
+
+Every replay task runs the user's script in a process of its own. Starting
+``python script.py`` costs the interpreter start plus the imports of torch, numpy
+and pyarrow: seconds, often more than the segment's own work. A zygote imports
+them once per Ray worker, then serves requests (one JSON line on stdin each): it
+forks a child that becomes the replayed script (``runpy`` as ``__main__``, its own
+working directory, environment, ``sys.argv``, stdout and stderr files) and answers
+with the child's exit code. The child starts from a clean flor_ray state: nothing
+of a session exists in the zygote, and replay mode is chosen from the child's
+``FLOR_REPLAY``.
+
+Fork is safe here because the zygote is single-threaded: it never runs torch
+operations (the thread pools start on first use) and touches no CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+__all__ = ["serve", "PRELOAD"]
+
+PRELOAD = (
+    "numpy",
+    "torch",
+    "pyarrow",
+    "pyarrow.parquet",
+    "pyarrow.compute",
+    "fsspec",
+    "flor_ray",
+    "flor_ray.relation",
+    "flor_ray.record.session",
+    "flor_ray.record.checkpoint",
+    "flor_ray.execution.worker",
+)
+
+
+def _child(req: dict) -> None:
+    import runpy
+
+    out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    for fd in (out, err, null):
+        os.close(fd)
+    sys.stdin = open(os.devnull)
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    script = req["script"]
+    sys.argv = [script, *req["argv"]]
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            sys.stderr.write(f"{exc.code}\n")
+            code = 1
+    except BaseException:  # noqa: BLE001 - reported as `python script.py` would
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    sys.exit(code)  # normal shutdown: atexit handlers (the replay session's flush) run
+
+
+def serve() -> None:
+    for mod in PRELOAD:
+        try:
+            __import__(mod)
+        except Exception:  # noqa: BLE001 - a missing optional module is imported by the child if needed
+            pass
+    reply = sys.stdout
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(req)
+        _, status = os.waitpid(pid, 0)
+        reply.write(json.dumps({"code": os.waitstatus_to_exitcode(status), "pid": pid}) + "\n")
+        reply.flush()
+
+
+if __name__ == "__main__":
+    serve()

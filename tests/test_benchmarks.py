@@ -1,0 +1,101 @@
+"""Every benchmark script runs in --quick mode and writes its JSON, so none of them rots.
+
+Each script runs in a subprocess, as a user would run it. FlorDB (the prior art)
+is optional: the scripts use ``benchmarks/.flordb-venv`` when it exists and
+otherwise record why FlorDB was not run; the FlorDB assertions below apply only
+where it ran (the replay benchmark's FlorDB side only with ``BENCH_FLORDB=1``).
+Each script writes the ``quick`` entry of its ``benchmarks/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _run(script: str, *args: str, timeout: float = 240) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_") and k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    name = script[len("bench_"):-len(".py")]
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    assert "quick" in data
+    return data["quick"]
+
+
+def _flordb_ok(res: dict) -> bool:
+    f = res["flordb"]
+    assert set(f) >= {"available", "reason"}
+    assert f["available"] or f["reason"], "FlorDB's absence must be explained"
+    return f["available"]
+
+
+def test_bench_replay_quick():
+    # FlorDB's side of the replay benchmark records and replays a second history
+    # (~1 minute more on 2 cores); opt in with BENCH_FLORDB=1
+    res = _run("bench_replay.py", "--flordb", "auto" if os.environ.get("BENCH_FLORDB") == "1" else "skip",
+               timeout=420)
+    assert res["mode"] == "quick"
+    w = res["workloads"]["cnn"]
+    s = w["summary"]
+    for key in ("original_wall_s", "outer_replay_s", "outer_ratio", "inner_1_worker_s", "inner_2_workers_s",
+                "speedup_2_vs_1", "estimate_err_max", "fidelity_mismatched", "failed_tasks"):
+        assert key in s, key
+    assert s["failed_tasks"] == 0 and s["fidelity_mismatched"] == 0
+    assert w["flor_ray"]["outer"]["rows"] > 0
+    if _flordb_ok(res):
+        assert "outer" in w["flordb"] and "wall_s" in w["flordb"]["outer"]
+    else:
+        assert not w["flordb"]["available"] and w["flordb"]["reason"]
+    assert (ROOT / res["png"]).exists()
+
+
+def test_bench_query_quick():
+    res = _run("bench_query.py", "--sizes", "1e4,1e5", timeout=180)
+    assert [e["rows"] for e in res["sizes"]] == [10_000, 100_000]
+    for e in res["sizes"]:
+        assert e["flor_ray"]["dataframe"]["rows_out"] == e["rows"]
+        assert e["flor_ray"]["sql"]["rows_out"] == 10
+        if _flordb_ok(res) and e["flordb"].get("ok"):
+            assert e["flordb"]["dataframe"]["rows_out"] == e["rows"]
+        else:
+            assert e["flordb"].get("reason") or e["flordb"].get("error")
+    assert (ROOT / res["png"]).exists()
+
+
+def test_bench_scaling_quick():
+    res = _run("bench_scaling.py", "--work", "4", "--max-w", "8", timeout=180)
+    assert res["tasks"] >= 1000
+    assert [r["w"] for r in res["widths"]] == [1, 2, 4, 8]
+    for r in res["widths"]:
+        assert r["tasks_done"] == r["tasks"] == res["tasks"]
+        assert set(r) >= {"makespan_s", "estimate_s", "ideal_s", "efficiency", "estimate_err"}
+    assert res["widths"][-1]["makespan_s"] < res["widths"][0]["makespan_s"]
+    assert (ROOT / res["png"]).exists()
+
+
+@pytest.mark.parametrize("workload", ["cnn", "lm"])
+def test_workload_versions_differ_and_today_adds_statements(workload):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import workloads as wl
+    finally:
+        sys.path.pop(0)
+    srcs = [wl.source(workload, v) for v in wl.VERSIONS]
+    assert len(set(srcs)) == 3 and all("import flor_ray as flor" in s for s in srcs)
+    today = wl.today(workload)
+    assert f'flor.log("{wl.OUTER[workload]}"' in today and f'flor.log("{wl.INNER[workload]}"' in today
+    fdb = wl.render(today, "flordb")
+    assert "import flordb as flor" in fdb and "flor_ray" not in fdb
+    for s in srcs + [today]:
+        compile(s, f"{workload}.py", "exec")
