@@ -233,13 +233,13 @@ class LoopRuntime:
             length = None
         if depth == 0:
             return self._outer_gen(name, it, length)
-        return self._inner_gen(name, it, depth)
+        return self._inner_gen(name, it, depth, length)
 
-    def _push(self, name: str) -> list:
+    def _push(self, name: str, length: int | None = None) -> list:
         if self._stack:  # the enclosing loop's position becomes part of the prefix
             top = self._stack[-1]
             top[1], top[2] = self._last, self._last_item
-        frame = [name, -1, None]
+        frame = [name, -1, None, length]
         self._stack.append(frame)
         self._loops_str = "/".join(f[0] for f in self._stack)
         self._pid = -1
@@ -256,11 +256,11 @@ class LoopRuntime:
         else:
             self._last, self._last_item = None, None
 
-    def _inner_gen(self, name: str, it: Iterable[Any], depth: int) -> Iterator[Any]:
+    def _inner_gen(self, name: str, it: Iterable[Any], depth: int, length: int | None = None) -> Iterator[Any]:
         if self._inner_skipped(name, depth):
             self._inner_done(name, depth, 0, 0.0, skipped=True)
             return
-        frame = self._push(name)
+        frame = self._push(name, length)
         t0 = time.perf_counter()
         i = -1
         try:
@@ -278,7 +278,7 @@ class LoopRuntime:
         if self._outer_name is None:
             self._outer_name = name
         is_outer = self._outer_name == name
-        frame = self._push(name)
+        frame = self._push(name, length)
         i = -1
         normal = False
         try:
@@ -343,6 +343,8 @@ class RecordSession(LoopRuntime):
         self._t_process = process_start_time()
         self._error: dict | None = None
         self._finished = False
+        self._progress = None
+        self._t_loop = time.monotonic()
         self._flushes = 0
         # timings for the cost model
         self._setup_s: float | None = None
@@ -522,6 +524,11 @@ class RecordSession(LoopRuntime):
         now = time.time()
         if self._setup_s is None:
             self._setup_s = now - self._t_process
+            from .progress import Progress, wanted
+
+            if wanted():
+                self._t_loop = time.monotonic()
+                self._progress = Progress(self._describe_progress)
         self._iter_inner_s = 0.0
         self._iter_inner_n = 0
         self._iter_inner_exits = 0
@@ -571,6 +578,29 @@ class RecordSession(LoopRuntime):
 
     def _outer_exit(self, normal: bool) -> None:
         self._t_outer_end = time.time()
+        self._close_progress()
+
+    def _close_progress(self) -> None:
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.close()
+
+    def _describe_progress(self) -> str:
+        """``flor_ray <run>: epoch 3/10 · step 120/500 · 12s, ~28s left`` (display thread)."""
+        parts = []
+        frames = list(self._stack)
+        for k, f in enumerate(frames):
+            it = self._last if k == len(frames) - 1 else f[1]
+            total = f"/{f[3]}" if len(f) > 3 and f[3] else ""
+            parts.append(f"{f[0]} {max(it, 0) + 1 if it is not None else 0}{total}")
+        elapsed = time.monotonic() - self._t_loop
+        text = f"flor_ray {self.run_id}: " + " · ".join(parts) + f" · {elapsed:.0f}s"
+        outer = frames[0] if frames else None
+        done = len(self._outer_s)
+        if outer is not None and len(outer) > 3 and outer[3] and done:
+            left = (outer[3] - done) * (sum(self._outer_s) / done)
+            text += f", ~{left:.0f}s left"
+        return text
 
     def _submit_checkpoint(self, snap: dict | None) -> None:
         if snap is None:
@@ -641,6 +671,7 @@ class RecordSession(LoopRuntime):
         if not self.started or self._finished:
             return
         self._finished = True
+        self._close_progress()
         problems: list[str] = []
         try:
             self._flush_rows_only()
