@@ -343,10 +343,28 @@ def read_logs(
         out = dset.to_table(filter=flt, columns=list(columns) if columns is not None else None)
         return out.unify_dictionaries() if dictionary else out
     except (OSError, pa.ArrowInvalid) as exc:
-        raise QueryError(
-            f"the log relation under {store.full_url('logs')} could not be read ({exc}); "
-            "a truncated or corrupted Parquet file is named above: delete it and replay again"
-        ) from exc
+        raise _unreadable(store, files, exc) from exc
+
+
+def _unreadable(store: "Store", files: Sequence[str], exc: Exception) -> QueryError:
+    """Find which Parquet file is broken (read each alone) and name it in the error."""
+    import pyarrow.parquet as pq
+
+    fs, root = store.arrow_fs()
+    bad: list[str] = []
+    for full_read in (False, True):  # footers first (cheap), then whole files
+        for f in files:
+            try:
+                with fs.open_input_file(f"{root}/{f}") as fh:
+                    pq.read_table(fh) if full_read else pq.read_metadata(fh)
+            except Exception:  # noqa: BLE001 - any failure marks the file
+                bad.append(store.full_url(f))
+        if bad:
+            break
+    where = ", ".join(bad[:5]) if bad else f"a file under {store.full_url('logs')}"
+    fix = ("a recorded part is lost: re-record the run, or delete the file to read the rest"
+           if any("/source=record/" in b for b in bad) else "delete it and replay again: the task rewrites it")
+    return QueryError(f"cannot read the log relation: {where} is truncated or corrupted ({exc}); {fix}")
 
 
 def _dataset(store: "Store", files: Sequence[str], file_schema, part_schema, dictionary: bool):
@@ -609,6 +627,9 @@ def _codes_from_rank(ranks, run_rank):
     return inv[ranks]
 
 
+_READ_ONLY = frozenset({"SELECT", "WITH", "FROM", "DESCRIBE", "SHOW", "SUMMARIZE", "PIVOT", "UNPIVOT", "VALUES", "EXPLAIN"})
+
+
 def _sql_str(v: str) -> str:
     return "'" + v.replace("'", "''") + "'"
 
@@ -628,6 +649,12 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
     store.check()
     if not isinstance(query, str) or not query.strip():
         raise QueryError("sql() needs a query string, e.g. \"SELECT name, count(*) FROM logs GROUP BY name\"")
+    first = query.lstrip().lstrip("(").split(None, 1)[0].upper()
+    if first not in _READ_ONLY:
+        raise QueryError(
+            f"sql() runs queries only ({', '.join(sorted(_READ_ONLY))}), not {first}: "
+            "the store is written by recording and replay alone"
+        )
     files = store.find("logs", ".parquet")
     runs = runs_frame(store)
     con = duckdb.connect()
@@ -646,14 +673,13 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
         con.register("runs", runs)
         try:
             return con.execute(query).df()
-        except (OSError, ValueError) as exc:  # a corrupted file met during the scan
-            if isinstance(exc, duckdb.Error):
-                raise _sql_error(exc, runs) from exc
-            raise QueryError(
-                f"the log relation under {store.full_url('logs')} could not be read ({exc}); "
-                "a truncated or corrupted Parquet file is named above: delete it and replay again"
-            ) from exc
+        except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+            if "parquet" in str(exc).lower() or "thrift" in str(exc).lower():
+                raise _unreadable(store, files, exc) from exc
+            raise _sql_error(exc, runs) from exc
         except duckdb.Error as exc:
             raise _sql_error(exc, runs) from exc
+        except (OSError, ValueError) as exc:  # a corrupted file met by the Arrow scan
+            raise _unreadable(store, files, exc) from exc
     finally:
         con.close()

@@ -102,7 +102,7 @@ def ray_local():
 
     if not ray.is_initialized():
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ensure_ray()
     yield ray
     ray.shutdown()

@@ -107,6 +107,12 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
 
     t0 = time.time()
     node = socket.gethostname()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            node = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001 - the hostname will do
+            pass
     key, run_id = spec["task"], spec["run_id"]
     store = Store(spec["store"], spec.get("storage_options") or {})
     try:

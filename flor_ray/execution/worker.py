@@ -59,6 +59,9 @@ class ReplaySession(LoopRuntime):
         self._kept: dict[str, list] = empty_rows()
         self._written = False
         self._failed = False
+        # open the store's client now, while the interpreter is fully alive: an
+        # object-store client made first inside an atexit handler can be refused
+        self.store.exists(self.spec["output"])
         self._suppress_saves()
         atexit.register(self.finish)
         prev = sys.excepthook
@@ -116,6 +119,7 @@ class ReplaySession(LoopRuntime):
         self._restore_at = None
         if self.mode == "setup":  # only the code before the outer loop was needed
             self._phase = "setup"
+            self.finish()
             raise SegmentDone(0)
         if self.mode == "skip":
             if i < self.start:
@@ -157,6 +161,7 @@ class ReplaySession(LoopRuntime):
         self._move_rows()
         self._phase = "after"
         if normal and not self.spec.get("after"):
+            self.finish()  # write the partition now, not at interpreter exit
             raise SegmentDone(0)
 
     def _restore(self, entry: Mapping[str, Any]) -> None:

@@ -75,6 +75,34 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
     return patches
 
 
+def _check_resources(resources: Any) -> Resources:
+    """Resources from a Resources, a mapping or None, with a clear error otherwise."""
+    if resources is None:
+        return Resources()
+    if isinstance(resources, Resources):
+        values = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "memory": resources.memory}
+    elif isinstance(resources, Mapping):
+        unknown = sorted(set(resources) - {"num_cpus", "num_gpus", "memory"})
+        if unknown:
+            raise PlanningError(
+                f"unknown resources {', '.join(map(repr, unknown))}; use num_cpus, num_gpus and memory (bytes)"
+            )
+        values = dict(resources)
+    else:
+        raise PlanningError(
+            f"resources must be a mapping like {{'num_cpus': 2, 'num_gpus': 1}}, got {type(resources).__name__}"
+        )
+    for key, v in values.items():
+        if v is None and key != "num_cpus":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "num_cpus" and v <= 0):
+            raise PlanningError(
+                f"resources[{key!r}]={v!r} is not a valid amount; give a number"
+                + (" > 0" if key == "num_cpus" else " >= 0")
+            )
+    return Resources(**{k: v for k, v in values.items() if v is not None or k != "num_cpus"})
+
+
 def plan_replay(
     names: str | Sequence[str] | None = None,
     *,
@@ -95,9 +123,12 @@ def plan_replay(
     if isinstance(names, str):
         names = [names]
     if names is not None:
+        if not isinstance(names, (list, tuple)):
+            raise QueryError(f"names must be a log name or a list of them, got {type(names).__name__} {names!r}")
         names = list(names)
         if not names or any(not isinstance(n, str) or not n for n in names):
             raise QueryError(f"names must be non-empty strings, got {names!r}")
+    resources = _check_resources(resources)
     metas = load_runs(st)
     if not metas:
         raise QueryError(f"the store {st.url!r} holds no runs yet; record a run first")
@@ -121,7 +152,10 @@ def plan_replay(
     path = Path(script)
     if not path.is_file():
         raise PlanningError(f"today's script {str(path)!r} does not exist; pass script= with the path of the training script")
-    today = path.read_text()
+    try:
+        today = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise PlanningError(f"today's script {str(path)!r} is not UTF-8 text ({exc.reason}); pass the .py file") from exc
     today_an = analyze(today, filename=str(path))
     if names is None:
         logged = _logged_per_run(st, [m["run_id"] for m in metas])
@@ -142,8 +176,6 @@ def plan_replay(
     runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
     versions = {r.version: r.script for r in runs}
     patches = propagate_versions(st, today, versions, names)
-    if isinstance(resources, Mapping):
-        resources = Resources(**resources)
     done = frozenset(
         p.rsplit("/", 1)[-1][: -len(".parquet")]
         for r in runs
@@ -156,7 +188,7 @@ def plan_replay(
         runs=runs,
         patches=patches,
         cluster=cluster or cluster_snapshot(),
-        resources=resources or Resources(),
+        resources=resources,
         done_keys=done,
         store_url=st.url,
         storage_options=st.storage_options,

@@ -300,9 +300,8 @@ class LoopRuntime:
                 if is_outer and self._outer_stop(i):
                     break
             normal = True
-        except GeneratorExit:  # the script broke out of the loop: a normal end too
-            normal = True
-            raise
+        # GeneratorExit (a `break` in the script, or an exception unwinding the
+        # script's frame: the two cannot be told apart here) is not a normal end
         finally:
             self._pop()
             if is_outer:
@@ -428,6 +427,8 @@ class RecordSession(LoopRuntime):
             "env": self._env(),
             "store_format": 1,
         }
+        import numpy  # noqa: F401  # on this thread: the writer's pyarrow import needs it, and a
+        # module half-imported by another thread must never be seen by capture_rng / _env
         self._write_meta()
         self.writer.submit(_warm_imports)  # pyarrow's import (~0.3 s) off the training thread
         self.writer.submit(upload, self.store, snap)
@@ -466,6 +467,8 @@ class RecordSession(LoopRuntime):
     # ------------------------------------------------------------------ verbs
     def log(self, name: str, value: Any) -> Any:
         if not self.started:
+            check_name("log", name)  # bad input never creates a run
+            convert(name, value)
             self.start()
         return LoopRuntime.log(self, name, value)
 
@@ -503,6 +506,7 @@ class RecordSession(LoopRuntime):
                 "around the outer loop, listing every object in it"
             )
         check_objects(objects)
+        import torch  # noqa: F401  # on the training thread, before the writer serialises anything
         if not self.started:
             self.start()
         self._in_checkpointing = True
