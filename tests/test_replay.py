@@ -7,6 +7,8 @@ old version with the statements typed in by hand.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -20,35 +22,67 @@ from conftest import clean_env, git, run_script, write
 from histories import V1, V2, V3, plain, with_statements
 
 
+def _start(repo, *args, env):
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(procs):
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+
+
 @pytest.fixture(scope="module")
 def history(tmp_path_factory, ray_local):
+    """Two runs (lr 0.05, 0.1) of each version, and the same runs with the statements
+    typed in by hand (one store per version and lr). Runs of one version start
+    together: each snapshots its code at its first flor call, before the next
+    version is written."""
     repo = tmp_path_factory.mktemp("hist") / "proj"
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
-    expected = {}
-    hand_store = repo.parent / "hand-store"
+    hands = {}
     for v, src in (("v1", V1), ("v2", V2), ("v3", V3)):
         write(repo, "train.py", plain(src))
         git(repo, "add", "train.py")
         git(repo, "-c", "user.name=d", "-c", "user.email=d@x", "commit", "-qm", v)
+        procs = []
         for lr in ("0.05", "0.1"):
-            run_script(repo, "train.py", "--kwargs", f"lr={lr}", env=clean_env(FLOR_CHECKPOINT_BUDGET="0.2"))
-            # the same version, statements typed in by hand, fully re-executed
-            (repo.parent / "hand").mkdir(exist_ok=True)
-            write(repo.parent / "hand", "train.py", with_statements(src))
-            hand = repo.parent / "hand"
-            if not (hand / ".git").exists():
-                git(hand, "init", "-q")
-            run_script(hand, "train.py", "--kwargs", f"lr={lr}", env=clean_env(FLOR_STORE=str(hand_store)))
+            procs.append(_start(repo, "--kwargs", f"lr={lr}", env=clean_env(FLOR_CHECKPOINT_BUDGET="0.2")))
+            hand = repo.parent / f"hand-{v}-{lr}"  # the version with the statements typed in, re-run in full
+            hand.mkdir()
+            git(hand, "init", "-q")
+            write(hand, "train.py", with_statements(src))
+            hands[(v, float(lr))] = Store(str(hand / ".flor"))
+            procs.append(_start(hand, "--kwargs", f"lr={lr}", env=clean_env()))
+        _wait(procs)
     write(repo, "train.py", with_statements(V3).replace("#GNORM_MODEL", "").replace("#WNORM_MODEL", ""))
-    return repo, Store(str(repo / ".flor")), Store(str(hand_store))
+    return repo, Store(str(repo / ".flor")), hands
+
+
+def _key_of_runs(store):
+    """(version label, lr) of each recorded run: versions numbered in recording order."""
+    runs = flor_ray.runs(store=store)
+    labels = {ver: f"v{i + 1}" for i, ver in enumerate(dict.fromkeys(runs["version"]))}
+    return {r: (labels[ver], float(lr)) for r, ver, lr in zip(runs["run_id"], runs["version"], runs["lr"])}
+
+
+def _rows(t, key):
+    return [(key(r), e, s if s == s else -1, v) for r, e, s, v in zip(t["run_id"], t["iter0"], t["iter1"], t["value_float"])]
 
 
 def _values(store, name, source):
     t = read_logs(store, [name], sources=(source,)).to_pandas()
-    # runs are matched by order (the hand store has one run per recorded run, same order)
-    order = {r: i for i, r in enumerate(sorted(t["run_id"].unique()))}
-    return sorted((order[r], e, s if s == s else -1, v) for r, e, s, v in zip(t["run_id"], t["iter0"], t["iter1"], t["value_float"]))
+    keys = _key_of_runs(store)
+    return sorted(_rows(t, keys.__getitem__))
+
+
+def _hand_values(hands, name):
+    out = []
+    for k, st in hands.items():
+        out += _rows(read_logs(st, [name], sources=("record",)).to_pandas(), lambda r, k=k: k)
+    return sorted(out)
 
 
 def test_outer_level_statement_skips_inner_loops(history):
@@ -61,7 +95,7 @@ def test_outer_level_statement_skips_inner_loops(history):
     assert not plan.skipped, text
     report = plan.run(progress=False)
     assert not report.failed, str(report)
-    assert _values(store, "wnorm", "replay") == _values(hand, "wnorm", "record")
+    assert _values(store, "wnorm", "replay") == _hand_values(hand, "wnorm")
     assert report.fidelity.compared > 0 and report.fidelity.mismatched == 0
     # a rerun of the same query does no work
     again = flor_ray.plan_replay(["wnorm"], store=store, script=repo / "train.py")
@@ -76,7 +110,7 @@ def test_inner_level_statement_reexecutes_bit_for_bit(history):
     assert all(t.mode == "reexec" for t in plan.tasks)
     report = plan.run(progress=False)
     assert not report.failed, str(report)
-    assert _values(store, "gnorm", "replay") == _values(hand, "gnorm", "record")
+    assert _values(store, "gnorm", "replay") == _hand_values(hand, "gnorm")
     assert report.fidelity.mismatched == 0 and dict((n, c) for n, c, _ in report.fidelity.by_name)["loss"] == 6 * 4 * 6
     df = flor_ray.dataframe("loss", "gnorm", store=store)
     assert df["gnorm"].notna().sum() == 6 * 4 * 6 and "loss__replay" in df
