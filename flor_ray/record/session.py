@@ -264,12 +264,18 @@ class LoopRuntime:
         t0 = time.perf_counter()
         i = -1
         try:
-            for item in iter(it):
-                i += 1
-                ti = type(item)
-                self._last = i
-                self._last_item = item if (ti is str or (ti is int and item != i)) else None
-                yield item
+            if type(it) is range and it.start == 0 and it.step == 1:
+                # the common `range(n)`: items are the iteration numbers, nothing to keep
+                for i in it:
+                    self._last = i
+                    yield i
+            else:
+                for item in iter(it):
+                    i += 1
+                    ti = type(item)
+                    self._last = i
+                    self._last_item = item if (ti is str or (ti is int and item != i)) else None
+                    yield item
         finally:
             self._pop()
             self._inner_done(name, depth, i + 1, time.perf_counter() - t0, skipped=False)
