@@ -291,12 +291,6 @@ def select_runs(store: "Store", where: str | None, metas: list[dict] | None = No
 
 
 # ------------------------------------------------------------------ logs table
-def _partition_schema():
-    import pyarrow as pa
-
-    return pa.schema([("run_id", pa.string()), ("source", pa.string())])
-
-
 _DICT_COLS = ("version", "file", "loops", "name", "vtype", "task")
 
 
@@ -491,7 +485,7 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
         )
     if table.num_rows == 0:
         return pd.DataFrame(columns=["run_id", "version"])
-    rid_dict = table.column("run_id").combine_chunks().dictionary.to_pylist() if table.num_rows else []
+    rid_dict = table.column("run_id").combine_chunks().dictionary.to_pylist()
     order_of = {m["run_id"]: i for i, m in enumerate(metas)}
     run_rank = np.array([order_of.get(r, len(order_of) + i) for i, r in enumerate(rid_dict)], dtype=np.int64)
     kinds_t = table.group_by(["name", "source", "vtype"]).aggregate([])
@@ -535,9 +529,7 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
     wide = wide.reset_index(drop=True)
     # plain (Arrow-backed) strings, gathered in C++ from the few distinct run ids
     codes = wide["run_id"].cat.codes.to_numpy()
-    wide["run_id"] = pd.arrays.ArrowStringArray(
-        pc.take(pa.array(rid_dict, pa.string()), pa.array(codes)), dtype=pd.Series(["x"]).dtype
-    )
+    wide["run_id"] = _strings_by_run(codes, rid_dict)
     # loop columns named after the loops
     per_depth: dict[int, list[str]] = {}
     for path in paths:
@@ -558,10 +550,7 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
                 mask = np.asarray(has, dtype=bool)[wide["loops"].cat.codes.to_numpy()]
                 wide[lname] = src.where(mask, pd.NA)
     runs = {m["run_id"]: m for m in metas}
-    versions = [str((runs.get(r) or {}).get("version")) for r in rid_dict]
-    wide["version"] = pd.arrays.ArrowStringArray(
-        pc.take(pa.array(versions, pa.string()), pa.array(codes)), dtype=pd.Series(["x"]).dtype
-    )
+    wide["version"] = _strings_by_run(codes, [str((runs.get(r) or {}).get("version")) for r in rid_dict])
     arg_names: list[str] = []
     for m in metas:
         for a in m.get("args") or {}:
@@ -573,6 +562,16 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
         wide[col] = _by_run(codes, rid_dict, {r: (m.get("args") or {}).get(a) for r, m in runs.items()})
         arg_cols.append(col)
     return wide[["run_id", "version", *arg_cols, *loop_cols, *cols]]
+
+
+def _strings_by_run(codes, per_run: list[str]):
+    """A string column with one value per run, gathered in C++ by run codes."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pd.arrays.ArrowStringArray(pc.take(pa.array(per_run, pa.string()), pa.array(codes)),
+                                      dtype=pd.StringDtype("pyarrow", na_value=float("nan")))
 
 
 def _by_run(codes, rid_dict: list[str], value_of: dict):

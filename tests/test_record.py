@@ -148,7 +148,7 @@ def test_kwargs_removed_before_argparse_and_cast(repo):
     )
     run_script(repo, "train.py", "--hidden", "8", "--kwargs", "lr=0.5", "use_bn=true", "opt=adam")
     runs = flor_ray.runs(store=store_of(repo))
-    assert runs.loc[0, "lr"] == 0.5 and runs.loc[0, "use_bn"] is True or runs.loc[0, "use_bn"] == True  # noqa: E712
+    assert runs.loc[0, "lr"] == 0.5 and bool(runs.loc[0, "use_bn"]) is True and runs.loc[0, "opt"] == "adam"
     assert runs.loc[0, "argv"] == "--hidden 8"
     df = flor_ray.dataframe("cfg", store=store_of(repo))
     assert df.loc[0, "cfg"] == [8, 0.5, True, "adam"]

@@ -157,8 +157,8 @@ def plan_replay(
     except UnicodeDecodeError as exc:
         raise PlanningError(f"today's script {str(path)!r} is not UTF-8 text ({exc.reason}); pass the .py file") from exc
     today_an = analyze(today, filename=str(path))
+    logged = _logged_per_run(st, [m["run_id"] for m in metas])
     if names is None:
-        logged = _logged_per_run(st, [m["run_id"] for m in metas])
         names = [n for n in today_an.logged_names if any(n not in logged.get(m["run_id"], ()) for m in metas)]
         if not names:
             raise QueryError(
@@ -172,7 +172,6 @@ def plan_replay(
                 f"{', '.join(map(repr, unknown))} not logged by today's script {str(path)!r}; add "
                 f"flor.log({unknown[0]!r}, ...) to it first (it logs: {', '.join(today_an.logged_names) or 'nothing'})"
             )
-        logged = _logged_per_run(st, [m["run_id"] for m in metas])
     runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
     versions = {r.version: r.script for r in runs}
     patches = propagate_versions(st, today, versions, names)
