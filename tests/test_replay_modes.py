@@ -87,3 +87,24 @@ def test_statement_kinds_replay_exactly(recorded, name, kind, mode):
     assert not report.failed, str(report)
     assert _vals(store, name, "replay") == _vals(hand, name, "record")
     assert report.fidelity.mismatched == 0
+
+
+def test_task_phases_account_for_the_wall_and_a_warm_zygote_skips_the_cold_start(recorded):
+    repo, store, hand = recorded
+    for _ in range(2):  # the second run finds this process's zygote warm
+        for f in store.find("logs", ".parquet"):
+            if "/source=replay/" in f:
+                store.delete(f)
+        plan = flor_ray.plan_replay(["final_bias"], store=store, script=repo / "train.py", cluster=ClusterSnapshot(2))
+        assert plan.startup_s > 0 and "cold start=" in plan.explain().splitlines()[0]
+        report = run_plan(plan, progress=False, inline=True)
+        assert not report.failed, str(report)
+    for r in report.results:
+        phases = dict(r.phases)
+        assert {"prepare", "process", "start", "setup", "restore", "loop", "write"} <= set(phases), phases
+        assert phases.get("zygote", 0.0) < 0.5, phases  # warm: no imports paid again
+        assert abs(sum(phases.values()) - r.wall_s) < 0.05 * r.wall_s + 0.05, (phases, r.wall_s)
+        assert phases["restore"] > 0  # skip mode restored the checkpoints
+    assert report.estimate_s == plan.makespan_s  # warm: no cold start expected
+    assert "[prepare" in str(report) or "[process" in str(report)
+    assert _vals(store, "final_bias", "replay") == _vals(hand, "final_bias", "record")

@@ -37,27 +37,32 @@ class ReplayProcessKilled(RuntimeError):
 _ZYGOTE: "subprocess.Popen | None" = None
 
 
-def _zygote(env: dict) -> "subprocess.Popen":
+def _zygote(env: dict) -> "subprocess.Popen | None":
+    """This worker's zygote, started (and waited for) on first use; None if it cannot start."""
     global _ZYGOTE
     if _ZYGOTE is None or _ZYGOTE.poll() is not None:
         _ZYGOTE = subprocess.Popen(
             [sys.executable, "-m", "flor_ray.execution.zygote"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
+        if not _ZYGOTE.stdout.readline():  # its "ready" line, once the imports are done
+            _ZYGOTE = None
     return _ZYGOTE
 
 
 def _run_script(script: Path, argv: list[str], cwd: Path, env: dict, out: Path, err: Path,
-                timeout_s: float | None) -> int:
+                timeout_s: float | None, timings: dict) -> int:
     """Run the script to completion; its exit code (negative: killed by that signal)."""
     if FORK:
-        z = _zygote({k: v for k, v in env.items() if k != "FLOR_REPLAY"})
+        t = time.time()
+        z = _zygote({k: v for k, v in env.items() if k not in ("FLOR_REPLAY", "FLOR_T_START")})
+        timings["zygote"] = time.time() - t
         req = {"script": str(script), "argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
         try:
             z.stdin.write(json.dumps(req) + "\n")
             z.stdin.flush()
             line = z.stdout.readline()
-        except (BrokenPipeError, OSError):
+        except (AttributeError, BrokenPipeError, OSError):
             line = ""
         if line:
             return int(json.loads(line)["code"])
@@ -80,6 +85,13 @@ class TaskResult:
     traceback: str | None = None
     node: str | None = None
     user_error: bool = False
+    #: where the time went, in seconds: ``prepare`` (store checks, code materialised),
+    #: ``zygote`` (starting this worker's fork server, once per worker), ``process``
+    #: (starting the replayed process and reading its results), then the replayed
+    #: process's own ``start`` (imports up to the first flor call), ``setup``,
+    #: ``restore``, ``loop``, ``after`` and ``write``
+    phases: tuple[tuple[str, float], ...] = ()
+    worker: str | None = None  # "node:pid" of the process that ran the task (its zygote stays warm)
 
 
 def _materialize_cached(store, version: str) -> Path:
@@ -130,9 +142,11 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
             spec_path.write_text(json.dumps({**spec, "done_marker": str(done_path)}))
             env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_")}
             env["FLOR_REPLAY"] = str(spec_path)
+            env["FLOR_T_START"] = repr(time.time())
             run_dir = work / cwd if cwd else script.parent
             out, err = Path(tmp) / "stdout.txt", Path(tmp) / "stderr.txt"
-            code = _run_script(script, list(argv), run_dir, env, out, err, timeout_s)
+            timings = {"prepare": time.time() - t0}
+            code = _run_script(script, list(argv), run_dir, env, out, err, timeout_s, timings)
             wall = time.time() - t0
             if code < 0:
                 raise ReplayProcessKilled(f"the replayed script of task {key} was killed by signal {-code}")
@@ -143,8 +157,12 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
                 return TaskResult(key, run_id, "failed", 0, wall, estimate_s,
                                   error=f"the replayed script exited with {code}: {last}",
                                   traceback=tail, node=node, user_error=user)
-            rows = json.loads(done_path.read_text())["rows"]
-            return TaskResult(key, run_id, "done", rows, wall, estimate_s, node=node)
+            done = json.loads(done_path.read_text())
+            inner = done.get("phases") or {}
+            outer = {**timings, "process": max(wall - sum(timings.values()) - sum(inner.values()), 0.0)}
+            phases = tuple((k, round(v, 4)) for k, v in (*outer.items(), *inner.items()))
+            return TaskResult(key, run_id, "done", done["rows"], wall, estimate_s, node=node, phases=phases,
+                              worker=f"{node}:{os.getpid()}")
     except ReplayProcessKilled:
         raise  # Ray retries it (driver: retry_exceptions)
     except Exception as exc:  # noqa: BLE001 - a failure is a value, never lost

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import sys
+import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -37,6 +39,13 @@ class SegmentDone(SystemExit):
 class ReplaySession(LoopRuntime):
     def __init__(self, spec: Mapping[str, Any]):
         super().__init__()
+        now = time.time()
+        # where the task's time goes (reported back to the driver; the cost model's
+        # calibration): process start -> first flor call -> first outer iteration ...
+        t_start = float(os.environ.get("FLOR_T_START") or now)
+        self.phases: dict[str, float] = {"start": max(now - t_start, 0.0), "setup": 0.0, "restore": 0.0,
+                                         "loop": 0.0, "after": 0.0, "write": 0.0}
+        self._t_mark = now
         from ..store import Store
 
         self.spec = dict(spec)
@@ -111,8 +120,14 @@ class ReplaySession(LoopRuntime):
         pass
 
     # ------------------------------------------------------------ loop hooks
+    def _lap(self, phase: str) -> None:
+        now = time.time()
+        self.phases[phase] += now - self._t_mark
+        self._t_mark = now
+
     def _outer_begin(self, i: int, length: int | None) -> bool:
         self._move_rows()
+        self._lap("setup" if self._phase == "setup" else "loop")
         self._phase = "loop"
         self._cur_iter = i
         self._exits = 0
@@ -159,6 +174,7 @@ class ReplaySession(LoopRuntime):
 
     def _outer_exit(self, normal: bool) -> None:
         self._move_rows()
+        self._lap("loop")
         self._phase = "after"
         if normal and not self.spec.get("after"):
             self.finish()  # write the partition now, not at interpreter exit
@@ -167,6 +183,7 @@ class ReplaySession(LoopRuntime):
     def _restore(self, entry: Mapping[str, Any]) -> None:
         from ..record.checkpoint import deserialize, restore
 
+        self._lap("loop")
         where = self.store.full_url(entry["path"])
         try:
             data = self.store.read_bytes(entry["path"])
@@ -182,6 +199,7 @@ class ReplaySession(LoopRuntime):
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise CheckpointError(f"checkpoint {where} is corrupted (sha256 differs from the recording)", path=where)
         restore(self._objects or {}, deserialize(data, where), where)
+        self._lap("restore")
 
     # ------------------------------------------------------------------ rows
     def _move_rows(self) -> None:
@@ -208,13 +226,15 @@ class ReplaySession(LoopRuntime):
         if self._failed:
             return
         self._move_rows()
+        self._lap("loop" if self._phase == "loop" else "setup" if self._phase == "setup" else "after")
         from ..relation import rows_to_table, table_to_parquet_bytes
 
         table = rows_to_table(
             version=self.spec["version"], file=self.spec["script"], seq_start=0, task=self.spec["task"], **self._kept
         )
         self.store.write_bytes(self.spec["output"], table_to_parquet_bytes(table))
+        self._lap("write")
         done = self.spec.get("done_marker")
         if done:
             with open(done, "w") as f:
-                json.dump({"rows": table.num_rows}, f)
+                json.dump({"rows": table.num_rows, "phases": {k: round(v, 4) for k, v in self.phases.items()}}, f)

@@ -19,12 +19,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 __all__ = ["serve", "PRELOAD"]
 
 PRELOAD = (
     "numpy",
     "torch",
+    "torch.optim",
+    "torch._dynamo",  # what the first optimizer constructed imports: about as long again as torch
+    "pandas",  # pyarrow imports it on the first table built
     "pyarrow",
     "pyarrow.parquet",
     "pyarrow.compute",
@@ -52,6 +56,7 @@ def _child(req: dict) -> None:
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
+    os.environ["FLOR_T_START"] = repr(time.time())  # the process starts now (for the task's phases)
     script = req["script"]
     sys.argv = [script, *req["argv"]]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
@@ -69,7 +74,17 @@ def _child(req: dict) -> None:
     except BaseException:  # noqa: BLE001 - reported as `python script.py` would
         sys.excepthook(*sys.exc_info())
         code = 1
-    sys.exit(code)  # normal shutdown: atexit handlers (the replay session's flush) run
+    # atexit handlers (the replay session's flush) run as at a normal exit; the
+    # interpreter's teardown (module by module, with torch loaded: seconds) is skipped
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream has nothing to flush
+            pass
+    os._exit(code)
 
 
 def serve() -> None:
@@ -79,6 +94,8 @@ def serve() -> None:
         except Exception:  # noqa: BLE001 - a missing optional module is imported by the child if needed
             pass
     reply = sys.stdout
+    reply.write(json.dumps({"ready": True}) + "\n")  # the imports are done
+    reply.flush()
     for line in sys.stdin:
         if not line.strip():
             continue

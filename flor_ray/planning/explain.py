@@ -38,7 +38,8 @@ def explain(plan: "Plan") -> str:
         f"ReplayPlan[names={','.join(plan.names)}; runs={len(plan.runs)}"
         + (f" where {plan.where}" if plan.where else "")
         + f"; iterations={plan.iterations}; tasks={len(plan.tasks)} ({len(pending)} to run)"
-        + f"; workers={int(plan.cluster.num_cpus)}; est. makespan={_secs(plan.makespan_s)}]"
+        + f"; workers={int(plan.cluster.num_cpus)}; est. makespan={_secs(plan.makespan_s)}"
+        + (f"; cold start={_secs(plan.startup_s)}" if pending and plan.startup_s else "") + "]"
     )
     lines = [head]
     by_version: dict[str, list[str]] = {}

@@ -42,6 +42,10 @@ __all__ = [
 
 PROCESS_OVERHEAD_S = 1.5  # python start + imports of a replay process when the run did not record its set-up
 RESTORE_BYTES_PER_S = 200e6  # reading + torch.load of a checkpoint, conservative for local disks and S3
+#: per task, beyond the script's own work: the store checks, the code copied, a
+#: process forked from the worker's warm zygote, the partition written (measured
+#: 0.2-0.3 s on a 2-core machine; see TaskResult.phases)
+TASK_OVERHEAD_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,22 @@ class RunInfo:
     device: str = "cpu"
     logged: frozenset[str] = frozenset()
     status: str = "finished"
+    #: process start -> first flor call (the imports) when the recording measured it
+    start_s: float | None = None
+
+    @property
+    def imports_s(self) -> float:
+        """The script's imports: paid once per worker (its zygote), not per task."""
+        if self.start_s is not None:
+            return min(self.start_s, self.setup_s)
+        return min(self.setup_s, PROCESS_OVERHEAD_S)
+
+    @property
+    def replay_setup_s(self) -> float:
+        """What a replay task pays before its first iteration: the script's set-up
+        without the imports (a task's process is forked with them done) plus the
+        task's own overhead."""
+        return TASK_OVERHEAD_S + max(self.setup_s - self.imports_s, 0.0)
 
     @staticmethod
     def from_meta(meta: Mapping[str, Any], logged: frozenset[str] = frozenset()) -> "RunInfo":
@@ -96,6 +116,7 @@ class RunInfo:
             device=(meta.get("env") or {}).get("device", "cpu"),
             logged=logged,
             status=meta.get("status", "finished"),
+            start_s=None if t.get("start_s") is None else float(t["start_s"]),
         )
 
 
@@ -203,6 +224,9 @@ class Plan:
     makespan_s: float
     statements: tuple[tuple[str, str, str], ...] = ()  # (version, name, "kind: reason")
     retries: int = 3
+    #: once per worker that has not replayed before: its zygote's imports (torch...),
+    #: in parallel on all workers; not part of ``makespan_s``
+    startup_s: float = 0.0
 
     def run_info(self, run_id: str) -> RunInfo:
         for r in self.runs:
@@ -350,12 +374,12 @@ def make_plan(
 
         def add(mode, start, stop, restore, ckpts, keep, setup, after, note=""):
             if mode == "setup":
-                est = run.setup_s
+                est = run.replay_setup_s
             elif mode == "skip":
-                est = run.setup_s + sum(_iter_cost(run, c.iteration, True) + _restore_cost(c) for c in ckpts)
+                est = run.replay_setup_s + sum(_iter_cost(run, c.iteration, True) + _restore_cost(c) for c in ckpts)
             else:
                 first = (restore.iteration if restore else -1)
-                est = run.setup_s + _restore_cost(restore) + (
+                est = run.replay_setup_s + _restore_cost(restore) + (
                     _iter_cost(run, first, True) if restore else 0.0
                 ) + sum(_iter_cost(run, i, False) for i in range(first + 1, stop + 1))
             key = task_key(run.run_id, run.version, patch.digest, mode, start, stop,
@@ -378,7 +402,8 @@ def make_plan(
             without = [i for i in want if i not in ckpts]
             if with_ckpt:
                 unit = lambda i: _iter_cost(run, i, True) + _restore_cost(ckpts[i])  # noqa: E731
-                k = _worth_splitting(sum(unit(i) for i in with_ckpt), run.setup_s, min(per_run_target, len(with_ckpt)))
+                k = _worth_splitting(sum(unit(i) for i in with_ckpt), run.replay_setup_s,
+                                     min(per_run_target, len(with_ckpt)))
                 chunks = _split(with_ckpt, k, unit)
                 for ch in chunks:
                     add("skip", ch[0], ch[-1], None, [ckpts[i] for i in ch], keep_skip, False,
@@ -400,8 +425,8 @@ def make_plan(
             for a, b in zip(starts, starts[1:] + [hi + 1]):
                 its = [i for i in range(a, b)]
                 pieces.append(its)
-            target = _worth_splitting(sum(cost.values()), run.setup_s, min(per_run_target, len(pieces)))
-            merged = _merge(pieces, target, lambda p: sum(cost[i] for i in p) + run.setup_s)
+            target = _worth_splitting(sum(cost.values()), run.replay_setup_s, min(per_run_target, len(pieces)))
+            merged = _merge(pieces, target, lambda p: sum(cost[i] for i in p) + run.replay_setup_s)
             for seg in merged:
                 a, b = seg[0], seg[-1]
                 restore = _nearest(ckpts, a - 1)
@@ -419,9 +444,11 @@ def make_plan(
             tasks[idx] = _replace(t0, setup=True, key=key, done=key in done_keys)
 
     makespan = _makespan([t.estimate_s for t in tasks if not t.done], slots)
+    busy = {t.run_id for t in tasks if not t.done}
+    startup = max((r.imports_s for r in runs if r.run_id in busy), default=0.0)
     return Plan(names, where, str(iterations), store_url, dict(storage_options or {}), tuple(runs),
                 tuple(patches.values()), tuple(tasks), tuple(skipped), cluster, round(makespan, 3),
-                tuple(statements), retries)
+                tuple(statements), retries, round(startup, 3))
 
 
 def _replace(task: Task, **kw: Any) -> Task:
