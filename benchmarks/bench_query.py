@@ -1,8 +1,8 @@
 """Query cost: flor_ray.dataframe and flor_ray.sql against FlorDB 4.0.1's flor.dataframe.
 
-For each size n (10^4 .. 10^7 log rows; quick: 10^4 .. 10^6) the same history is
-written for both tools without running any training: 10 runs, each logging
-``loss`` at every (epoch, step) of 10 epochs, n/10 rows per run.
+For each size n (full: 10^4, 10^5, 10^6, 10^7 log rows; quick: 10^4 .. 10^6) the same
+history is written for both tools without running any training: 10 runs, each
+logging ``loss`` at every (epoch, step) of 10 epochs, n/10 rows per run.
 
 * flor_ray: the relation is built in ``flor_ray.relation.schema()`` and written with
   ``table_to_parquet_bytes`` + ``Store.write_bytes`` (one Parquet file per run and epoch, as a recording
@@ -12,9 +12,17 @@ written for both tools without running any training: 10 runs, each logging
 
 Timed (median of 3 after a warm-up, each in a warm process): ``flor_ray.dataframe("loss")``,
 ``flor_ray.sql`` (mean loss per run, a GROUP BY over every row), and FlorDB's
-``flor.dataframe("loss")`` and ``flor.query`` with the same GROUP BY. FlorDB sizes
-that would exceed ``--flordb-timeout`` are reported as such.
-Prints a table; writes benchmarks/results/query.json and query.png.
+``flor.dataframe("loss")`` and ``flor.query`` with the same GROUP BY; the table and the
+plot give flor_ray's time over FlorDB's per size (below 1: flor_ray is faster).
+
+FlorDB gets a time limit per size (``--flordb-timeout``; full 900 s, quick 60 s). Before
+a size, its cost is extrapolated linearly from the largest size it completed (import,
+insert, one dataframe and one query, and its peak memory): a size that would exceed the
+limit, or need more than half of the memory available, is not run and recorded as
+"not run: would take ~X s (extrapolated ...)"; a size that runs past the limit anyway is
+killed and recorded as a timeout, with what it had measured. FlorDB repeats a query
+only while the repetitions fit in a third of the limit.
+Prints a table; writes benchmarks/results/query.json and query.png (quick: query_quick.png).
 Usage: ``python benchmarks/bench_query.py [--quick] [--sizes 1e4,1e5] [--flordb auto|install|skip]``.
 """
 
@@ -24,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -113,13 +122,16 @@ def time_flor_ray(path: Path, reps: int) -> dict:
 
 # Runs inside FlorDB's virtualenv, cwd = a git repository of its own.
 FLORDB_SCRIPT = textwrap.dedent('''
-    import json, sqlite3, sys, time
+    import json, resource, sqlite3, sys, time
     n, reps, budget = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    def rss_mb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     RUNS, EPOCHS = {runs}, {epochs}
     t = time.perf_counter()
     import flordb as flor
     from flordb import database
     import_s = time.perf_counter() - t
+    import_rss_mb = rss_mb()
     conn, cur = database.conn_and_cursor()
     steps = max(1, n // (RUNS * EPOCHS))
     t = time.perf_counter()
@@ -137,7 +149,8 @@ FLORDB_SCRIPT = textwrap.dedent('''
     conn.commit()
     conn.close()
     insert_s = time.perf_counter() - t
-    out = {{"import_s": import_s, "insert_s": insert_s}}
+    out = {{"import_s": import_s, "insert_s": insert_s, "import_rss_mb": import_rss_mb, "max_rss_mb": rss_mb()}}
+    print("PARTIAL" + json.dumps(out), flush=True)
     sql = ("SELECT tstamp, avg(CAST(value AS REAL)) AS mean_loss, count(*) AS n FROM logs "
            "WHERE value_name = 'loss' GROUP BY tstamp")
     for label, fn in (("dataframe", lambda: flor.dataframe("loss")), ("sql", lambda: flor.query(sql))):
@@ -153,6 +166,8 @@ FLORDB_SCRIPT = textwrap.dedent('''
         times = times or [first]
         out[label] = {{"first_s": first, "times_s": times, "median_s": sorted(times)[len(times) // 2],
                        "rows_out": int(len(res))}}
+        del res
+        out["max_rss_mb"] = rss_mb()
         print("PARTIAL" + json.dumps(out), flush=True)
     print("JSON" + json.dumps(out), flush=True)
 ''').format(runs=RUNS, epochs=EPOCHS)
@@ -169,25 +184,89 @@ def time_flordb(tmp: Path, n: int, reps: int, timeout: float) -> dict:
             return {"ok": True, "wall_s": wall, **json.loads(ln[4:])}
         if ln.startswith("PARTIAL"):
             last = json.loads(ln[7:])
-    err = "timeout" if proc.returncode == 124 else f"exit {proc.returncode}: {(proc.stderr or '').strip()[-400:]}"
-    return {"ok": False, "wall_s": wall, "error": err, **(last or {})}
+    if proc.returncode == 124:
+        err = f"timeout: killed after the limit of {timeout:.0f} s per size"
+    else:
+        err = f"exit {proc.returncode}: {(proc.stderr or '').strip()[-400:]}"
+    return {"ok": False, "timed_out": proc.returncode == 124, "wall_s": wall, "error": err, **(last or {})}
+
+
+def _mem_available_mb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def flordb_estimate(done: dict | None, n: int) -> dict | None:
+    """FlorDB's cost at n rows, extrapolated linearly from the largest size it completed.
+
+    Time: import + (insert + one dataframe + one query) x n/m, i.e. the least the run
+    at n needs to measure anything (the repetitions are dropped when they would not
+    fit). Memory: its resident memory after the import plus the growth of its peak
+    beyond that x n/m. A rough guide (its fixed costs are scaled too), recorded with
+    the entry so that a size left out can be judged.
+    """
+    if not done or not done.get("ok"):
+        return None
+    m = done["rows"]
+    k = n / m
+    once = sum((done.get(key) or {}).get("first_s", 0.0) for key in ("dataframe", "sql"))
+    est = done.get("import_s", 0.0) + (done.get("insert_s", 0.0) + once) * k
+    out = {"from_rows": m, "estimate_s": est}
+    if done.get("max_rss_mb"):
+        base = done.get("import_rss_mb") or 0.0
+        out["estimate_rss_mb"] = base + (done["max_rss_mb"] - base) * k
+    return out
+
+
+def _median(side: dict, key: str):
+    return (side.get(key) or {}).get("median_s")
+
+
+def ratios(entry: dict) -> dict:
+    """flor_ray's median over FlorDB's, per query kind (below 1: flor_ray is faster)."""
+    fr, fd = entry["flor_ray"], entry.get("flordb") or {}
+    out = {}
+    for key in ("dataframe", "sql"):
+        a, b = _median(fr, key), _median(fd, key)
+        out[key] = a / b if a and b else None
+    return out
+
+
+def flordb_note(fd: dict) -> str:
+    if fd.get("ok"):
+        return ""
+    return str(fd.get("reason") or fd.get("error") or "not run")
 
 
 def table(res: dict) -> str:
     hdr = (f"{'rows':>10s} {'fr df (s)':>10s} {'fr sql (s)':>10s} {'FlorDB df (s)':>13s} {'FlorDB sql (s)':>14s} "
-           f"{'df: FlorDB/fr':>13s} {'sql: FlorDB/fr':>14s}  rows out fr / FlorDB")
+           f"{'df fr/FlorDB':>12s} {'sql fr/FlorDB':>13s}  rows out fr / FlorDB")
     lines = [hdr, "-" * len(hdr)]
+    notes = []
+
+    def num(x, w, fmt):
+        return f"{x:{w}{fmt}}" if x else f"{'-':>{w}s}"
+
     for e in res["sizes"]:
         fr = e["flor_ray"]
         fd = e.get("flordb") or {}
-        fdd = (fd.get("dataframe") or {}).get("median_s")
-        fds = (fd.get("sql") or {}).get("median_s")
-        rdf = f"{fdd / fr['dataframe']['median_s']:13.1f}" if fdd else f"{'-':>13s}"
-        rsq = f"{fds / fr['sql']['median_s']:14.1f}" if fds else f"{'-':>14s}"
-        note = "" if fd.get("ok", False) else f"  FlorDB: {fd.get('error') or fd.get('reason', 'not run')}"[:90]
+        r = e.get("ratio_fr_over_flordb") or ratios(e)
+        note = flordb_note(fd)
+        mark = ""
+        if note:
+            notes.append(f"{e['rows']:,} rows, FlorDB: {note}")
+            mark = f"  [{len(notes)}]"
         lines.append(f"{e['rows']:>10,d} {fr['dataframe']['median_s']:10.3f} {fr['sql']['median_s']:10.3f} "
-                     f"{(f'{fdd:13.3f}' if fdd else f'{chr(45):>13s}')} {(f'{fds:14.3f}' if fds else f'{chr(45):>14s}')} "
-                     f"{rdf} {rsq}  {fr['dataframe']['rows_out']} / {(fd.get('dataframe') or {}).get('rows_out', '-')}{note}")
+                     f"{num(_median(fd, 'dataframe'), 13, '.3f')} {num(_median(fd, 'sql'), 14, '.3f')} "
+                     f"{num(r['dataframe'], 12, '.3f')} {num(r['sql'], 13, '.3f')}  "
+                     f"{fr['dataframe']['rows_out']} / {(fd.get('dataframe') or {}).get('rows_out', '-')}{mark}")
+    lines += [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
     return "\n".join(lines)
 
 
@@ -197,21 +276,50 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [e["rows"] for e in res["sizes"]]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(xs, [e["flor_ray"]["dataframe"]["median_s"] for e in res["sizes"]], "o-", label="flor_ray.dataframe")
-    ax.plot(xs, [e["flor_ray"]["sql"]["median_s"] for e in res["sizes"]], "s-", label="flor_ray.sql (GROUP BY)")
-    for key, lab, m in (("dataframe", "FlorDB flor.dataframe", "o--"), ("sql", "FlorDB flor.query (GROUP BY)", "s--")):
-        pts = [(e["rows"], (e.get("flordb") or {}).get(key, {}).get("median_s")) for e in res["sizes"]]
+    sizes = res["sizes"]
+    xs = [e["rows"] for e in sizes]
+    fig, (ax, axr) = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax.plot(xs, [e["flor_ray"]["dataframe"]["median_s"] for e in sizes], "o-", color="C0", label="flor_ray.dataframe")
+    ax.plot(xs, [e["flor_ray"]["sql"]["median_s"] for e in sizes], "s-", color="C1", label="flor_ray.sql (GROUP BY)")
+    for key, lab, m, c in (("dataframe", "FlorDB flor.dataframe", "o--", "C0"),
+                           ("sql", "FlorDB flor.query (GROUP BY)", "s--", "C1")):
+        pts = [(e["rows"], _median(e.get("flordb") or {}, key)) for e in sizes]
         pts = [(x, y) for x, y in pts if y]
         if pts:
-            ax.plot(*zip(*pts), m, label=lab)
+            ax.plot(*zip(*pts), m, color=c, mfc="none", label=lab)
+    for e in sizes:  # FlorDB sizes not run, or killed: the extrapolated time, marked
+        fd = e.get("flordb") or {}
+        if not fd.get("ok") and fd.get("estimate_s"):
+            ax.plot([e["rows"]], [fd["estimate_s"]], "x", color="C3", ms=9)
+            ax.annotate(f"FlorDB not run\n(~{fd['estimate_s']:.0f} s est.)", (e["rows"], fd["estimate_s"]),
+                        textcoords="offset points", xytext=(-100, -22), fontsize=7, color="C3")
+        elif fd.get("timed_out"):
+            ax.annotate("FlorDB: timeout", (e["rows"], res.get("flordb_timeout_s") or 1),
+                        textcoords="offset points", xytext=(-40, 6), fontsize=7, color="C3")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("log rows")
     ax.set_ylabel("seconds (median)")
     ax.set_title(f"query time ({res['mode']})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    for key, lab, m, c in (("dataframe", "dataframe", "o-", "C0"), ("sql", "sql (GROUP BY)", "s-", "C1")):
+        pts = [(e["rows"], (e.get("ratio_fr_over_flordb") or ratios(e)).get(key)) for e in sizes]
+        pts = [(x, y) for x, y in pts if y]
+        if pts:
+            axr.plot(*zip(*pts), m, color=c, label=lab)
+            for x, y in pts:
+                axr.annotate(f"{y:.2g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
+    axr.axhline(1.0, color="grey", lw=0.8, ls=":")
+    axr.set_xscale("log")
+    axr.set_yscale("log")
+    axr.set_xlim(min(xs) / 2, max(xs) * 2)
+    axr.set_xlabel("log rows")
+    axr.set_ylabel("flor_ray time / FlorDB time")
+    axr.set_title("flor_ray / FlorDB (below 1: flor_ray faster)")
+    if axr.lines[:-1]:
+        axr.legend(fontsize=7)
+    else:
+        axr.text(0.5, 0.5, "FlorDB not measured", transform=axr.transAxes, ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -221,16 +329,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="10^4 .. 10^6 rows")
     ap.add_argument("--sizes", default=None, help="comma list, e.g. 1e4,1e5 (quick: 1e4,1e5,1e6; full: up to 1e7)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions after the warm-up (quick 1, full 3)")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions after the warm-up (default 3)")
     ap.add_argument("--flordb", choices=["auto", "install", "skip"], default=None,
                     help="auto: use benchmarks/.flordb-venv if present (quick default); install: create it (full default)")
     ap.add_argument("--flordb-max-rows", type=float, default=None,
                     help="largest size FlorDB is asked for (quick 1e5, full 1e7)")
-    ap.add_argument("--flordb-timeout", type=float, default=None, help="seconds per FlorDB size (quick 60, full 900)")
+    ap.add_argument("--flordb-timeout", type=float, default=None,
+                    help="FlorDB's time limit per size in seconds (quick 60, full 900): sizes extrapolated past it "
+                         "are not run, a run past it is killed")
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args()
     mode = "quick" if a.quick else "full"
-    a.reps = a.reps or (1 if a.quick else 3)
     sizes = [int(float(x)) for x in (a.sizes or ("1e4,1e5,1e6" if a.quick else "1e4,1e5,1e6,1e7")).split(",")]
     fmax = int(a.flordb_max_rows or (1e5 if a.quick else 1e7))
     ftimeout = a.flordb_timeout or (60.0 if a.quick else 900.0)
@@ -241,27 +350,46 @@ def main() -> int:
     res["flordb"] = fdb
     if not fdb["available"]:
         log(f"FlorDB: {fdb['reason']}")
+    res["flordb_timeout_s"] = ftimeout
+    done = None  # FlorDB's largest completed size, for the extrapolation
     with tempfile.TemporaryDirectory(prefix="flor_bench_query_") as d:
         tmp = Path(d)
         for n in sizes:
             path = tmp / f"store-{n}"
             w = write_flor_ray(path, n)
             fr = time_flor_ray(path, a.reps)
-            entry = {"rows": RUNS * EPOCHS * max(1, n // (RUNS * EPOCHS)), "flor_ray_write_s": w, "flor_ray": fr}
-            log(f"  {n:,} rows: flor_ray dataframe {fr['dataframe']['median_s']:.3f} s, sql {fr['sql']['median_s']:.3f} s")
+            shutil.rmtree(path, ignore_errors=True)
+            rows = RUNS * EPOCHS * max(1, n // (RUNS * EPOCHS))
+            entry = {"rows": rows, "flor_ray_write_s": w, "flor_ray": fr}
+            log(f"  {n:,} rows: flor_ray write {w:.1f} s, dataframe {fr['dataframe']['median_s']:.3f} s, "
+                f"sql {fr['sql']['median_s']:.3f} s")
+            est = flordb_estimate(done, rows)
+            avail = _mem_available_mb()
             if not fdb["available"]:
                 entry["flordb"] = {"ok": False, "reason": fdb["reason"]}
             elif n > fmax:
                 entry["flordb"] = {"ok": False, "reason": f"not run above {fmax:,} rows in this mode (--flordb-max-rows)"}
+            elif est and est["estimate_s"] > ftimeout:
+                entry["flordb"] = {"ok": False, "skipped": True, **est, "reason": (
+                    f"not run: would take ~{est['estimate_s']:.0f} s (extrapolated linearly from "
+                    f"{est['from_rows']:,} rows), over the limit of {ftimeout:.0f} s per size")}
+            elif est and avail and est.get("estimate_rss_mb", 0) > avail / 2:
+                entry["flordb"] = {"ok": False, "skipped": True, **est, "mem_available_mb": avail, "reason": (
+                    f"not run: would need ~{est['estimate_rss_mb'] / 1024:.1f} GiB (extrapolated linearly from "
+                    f"{est['from_rows']:,} rows), over half of the {avail / 1024:.1f} GiB available")}
             else:
-                entry["flordb"] = time_flordb(tmp, n, a.reps, ftimeout)
-                fd = entry["flordb"]
-                log(f"  {n:,} rows: FlorDB dataframe {(fd.get('dataframe') or {}).get('median_s')} s, "
-                    f"sql {(fd.get('sql') or {}).get('median_s')} s {'' if fd['ok'] else fd['error']}")
+                fd = time_flordb(tmp, n, a.reps, ftimeout)
+                if est:
+                    fd["extrapolated"] = est
+                entry["flordb"] = fd
+                if fd["ok"]:
+                    done = {"rows": rows, **fd}
+                elif est:  # killed: what it would have taken at least
+                    fd["estimate_s"] = est["estimate_s"]
+                log(f"  {n:,} rows: FlorDB dataframe {_median(fd, 'dataframe')} s, "
+                    f"sql {_median(fd, 'sql')} s {'' if fd['ok'] else fd['error']}")
+            entry["ratio_fr_over_flordb"] = ratios(entry)
             res["sizes"].append(entry)
-            import shutil
-
-            shutil.rmtree(path, ignore_errors=True)
     res["total_s"] = time.perf_counter() - t_all
     res["load_avg_end"] = os.getloadavg()
     res["date"] = time.strftime("%Y-%m-%dT%H:%M:%S")

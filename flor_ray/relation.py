@@ -17,6 +17,8 @@ the value.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .errors import QueryError
@@ -290,6 +292,108 @@ def select_runs(store: "Store", where: str | None, metas: list[dict] | None = No
     return [m["run_id"] for m in metas if m["run_id"] in keep]
 
 
+# --------------------------------------------------------- listings and caches
+# Queries list the store on every call (a run or a replay task may have added a file
+# since the last one) and keep what they derived from the files (parsed run files,
+# DuckDB tables) for as long as the listing stays the same. A listing entry's stamp
+# changes whenever its file is rewritten: every write is a new file renamed into place
+# (new inode, new mtime) or a new object (new etag / mtime).
+_STAMP_KEYS = ("mtime", "LastModified", "last_modified", "ETag", "etag", "md5", "generation", "version_id", "created")
+_CACHE_LOCK = threading.Lock()
+_RUNS_CACHE: "dict[tuple, dict[str, tuple]]" = {}  # store key -> {path: (size, stamp, parsed run)}
+_RUNS_CACHE_KEEP = 8
+
+
+def _store_key(store: "Store") -> tuple:
+    """What identifies a store's caches: this process (a fork starts over), URL, options."""
+    return (os.getpid(), store.url, json.dumps(store.storage_options, sort_keys=True, default=str))
+
+
+def _listing(store: "Store", rel: str, suffix: str, recursive: bool = True) -> tuple:
+    """``(path, size, stamp)`` of the files below ``rel`` ending in ``suffix``, sorted by path.
+
+    The files of :meth:`Store.find` (``recursive``) or of :meth:`Store.listdir`
+    (otherwise), store-relative and without hidden temporaries; one ``os.scandir`` per
+    folder on local disks, one listing call on object stores.
+    """
+    base = store.path(rel)
+    root = store.root
+    out = []
+    if store.is_local:
+        folders = [base]
+        while folders:
+            folder = folders.pop()
+            try:
+                entries = os.scandir(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise store._wrap(f"listing {rel}", exc) from exc
+            with entries:
+                for e in entries:
+                    try:
+                        if e.is_dir():  # follows links, as fsspec's find does
+                            if recursive:
+                                folders.append(e.path)
+                            continue
+                        if e.name.startswith((".", "_")) or not e.name.endswith(suffix):
+                            continue
+                        st = e.stat()
+                    except FileNotFoundError:  # removed while listing
+                        continue
+                    out.append((e.path[len(root) + 1:], st.st_size, (st.st_mtime_ns, st.st_ino)))
+    else:
+        try:
+            if recursive:
+                found = store.fs.find(base, detail=True)
+            else:
+                found = {e["name"]: e for e in store.fs.ls(base, detail=True) if e.get("type") != "directory"}
+        except FileNotFoundError:
+            return ()
+        except Exception as exc:
+            raise store._wrap(f"listing {rel}", exc) from exc
+        for p, info in found.items():
+            p = p.rstrip("/")
+            name = p.rsplit("/", 1)[-1]
+            if name.startswith((".", "_")) or not p.endswith(suffix):
+                continue
+            stamp = tuple(str(info[k]) for k in _STAMP_KEYS if info.get(k) is not None)
+            out.append((p[len(root) + 1:] if p.startswith(root) else p, info.get("size"), stamp))
+    out.sort(key=lambda f: f[0])
+    return tuple(out)
+
+
+def _cached_runs(store: "Store") -> tuple[list[dict], tuple]:
+    """:func:`load_runs` reading only new or rewritten run files; also the listing.
+
+    The returned dicts are shared with the cache: callers read them, never change them.
+    """
+    listing = _listing(store, "runs", ".json", recursive=False)
+    key = _store_key(store)
+    with _CACHE_LOCK:
+        old = _RUNS_CACHE.get(key) or {}
+    new: dict[str, tuple] = {}
+    metas = []
+    for rel, size, stamp in listing:
+        hit = old.get(rel)
+        if hit is not None and hit[0] == size and hit[1] == stamp:
+            meta = hit[2]
+        else:
+            try:
+                meta = store.read_json(rel)
+            except FileNotFoundError:
+                continue
+        new[rel] = (size, stamp, meta)
+        metas.append(_with_liveness(meta))
+    metas.sort(key=lambda m: (m.get("started_at") or "", m["run_id"]))
+    with _CACHE_LOCK:
+        _RUNS_CACHE.pop(key, None)
+        _RUNS_CACHE[key] = new
+        while len(_RUNS_CACHE) > _RUNS_CACHE_KEEP:
+            _RUNS_CACHE.pop(next(iter(_RUNS_CACHE)))
+    return metas, listing
+
+
 # ------------------------------------------------------------------ logs table
 _DICT_COLS = ("version", "file", "loops", "name", "vtype", "task")
 
@@ -397,58 +501,262 @@ def logs_dataset(store: "Store"):
     return _dataset(store, files, schema(), part_schema, False)
 
 
-def _one_series(t: "pa.Table", kinds: set[str], run_rank: "np.ndarray"):
-    """Rows of one (name, source): context keys in order, last value per context."""
+# ------------------------------------------------------------------- dataframe
+#: the columns dataframe() reads from each file (the same ones as ever: a corrupted
+#: page in any of them is reported), and those read dictionary-encoded
+_DF_COLS = ("loops", *ITER_COLS, "name", "vtype", "value_float", "value_int", "value_str", "seq")
+_DF_DICT_COLS = ("loops", "name", "vtype")
+_NO_ITER = -(2 ** 31)  # a null iteration in the sort keys: before every real iteration
+
+
+def _read_files(store: "Store", files: Sequence[str]) -> list:
+    """The :data:`_DF_COLS` of each file (a ``pa.Table`` each, in order), read in parallel.
+
+    One ``ParquetFile`` per file, no dataset machinery: the partition columns come from
+    the paths. A column missing from an older file reads as nulls.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, root = store.arrow_fs()
+    local = store.is_local
+    want = schema()
+    dict_t = pa.dictionary(pa.int32(), pa.string())
+
+    def read(pf) -> "pa.Table":
+        have = set(pf.schema_arrow.names)
+        t = pf.read(columns=[c for c in _DF_COLS if c in have], use_threads=False)
+        cols = []
+        for c in _DF_COLS:
+            typ = want.field(c).type
+            if c not in have:
+                cols.append(pa.nulls(t.num_rows, typ))
+                continue
+            col = t.column(c)
+            if c in _DF_DICT_COLS:
+                if col.type != dict_t:
+                    col = col.cast(pa.string()).dictionary_encode()
+            elif col.type != typ:
+                col = col.cast(typ)
+            cols.append(col)
+        return pa.Table.from_arrays(cols, names=list(_DF_COLS))
+
+    def one(rel: str) -> "pa.Table":
+        if local:
+            with pq.ParquetFile(f"{root}/{rel}", read_dictionary=list(_DF_DICT_COLS)) as pf:
+                return read(pf)
+        with fs.open_input_file(f"{root}/{rel}") as fh:
+            return read(pq.ParquetFile(fh, read_dictionary=list(_DF_DICT_COLS)))
+
+    if len(files) < 2:
+        return [one(f) for f in files]
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(len(files), min(8, os.cpu_count() or 2) if local else 16)
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, files))
+
+
+def _dict_codes(col) -> tuple:
+    """(int32 codes, values) of a dictionary-encoded column whose chunks share one
+    dictionary; nulls get -1."""
+    import numpy as np
+
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    idx = arr.indices
+    if idx.null_count:
+        idx = idx.fill_null(-1)
+    return idx.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), arr.dictionary.to_pylist()
+
+
+def _iter_values(col) -> "np.ndarray | None":
+    """An iteration column as int32 with nulls as :data:`_NO_ITER`; None when all null."""
+    import numpy as np
+
+    if col.null_count == len(col):
+        return None
+    if col.null_count:
+        col = col.fill_null(_NO_ITER)
+    return col.to_numpy().astype(np.int32, copy=False)
+
+
+def _scan(store: "Store", files: Sequence[str], names: Sequence[str] | None) -> dict | None:
+    """The rows of ``names`` (all names: None) in ``files``, as flat arrays in file order.
+
+    Returns None when no row is left; else run/source/name/vtype/loops codes per row,
+    ``iters`` (per depth: int32 or None when all null), ``seq`` and the value columns
+    (Arrow). Run codes index the sorted run ids of ``files`` (``rid_dict``); loop path
+    codes follow the unified dictionaries of all files, in file order (the numbering
+    that breaks ties between paths with equal iterations, as it always did).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    try:
+        tables = _read_files(store, files)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise _unreadable(store, files, exc) from exc
+    runs_of = [f.split("/")[1][len("run_id="):] for f in files]
+    rid_dict = sorted(set(runs_of))
+    run_code = {r: i for i, r in enumerate(rid_dict)}
+    counts = [t.num_rows for t in tables]
+    t = pa.concat_tables(tables).unify_dictionaries()
+    if t.num_rows == 0:
+        return None
+    name, name_vals = _dict_codes(t.column("name"))
+    if names is not None:
+        wanted = list(dict.fromkeys(names))
+        at = {n: i for i, n in enumerate(wanted)}
+        lut = np.asarray([at.get(v, -1) for v in name_vals] + [-1], dtype=np.int32)
+        name, name_vals = lut[name], wanted
+    sel = None
+    if (name < 0).any():
+        sel = np.flatnonzero(name >= 0)
+        if not len(sel):
+            return None
+        name = name[sel]
+
+    def rows(a):
+        return a if sel is None else a[sel]
+
+    def column(c):
+        col = t.column(c)
+        return col if sel is None else col.take(pa.array(sel))
+
+    vtype, vtype_vals = _dict_codes(t.column("vtype"))
+    vtype = rows(vtype)
+    if (vtype < 0).any():  # no type recorded: read as the string column, as ever
+        vtype = np.where(vtype < 0, len(vtype_vals), vtype).astype(np.int32)
+        vtype_vals = [*vtype_vals, None]
+    loops, loop_vals = _dict_codes(t.column("loops"))
+    seq = t.column("seq")
+    iters = []
+    for c in ITER_COLS:
+        it = _iter_values(t.column(c))
+        iters.append(None if it is None else rows(it))
+    return {
+        "rid_dict": rid_dict,
+        "run": rows(np.repeat(np.asarray([run_code[r] for r in runs_of], dtype=np.int32), counts)),
+        "src": rows(np.repeat(np.asarray(["/source=replay/" in f for f in files], dtype=np.int8), counts)),
+        "name": name,
+        "name_vals": name_vals,
+        "vtype": vtype,
+        "vtype_vals": vtype_vals,
+        "loops": rows(loops),
+        "loop_vals": loop_vals,
+        "iters": iters,
+        "seq": rows((seq.fill_null(0) if seq.null_count else seq).to_numpy()),
+        "value_float": column("value_float"),
+        "value_int": column("value_int"),
+        "value_str": column("value_str"),
+    }
+
+
+def _first_seen(codes: "np.ndarray") -> list[int]:
+    """The codes present in ``codes``, in the order of their first row."""
+    import numpy as np
+
+    if not len(codes):
+        return []
+    # a code first appears at row 0 or where the code changes: only those rows are looked at
+    starts = codes[np.concatenate(([0], np.flatnonzero(codes[1:] != codes[:-1]) + 1))]
+    present, first = np.unique(starts, return_index=True)
+    return [int(c) for _, c in sorted(zip(first, present)) if c >= 0]
+
+
+def _sorted_by(keys) -> bool:
+    """Whether rows are in lexicographic order of ``keys`` (vectorised, O(n) per key)."""
+    undecided = None
+    for k in keys:
+        a, b = k[:-1], k[1:]
+        if undecided is None:
+            if (b < a).any():
+                return False
+            undecided = b == a
+        else:
+            if (undecided & (b < a)).any():
+                return False
+            undecided &= b == a
+        if not undecided.any():
+            return True
+    return True
+
+
+def _series_rows(rank, seq, iters, loops) -> "np.ndarray | None":
+    """Rows of one (name, source), as indices: context order, the last row per context.
+
+    Rows are put in (run, logging order), where they usually already are, so that the
+    rows of one loop context become neighbours even when they come from several files
+    (replay tasks number their rows from 0); if the loop contexts are then out of
+    order they are sorted (stable: logging order kept within a context). None: all
+    rows, as they are.
+    """
+    import numpy as np
+
+    order = None
+    if not _sorted_by([rank, seq]):
+        order = np.lexsort((seq, rank))
+    keys = [rank, *iters]
+    if order is not None:
+        keys, loops = [k[order] for k in keys], loops[order]
+    if not _sorted_by(keys):
+        again = np.lexsort((loops, *reversed(keys)))  # stable: seq order kept within a context
+        order = again if order is None else order[again]
+        keys, loops = [k[again] for k in keys], loops[again]
+    n = len(rank)
+    if n > 1:
+        same = loops[1:] == loops[:-1]
+        for k in keys:
+            same &= k[1:] == k[:-1]
+        if same.any():  # keep the last row of each run of equal contexts
+            last = np.ones(n, dtype=bool)
+            last[:-1] = ~same
+            keep = np.flatnonzero(last)
+            order = keep if order is None else order[keep]
+    return order
+
+
+def _values(scan: dict, rows, kinds: set[str]):
+    """The values of ``rows`` as a numpy array, typed by the kinds of the series."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    rid = t.column("run_id").combine_chunks()
-    if pa.types.is_dictionary(rid.type):
-        rank = run_rank[rid.indices.to_numpy(zero_copy_only=False)] if len(run_rank) else np.zeros(len(rid), np.int64)
-    else:
-        rank = np.zeros(len(rid), np.int64)
-    # Sort by (run, loop context, seq): rows of one context become neighbours even
-    # when they come from several files (replay tasks number their rows from 0),
-    # and the loop context order is the iteration order.
-    seq = t.column("seq").to_numpy()
-    loops_idx = pc.dictionary_encode(t.column("loops")).combine_chunks() if not pa.types.is_dictionary(
-        t.column("loops").type) else t.column("loops").combine_chunks()
-    keys = [rank] + [t.column(c).fill_null(-1).to_numpy() for c in ITER_COLS]
-    keys.append(loops_idx.indices.to_numpy(zero_copy_only=False))
-    order = np.lexsort((seq, keys[0]))  # run, then logging order: usually already context order
-    keys = [k[order] for k in keys]
-    if not _nondecreasing(keys[:-1]):
-        again = np.lexsort((keys[-1], *reversed(keys[:-1])))  # stable: seq order kept within a context
-        order, keys = order[again], [k[again] for k in keys]
-    t = t.take(pa.array(order))
-    n = t.num_rows
-    last = np.ones(n, dtype=bool)  # keep the last row of each run of equal contexts
-    if n > 1:
-        same = np.ones(n - 1, dtype=bool)
-        for k in keys:
-            same &= k[1:] == k[:-1]
-        last[:-1] = ~same
-    t = t.filter(pa.array(last))
+    def col(c):
+        arr = scan[c]
+        return arr if rows is None else arr.take(pa.array(rows))
+
     if kinds <= {"float"}:
-        vals = t.column("value_float").to_numpy()
-    elif kinds <= {"int"}:
-        vals = t.column("value_int").to_numpy()
-    elif kinds <= {"int", "float"}:
-        vals = pc.coalesce(t.column("value_float"), pc.cast(t.column("value_int"), pa.float64())).to_numpy()
-    elif kinds <= {"bool"}:
-        vals = t.column("value_int").to_numpy().astype(bool)
-    elif kinds <= {"str"}:
-        vals = t.column("value_str").to_numpy(zero_copy_only=False)
-    else:
-        decoded = [
-            f if vt == "float" else int(i) if vt == "int" else bool(i) if vt == "bool"
-            else json.loads(s_) if vt == "json" else s_
-            for vt, f, i, s_ in zip(*(t.column(c).to_pylist() for c in ("vtype", "value_float", "value_int", "value_str")))
-        ]
-        vals = np.empty(len(decoded), dtype=object)  # lists stay elements, not a 2-D array
-        vals[:] = decoded
-    return t, vals
+        return col("value_float").to_numpy()
+    if kinds <= {"int"}:
+        return col("value_int").to_numpy()
+    if kinds <= {"int", "float"}:
+        return pc.coalesce(col("value_float"), pc.cast(col("value_int"), pa.float64())).to_numpy()
+    if kinds <= {"bool"}:
+        return col("value_int").to_numpy().astype(bool)
+    if kinds <= {"str"}:
+        return col("value_str").to_numpy(zero_copy_only=False)
+    vt = np.asarray(scan["vtype_vals"], dtype=object)[scan["vtype"] if rows is None else scan["vtype"][rows]]
+    decoded = [
+        f if t == "float" else int(i) if t == "int" else bool(i) if t == "bool"
+        else json.loads(s_) if t == "json" else s_
+        for t, f, i, s_ in zip(vt, *(col(c).to_pylist() for c in ("value_float", "value_int", "value_str")))
+    ]
+    vals = np.empty(len(decoded), dtype=object)  # lists stay elements, not a 2-D array
+    vals[:] = decoded
+    return vals
+
+
+def _int_array(values) -> "pd.arrays.IntegerArray":
+    """A nullable Int64 array from int32 iterations with :data:`_NO_ITER` for nulls."""
+    import numpy as np
+    import pandas as pd
+
+    mask = values == _NO_ITER
+    out = values.astype(np.int64)
+    if mask.any():
+        out[mask] = 0
+    return pd.arrays.IntegerArray(out, mask)
 
 
 def dataframe(store: "Store", names: Sequence[str], where: str | None = None) -> "pd.DataFrame":
@@ -459,77 +767,119 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
     ``<name>__replay`` the replayed one, so the two can be compared side by side.
     Per name the rows are put in loop order and de-duplicated with vectorised
     passes (no per-row Python); several names are joined on the loop context.
+    The files are read column-wise straight into flat arrays (the partition columns
+    come from the paths), and a series already in order is neither sorted nor copied.
     """
     import numpy as np
     import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     store.check()
     names = list(names)
     for n in names:
         if not isinstance(n, str) or not n:
             raise QueryError(f"log names must be non-empty strings, got {n!r}")
-    metas = load_runs(store)
+    metas, _ = _cached_runs(store)
     run_ids = select_runs(store, where, metas)
-    table = read_logs(
-        store, names or None, run_ids if where else None, dictionary=True,
-        columns=["run_id", "source", "loops", *ITER_COLS, "name", "vtype", "value_float", "value_int", "value_str", "seq"],
-    )
-    if names and table.num_rows == 0:
-        raise QueryError(
-            f"no values logged under {', '.join(map(repr, names))}"
-            + (f" in the runs where {where}" if where else "")
-            + "; list the names with `flor-ray sql \"SELECT DISTINCT name FROM logs\"`, "
-            "or back-fill a new name with flor.replay"
-        )
-    if table.num_rows == 0:
+    listing = [f[0] for f in _listing(store, "logs", ".parquet")]
+    if where:  # the selected runs' files, in the runs' order, recorded then replayed
+        by_part: dict[tuple[str, str], list[str]] = {}
+        for f in listing:
+            parts = f.split("/")
+            if len(parts) > 2:
+                by_part.setdefault((parts[1], parts[2]), []).append(f)
+        files = [f for rid in run_ids for src in ("record", "replay")
+                 for f in by_part.get((f"run_id={rid}", f"source={src}"), [])]
+    else:
+        files = [f for f in listing if "/source=record/" in f or "/source=replay/" in f]
+    scan = _scan(store, files, names or None) if files else None
+    if scan is None:
+        if names:
+            raise QueryError(
+                f"no values logged under {', '.join(map(repr, names))}"
+                + (f" in the runs where {where}" if where else "")
+                + "; list the names with `flor-ray sql \"SELECT DISTINCT name FROM logs\"`, "
+                "or back-fill a new name with flor.replay"
+            )
         return pd.DataFrame(columns=["run_id", "version"])
-    rid_dict = table.column("run_id").combine_chunks().dictionary.to_pylist()
+    rid_dict = scan["rid_dict"]
     order_of = {m["run_id"]: i for i, m in enumerate(metas)}
     run_rank = np.array([order_of.get(r, len(order_of) + i) for i, r in enumerate(rid_dict)], dtype=np.int64)
-    kinds_t = table.group_by(["name", "source", "vtype"]).aggregate([])
+    n_names, n_vtypes = len(scan["name_vals"]), len(scan["vtype_vals"])
+    # which (name, source) series exist, and the value types of each
+    combo = (scan["name"].astype(np.int64) * 2 + scan["src"]) * n_vtypes + scan["vtype"]
     kinds: dict[tuple[str, str], set[str]] = {}
-    for n, src, vt in zip(*(kinds_t.column(c).to_pylist() for c in ("name", "source", "vtype"))):
-        kinds.setdefault((str(n), str(src)), set()).add(str(vt))
-    out_names = names or list(dict.fromkeys(str(x) for x in pc.unique(table.column("name")).to_pylist()))
-    paths = [str(p) for p in pc.unique(table.column("loops")).to_pylist() if p is not None]
+    for c in np.flatnonzero(np.bincount(combo, minlength=n_names * 2 * n_vtypes)):
+        ns, vt = divmod(int(c), n_vtypes)
+        nm, src = divmod(ns, 2)
+        key = (str(scan["name_vals"][nm]), ("record", "replay")[src])
+        kinds.setdefault(key, set()).add(str(scan["vtype_vals"][vt]))
+    out_names = names or [str(scan["name_vals"][c]) for c in _first_seen(scan["name"])]
+    loop_vals = scan["loop_vals"]
+    paths = [str(loop_vals[c]) for c in _first_seen(scan["loops"]) if loop_vals[c] is not None]
     depth = max([len([x for x in p.split("/") if x]) for p in paths] + [0])
     iter_cols = list(ITER_COLS[:depth])  # deeper columns are all null: not carried
-    key_cols = ["_rank", "loops", *iter_cols]
-    frames: list[pd.DataFrame] = []
-    cols: list[str] = []
-    for name in out_names:
-        for source, suffix in (("record", ""), ("replay", "__replay")):
-            if (name, source) not in kinds:
-                continue
-            sub = table.filter(pc.and_(pc.equal(pc.cast(table.column("name"), pa.string()), name),
-                                       pc.equal(pc.cast(table.column("source"), pa.string()), source)))
-            t, vals = _one_series(sub, kinds[(name, source)], run_rank)
-            col = name if suffix == "" or (name, "record") not in kinds else name + suffix
-            rid = t.column("run_id").combine_chunks()
-            frame = pd.DataFrame({
-                "_rank": run_rank[rid.indices.to_numpy(zero_copy_only=False)],
-                "run_id": pd.Categorical.from_codes(rid.indices.to_numpy(zero_copy_only=False), categories=rid_dict),
-                "loops": pd.Categorical.from_codes(*_dict_codes(t.column("loops"))),
-                **{c: _int_array(t.column(c)) for c in iter_cols},
+    key_iters = [(d, it) for d, it in enumerate(scan["iters"]) if it is not None]
+    series = [(name, source, suffix) for name in out_names
+              for source, suffix in (("record", ""), ("replay", "__replay")) if (name, source) in kinds]
+    name_code = {str(v): i for i, v in enumerate(scan["name_vals"])}
+
+    def gather(a, rows):  # rows None: all of them, as they are
+        return a if rows is None else a[rows]
+
+    picked = []  # (column, rows of the scan in result order, values)
+    for name, source, suffix in series:
+        sub = None  # one series: every row read belongs to it
+        if len(series) > 1:
+            sub = np.flatnonzero((scan["name"] == name_code[name]) & (scan["src"] == (source == "replay")))
+        rows = _series_rows(run_rank[gather(scan["run"], sub)], gather(scan["seq"], sub),
+                            [gather(it, sub) for _, it in key_iters], gather(scan["loops"], sub))
+        if sub is not None:
+            rows = sub if rows is None else sub[rows]
+        col = name if suffix == "" or (name, "record") not in kinds else name + suffix
+        picked.append((col, rows, _values(scan, rows, kinds[(name, source)])))
+    cols = [col for col, _, _ in picked]
+    by_depth = dict(key_iters)
+    loop_cats = [str(v) for v in loop_vals]
+
+    def iters_of(rows):
+        return {d: _int_array(gather(by_depth[d], rows)) if d in by_depth
+                else pd.arrays.IntegerArray(np.zeros(len(gather(scan["run"], rows)), np.int64),
+                                            np.ones(len(gather(scan["run"], rows)), bool))
+                for d in range(depth)}
+
+    if len(picked) == 1:
+        col, rows, vals = picked[0]
+        codes = gather(scan["run"], rows)
+        loops = gather(scan["loops"], rows)
+        iter_arrays = iters_of(rows)
+        columns: dict[str, Any] = {col: vals}
+    else:  # several series: outer-joined on the loop context
+        frames = []
+        for col, rows, vals in picked:
+            frames.append(pd.DataFrame({
+                "_rank": run_rank[gather(scan["run"], rows)],
+                "loops": pd.Categorical.from_codes(gather(scan["loops"], rows), categories=loop_cats),
+                **{c: a for c, a in zip(iter_cols, iters_of(rows).values())},
                 col: vals,
-            })
-            frames.append(frame)
-            cols.append(col)
-    if len(frames) == 1:
+            }))
+        key_cols = ["_rank", "loops", *iter_cols]
         wide = frames[0]
-    else:
-        wide = frames[0].drop(columns=["run_id"])
         for f in frames[1:]:
-            wide = wide.merge(f.drop(columns=["run_id"]), on=key_cols, how="outer", sort=False)
-        wide["run_id"] = pd.Categorical.from_codes(_codes_from_rank(wide["_rank"].to_numpy(), run_rank),
-                                                   categories=rid_dict)
-        wide = wide.sort_values(["_rank", *iter_cols], na_position="first", kind="stable")
-    wide = wide.reset_index(drop=True)
-    # plain (Arrow-backed) strings, gathered in C++ from the few distinct run ids
-    codes = wide["run_id"].cat.codes.to_numpy()
-    wide["run_id"] = _strings_by_run(codes, rid_dict)
+            wide = wide.merge(f, on=key_cols, how="outer", sort=False)
+        wide = wide.sort_values(["_rank", *iter_cols], na_position="first", kind="stable").reset_index(drop=True)
+        codes = _codes_from_rank(wide["_rank"].to_numpy(), run_rank)
+        loops = wide["loops"].cat.codes.to_numpy()
+        iter_arrays = {d: wide[c].array for d, c in enumerate(iter_cols)}
+        columns = {c: wide[c] for c in dict.fromkeys(cols)}
+    return _assemble(codes, loops, loop_cats, iter_arrays, columns, cols, paths, rid_dict, metas)
+
+
+def _assemble(codes, loops, loop_cats, iter_arrays, columns: dict, cols: list, paths: list, rid_dict, metas):
+    """The result frame: run_id, version, the args, a column per loop, the values."""
+    import numpy as np
+    import pandas as pd
+
+    out: dict[str, Any] = {"run_id": _strings_by_run(codes, rid_dict), **columns}
     # loop columns named after the loops
     per_depth: dict[int, list[str]] = {}
     for path in paths:
@@ -538,19 +888,19 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
                 per_depth[d].append(lname)
     loop_cols: list[str] = []
     for d, lnames in sorted(per_depth.items()):
-        src = wide[ITER_COLS[d]]
+        src = iter_arrays[d]
         for lname in lnames:
             if lname in loop_cols:
                 continue
             loop_cols.append(lname)
             if len(lnames) == 1:
-                wide[lname] = src
+                out[lname] = src
             else:
-                has = [len(p.split("/")) > d and p.split("/")[d] == lname for p in wide["loops"].cat.categories]
-                mask = np.asarray(has, dtype=bool)[wide["loops"].cat.codes.to_numpy()]
-                wide[lname] = src.where(mask, pd.NA)
+                has = [len(p.split("/")) > d and p.split("/")[d] == lname for p in loop_cats]
+                mask = np.asarray(has, dtype=bool)[loops]
+                out[lname] = pd.Series(src).where(mask, pd.NA).array
     runs = {m["run_id"]: m for m in metas}
-    wide["version"] = _strings_by_run(codes, [str((runs.get(r) or {}).get("version")) for r in rid_dict])
+    out["version"] = _strings_by_run(codes, [str((runs.get(r) or {}).get("version")) for r in rid_dict])
     arg_names: list[str] = []
     for m in metas:
         for a in m.get("args") or {}:
@@ -559,18 +909,25 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
     arg_cols = []
     for a in arg_names:
         col = a if a not in cols and a not in loop_cols and a not in ("run_id", "version") else f"arg_{a}"
-        wide[col] = _by_run(codes, rid_dict, {r: (m.get("args") or {}).get(a) for r, m in runs.items()})
+        out[col] = _by_run(codes, rid_dict, {r: (m.get("args") or {}).get(a) for r, m in runs.items()})
         arg_cols.append(col)
-    return wide[["run_id", "version", *arg_cols, *loop_cols, *cols]]
+    order = ["run_id", "version", *arg_cols, *loop_cols, *cols]
+    if len(set(order)) == len(order):
+        return pd.DataFrame({c: out[c] for c in order}, copy=False)
+    return pd.DataFrame(out, copy=False)[order]  # a log named like a loop: as it always was
 
 
 def _strings_by_run(codes, per_run: list[str]):
-    """A string column with one value per run, gathered in C++ by run codes."""
+    """A string column with one value per run, gathered in C++ by run codes.
+
+    Gathered as ``large_string``, the type pandas keeps ``str`` columns in (a
+    ``string`` array would be converted once more).
+    """
     import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    return pd.arrays.ArrowStringArray(pc.take(pa.array(per_run, pa.string()), pa.array(codes)),
+    return pd.arrays.ArrowStringArray(pc.take(pa.array(per_run, pa.large_string()), pa.array(codes)),
                                       dtype=pd.StringDtype("pyarrow", na_value=float("nan")))
 
 
@@ -578,46 +935,8 @@ def _by_run(codes, rid_dict: list[str], value_of: dict):
     """A per-row column from one value per run, gathered by run codes (vectorised)."""
     import pandas as pd
 
-    per_run = pd.Series([value_of.get(r) for r in rid_dict])
-    return per_run.take(codes).reset_index(drop=True).to_numpy() if len(per_run) else []
-
-
-def _int_array(col):
-    """A nullable pandas Int64 array from an Arrow int column, without per-row work."""
-    import numpy as np
-    import pandas as pd
-
-    arr = col.combine_chunks()
-    values = arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    mask = arr.is_null().to_numpy(zero_copy_only=False)
-    return pd.arrays.IntegerArray(values, mask)
-
-
-def _nondecreasing(keys) -> bool:
-    """Whether rows are in lexicographic order of ``keys`` (vectorised, O(n) per key)."""
-    import numpy as np
-
-    n = len(keys[0])
-    if n < 2:
-        return True
-    undecided = np.ones(n - 1, dtype=bool)
-    for k in keys:
-        d = np.sign(k[1:].astype(np.int64) - k[:-1].astype(np.int64))
-        if np.any(undecided & (d < 0)):
-            return False
-        undecided &= d == 0
-    return True
-
-
-def _dict_codes(col) -> tuple:
-    """(codes, categories) of a dictionary-encoded (or plain string) Arrow column."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    arr = col.combine_chunks()
-    if not pa.types.is_dictionary(arr.type):
-        arr = pc.dictionary_encode(arr)
-    return arr.indices.to_numpy(zero_copy_only=False), [str(x) for x in arr.dictionary.to_pylist()]
+    per_run = pd.Series([value_of.get(r) for r in rid_dict])  # the dtype pandas infers
+    return per_run.to_numpy()[codes] if len(per_run) else []
 
 
 def _codes_from_rank(ranks, run_rank):
@@ -629,6 +948,17 @@ def _codes_from_rank(ranks, run_rank):
 
 
 _READ_ONLY = frozenset({"SELECT", "WITH", "FROM", "DESCRIBE", "SHOW", "SUMMARIZE", "PIVOT", "UNPIVOT", "VALUES", "EXPLAIN"})
+_VALUE_VIEW = (
+    "CREATE OR REPLACE VIEW logs AS SELECT *, "
+    "CASE vtype WHEN 'float' THEN value_float WHEN 'int' THEN value_int::DOUBLE "
+    "WHEN 'bool' THEN value_int::DOUBLE END AS value FROM logs_arrow"
+)
+#: a relation up to this many rows is copied into DuckDB's memory (~300 bytes a row)
+#: when its tables are built, so that later queries do not open every file again
+SQL_MATERIALIZE_ROWS = 100_000
+#: files larger than this in all (a few KiB a file aside) are not tried: more rows
+_SQL_MATERIALIZE_BYTES = 4 << 20
+_SQL_KEEP = 4  # stores whose connections are kept (least recently used dropped)
 
 
 def _sql_str(v: str) -> str:
@@ -643,8 +973,178 @@ def _sql_error(exc: Exception, runs) -> QueryError:
     )
 
 
+def _not_a_query(word: str) -> QueryError:
+    return QueryError(
+        f"sql() runs queries only ({', '.join(sorted(_READ_ONLY))}), not {word}: "
+        "the store is written by recording and replay alone"
+    )
+
+
+class _SqlConnection:
+    """One store's DuckDB connection, kept between :func:`sql` calls.
+
+    ``logs`` / ``logs_arrow`` and ``runs`` are built from a listing of the store and
+    rebuilt when a later listing differs (a new run, a new flush, a replay partition,
+    a rewritten or deleted file). Used under ``lock`` only.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.con: Any = None
+        self.logs_key: Any = None  # the listing the logs tables were built from
+        self.logs_kind: str | None = None  # "view", "table" or "registered"
+        self.runs_key: Any = None
+        self.runs_kind: str | None = None
+        self.runs: Any = None  # the runs DataFrame
+
+    def connect(self):
+        if self.con is None:
+            import duckdb
+
+            self.con = duckdb.connect()
+            self.con.execute("SET enable_progress_bar = false")
+        return self.con
+
+    def close(self) -> None:
+        con, self.con = self.con, None
+        self.logs_key = self.logs_kind = self.runs_key = self.runs_kind = self.runs = None
+        if con is not None:
+            try:
+                con.close()
+            except Exception:  # noqa: BLE001 - closing a connection that is going anyway
+                pass
+
+    def set_runs(self, runs, key) -> None:
+        import duckdb
+
+        con = self.connect()
+        self.runs_key = None
+        if self.runs_kind == "table":
+            con.execute("DROP TABLE IF EXISTS runs")
+        elif self.runs_kind == "registered":
+            con.unregister("runs")
+        self.runs_kind = None
+        # a table (a registered DataFrame is scanned again by every query), unless a
+        # column does not convert: then registered as before, failing only where used
+        try:
+            con.register("flor_runs_frame", runs)
+            con.execute("CREATE TABLE runs AS SELECT * FROM flor_runs_frame")
+            self.runs_kind = "table"
+        except duckdb.Error:
+            con.execute("DROP TABLE IF EXISTS runs")
+            con.register("runs", runs)
+            self.runs_kind = "registered"
+        finally:
+            con.unregister("flor_runs_frame")
+        self.runs, self.runs_key = runs, key
+
+    def set_logs(self, store: "Store", listing: tuple) -> None:
+        import pyarrow as pa
+
+        con = self.connect()
+        self.logs_key = None
+        if self.logs_kind == "table":
+            con.execute("DROP TABLE IF EXISTS logs_arrow")
+        elif self.logs_kind == "view":
+            con.execute("DROP VIEW IF EXISTS logs_arrow")
+        elif self.logs_kind == "registered":
+            con.unregister("logs_arrow")
+        self.logs_kind = None
+        files = [f[0] for f in listing]
+        small = sum(f[1] or 0 for f in listing) <= _SQL_MATERIALIZE_BYTES + 8192 * len(files)
+        if not files:
+            con.register("logs_arrow", read_logs(store))
+            self.logs_kind = "registered"
+        elif store.is_local:  # DuckDB's own parallel Parquet reader, partitions from the paths
+            paths = ", ".join(_sql_str(f"{store.root}/{f}") for f in files)
+            source = f"read_parquet([{paths}], hive_partitioning = true)"
+            if small:  # one more row than kept tells a large relation, without counting first
+                con.execute(f"CREATE TABLE logs_arrow AS SELECT * FROM {source} LIMIT {SQL_MATERIALIZE_ROWS + 1}")
+                self.logs_kind = "table"
+                if con.execute("SELECT count(*) FROM logs_arrow").fetchone()[0] > SQL_MATERIALIZE_ROWS:
+                    con.execute("DROP TABLE logs_arrow")
+                    self.logs_kind = None
+            if self.logs_kind is None:
+                con.execute(f"CREATE VIEW logs_arrow AS SELECT * FROM {source}")
+                self.logs_kind = "view"
+        else:  # any fsspec store: a lazy Arrow dataset, projections and filters pushed down
+            part_schema = pa.schema([("run_id", pa.string()), ("source", pa.string())])
+            dset = _dataset(store, files, schema(), part_schema, False)
+            if small and dset.count_rows() <= SQL_MATERIALIZE_ROWS:
+                con.register("flor_logs_files", dset)
+                try:
+                    con.execute("CREATE TABLE logs_arrow AS SELECT * FROM flor_logs_files")
+                finally:
+                    con.unregister("flor_logs_files")
+                self.logs_kind = "table"
+            else:
+                con.register("logs_arrow", dset)
+                self.logs_kind = "registered"
+        con.execute(_VALUE_VIEW)
+        self.logs_key = listing
+
+
+_SQL_LOCK = threading.Lock()
+_SQL_CONNECTIONS: "dict[tuple, _SqlConnection]" = {}
+_SQL_ABANDONED: list = []  # connections inherited through fork(): never touched again
+
+
+def _sql_connection(store: "Store") -> _SqlConnection:
+    key = _store_key(store)
+    dropped = []
+    with _SQL_LOCK:
+        pid = key[0]
+        for k in [k for k in _SQL_CONNECTIONS if k[0] != pid]:  # a parent's: its threads are gone
+            _SQL_ABANDONED.append(_SQL_CONNECTIONS.pop(k))
+        state = _SQL_CONNECTIONS.pop(key, None) or _SqlConnection()
+        _SQL_CONNECTIONS[key] = state  # most recently used last
+        while len(_SQL_CONNECTIONS) > _SQL_KEEP:
+            dropped.append(_SQL_CONNECTIONS.pop(next(iter(_SQL_CONNECTIONS))))
+    for old in dropped:
+        with old.lock:
+            old.close()
+    return state
+
+
+def _check_read_only(con, query: str) -> bool:
+    """Raise unless every statement is a query; True when they all are plain SELECTs.
+
+    PIVOT leaves types behind and EXPLAIN ANALYZE runs its statement: after those the
+    connection is not reused.
+    """
+    import re
+
+    import duckdb
+
+    plain = True
+    for st in con.extract_statements(query):
+        text = st.query.strip().lstrip("(")
+        word = (text.split(None, 1) or [""])[0].upper().rstrip(";")
+        if st.type == duckdb.StatementType.SELECT:
+            continue
+        if st.type == duckdb.StatementType.MULTI and word == "PIVOT":
+            plain = False
+            continue
+        if st.type == duckdb.StatementType.EXPLAIN:
+            inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", text, flags=re.IGNORECASE)
+            try:
+                plain = _check_read_only(con, inner) and plain
+            except duckdb.Error:  # EXPLAIN (options) ...: DuckDB itself says what it thinks of it
+                plain = False
+            continue
+        raise _not_a_query(word)
+    return plain
+
+
 def sql(store: "Store", query: str) -> "pd.DataFrame":
-    """Run DuckDB SQL with ``logs`` (the long relation) and ``runs`` as tables."""
+    """Run DuckDB SQL with ``logs`` (the long relation) and ``runs`` as tables.
+
+    The DuckDB connection and its tables are kept per store and reused while a listing
+    of the store shows the same files (names, sizes, change stamps), so a small query
+    costs a listing and the query itself; a new run, flush or replay partition is
+    seen by the next call. A relation of up to :data:`SQL_MATERIALIZE_ROWS` rows is
+    held in memory, larger ones are read from the Parquet files by every query.
+    """
     import duckdb
 
     store.check()
@@ -652,27 +1152,22 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
         raise QueryError("sql() needs a query string, e.g. \"SELECT name, count(*) FROM logs GROUP BY name\"")
     first = query.lstrip().lstrip("(").split(None, 1)[0].upper()
     if first not in _READ_ONLY:
-        raise QueryError(
-            f"sql() runs queries only ({', '.join(sorted(_READ_ONLY))}), not {first}: "
-            "the store is written by recording and replay alone"
-        )
-    files = store.find("logs", ".parquet")
-    runs = runs_frame(store)
-    con = duckdb.connect()
-    try:
-        con.execute("SET enable_progress_bar = false")
-        if files and store.is_local:  # DuckDB's own parallel Parquet reader, partitions from the paths
-            paths = ", ".join(_sql_str(f"{store.root}/{f}") for f in files)
-            con.execute(f"CREATE VIEW logs_arrow AS SELECT * FROM read_parquet([{paths}], hive_partitioning = true)")
-        else:  # any fsspec store: a lazy Arrow dataset, projections and filters pushed down
-            con.register("logs_arrow", logs_dataset(store) if files else read_logs(store))
-        con.execute(
-            "CREATE VIEW logs AS SELECT *, "
-            "CASE vtype WHEN 'float' THEN value_float WHEN 'int' THEN value_int::DOUBLE "
-            "WHEN 'bool' THEN value_int::DOUBLE END AS value FROM logs_arrow"
-        )
-        con.register("runs", runs)
+        raise _not_a_query(first)
+    listing = _listing(store, "logs", ".parquet")
+    metas, runs_listing = _cached_runs(store)
+    runs_key = (runs_listing, tuple(m.get("status") for m in metas))
+    files = [f[0] for f in listing]
+    state = _sql_connection(store)
+    with state.lock:
+        runs = state.runs if state.runs_key == runs_key else runs_frame(store, metas)
+        reuse = True
         try:
+            con = state.connect()
+            reuse = _check_read_only(con, query)
+            if state.runs_key != runs_key:
+                state.set_runs(runs, runs_key)
+            if state.logs_key != listing:
+                state.set_logs(store, listing)
             return con.execute(query).df()
         except (duckdb.IOException, duckdb.InvalidInputException) as exc:
             if "parquet" in str(exc).lower() or "thrift" in str(exc).lower():
@@ -682,5 +1177,6 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
             raise _sql_error(exc, runs) from exc
         except (OSError, ValueError) as exc:  # a corrupted file met by the Arrow scan
             raise _unreadable(store, files, exc) from exc
-    finally:
-        con.close()
+        finally:
+            if not reuse:
+                state.close()
