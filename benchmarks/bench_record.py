@@ -5,10 +5,21 @@ a temporary git repository (the store is that repository's ``.flor``):
 
 1. record overhead: a small CNN on synthetic images (generated data, fixed seeds,
    CPU, one torch thread) trained for several epochs, logging the loss every step
-   and checkpointing model + optimizer, against the same script with every flor
-   call removed. The two variants alternate (A B A B ...); the ratio of the median
-   process wall times is reported (target <= 1.02). The workload is calibrated on
-   this machine to about ``--workload`` seconds (default 8 s quick, 32 s full).
+   and checkpointing model + optimizer, in three variants of one script:
+   ``plain`` (every flor call removed), ``flor`` (flor_ray) and ``flordb`` (the same
+   script with ``import flordb as flor``, run by FlorDB 4.0.1's own virtualenv in its
+   own repository, since FlorDB commits into it). The variants alternate in rounds
+   whose order rotates (plain flor flordb / flor flordb plain / flordb plain flor ...),
+   so that drifts of a shared, noisy machine hit each variant alike. Reported: each
+   variant's median and minimum wall; the medians of the per-round ratios flor/plain,
+   flordb/plain and flor/flordb (wall, and process CPU = user + sys of the child and
+   its own children, from ``getrusage(RUSAGE_CHILDREN)``, which is less noisy); the
+   ratio of minima; and flor_ray's own accounting (``FLOR_PROFILE``, on in the flor
+   runs, about 1 ms a run): time inside flor calls on the training thread plus the
+   background writer's CPU, as a share of the train loop: a noise-free estimate of
+   the overhead. The verdict (target <= 1.02) is the median per-round wall ratio
+   flor/plain. The workload is calibrated on this machine to about ``--workload``
+   seconds of training (default 6 s quick, 32 s full).
 2. ``import flor_ray``: median over 10 fresh ``python -c`` processes (target <= 0.2 s).
 3. log-heavy recording: ``flor.log("x", i)`` in a 10 x 100,000 nested ``flor.loop``
    (quick: 10 x 20,000); process wall time minus the wall time of a script that only
@@ -18,7 +29,7 @@ a temporary git repository (the store is that repository's ``.flor``):
 
 Prints a table and writes ``benchmarks/results/record.json`` (one entry per mode,
 so a quick and a full run are both kept).
-Usage: ``python benchmarks/bench_record.py [--quick] [--pairs N] [--workload S] [--profile]``.
+Usage: ``python benchmarks/bench_record.py [--quick] [--rounds N] [--workload S] [--flordb auto|install|skip] [--profile]``.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +46,10 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ensure_flordb, flordb_env, flordb_python  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "record.json"
@@ -115,6 +131,7 @@ CNN_FLOR = {
     "loop_step": 'flor.loop("step", range(STEPS))',
     "log_loss": 'flor.log("loss", loss.item())',
 }
+CNN_FLORDB = {**CNN_FLOR, "import_flor": "import flordb as flor"}  # FlorDB 4.0.1: same verbs
 CNN_PLAIN = {
     "import_flor": "",
     "lr": "0.05",
@@ -173,18 +190,32 @@ def make_repo(parent: Path, name: str) -> Path:
 
 def run_py(repo: Path, script: str, *prefix: str) -> tuple[float, dict]:
     """Run ``python [prefix] script`` in ``repo``; (wall seconds, parsed BENCH line)."""
+    wall, _, info = run_timed([sys.executable, *prefix, script], repo, clean_env())
+    return wall, info
+
+
+def run_timed(cmd: list, repo: Path, env: dict, timeout: float | None = None) -> tuple[float, float, dict]:
+    """Run ``cmd`` in ``repo``: (wall s, CPU s = user + sys of it and its children, BENCH values).
+
+    Raises RuntimeError (with the output's tail) when it fails or times out."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, *prefix, script], cwd=repo, env=clean_env(), capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} timed out after {timeout:.0f} s") from exc
     wall = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     if proc.returncode != 0:
-        raise RuntimeError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{cmd[-1]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     info: dict = {}
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH "):
             for kv in line.split()[1:]:
                 k, v = kv.split("=", 1)
                 info[k] = float(v)
-    return wall, info
+    return wall, cpu, info
 
 
 def med(xs: list[float]) -> float:
@@ -196,10 +227,56 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- benchmarks
-def bench_overhead(tmp: Path, quick: bool, pairs: int, workload: float | None) -> dict:
+VARIANTS = ("plain", "flor", "flordb")
+PAIRS = (("flor", "plain"), ("flordb", "plain"), ("flor", "flordb"))
+
+
+def _rotation(variants: list[str], r: int) -> list[str]:
+    k = r % len(variants)
+    return variants[k:] + variants[:k]
+
+
+def _ratios(num: list[float | None], den: list[float | None]) -> list[float]:
+    return [a / b for a, b in zip(num, den) if a is not None and b]
+
+
+def _profile_summary(profiles: list[dict], trains: list[float], walls: list[float], import_s: float | None) -> dict:
+    """flor_ray's own accounting (FLOR_PROFILE) over the flor runs: medians, and shares."""
+    if not profiles:
+        return {}
+    keys = sorted({k for p in profiles for k in p["main"]})
+    wkeys = sorted({k for p in profiles for k in p["writer"]})
+    main = [p["main_s"] for p in profiles]
+    wcpu = [p["writer_cpu_s"] for p in profiles]
+    total = [m + w for m, w in zip(main, wcpu)]
+    share = [t / tr for t, tr in zip(total, trains)]
+    out = {
+        "runs": len(profiles),
+        "main_s": main,
+        "writer_cpu_s": wcpu,
+        "median_main_s": med(main),
+        "median_writer_cpu_s": med(wcpu),
+        "main_breakdown_median_s": {k: med([p["main"].get(k, 0.0) for p in profiles]) for k in keys},
+        "start_parts_median_s": {k: med([p["start_parts"].get(k, 0.0) for p in profiles])
+                                 for k in sorted({k for p in profiles for k in p["start_parts"]})},
+        "writer_cpu_median_s": {k: med([p["writer"].get(k, {}).get("cpu_s", 0.0) for p in profiles]) for k in wkeys},
+        "calls": profiles[-1]["calls"],
+        "import_s": import_s,
+        # training thread + writer CPU, per run, over that run's train loop
+        "share_of_train_loop": share,
+        "median_share_of_train_loop": med(share),
+        "median_main_share_of_train_loop": med([m / tr for m, tr in zip(main, trains)]),
+    }
+    # all of flor_ray's cost in a run (its import included) over the whole process
+    out["estimated_ratio"] = 1 + (med(total) + (import_s or 0.0)) / (med(walls) - med(total) - (import_s or 0.0))
+    return out
+
+
+def bench_overhead(tmp: Path, quick: bool, rounds: int, workload: float | None, flordb_policy: str,
+                   import_s: float | None = None) -> dict:
     repo = make_repo(tmp, "cnn")
     epochs = 4 if quick else 8
-    target_s = workload or (8.0 if quick else 32.0)
+    target_s = workload or (6.0 if quick else 32.0)
 
     def render(sub: dict, steps: int, ep: int = epochs) -> str:
         return textwrap.dedent(CNN_TEMPLATE).format(epochs=ep, steps=steps, **sub)
@@ -214,55 +291,130 @@ def bench_overhead(tmp: Path, quick: bool, pairs: int, workload: float | None) -
     (repo / "train_flor.py").write_text(render(CNN_FLOR, steps))
     (repo / "train_plain.py").write_text(render(CNN_PLAIN, steps))
 
-    walls: dict[str, list[float]] = {"plain": [], "flor": []}
-    trains: dict[str, list[float]] = {"plain": [], "flor": []}
-    setups: dict[str, list[float]] = {"plain": [], "flor": []}
-    exits: dict[str, list[float]] = {"plain": [], "flor": []}
-    losses: dict[str, set] = {"plain": set(), "flor": set()}
-    for p in range(pairs):
-        for variant in ("plain", "flor"):  # A B A B ...
-            wall, info = run_py(repo, f"train_{variant}.py")
-            walls[variant].append(wall)
-            trains[variant].append(info["train"])
-            setups[variant].append(info["setup"])
-            exits[variant].append(info["exit"])
-            losses[variant].add(round(info["loss"], 6))
-            log(f"  pair {p + 1}/{pairs} {variant:5s}: wall {wall:7.2f} s, setup {info['setup']:5.2f} s, "
-                f"train loop {info['train']:7.2f} s, exit {info['exit']:5.2f} s")
-    # what was recorded
+    fdb = ensure_flordb(flordb_policy)
+    fdb_repo = None
+    if fdb["available"]:  # its own repository: FlorDB commits into the one it runs in
+        fdb_repo = make_repo(tmp, "cnn-flordb")
+        (fdb_repo / "train_flordb.py").write_text(render(CNN_FLORDB, steps))
+    variants = [v for v in VARIANTS if v != "flordb" or fdb_repo is not None]
+    expected_s = 15 + 3 * epochs * steps * per_step
+
+    def command(variant: str, r: int) -> tuple[list, Path, dict]:
+        if variant == "flordb":
+            return [str(flordb_python()), "train_flordb.py"], fdb_repo, flordb_env()
+        env = clean_env()
+        if variant == "flor":
+            env["FLOR_PROFILE"] = str(tmp / f"profile-{r}.json")
+        return [sys.executable, f"train_{variant}.py"], repo, env
+
+    # per variant, one entry per round (None where the run failed)
+    m: dict[str, dict[str, list]] = {v: {"wall": [], "cpu": [], "train": [], "setup": [], "exit": [], "rest": [],
+                                         "loss": []} for v in variants}
+    errors: dict[str, str] = {}
+    profiles, prof_trains, prof_walls = [], [], []
+    orders = []
+    for r in range(rounds):
+        order = _rotation(variants, r)
+        orders.append(order)
+        for variant in order:
+            cmd, cwd, env = command(variant, r)
+            try:
+                if variant in errors:
+                    raise RuntimeError("failed in an earlier round")
+                wall, cpu, info = run_timed(cmd, cwd, env, timeout=max(120.0, 10 * expected_s))
+            except RuntimeError as exc:
+                if variant != "flordb":
+                    raise
+                errors.setdefault(variant, str(exc)[-1500:])
+                for k in m[variant]:
+                    m[variant][k].append(None)
+                log(f"  round {r + 1}/{rounds} {variant:6s}: FAILED: {str(exc).strip().splitlines()[-1][:200]}")
+                continue
+            # rest: the wall outside the script's own clock (interpreter start-up, teardown)
+            rest = wall - info["setup"] - info["train"] - info.get("exit", 0.0)
+            row = {"wall": wall, "cpu": cpu, "train": info["train"], "setup": info["setup"],
+                   "exit": info.get("exit"), "rest": rest, "loss": round(info["loss"], 6)}
+            for k, v in row.items():
+                m[variant][k].append(v)
+            if variant == "flor":
+                pf = tmp / f"profile-{r}.json"
+                if pf.exists():
+                    profiles.append(json.loads(pf.read_text()))
+                    prof_trains.append(info["train"])
+                    prof_walls.append(wall)
+            log(f"  round {r + 1}/{rounds} {variant:6s}: wall {wall:7.2f} s, cpu {cpu:7.2f} s, setup {info['setup']:5.2f} s, "
+                f"train loop {info['train']:7.2f} s, exit {info.get('exit', float('nan')):5.2f} s")
+
+    def ok(xs):
+        return [x for x in xs if x is not None]
+
+    per_variant = {}
+    for v in variants:
+        d = m[v]
+        per_variant[v] = {
+            "wall_s": d["wall"], "cpu_s": d["cpu"], "train_loop_s": d["train"], "setup_s": d["setup"], "exit_s": d["exit"],
+            "startup_teardown_s": d["rest"],
+            "median_wall_s": med(ok(d["wall"])) if ok(d["wall"]) else None,
+            "min_wall_s": min(ok(d["wall"])) if ok(d["wall"]) else None,
+            "median_cpu_s": med(ok(d["cpu"])) if ok(d["cpu"]) else None,
+            "median_train_loop_s": med(ok(d["train"])) if ok(d["train"]) else None,
+            "median_setup_s": med(ok(d["setup"])) if ok(d["setup"]) else None,
+            "median_exit_s": med(ok(d["exit"])) if ok(d["exit"]) else None,
+            "median_startup_teardown_s": med(ok(d["rest"])) if ok(d["rest"]) else None,
+            "final_losses": sorted(set(ok(d["loss"]))),
+        }
+    ratios = {}
+    for a, b in PAIRS:
+        if a not in m or b not in m:
+            continue
+        wr = _ratios(m[a]["wall"], m[b]["wall"])
+        cr = _ratios(m[a]["cpu"], m[b]["cpu"])
+        tr = _ratios(m[a]["train"], m[b]["train"])
+        if not wr:
+            continue
+        pa_, pb_ = per_variant[a], per_variant[b]
+        ratios[f"{a}/{b}"] = {
+            "per_round_wall": wr,
+            "median_wall": med(wr),
+            "min_over_min_wall": pa_["min_wall_s"] / pb_["min_wall_s"],
+            "median_over_median_wall": pa_["median_wall_s"] / pb_["median_wall_s"],
+            "per_round_cpu": cr,
+            "median_cpu": med(cr),
+            "median_over_median_cpu": pa_["median_cpu_s"] / pb_["median_cpu_s"],
+            "median_train_loop": med(tr),
+        }
+    fr = ratios["flor/plain"]
     import flor_ray
 
     df = flor_ray.dataframe("loss", store=str(repo / ".flor"))
     runs = flor_ray.runs(store=str(repo / ".flor"))
     ckpts = sorted((repo / ".flor").rglob("*.pt"))
-    ratio = med(walls["flor"]) / med(walls["plain"])
+    n_flor = len(ok(m["flor"]["wall"]))
     return {
         "epochs": epochs,
         "steps_per_epoch": steps,
         "ms_per_step_calibrated": per_step * 1e3,
-        "pairs": pairs,
-        "wall_s": walls,
-        "train_loop_s": trains,
-        "median_wall_plain_s": med(walls["plain"]),
-        "median_wall_flor_s": med(walls["flor"]),
-        "median_train_plain_s": med(trains["plain"]),
-        "median_train_flor_s": med(trains["flor"]),
-        "setup_s": setups,
-        "exit_s": exits,
-        "median_setup_plain_s": med(setups["plain"]),
-        "median_setup_flor_s": med(setups["flor"]),
-        "median_exit_plain_s": med(exits["plain"]),
-        "median_exit_flor_s": med(exits["flor"]),
-        "ratio_wall": ratio,
-        "ratio_train_loop": med(trains["flor"]) / med(trains["plain"]),
+        "rounds": rounds,
+        "orders": orders,
+        "variants": per_variant,
+        "ratios": ratios,
+        "flordb": {**fdb, "errors": errors},
+        "accounting": _profile_summary(profiles, prof_trains, prof_walls, import_s),
+        # the headline numbers, flor vs plain
+        "median_wall_plain_s": per_variant["plain"]["median_wall_s"],
+        "median_wall_flor_s": per_variant["flor"]["median_wall_s"],
+        "ratio_wall": fr["median_wall"],
+        "ratio_wall_min": fr["min_over_min_wall"],
+        "ratio_cpu": fr["median_cpu"],
+        "ratio_train_loop": fr["median_train_loop"],
         "target_ratio": TARGET_OVERHEAD,
-        "same_final_loss": losses["plain"] == losses["flor"] and len(losses["plain"]) == 1,
+        "same_final_loss": len({x for v in per_variant.values() for x in v["final_losses"]}) == 1,
         "loss_rows_recorded": int(len(df)),
-        "loss_rows_expected": pairs * epochs * steps,
+        "loss_rows_expected": n_flor * epochs * steps,
         "runs_recorded": int(len(runs)),
         "checkpoint_files": len(ckpts),
         "checkpoint_bytes_each": ckpts[0].stat().st_size if ckpts else 0,
-        "pass": ratio <= TARGET_OVERHEAD,
+        "pass": fr["median_wall"] <= TARGET_OVERHEAD,
     }
 
 
@@ -360,6 +512,57 @@ def profile_log_heavy(tmp: Path, outer: int, inner: int, top: int = 15) -> list[
 
 
 # ----------------------------------------------------------------------------- report
+def overhead_lines(o: dict) -> list[str]:
+    ok = lambda b: "ok" if b else "MISS"  # noqa: E731
+    f = lambda x, p=2: "-" if x is None else format(x, f".{p}f")  # noqa: E731
+    v, r = o["variants"], o["ratios"]
+    names = list(v)
+    lines = [f"{'record overhead, per variant':52s} " + " ".join(f"{n:>12s}" for n in names)]
+    for label, key in (("median wall (s)", "median_wall_s"), ("min wall (s)", "min_wall_s"),
+                       ("median process CPU, user+sys (s)", "median_cpu_s"),
+                       ("median train loop (s)", "median_train_loop_s"), ("median setup (s)", "median_setup_s"),
+                       ("median exit (s)", "median_exit_s"),
+                       ("median interpreter start-up + teardown (s)", "median_startup_teardown_s")):
+        lines.append(f"{'  ' + label:52s} " + " ".join(f"{f(v[n][key]):>12s}" for n in names))
+    lines.append(f"{'record overhead, ratios':52s} {'med/round':>12s} {'min/min':>12s} {'CPU med/rnd':>12s} "
+                 f"{'train loop':>12s}")
+    for key, rr in r.items():
+        lines.append(f"{'  ' + key:52s} {f(rr['median_wall'], 4):>12s} {f(rr['min_over_min_wall'], 4):>12s} "
+                     f"{f(rr['median_cpu'], 4):>12s} {f(rr['median_train_loop'], 4):>12s}")
+    fp = r["flor/plain"]
+    lines.append(f"{'record overhead: flor / plain, median per-round wall':52s} {fp['median_wall']:12.4f} "
+                 f"{'<= 1.02':>12s} {fp['median_wall'] / TARGET_OVERHEAD:7.3f}  {ok(o['pass'])}")
+    lines.append(f"{'  per-round wall ratios':52s} " + " ".join(f"{x:.3f}" for x in fp["per_round_wall"]))
+    lines.append(f"{'  per-round CPU ratios':52s} " + " ".join(f"{x:.3f}" for x in fp["per_round_cpu"]))
+    a = o.get("accounting") or {}
+    if a:
+        lines.append(f"{'flor_ray accounting (FLOR_PROFILE), median of ' + str(a['runs']) + ' runs':52s}")
+        lines.append(f"{'  training thread, inside flor calls (s)':52s} {a['median_main_s']:12.4f}")
+        br = a["main_breakdown_median_s"]
+        lines.append("    " + ", ".join(f"{k} {br[k]:.4f}" for k in sorted(br, key=lambda k: -br[k])))
+        sp = a["start_parts_median_s"]
+        lines.append("    start: " + ", ".join(f"{k} {sp[k]:.4f}" for k in sp))
+        lines.append(f"{'  background writer CPU (s)':52s} {a['median_writer_cpu_s']:12.4f}")
+        wr = a["writer_cpu_median_s"]
+        lines.append("    " + ", ".join(f"{k} {wr[k]:.4f}" for k in sorted(wr, key=lambda k: -wr[k])))
+        if a.get("import_s") is not None:
+            lines.append(f"{'  import flor_ray (s, from the import benchmark)':52s} {a['import_s']:12.4f}")
+        lines.append(f"{'  (training thread + writer CPU) / train loop':52s} {a['median_share_of_train_loop']:12.4%}")
+        lines.append(f"{'  estimated flor / plain from the accounting':52s} {a['estimated_ratio']:12.4f} {'<= 1.02':>12s}")
+    fd = o.get("flordb") or {}
+    if not fd.get("available"):
+        lines.append(f"FlorDB not run: {fd.get('reason')}")
+    for name, err in (fd.get("errors") or {}).items():
+        lines.append(f"FlorDB failed: {err.strip().splitlines()[-1][:200] if err.strip() else '?'}")
+    lines.append(
+        f"workload: {o['epochs']} epochs x {o['steps_per_epoch']} steps ({o['ms_per_step_calibrated']:.2f} ms/step), "
+        f"{o['rounds']} rounds ({', '.join('/'.join(x) for x in o['orders'][:3])}{', ...' if len(o['orders']) > 3 else ''}); "
+        f"rows recorded {o['loss_rows_recorded']}/{o['loss_rows_expected']}, {o['checkpoint_files']} checkpoint files; "
+        f"same final loss in every run: {o['same_final_loss']}"
+    )
+    return lines
+
+
 def table(res: dict) -> str:
     o, i, h = res["overhead"], res["import"], res["log_heavy"]
     ok = lambda b: "ok" if b else "MISS"  # noqa: E731
@@ -367,15 +570,6 @@ def table(res: dict) -> str:
     lines = [
         f"{'measurement':52s} {'value':>12s} {'target':>12s} {'ratio':>7s}  ",
         "-" * 92,
-        f"{'record overhead: plain median wall (s)':52s} {o['median_wall_plain_s']:12.2f} {'':>12s}",
-        f"{'record overhead: flor median wall (s)':52s} {o['median_wall_flor_s']:12.2f} {'':>12s}",
-        f"{'record overhead: flor / plain (wall)':52s} {o['ratio_wall']:12.4f} {'<= 1.02':>12s} "
-        f"{o['ratio_wall'] / TARGET_OVERHEAD:7.3f}  {ok(o['pass'])}",
-        f"{'record overhead: flor / plain (train loop only)':52s} {o['ratio_train_loop']:12.4f} {'<= 1.02':>12s}",
-        f"{'record overhead: setup plain / flor (s)':52s} "
-        f"{format(o['median_setup_plain_s'], '.2f') + ' / ' + format(o['median_setup_flor_s'], '.2f'):>12s}",
-        f"{'record overhead: exit plain / flor (s)':52s} "
-        f"{format(o['median_exit_plain_s'], '.2f') + ' / ' + format(o['median_exit_flor_s'], '.2f'):>12s}",
         f"{'import flor_ray, median of 10 (s)':52s} {i['median_s']:12.4f} {'<= 0.2':>12s} "
         f"{i['median_s'] / TARGET_IMPORT_S:7.3f}  {ok(i['pass'])}",
         f"{'log-heavy: empty script wall (s)':52s} {h['median_wall_empty_s']:12.3f} {'':>12s}",
@@ -390,12 +584,9 @@ def table(res: dict) -> str:
         f"{'<= ' + format(h['target_dataframe_s'], '.2f'):>12s} {h['dataframe_median_s'] / h['target_dataframe_s']:7.3f}  "
         f"{ok(h['dataframe_pass'])}",
     ]
+    if o is not None:
+        lines += ["-" * 92, *overhead_lines(o)]
     lines.append("")
-    lines.append(
-        f"workload: {o['epochs']} epochs x {o['steps_per_epoch']} steps ({o['ms_per_step_calibrated']:.2f} ms/step), "
-        f"{o['pairs']} A/B pairs; rows recorded {o['loss_rows_recorded']}/{o['loss_rows_expected']}, "
-        f"{o['checkpoint_files']} checkpoint files; same final loss: {o['same_final_loss']}"
-    )
     lines.append(f"log-heavy: {h['parquet_files']} parquet files, {h['parquet_bytes'] / 1e6:.2f} MB; "
                  f"dataframe rows {h['dataframe_rows']} (expected {h['rows']})")
     if "profile_top" in h:
@@ -407,17 +598,28 @@ def table(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="~8 s workload, 200k log rows (under ~2 minutes)")
-    ap.add_argument("--pairs", type=int, default=3, help="A/B pairs for the overhead measurement")
-    ap.add_argument("--workload", type=float, default=None, help="seconds of training per run (8 quick, 32 full)")
+    ap.add_argument("--quick", action="store_true", help="~6 s workload, 2 rounds, 200k log rows (under ~2 minutes)")
+    ap.add_argument("--rounds", "--pairs", type=int, default=None, dest="rounds",
+                    help="rounds of the overhead measurement, each runs every variant once (2 quick, 5 full)")
+    ap.add_argument("--workload", type=float, default=None, help="seconds of training per run (6 quick, 32 full)")
+    ap.add_argument("--flordb", choices=["auto", "install", "skip"], default=None,
+                    help="FlorDB variant: auto = use benchmarks/.flordb-venv if present (quick default); "
+                         "install = create it if needed (full default); skip")
     ap.add_argument("--repeats", type=int, default=None, help="log-heavy repeats (3 quick, 3 full)")
     ap.add_argument("--profile", action="store_true", help="also cProfile the log-heavy script")
     ap.add_argument("--skip-overhead", action="store_true", help="skip the training measurement")
     ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/record.json")
     a = ap.parse_args()
     mode = "quick" if a.quick else "full"
+    rounds = a.rounds or (2 if a.quick else 5)
+    fpolicy = a.flordb or ("auto" if a.quick else "install")
     t_all = time.perf_counter()
     res: dict = {"mode": mode, "python": platform.python_version(), "cpus": os.cpu_count()}
+    # flor_ray's bytecode up to date, as in an installed package: with
+    # PYTHONDONTWRITEBYTECODE set, every run would otherwise recompile each module
+    # changed since its .pyc was written (tens of ms, charged to flor_ray)
+    res["precompiled"] = subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "flor_ray")],
+                                        capture_output=True).returncode == 0
     with tempfile.TemporaryDirectory(prefix="flor_bench_record_") as d:
         tmp = Path(d)
         log("import time ...")
@@ -426,15 +628,16 @@ def main() -> int:
         res["log_heavy"] = bench_log_heavy(tmp, a.quick, a.repeats or 3, a.profile)
         if a.skip_overhead:
             res["overhead"] = None
+            res["flordb"] = {"available": False, "reason": "skipped (--skip-overhead)"}
         else:
             log("record overhead ...")
-            res["overhead"] = bench_overhead(tmp, a.quick, a.pairs, a.workload)
+            res["overhead"] = bench_overhead(tmp, a.quick, rounds, a.workload, fpolicy, res["import"]["median_s"])
+            fd = res["overhead"]["flordb"]
+            res["flordb"] = {"available": fd["available"], "reason": fd["reason"], "version": fd.get("version"),
+                             "errors": fd["errors"]}
     res["total_s"] = time.perf_counter() - t_all
     res["date"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    if res["overhead"] is not None:
-        print(table(res))
-    else:
-        print(json.dumps(res["log_heavy"], indent=1))
+    print(table(res))
     print(f"\n({mode} mode, {res['total_s']:.0f} s)")
     if not a.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -258,7 +258,7 @@ def _replay_processes(keys) -> list[int]:
 
 
 def test_driver_killed_mid_replay_rerun_runs_only_missing_tasks(proj, faults_dir, ray_local):
-    (faults_dir / "slow").write_text("*:0.4")
+    (faults_dir / "slow").write_text("*:1.0")  # tasks long enough for the kill to land mid-replay
     st = store_of(proj)
     full = plan(proj, 6)
     keys = [t.key for t in full.tasks]

@@ -43,7 +43,7 @@ def plan(names, runs, iterations="all", cpus=2, **kw):
 def test_outer_statement_skips_and_falls_back_where_checkpoints_are_missing():
     p = plan(["wnorm"], [run("r1", [0, 1, 3, 5])])
     lines = p.explain().splitlines()
-    assert lines[0] == f"ReplayPlan[names=wnorm; runs=1; iterations=all; tasks=4 (4 to run); workers=2; est. makespan={p.makespan_s:.1f}s; cold start=1.5s]"
+    assert lines[0] == f"ReplayPlan[names=wnorm; runs=1; iterations=all; tasks=4 (4 to run); workers=2; est. makespan={p.makespan_s:.1f}s; cold start=2.5s]"
     assert lines[1] == "  Propagate[v1] +wnorm at line 30 [epoch]"
     assert lines[2] == "    Need[wnorm -> outer: outer level]"
     skip = [t for t in p.tasks if t.mode == "skip"]

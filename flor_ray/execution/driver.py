@@ -80,7 +80,10 @@ def ensure_ray(address: str | None = None) -> None:
         # someone else started on the machine): loopback, no dashboard
         address = "local"
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        kwargs = {"log_to_driver": False, "include_dashboard": False}
+        # idle workers are kept: each holds a warm zygote (its imports of torch...),
+        # which a killed worker would have to pay again for its next task
+        kwargs = {"log_to_driver": False, "include_dashboard": False,
+                  "_system_config": {"kill_idle_workers_interval_ms": 0}}
     # runtime_env: workers import flor_ray from where the driver does
     pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")]))}

@@ -52,10 +52,10 @@ def process_start_time() -> float:
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration, IndexError):
+        with open("/proc/uptime") as f:  # 10 ms resolution (/proc/stat's btime has whole seconds)
+            uptime = float(f.read().split()[0])
+        return time.time() - max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 
@@ -124,6 +124,7 @@ def _warm_imports() -> None:
     import pyarrow.parquet  # noqa: F401
 
     from .. import relation  # noqa: F401
+    from . import rows  # noqa: F401
 
 
 class LoopRuntime:
@@ -346,6 +347,11 @@ class RecordSession(LoopRuntime):
         self.writer = BackgroundWriter()
         self._lock = threading.Lock()
         self._t_process = process_start_time()
+        self._start_s = max(time.time() - self._t_process, 0.0)  # imports, up to the first flor call
+        from .imports import ImportClock
+
+        self._import_clock = ImportClock().start()  # the set-up's imports, until the first iteration
+        self._setup_imports_s = 0.0
         self._error: dict | None = None
         self._finished = False
         self._progress = None
@@ -356,7 +362,9 @@ class RecordSession(LoopRuntime):
         self._outer_s: list[float] = []
         self._inner_s: list[float] = []
         self._inner_n: list[int] = []
-        self._ckpt_s: list[float] = []
+        self._ckpt_s: list[float] = []  # training thread: capture
+        self._ckpt_write_s: list[float] = []  # writer CPU charged to the checkpoint (see _outer_end)
+        self._write_cpu_s: float | None = None  # CPU of the last checkpoint write, measured on the writer
         self._t_outer_end: float | None = None
         self._iter_inner_s = 0.0
         self._iter_inner_n = 0
@@ -370,6 +378,12 @@ class RecordSession(LoopRuntime):
         self._pending_cost = 0.0
         self._manifest: list[dict] = []
         self._ckpt_errors: list[str] = []
+        self._start_parts: dict[str, float] = {}
+        target = os.environ.get("FLOR_PROFILE", "")
+        if target and target != "0":  # wrap this session's methods with time accounting
+            from .profile import install
+
+            install(self, target)
 
     # ----------------------------------------------------------------- start
     def start(self) -> None:
@@ -383,8 +397,19 @@ class RecordSession(LoopRuntime):
             raise
 
     def _start(self) -> None:
+        parts = self._start_parts
+        t = time.perf_counter()
+
+        def mark(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            parts[name] = parts.get(name, 0.0) + now - t
+            t = now
+
         from ..store import Store
         from ..versions import find_repo_root, snapshot, upload
+
+        mark("imports")
 
         script = self.argv[0] if self.argv else ""
         if not script or not os.path.isfile(script):
@@ -395,9 +420,11 @@ class RecordSession(LoopRuntime):
         script_path = Path(script).resolve()
         repo_root = find_repo_root(script_path)
         rel_script = script_path.relative_to(repo_root).as_posix()
+        mark("repo_root")
         url = self.settings.store or os.path.join(repo_root, ".flor")
         self.store = Store(url, self.settings.storage_options)
         self.store.ensure()
+        mark("store")
         self.run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
         exclude = []
         if self.store.is_local:
@@ -410,7 +437,9 @@ class RecordSession(LoopRuntime):
             exclude=exclude,
             max_untracked_bytes=self.settings.snapshot_max_file_bytes,
             message=f"flor_ray run {self.run_id} of {rel_script}",
+            list_files=False,  # the writer lists them, off the training thread
         )
+        mark("snapshot")
         self.snapshot = snap
         self.version = snap.tree
         self.script = rel_script
@@ -435,8 +464,9 @@ class RecordSession(LoopRuntime):
         }
         import numpy  # noqa: F401  # on this thread: the writer's pyarrow import needs it, and a
         # module half-imported by another thread must never be seen by capture_rng / _env
+        mark("meta")
         self._write_meta()
-        self.writer.submit(_warm_imports)  # pyarrow's import (~0.3 s) off the training thread
+        mark("write_meta")
         self.writer.submit(upload, self.store, snap)
         self.log = self.fast_log  # type: ignore[method-assign]  # started: skip the check
         atexit.register(self.finish)
@@ -451,6 +481,7 @@ class RecordSession(LoopRuntime):
             prev(tp, val, tb)
 
         sys.excepthook = hook
+        mark("rest")
 
     def _env(self) -> dict:
         import platform
@@ -534,6 +565,12 @@ class RecordSession(LoopRuntime):
         now = time.time()
         if self._setup_s is None:
             self._setup_s = now - self._t_process
+            # pyarrow.parquet's import (~0.05 s of CPU) for the first flush, on the writer,
+            # now rather than at the first flor call: set-up code (imports, data, the
+            # first optimizer importing torch._dynamo) holds the GIL and the import would
+            # compete with it, while a training loop mostly runs with the GIL released
+            self.writer.submit(_warm_imports)
+            self._setup_imports_s = self._import_clock.stop()
             from .progress import Progress, wanted
 
             if wanted():
@@ -568,22 +605,29 @@ class RecordSession(LoopRuntime):
         self._pending_cost += time.perf_counter() - t0
 
     def _outer_end(self, i: int, seconds: float, completed: bool) -> None:
-        ckpt_s = 0.0
+        ckpt_s = write_s = 0.0
         if completed and self._ckpt_due and self._checkpoint_objects is not None:
             if self._pending_snap is None:
                 self._capture(i)
             ckpt_s = self._pending_cost
             self._submit_checkpoint(self._pending_snap)
             self._last_ckpt = i
+            # A checkpoint costs its capture here plus its serialisation on the writer,
+            # whose CPU competes with training (for cores, and for the GIL while it
+            # pickles). This one is not written yet: charge the last measured write.
+            write_s = self._write_cpu_s or 0.0
             train_s = max(seconds - ckpt_s, 1e-9)
             budget = max(self.settings.checkpoint_budget, 1e-6)
-            self._ckpt_period = max(1, min(self.settings.checkpoint_max_period, math.ceil(ckpt_s / (budget * train_s))))
+            self._ckpt_period = max(
+                1, min(self.settings.checkpoint_max_period, math.ceil((ckpt_s + write_s) / (budget * train_s)))
+            )
         self._pending_snap = None
         if completed:
             self._outer_s.append(seconds)
             self._inner_s.append(self._iter_inner_s)
             self._inner_n.append(self._iter_inner_n)
             self._ckpt_s.append(ckpt_s)
+            self._ckpt_write_s.append(write_s)
         self._flush()
 
     def _outer_exit(self, normal: bool) -> None:
@@ -622,18 +666,19 @@ class RecordSession(LoopRuntime):
         def write(snap=snap, rel=rel):
             import hashlib
 
+            cpu = time.thread_time()
             data = serialize(snap)
             self.store.write_bytes(rel, data, durable=True)
+            entry = {
+                "iteration": snap["iteration"],
+                "inner_exits": snap["inner_exits"],
+                "path": rel,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),  # outside the lock: _write_meta takes it
+            }
             with self._lock:
-                self._manifest.append(
-                    {
-                        "iteration": snap["iteration"],
-                        "inner_exits": snap["inner_exits"],
-                        "path": rel,
-                        "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest(),
-                    }
-                )
+                self._manifest.append(entry)
+            self._write_cpu_s = time.thread_time() - cpu  # CPU only: waiting for fsync costs training nothing
 
         self.writer.submit(write)
 
@@ -650,10 +695,13 @@ class RecordSession(LoopRuntime):
     def _timings(self) -> dict:
         return {
             "setup_s": self._setup_s,
+            "start_s": self._start_s,
+            "setup_imports_s": self._setup_imports_s,
             "outer_s": list(self._outer_s),
             "inner_s": list(self._inner_s),
             "inner_n": list(self._inner_n),
             "checkpoint_s": list(self._ckpt_s),
+            "checkpoint_write_cpu_s": list(self._ckpt_write_s),
             "teardown_s": (time.time() - self._t_outer_end) if self._t_outer_end and self._finished else None,
         }
 
@@ -678,6 +726,7 @@ class RecordSession(LoopRuntime):
     # ------------------------------------------------------------------ exit
     def finish(self) -> None:
         """Flush rows, wait for background writes, verify checkpoints, close the run."""
+        self._import_clock.stop()
         if not self.started or self._finished:
             return
         self._finished = True
@@ -726,7 +775,8 @@ class RecordSession(LoopRuntime):
             self._write_rows(rows, rel)
 
     def _write_rows(self, rows: dict, rel: str) -> None:
-        from ..relation import rows_to_table, table_to_parquet_bytes
+        from ..relation import table_to_parquet_bytes
+        from .rows import rows_to_table  # never imports pandas / pyarrow.compute
 
         table = rows_to_table(version=self.version, file=self.script, **rows)
         self.store.write_bytes(rel, table_to_parquet_bytes(table))

@@ -1,0 +1,40 @@
+"""The set-up's import time, which replay tasks (forked from a warm zygote) do not pay."""
+
+from __future__ import annotations
+
+import builtins
+import sys
+import threading
+
+from flor_ray.planning.plan import TASK_OVERHEAD_S, RunInfo
+from flor_ray.record.imports import ImportClock
+
+
+def test_import_clock_counts_main_thread_imports_of_new_modules_only(tmp_path, monkeypatch):
+    (tmp_path / "slow_mod_main.py").write_text("import time\ntime.sleep(0.3)\n")
+    (tmp_path / "slow_mod_thread.py").write_text("import time\ntime.sleep(0.3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = builtins.__import__
+    clock = ImportClock().start()
+    try:
+        t = threading.Thread(target=lambda: __import__("slow_mod_thread"))
+        t.start()
+        t.join()
+        import slow_mod_main  # noqa: F401
+        import slow_mod_main as again  # noqa: F401  - already loaded: free
+    finally:
+        total = clock.stop()
+        sys.modules.pop("slow_mod_main", None)
+        sys.modules.pop("slow_mod_thread", None)
+    assert builtins.__import__ is before
+    assert 0.3 <= total < 0.55, total  # the thread's import is not the main thread's set-up
+
+
+def test_replay_setup_excludes_the_recorded_imports():
+    meta = {"run_id": "r", "version": "v", "script": "train.py", "iterations": 2,
+            "timings": {"setup_s": 6.0, "start_s": 3.0, "setup_imports_s": 2.5, "outer_s": [1.0, 1.0]}}
+    run = RunInfo.from_meta(meta)
+    assert run.imports_s == 5.5  # paid once per worker (its zygote)
+    assert abs(run.replay_setup_s - (TASK_OVERHEAD_S + 0.5)) < 1e-9  # paid by every task
+    old = RunInfo.from_meta({**meta, "timings": {"setup_s": 6.0, "outer_s": [1.0, 1.0]}})
+    assert old.imports_s == 1.5 and abs(old.replay_setup_s - (TASK_OVERHEAD_S + 4.5)) < 1e-9

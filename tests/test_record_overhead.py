@@ -1,0 +1,243 @@
+"""What keeps recording cheap: the Arrow table without pandas, git without GitPython,
+the snapshot's racy-git case, the checkpoint period's cost, FLOR_PROFILE; and the
+record benchmark in quick mode."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flor_ray.config import Settings
+from flor_ray.record.rows import rows_to_table
+from flor_ray.record.session import LoopRuntime, RecordSession
+from flor_ray.relation import rows_to_table as relation_rows_to_table
+from flor_ray.store import Store
+from flor_ray.versions import find_repo_root, snapshot, tree_files
+
+from conftest import REPO_ROOT, TRAIN_SCRIPT, clean_env, git, run_script, write
+
+
+# ------------------------------------------------------------------ rows -> table
+def _same_tables(a, b) -> None:
+    assert a.schema.equals(b.schema, check_metadata=True)
+    for name in a.schema.names:
+        x, y = a[name].to_pylist(), b[name].to_pylist()
+        same = [u == v or (isinstance(u, float) and isinstance(v, float) and math.isnan(u) and math.isnan(v))
+                for u, v in zip(x, y)]
+        assert len(x) == len(y) and all(same), (name, x, y)
+
+
+def _rows_of(body) -> dict:
+    rt = LoopRuntime()
+    body(rt)
+    rows = rt.take_rows()
+    assert rows is not None
+    return rows
+
+
+def _nested(rt):
+    from flor_ray.values import JsonValue  # noqa: F401  # dicts become JSON values
+
+    rt.log("setup", 1)
+    rt.log("ünï", "çødé")
+    for e in rt.loop("epoch", range(3)):
+        rt.log("lr", 0.5)
+        for s in rt.loop("step", ["a", "b"]):
+            rt.log("s", s)
+            for k in rt.loop("k", [5, 6]):
+                rt.log("flag", k == 5)
+                for z in rt.loop("z", range(2)):
+                    rt.log("d", {"q": [z, e]})
+                    rt.log("big", 2**40)
+        rt.log("nan", float("nan"))
+    rt.log("end", "done")
+
+
+def _flat_floats(rt):
+    for e in rt.loop("outer", range(2)):
+        for i in rt.loop("inner", range(50)):
+            rt.log("loss", 1.0 / (i + 1))
+
+
+def _flat_ints(rt):
+    for i in rt.loop("only", range(7)):
+        rt.log("x", i)
+
+
+def _outside_loops(rt):
+    rt.log("a", 1)
+    rt.log("b", True)
+
+
+def _items_and_ranges(rt):
+    for e in rt.loop("epoch", range(2, 4)):  # items differ from iteration numbers
+        for w in rt.loop("word", ["x", "yy", "x"]):
+            rt.log("w", w)
+        for i in rt.loop("i", range(3)):
+            rt.log("i", i)
+
+
+@pytest.mark.parametrize("body", [_nested, _flat_floats, _flat_ints, _outside_loops, _items_and_ranges])
+@pytest.mark.parametrize("task", [None, "t-1"])
+def test_rows_table_matches_relation(body, task):
+    rows = _rows_of(body)
+    kw = dict(version="v" * 40, file="dir/train.py", task=task)
+    _same_tables(rows_to_table(**kw, **rows), relation_rows_to_table(**kw, **rows))
+
+
+def test_rows_table_imports_neither_pandas_nor_compute():
+    code = (
+        "import sys\n"
+        "from flor_ray.record.session import LoopRuntime\n"
+        "from flor_ray.record.rows import rows_to_table\n"
+        "from flor_ray.relation import table_to_parquet_bytes\n"
+        "rt = LoopRuntime()\n"
+        "for e in rt.loop('e', range(2)):\n"
+        "    for s in rt.loop('s', ['a', 'b']):\n"
+        "        rt.log('x', 1.5); rt.log('y', {'k': 1}); rt.log('z', None if False else 'q')\n"
+        "table_to_parquet_bytes(rows_to_table(version='v', file='f', **rt.take_rows()))\n"
+        "print([m for m in ('pandas', 'pyarrow.compute') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ recording process
+def test_recording_never_imports_pandas_gitpython_or_compute(repo):
+    # registered before flor_ray's exit handler, so it runs after it: the whole run
+    write(repo, "train.py", "import atexit, sys\n"
+          "atexit.register(lambda: print([m for m in ('pandas', 'pyarrow.compute', 'git') if m in sys.modules]))\n"
+          + TRAIN_SCRIPT)
+    proc = run_script(repo)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    runs = json.loads(next((repo / ".flor" / "runs").glob("*.json")).read_text())
+    assert runs["status"] == "finished" and len(runs["checkpoints"]) >= 1
+    t = runs["timings"]
+    assert len(t["checkpoint_write_cpu_s"]) == len(t["outer_s"])
+
+
+# ------------------------------------------------------------------ versions
+def test_snapshot_sees_an_edit_in_the_second_of_the_index(repo):
+    """git trusts an index entry's stat data when the file is older than the index; a
+    copy of the index with a fresh mtime would hide a same-size edit made in the
+    second the index was written."""
+    write(repo, "train.py", "x = 0\n")
+    git(repo, "add", "train.py")
+    git(repo, "commit", "-qm", "v1")
+    index = repo / ".git" / "index"
+    write(repo, "train.py", "x = 1\n")  # same size
+    st = index.stat()
+    os.utime(repo / "train.py", ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime as the index
+    snap = snapshot(str(repo), "refs/flor/t")
+    assert git(repo, "show", f"{snap.commit}:train.py") == "x = 1\n"
+    assert git(repo, "rev-parse", "refs/flor/t") .strip() == snap.commit
+    assert git(repo, "rev-parse", f"{snap.commit}^").strip() == git(repo, "rev-parse", "HEAD").strip()
+    assert (repo / ".git" / "index").read_bytes() == index.read_bytes()
+
+
+def test_snapshot_without_commits_and_files_listed_later(repo):
+    write(repo, "a.py", "a\n")
+    write(repo, "sub/b.txt", "b\n")
+    snap = snapshot(str(repo), "refs/flor/u", list_files=False)
+    assert snap.files == {}
+    assert git(repo, "rev-list", "--count", snap.commit).strip() == "1"  # no parent: HEAD is unborn
+    files = tree_files(str(repo), snap.tree)
+    assert sorted(files) == ["a.py", "sub/b.txt"]
+    assert snapshot(str(repo), "refs/flor/v").files == files
+
+
+def test_find_repo_root_errors(tmp_path, repo):
+    sub = repo / "a" / "b"
+    sub.mkdir(parents=True)
+    assert find_repo_root(sub / "x.py") == str(repo.resolve())
+    from flor_ray.errors import RepositoryError
+
+    with pytest.raises(RepositoryError, match="git init"):
+        find_repo_root(tmp_path / "nowhere" / "x.py")
+    bare = tmp_path / "bare.git"
+    git(tmp_path, "init", "-q", "--bare", str(bare))
+    with pytest.raises(RepositoryError, match="bare"):
+        find_repo_root(bare / "x.py")
+
+
+# ------------------------------------------------------------------ checkpoint period
+def _session(settings: Settings) -> RecordSession:
+    s = RecordSession(settings, argv=["x.py"])
+    clock = getattr(s, "_import_clock", None)
+    if clock is not None:  # never started: leave the interpreter's __import__ as it was
+        clock.stop()
+    return s
+
+
+def _ended(write_cpu: float | None, capture: float = 0.001, seconds: float = 1.0, budget: float = 0.01) -> int:
+    s = _session(Settings(checkpoint_budget=budget, checkpoint_max_period=16))
+    s._ckpt_due = True
+    s._checkpoint_objects = {"m": object()}
+    s._pending_snap = {"iteration": 0}
+    s._pending_cost = capture
+    s._write_cpu_s = write_cpu
+    s._submit_checkpoint = lambda snap: None
+    s._flush = lambda: None
+    s._outer_end(0, seconds, True)
+    return s._ckpt_period
+
+
+def test_checkpoint_period_counts_the_writers_cpu():
+    assert _ended(None) == 1  # 0.1% of the epoch: every epoch
+    assert _ended(0.0005) == 1
+    assert _ended(0.05) == math.ceil(0.051 / (0.01 * 0.999))  # 5% of the epoch: every 6th
+    assert _ended(5.0) == 16  # never beyond the maximum period
+
+
+# ------------------------------------------------------------------ FLOR_PROFILE
+def test_profile_accounting(repo, tmp_path):
+    write(repo, "train.py", TRAIN_SCRIPT)
+    out = tmp_path / "prof.json"
+    run_script(repo, env=clean_env(FLOR_PROFILE=str(out)))
+    p = json.loads(out.read_text())
+    assert p["calls"]["log"] == 4 * 6 + 4  # loss per step, acc per epoch
+    assert p["calls"]["arg"] == 2 and p["calls"]["start"] == 1 and p["calls"]["finish"] == 1
+    assert p["calls"]["capture"] == p["calls"]["submit"] >= 1
+    assert p["main_s"] > 0 and p["main_s"] == pytest.approx(
+        sum(p["main"].get(k, 0.0) for k in ("arg", "log", "loop", "checkpointing", "commit", "finish")))
+    assert set(p["start_parts"]) >= {"repo_root", "store", "snapshot"}
+    assert p["writer"]["write"]["jobs"] == p["calls"]["submit"] and p["writer_cpu_s"] > 0
+    # the run itself is recorded as usual
+    runs = list((repo / ".flor" / "runs").glob("*.json"))
+    assert len(runs) == 1 and json.loads(runs[0].read_text())["status"] == "finished"
+
+
+def test_profile_off_changes_nothing():
+    s = _session(Settings())
+    assert type(s) is RecordSession and "log" not in vars(s) and "loop" not in vars(s)
+
+
+# ------------------------------------------------------------------ the benchmark
+@pytest.mark.skipif(os.environ.get("FLOR_SKIP_BENCH") == "1", reason="FLOR_SKIP_BENCH=1")
+def test_bench_record_quick():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_") and k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_record.py"), "--quick",
+                           "--rounds", "1", "--workload", "2", "--repeats", "1"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    res = json.loads((REPO_ROOT / "benchmarks" / "results" / "record.json").read_text())["quick"]
+    o = res["overhead"]
+    assert set(o["variants"]) >= {"plain", "flor"}
+    fp = o["ratios"]["flor/plain"]
+    assert len(fp["per_round_wall"]) == o["rounds"] and o["ratio_wall"] == fp["median_wall"]
+    assert o["pass"] == (fp["median_wall"] <= 1.02)
+    assert o["same_final_loss"] and o["loss_rows_recorded"] == o["loss_rows_expected"]
+    a = o["accounting"]
+    assert a["runs"] == o["rounds"] and 0 < a["median_share_of_train_loop"] < 1
+    f = res["flordb"]
+    assert f["available"] or f["reason"]
+    if f["available"] and not f["errors"]:
+        assert "flordb/plain" in o["ratios"] and "flor/flordb" in o["ratios"]
+    assert "record overhead" in proc.stdout
