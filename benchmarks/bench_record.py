@@ -418,6 +418,80 @@ def bench_overhead(tmp: Path, quick: bool, rounds: int, workload: float | None, 
     }
 
 
+def _run_pinned(jobs: list[tuple[list, Path, dict, int]]) -> list[tuple[float, dict]]:
+    """Start every job at once, each pinned to its own core; (wall s, BENCH values) each."""
+    import threading
+
+    out: list = [None] * len(jobs)
+
+    def one(i: int, cmd: list, cwd: Path, env: dict, core: int) -> None:
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+        wall = time.perf_counter() - t
+        info: dict = {}
+        for line in proc.stdout.splitlines():
+            if line.startswith("BENCH "):
+                info.update({k: float(v) for k, v in (kv.split("=", 1) for kv in line.split()[1:])})
+        out[i] = (wall, info, proc)
+
+    threads = [threading.Thread(target=one, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for wall, info, proc in out:
+        if proc.returncode != 0:
+            raise RuntimeError(f"{proc.args[-1]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return [(wall, info) for wall, info, _ in out]
+
+
+def bench_concurrent(tmp: Path, quick: bool, rounds: int, workload: float | None) -> dict:
+    """flor and plain started at the same moment, each pinned to one of the 2 cores.
+
+    Run one after another, the same plain script varies by 10-20% on this VM (its
+    CPU speed drifts), more than the overhead we measure. Run side by side, both see
+    the same drift: the ratio of their walls is what flor adds. Cores alternate
+    between the variants round by round; control rounds run plain against plain
+    (the floor this method can resolve). flor's background writer shares flor's
+    core, so its CPU is charged to flor."""
+    repo = make_repo(tmp, "cnn-concurrent")
+    epochs = 4 if quick else 8
+    target_s = workload or (6.0 if quick else 32.0)
+    render = lambda sub, steps, ep=epochs: textwrap.dedent(CNN_TEMPLATE).format(epochs=ep, steps=steps, **sub)  # noqa: E731
+    (repo / "calib.py").write_text(render(CNN_PLAIN, 40, 1))
+    _, info = run_py(repo, "calib.py")
+    steps = max(10, round(target_s / (epochs * info["per_step"])))
+    (repo / "calib.py").unlink()
+    (repo / "train_flor.py").write_text(render(CNN_FLOR, steps))
+    (repo / "train_plain.py").write_text(render(CNN_PLAIN, steps))
+    env = clean_env()
+    cmd = {v: [sys.executable, f"train_{v}.py"] for v in ("flor", "plain")}
+    log(f"concurrent pairs: {epochs} epochs x {steps} steps, {rounds} flor/plain rounds + control plain/plain")
+    res: dict = {"epochs": epochs, "steps_per_epoch": steps, "rounds": rounds, "flor_plain": [], "control": []}
+    for r in range(rounds):
+        a, b = ("flor", "plain") if r % 2 == 0 else ("plain", "flor")
+        (wa, ia), (wb, ib) = _run_pinned([(cmd[a], repo, env, 0), (cmd[b], repo, env, 1)])
+        w = {a: wa, b: wb}
+        tr = {a: ia["train"], b: ib["train"]}
+        res["flor_plain"].append({"flor_core": 0 if a == "flor" else 1, "wall": w, "train": tr,
+                                  "ratio_wall": w["flor"] / w["plain"], "ratio_train": tr["flor"] / tr["plain"]})
+        log(f"  round {r + 1}/{rounds}: flor {w['flor']:.2f} s, plain {w['plain']:.2f} s -> {w['flor'] / w['plain']:.4f} "
+            f"(train loop {tr['flor'] / tr['plain']:.4f})")
+    for r in range(max(1, (rounds + 1) // 2)):
+        (w0, i0), (w1, i1) = _run_pinned([(cmd["plain"], repo, env, 0), (cmd["plain"], repo, env, 1)])
+        res["control"].append({"wall": [w0, w1], "ratio_wall": w1 / w0, "ratio_train": i1["train"] / i0["train"]})
+        log(f"  control {r + 1}: plain {w0:.2f} s vs plain {w1:.2f} s -> {w1 / w0:.4f}")
+    fw = [x["ratio_wall"] for x in res["flor_plain"]]
+    res["median_ratio_wall"] = med(fw)
+    res["mean_ratio_wall"] = statistics.fmean(fw)
+    res["median_ratio_train"] = med([x["ratio_train"] for x in res["flor_plain"]])
+    res["control_ratios_wall"] = [x["ratio_wall"] for x in res["control"]]
+    res["target_ratio"] = TARGET_OVERHEAD
+    res["pass"] = res["median_ratio_wall"] <= TARGET_OVERHEAD
+    return res
+
+
 def bench_import(n: int = 10) -> dict:
     times = []
     for _ in range(n):
@@ -563,6 +637,18 @@ def overhead_lines(o: dict) -> list[str]:
     return lines
 
 
+def concurrent_lines(c: dict) -> list[str]:
+    ok = "ok" if c["pass"] else "MISS"
+    return [
+        f"record overhead, flor and plain side by side (one core each), {c['rounds']} rounds "
+        f"({c['epochs']} epochs x {c['steps_per_epoch']} steps):",
+        f"  flor / plain wall, per round: {' '.join(f'{x:.4f}' for x in (r['ratio_wall'] for r in c['flor_plain']))}",
+        f"  median {c['median_ratio_wall']:.4f} (mean {c['mean_ratio_wall']:.4f}; train loop {c['median_ratio_train']:.4f})"
+        f"  target <= {c['target_ratio']}  {ok}",
+        f"  control plain / plain: {' '.join(f'{x:.4f}' for x in c['control_ratios_wall'])}",
+    ]
+
+
 def table(res: dict) -> str:
     o, i, h = res["overhead"], res["import"], res["log_heavy"]
     ok = lambda b: "ok" if b else "MISS"  # noqa: E731
@@ -586,6 +672,8 @@ def table(res: dict) -> str:
     ]
     if o is not None:
         lines += ["-" * 92, *overhead_lines(o)]
+    if res.get("overhead_concurrent"):
+        lines += ["-" * 92, *concurrent_lines(res["overhead_concurrent"])]
     lines.append("")
     lines.append(f"log-heavy: {h['parquet_files']} parquet files, {h['parquet_bytes'] / 1e6:.2f} MB; "
                  f"dataframe rows {h['dataframe_rows']} (expected {h['rows']})")
@@ -609,6 +697,10 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also cProfile the log-heavy script")
     ap.add_argument("--skip-overhead", action="store_true", help="skip the training measurement")
     ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/record.json")
+    ap.add_argument("--concurrent", type=int, default=None,
+                    help="rounds of flor and plain run side by side, one per core (0 quick, 6 full)")
+    ap.add_argument("--concurrent-only", action="store_true",
+                    help="measure only the side-by-side rounds and add them to the saved results of this mode")
     a = ap.parse_args()
     mode = "quick" if a.quick else "full"
     rounds = a.rounds or (2 if a.quick else 5)
@@ -620,6 +712,16 @@ def main() -> int:
     # changed since its .pyc was written (tens of ms, charged to flor_ray)
     res["precompiled"] = subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "flor_ray")],
                                         capture_output=True).returncode == 0
+    concurrent = a.concurrent if a.concurrent is not None else (0 if a.quick else 6)
+    if a.concurrent_only:
+        with tempfile.TemporaryDirectory(prefix="flor_bench_record_") as d:
+            c = bench_concurrent(Path(d), a.quick, max(concurrent, 1), a.workload)
+        print("\n".join(concurrent_lines(c)))
+        if not a.no_save:
+            saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+            saved.setdefault(mode, {})["overhead_concurrent"] = c
+            RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+        return 0
     with tempfile.TemporaryDirectory(prefix="flor_bench_record_") as d:
         tmp = Path(d)
         log("import time ...")
@@ -635,6 +737,8 @@ def main() -> int:
             fd = res["overhead"]["flordb"]
             res["flordb"] = {"available": fd["available"], "reason": fd["reason"], "version": fd.get("version"),
                              "errors": fd["errors"]}
+            if concurrent:
+                res["overhead_concurrent"] = bench_concurrent(tmp, a.quick, concurrent, a.workload)
     res["total_s"] = time.perf_counter() - t_all
     res["date"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     print(table(res))

@@ -88,78 +88,9 @@ def _vtype_of(v: Any) -> str:
     return "str"
 
 
-def rows_to_table(
-    *,
-    version: str,
-    file: str,
-    prefixes: Sequence[tuple],
-    pids: Sequence[int],
-    lasts: Sequence[int | None],
-    items: Sequence[tuple[int, Any]],
-    names: Sequence[str],
-    values: Sequence[Any],
-    seq_start: int,
-    task: str | None = None,
-) -> "pa.Table":
-    """Build one Parquet-ready table from buffered rows.
-
-    Row ``r`` sits in loop context ``prefixes[pids[r]]`` = ``(loops, enclosing
-    iterations, enclosing items, depth)`` at innermost iteration ``lasts[r]``;
-    ``items`` lists ``(row, innermost item)`` where the item is worth keeping.
-    Prefix columns are built once per prefix and gathered with ``take``, so a
-    million rows cost a few vectorised passes.
-    """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    n = len(names)
-    sch = schema()
-    idx = pa.array(pids, type=pa.int32())
-    last = pa.array(lasts, type=pa.int32())
-    depth = pc.take(pa.array([p[3] for p in prefixes], pa.int32()), idx)
-    zeros = pa.array(np.zeros(n, dtype=np.int32))
-    cols: dict[str, Any] = {
-        "version": pc.take(pa.array([version], pa.string()), zeros),
-        "file": pc.take(pa.array([file], pa.string()), zeros),
-        "loops": pc.take(pa.array([p[0] for p in prefixes], pa.string()), idx),
-    }
-    for d, col in enumerate(ITER_COLS):
-        enclosing = pa.array([p[1][d] if len(p[1]) > d else None for p in prefixes], type=pa.int32())
-        cols[col] = pc.if_else(pc.equal(depth, d + 1), last, pc.take(enclosing, idx))
-    if items or any(p[2] is not None for p in prefixes):
-        inner = dict(items)
-        docs: list[str | None] = []
-        for r in range(n):
-            p = prefixes[pids[r]]
-            it = inner.get(r)
-            if p[2] is None and it is None:
-                docs.append(None)
-            else:
-                docs.append(json.dumps([*(p[2] or (None,) * len(p[1])), it]))
-        cols["items"] = pa.array(docs, pa.string())
-    else:
-        cols["items"] = pa.nulls(n, pa.string())
-    cols["name"] = pa.array(names, type=pa.string())
-
-    types = set(map(type, values))
-    if types == {float}:
-        vtype = pa.array(["float"] * n, pa.string())
-        vf, vi, vs = pa.array(values, pa.float64()), pa.nulls(n, pa.int64()), pa.nulls(n, pa.string())
-    elif types == {int}:
-        vtype = pa.array(["int"] * n, pa.string())
-        vf, vi, vs = pa.nulls(n, pa.float64()), pa.array(values, pa.int64()), pa.nulls(n, pa.string())
-    else:
-        vt = [_vtype_of(v) for v in values]
-        vtype = pa.array(vt, pa.string())
-        vf = pa.array([v if t == "float" else None for v, t in zip(values, vt)], pa.float64())
-        vi = pa.array([int(v) if t in ("int", "bool") else None for v, t in zip(values, vt)], pa.int64())
-        vs = pa.array([str(v) if t in ("str", "json") else None for v, t in zip(values, vt)], pa.string())
-    cols["vtype"] = vtype
-    cols["value_float"], cols["value_int"], cols["value_str"] = vf, vi, vs
-    cols["seq"] = pa.array(np.arange(seq_start, seq_start + n, dtype=np.int64))
-    cols["task"] = pc.take(pa.array([task], pa.string()), zeros)
-    return pa.Table.from_arrays([cols[f.name] for f in sch], schema=sch)
+# one implementation for recording and replay: numpy buffers straight into Arrow,
+# never through pandas (which pyarrow imports on a first pa.array of python objects)
+from .record.rows import rows_to_table  # noqa: E402
 
 
 def merge_rows(into: dict, rows: dict, keep: "set[str] | None") -> None:

@@ -1,8 +1,9 @@
 """Buffered rows to an Arrow table, built from numpy buffers.
 
-The same table as :func:`flor_ray.relation.rows_to_table` (a test checks that they
-agree on every shape of input), built with ``pa.Array.from_buffers`` only. The
-reason is import cost, paid on the training thread at a recording's first flush:
+The one builder of log-relation tables (``flor_ray.relation.rows_to_table`` is this
+function), for recording and replay alike; a test checks it against a plain
+``pyarrow.compute`` reference on every shape of input. It uses
+``pa.Array.from_buffers`` only. The reason is import cost, paid on the training thread at a recording's first flush:
 ``pa.array(...)`` on any Python list or numpy array imports pandas (pyarrow asks it
 whether the input is one of its arrays), and pandas imports ``pyarrow.compute``:
 about 0.6 s of CPU that a recording otherwise never needs. Gathers (the loop
