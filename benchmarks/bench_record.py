@@ -272,30 +272,37 @@ def _profile_summary(profiles: list[dict], trains: list[float], walls: list[floa
     return out
 
 
-def bench_overhead(tmp: Path, quick: bool, rounds: int, workload: float | None, flordb_policy: str,
-                   import_s: float | None = None) -> dict:
-    repo = make_repo(tmp, "cnn")
+def render_cnn(sub: dict, epochs: int, steps: int) -> str:
+    return textwrap.dedent(CNN_TEMPLATE).format(epochs=epochs, steps=steps, **sub)
+
+
+def cnn_repo(tmp: Path, name: str, quick: bool, workload: float | None) -> tuple[Path, int, int, float]:
+    """A repository with train_plain.py and train_flor.py sized to ``workload`` seconds
+    of training on this machine: (repo, epochs, steps per epoch, seconds per step)."""
+    repo = make_repo(tmp, name)
     epochs = 4 if quick else 8
     target_s = workload or (6.0 if quick else 32.0)
-
-    def render(sub: dict, steps: int, ep: int = epochs) -> str:
-        return textwrap.dedent(CNN_TEMPLATE).format(epochs=ep, steps=steps, **sub)
-
     # calibrate: time per step of the plain script on this machine
-    (repo / "calib.py").write_text(render(CNN_PLAIN, 40, 1))
+    (repo / "calib.py").write_text(render_cnn(CNN_PLAIN, 1, 40))
     _, info = run_py(repo, "calib.py")
     per_step = info["per_step"]
     steps = max(10, round(target_s / (epochs * per_step)))
-    log(f"overhead: {per_step * 1e3:.2f} ms/step -> {epochs} epochs x {steps} steps (~{epochs * steps * per_step:.1f} s)")
+    log(f"{name}: {per_step * 1e3:.2f} ms/step -> {epochs} epochs x {steps} steps (~{epochs * steps * per_step:.1f} s)")
     (repo / "calib.py").unlink()
-    (repo / "train_flor.py").write_text(render(CNN_FLOR, steps))
-    (repo / "train_plain.py").write_text(render(CNN_PLAIN, steps))
+    (repo / "train_flor.py").write_text(render_cnn(CNN_FLOR, epochs, steps))
+    (repo / "train_plain.py").write_text(render_cnn(CNN_PLAIN, epochs, steps))
+    return repo, epochs, steps, per_step
+
+
+def bench_overhead(tmp: Path, quick: bool, rounds: int, workload: float | None, flordb_policy: str,
+                   import_s: float | None = None) -> dict:
+    repo, epochs, steps, per_step = cnn_repo(tmp, "cnn", quick, workload)
 
     fdb = ensure_flordb(flordb_policy)
     fdb_repo = None
     if fdb["available"]:  # its own repository: FlorDB commits into the one it runs in
         fdb_repo = make_repo(tmp, "cnn-flordb")
-        (fdb_repo / "train_flordb.py").write_text(render(CNN_FLORDB, steps))
+        (fdb_repo / "train_flordb.py").write_text(render_cnn(CNN_FLORDB, epochs, steps))
     variants = [v for v in VARIANTS if v != "flordb" or fdb_repo is not None]
     expected_s = 15 + 3 * epochs * steps * per_step
 
@@ -455,16 +462,7 @@ def bench_concurrent(tmp: Path, quick: bool, rounds: int, workload: float | None
     between the variants round by round; control rounds run plain against plain
     (the floor this method can resolve). flor's background writer shares flor's
     core, so its CPU is charged to flor."""
-    repo = make_repo(tmp, "cnn-concurrent")
-    epochs = 4 if quick else 8
-    target_s = workload or (6.0 if quick else 32.0)
-    render = lambda sub, steps, ep=epochs: textwrap.dedent(CNN_TEMPLATE).format(epochs=ep, steps=steps, **sub)  # noqa: E731
-    (repo / "calib.py").write_text(render(CNN_PLAIN, 40, 1))
-    _, info = run_py(repo, "calib.py")
-    steps = max(10, round(target_s / (epochs * info["per_step"])))
-    (repo / "calib.py").unlink()
-    (repo / "train_flor.py").write_text(render(CNN_FLOR, steps))
-    (repo / "train_plain.py").write_text(render(CNN_PLAIN, steps))
+    repo, epochs, steps, _ = cnn_repo(tmp, "cnn-concurrent", quick, workload)
     env = clean_env()
     cmd = {v: [sys.executable, f"train_{v}.py"] for v in ("flor", "plain")}
     log(f"concurrent pairs: {epochs} epochs x {steps} steps, {rounds} flor/plain rounds + control plain/plain")

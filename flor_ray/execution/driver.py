@@ -103,8 +103,7 @@ def _expected_s(plan: "Plan", inline: bool) -> float:
     if inline:
         warm = task_mod._ZYGOTE is not None and task_mod._ZYGOTE.poll() is None
     else:
-        slots = max(1, int(plan.cluster.num_cpus // max(min((t.num_cpus for t in plan.pending), default=1.0), 1e-9)))
-        warm = len(_WARM) >= min(slots, len(plan.pending))
+        warm = len(_WARM) >= min(plan.slots, len(plan.pending))
     return plan.makespan_s + (0.0 if warm or not task_mod.FORK else plan.startup_s)
 
 
@@ -142,14 +141,15 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
     t0 = time.time()
     results: list[TaskResult] = []
     pending = plan.pending
+    ray_start = 0.0
     if not inline and pending:
         import ray
 
         if not ray.is_initialized():
-            _WARM.clear()  # a new Ray: new workers
-    expected = _expected_s(plan, inline)
-    if not inline and pending and not sys.modules["ray"].is_initialized() and not (ray_address or os.environ.get("RAY_ADDRESS")):
-        expected += RAY_START_S
+            _WARM.clear()  # a new Ray: new workers, cold zygotes
+            if not (ray_address or os.environ.get("RAY_ADDRESS")):
+                ray_start = RAY_START_S  # ensure_ray starts a local one below
+    expected = _expected_s(plan, inline) + ray_start
     for t in plan.tasks:
         if t.done:
             results.append(TaskResult(t.key, t.run_id, "skipped", 0, 0.0, t.estimate_s, error="already done"))

@@ -127,7 +127,7 @@ class ReplaySession(LoopRuntime):
 
     def _outer_begin(self, i: int, length: int | None) -> bool:
         self._move_rows()
-        self._lap("setup" if self._phase == "setup" else "loop")
+        self._lap(self._phase)  # "setup" before the first iteration, then "loop"
         self._phase = "loop"
         self._cur_iter = i
         self._exits = 0
@@ -226,7 +226,7 @@ class ReplaySession(LoopRuntime):
         if self._failed:
             return
         self._move_rows()
-        self._lap("loop" if self._phase == "loop" else "setup" if self._phase == "setup" else "after")
+        self._lap(self._phase)
         from ..relation import rows_to_table, table_to_parquet_bytes
 
         table = rows_to_table(

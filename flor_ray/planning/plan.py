@@ -232,6 +232,7 @@ class Plan:
     #: once per worker that has not replayed before: its zygote's imports (torch...),
     #: in parallel on all workers; not part of ``makespan_s``
     startup_s: float = 0.0
+    slots: int = 1  # tasks the cluster runs at once (what makespan_s assumes)
 
     def run_info(self, run_id: str) -> RunInfo:
         for r in self.runs:
@@ -453,7 +454,7 @@ def make_plan(
     startup = max((r.imports_s + ZYGOTE_EXTRA_S for r in runs if r.run_id in busy), default=0.0)
     return Plan(names, where, str(iterations), store_url, dict(storage_options or {}), tuple(runs),
                 tuple(patches.values()), tuple(tasks), tuple(skipped), cluster, round(makespan, 3),
-                tuple(statements), retries, round(startup, 3))
+                tuple(statements), retries, round(startup, 3), slots)
 
 
 def _replace(task: Task, **kw: Any) -> Task:
