@@ -27,9 +27,18 @@ a temporary git repository (the store is that repository's ``.flor``):
    an in-process breakdown (loop / exit flush); then ``flor_ray.dataframe("x")`` over
    those rows, in this process, median of 3 after a warm-up (target <= 0.5 s for 1M).
 
+4. (``--instructions`` / ``--instructions-only``) the record overhead in executed
+   instructions, every thread and child process counted under valgrind: plain and
+   flor at three small shapes (epochs x steps), a linear model per variant
+   (fixed + per epoch + per step) and its prediction at the wall-time workload's
+   shape. Instruction counts repeat to a few parts in 10^5 where this VM's wall
+   times drift by 10-20%; what they cannot see is cache and memory behaviour.
+   About 45 minutes on 2 cores (valgrind runs torch ~300x slower).
+
 Prints a table and writes ``benchmarks/results/record.json`` (one entry per mode,
 so a quick and a full run are both kept).
-Usage: ``python benchmarks/bench_record.py [--quick] [--rounds N] [--workload S] [--flordb auto|install|skip] [--profile]``.
+Usage: ``python benchmarks/bench_record.py [--quick] [--rounds N] [--workload S] [--flordb auto|install|skip] [--profile]
+[--concurrent N | --concurrent-only] [--instructions | --instructions-only]``.
 """
 
 from __future__ import annotations
@@ -490,6 +499,123 @@ def bench_concurrent(tmp: Path, quick: bool, rounds: int, workload: float | None
     return res
 
 
+# (epochs, steps per epoch) of the three instruction-count runs per variant: enough to
+# solve Ir = fixed + epochs * per_epoch + epochs * steps * per_step for each variant
+IR_SHAPES = ((2, 20), (4, 20), (2, 40))
+
+
+def _instructions(cmd: list, cwd: Path, env: dict, out_dir: Path) -> tuple[int, dict]:
+    """Instructions executed by ``cmd`` and every process it starts (git included), every
+    thread counted, under valgrind's cachegrind without cache simulation; (Ir, BENCH values)."""
+    out_dir.mkdir(parents=True)
+    vg = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--trace-children=yes",
+          f"--cachegrind-out-file={out_dir}/cg.%p"]
+    proc = subprocess.run(vg + cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"valgrind {cmd[-1]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    total = 0
+    for f in out_dir.glob("cg.*"):
+        for line in f.read_text().splitlines():
+            if line.startswith("summary:"):
+                total += int(line.split()[1])
+    info: dict = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH "):
+            info.update({k: float(v) for k, v in (kv.split("=", 1) for kv in line.split()[1:])})
+    return total, info
+
+
+def fit_instructions(counts: dict[str, int], epochs: int, steps: int, shapes=IR_SHAPES) -> dict:
+    """Solve Ir = fixed + E * per_epoch + E * S * per_step from the counts at ``shapes``
+    ((e1, s1), (e2, s1), (e1, s3)) and predict the count at (``epochs``, ``steps``)."""
+    (e1, s1), (e2, s2), (e3, s3) = shapes
+    assert s2 == s1 and e3 == e1, "shapes: (e1, s1), (e2, s1), (e1, s3)"
+    a, b, d = counts[f"{e1}x{s1}"], counts[f"{e2}x{s1}"], counts[f"{e1}x{s3}"]
+    per_step = (d - a) / (e1 * (s3 - s1))
+    per_epoch = (b - a) / (e2 - e1) - s1 * per_step
+    fixed = a - e1 * per_epoch - e1 * s1 * per_step
+    return {"fixed": fixed, "per_epoch": per_epoch, "per_step": per_step,
+            "predicted": fixed + epochs * per_epoch + epochs * steps * per_step}
+
+
+def bench_instructions(tmp: Path, quick: bool, workload: float | None) -> dict:
+    """flor's overhead in executed instructions: counts repeat to a few parts in 10^5,
+    where the wall time of this VM drifts by 10-20%.
+
+    Each variant runs under valgrind at three small shapes (IR_SHAPES); the linear
+    model Ir = fixed + E * per_epoch + E * S * per_step, solved per variant, predicts
+    the count at the wall-time workload's shape (the same CNN, calibrated as in the
+    overhead measurement). Every thread (flor's background writer) and every child
+    process (git) is counted. What instructions do not see: cache and memory effects."""
+    import shutil
+    import threading
+
+    if shutil.which("valgrind") is None:
+        return {"available": False, "reason": "valgrind not installed"}
+    repo, epochs, steps, per_step = cnn_repo(tmp, "cnn-ir", quick, workload)
+    env = clean_env()
+    counts: dict[str, dict[str, int]] = {"plain": {}, "flor": {}}
+    losses: dict[str, dict[str, float]] = {"plain": {}, "flor": {}}
+    errors: list[str] = []
+    for e, s in IR_SHAPES:
+        for v in counts:
+            (repo / f"ir_{v}_{e}x{s}.py").write_text(render_cnn(CNN_FLOR if v == "flor" else CNN_PLAIN, e, s))
+
+    def one(v: str, e: int, s: int) -> None:
+        try:
+            ir, info = _instructions([sys.executable, f"ir_{v}_{e}x{s}.py"], repo, env, tmp / f"cg-{v}-{e}x{s}")
+            counts[v][f"{e}x{s}"] = ir
+            losses[v][f"{e}x{s}"] = round(info.get("loss", float("nan")), 6)
+            log(f"  instructions {v:5s} {e} epochs x {s} steps: {ir / 1e9:.4f} G")
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    t0 = time.perf_counter()
+    for e, s in IR_SHAPES:  # plain and flor of one shape side by side (one per core)
+        threads = [threading.Thread(target=one, args=(v, e, s)) for v in counts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise RuntimeError(errors[0])
+    model = {v: fit_instructions(c, epochs, steps) for v, c in counts.items()}
+    p, f = model["plain"], model["flor"]
+    return {
+        "available": True,
+        "shapes": [f"{e}x{s}" for e, s in IR_SHAPES],
+        "counts": counts,
+        "final_losses": losses,
+        "model": model,
+        "workload": {"epochs": epochs, "steps_per_epoch": steps},
+        "per_step_ratio": f["per_step"] / p["per_step"],
+        "flor_per_step_ir": f["per_step"] - p["per_step"],
+        "flor_per_epoch_ir": f["per_epoch"] - p["per_epoch"],
+        "flor_fixed_ir": f["fixed"] - p["fixed"],
+        "ratio": f["predicted"] / p["predicted"],
+        "target_ratio": TARGET_OVERHEAD,
+        "pass": f["predicted"] / p["predicted"] <= TARGET_OVERHEAD,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def instruction_lines(i: dict) -> list[str]:
+    if not i.get("available"):
+        return [f"instruction counts not measured: {i.get('reason')}"]
+    w = i["workload"]
+    ok = "ok" if i["pass"] else "MISS"
+    return [
+        f"record overhead in executed instructions (valgrind, every thread and child process), "
+        f"runs of {', '.join(i['shapes'])} (epochs x steps):",
+        "  " + "; ".join(f"{v}: " + ", ".join(f"{k} {n / 1e9:.3f} G" for k, n in c.items()) for v, c in i["counts"].items()),
+        f"  flor adds {i['flor_per_step_ir'] / 1e3:.1f} k instructions a step "
+        f"(step ratio {i['per_step_ratio']:.4f}), {i['flor_per_epoch_ir'] / 1e6:.1f} M an epoch, "
+        f"{i['flor_fixed_ir'] / 1e6:.0f} M once",
+        f"  predicted flor / plain at the workload ({w['epochs']} epochs x {w['steps_per_epoch']} steps): "
+        f"{i['ratio']:.4f}  target <= {i['target_ratio']}  {ok}",
+    ]
+
+
 def bench_import(n: int = 10) -> dict:
     times = []
     for _ in range(n):
@@ -670,6 +796,8 @@ def table(res: dict) -> str:
     ]
     if o is not None:
         lines += ["-" * 92, *overhead_lines(o)]
+    if res.get("overhead_instructions"):
+        lines += ["-" * 92, *instruction_lines(res["overhead_instructions"])]
     if res.get("overhead_concurrent"):
         lines += ["-" * 92, *concurrent_lines(res["overhead_concurrent"])]
     lines.append("")
@@ -697,6 +825,10 @@ def main() -> int:
     ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/record.json")
     ap.add_argument("--concurrent", type=int, default=None,
                     help="rounds of flor and plain run side by side, one per core (0 quick, 6 full)")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count executed instructions under valgrind (about 45 minutes on 2 cores)")
+    ap.add_argument("--instructions-only", action="store_true",
+                    help="count only the instructions and add them to the saved results of this mode")
     ap.add_argument("--concurrent-only", action="store_true",
                     help="measure only the side-by-side rounds and add them to the saved results of this mode")
     a = ap.parse_args()
@@ -711,14 +843,21 @@ def main() -> int:
     res["precompiled"] = subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "flor_ray")],
                                         capture_output=True).returncode == 0
     concurrent = a.concurrent if a.concurrent is not None else (0 if a.quick else 6)
-    if a.concurrent_only:
+    # one measurement alone, added to the saved results of this mode
+    only = [(key, fn, lines) for flag, key, fn, lines in (
+        (a.instructions_only, "overhead_instructions", lambda t: bench_instructions(t, a.quick, a.workload),
+         instruction_lines),
+        (a.concurrent_only, "overhead_concurrent", lambda t: bench_concurrent(t, a.quick, max(concurrent, 1), a.workload),
+         concurrent_lines)) if flag]
+    for key, fn, lines in only:
         with tempfile.TemporaryDirectory(prefix="flor_bench_record_") as d:
-            c = bench_concurrent(Path(d), a.quick, max(concurrent, 1), a.workload)
-        print("\n".join(concurrent_lines(c)))
+            out = fn(Path(d))
+        print("\n".join(lines(out)))
         if not a.no_save:
             saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-            saved.setdefault(mode, {})["overhead_concurrent"] = c
+            saved.setdefault(mode, {})[key] = out
             RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+    if only:
         return 0
     with tempfile.TemporaryDirectory(prefix="flor_bench_record_") as d:
         tmp = Path(d)
@@ -735,6 +874,8 @@ def main() -> int:
             fd = res["overhead"]["flordb"]
             res["flordb"] = {"available": fd["available"], "reason": fd["reason"], "version": fd.get("version"),
                              "errors": fd["errors"]}
+            if a.instructions:
+                res["overhead_instructions"] = bench_instructions(tmp, a.quick, a.workload)
             if concurrent:
                 res["overhead_concurrent"] = bench_concurrent(tmp, a.quick, concurrent, a.workload)
     res["total_s"] = time.perf_counter() - t_all

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,10 @@ def test_bench_replay_quick():
         assert key in s, key
     assert s["failed_tasks"] == 0 and s["fidelity_mismatched"] == 0
     assert w["flor_ray"]["outer"]["rows"] > 0
+    # every plan is either calibrated by the store's replay history or not
+    assert len(s["estimate_err_calibrated"]) + len(s["estimate_err_uncalibrated"]) == 4
+    # (e) two training processes at once vs one by one on this machine
+    assert 0.5 < s["ceiling_2_vs_1"] < 2.5 and s["speedup_of_ceiling"] > 0
     if _flordb_ok(res):
         assert "outer" in w["flordb"] and "wall_s" in w["flordb"]["outer"]
     else:
@@ -99,3 +104,30 @@ def test_workload_versions_differ_and_today_adds_statements(workload):
     assert "import flordb as flor" in fdb and "flor_ray" not in fdb
     for s in srcs + [today]:
         compile(s, f"{workload}.py", "exec")
+
+
+def test_bench_record_instruction_counting():
+    """The instruction-count mode's parts: valgrind's count of a real process (children
+    included), and the fit that predicts the workload's count from three short runs."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_record as br
+
+    # the fit recovers the costs that made the counts
+    fixed, per_epoch, per_step = 9e9, 6e7, 1.3e8
+    counts = {f"{e}x{s}": int(fixed + e * per_epoch + e * s * per_step) for e, s in br.IR_SHAPES}
+    m = br.fit_instructions(counts, 8, 139)
+    assert m["per_step"] == pytest.approx(per_step) and m["per_epoch"] == pytest.approx(per_epoch)
+    assert m["predicted"] == pytest.approx(fixed + 8 * per_epoch + 8 * 139 * per_step)
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    tmp = Path(tempfile.mkdtemp(prefix="flor-ir-test-"))
+    try:
+        code = "echo BENCH loss=0.5; /bin/true"
+        one, info = br._instructions(["/bin/sh", "-c", code], tmp, os.environ.copy(), tmp / "a")
+        two, _ = br._instructions(["/bin/sh", "-c", code + "; /bin/true"], tmp, os.environ.copy(), tmp / "b")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert info == {"loss": 0.5}
+    assert one > 1e5 and two > one  # the second child process is counted too

@@ -107,3 +107,49 @@ def test_iteration_specs(spec, want):
 def test_bad_iteration_spec():
     with pytest.raises(PlanningError, match="not understood"):
         iteration_set("x:y", 4)
+
+
+def test_calibration_scales_estimates_by_mode_concurrency_and_run():
+    from flor_ray.planning.plan import Calibration
+
+    runs = [run("r1", range(6)), run("r2", range(6))]
+    base = plan(["gnorm"], runs, cpus=2)
+    assert base.per_node == 2 and not base.calibrated
+    cal = Calibration((
+        ("r1", "train.py", "reexec", 2, 10.0, 13.0),   # r1's own history: x1.3
+        ("old", "train.py", "reexec", 2, 20.0, 22.0),  # same script: r2 gets (13 + 22) / (10 + 20)
+        ("r2", "train.py", "reexec", 1, 10.0, 30.0),   # r2 alone on a node: not comparable
+        ("r2", "train.py", "skip", 2, 10.0, 30.0),     # another mode: not comparable
+    ))
+    p = plan(["gnorm"], runs, cpus=2, calibration=cal)
+    want = {"r1": 1.3, "r2": 35 / 30}
+    assert [t.key for t in p.tasks] == [t.key for t in base.tasks]
+    for t, b in zip(p.tasks, base.tasks):
+        assert t.factor == pytest.approx(want[t.run_id], abs=1e-4)
+        assert t.estimate_s == pytest.approx(b.estimate_s * want[t.run_id], abs=1e-3)
+    assert p.makespan_s > base.makespan_s
+    mean = sum(want[t.run_id] for t in p.tasks) / len(p.tasks)
+    assert p.explain().splitlines()[0].endswith(f"; reexec x{mean:.2f} from 2 earlier tasks at 2/node]")
+    # one odd replay cannot wreck the next plan: the factor is bounded
+    wild = plan(["gnorm"], runs, cpus=2, calibration=Calibration((("r1", "train.py", "reexec", 2, 1.0, 100.0),)))
+    assert {t.factor for t in wild.tasks if t.run_id == "r1"} == {3.0}
+    # one worker: tasks run alone, so only the sample taken alone applies (r1 has
+    # none of its own and takes its script's)
+    alone = plan(["gnorm"], runs, cpus=1, calibration=cal)
+    assert alone.per_node == 1
+    assert {t.run_id: t.factor for t in alone.tasks} == {"r1": 3.0, "r2": 3.0}
+
+
+def test_concurrency_of_finished_tasks_per_node():
+    from flor_ray.execution.task import TaskResult
+    from flor_ray.planning.history import concurrency
+
+    rs = [TaskResult("a", "r", "done", 1, 10.0, node="n1", started_at=100.0),
+          TaskResult("b", "r", "done", 1, 10.0, node="n1", started_at=105.0),   # half of it next to a
+          TaskResult("c", "r", "done", 1, 4.0, node="n2", started_at=101.0),    # another node
+          TaskResult("d", "r", "done", 1, 2.0, node="n1", started_at=101.0)]    # inside a
+    c = concurrency(rs)
+    assert c["a"] == pytest.approx(1 + 5 / 10 + 2 / 10)
+    assert c["b"] == pytest.approx(1.5)
+    assert c["c"] == pytest.approx(1.0)
+    assert c["d"] == pytest.approx(2.0)

@@ -108,3 +108,65 @@ def test_task_phases_account_for_the_wall_and_a_warm_zygote_skips_the_cold_start
     assert report.estimate_s == plan.makespan_s  # warm: no cold start expected
     assert "[prepare" in str(report) or "[process" in str(report)
     assert _vals(store, "final_bias", "replay") == _vals(hand, "final_bias", "record")
+
+
+def test_replay_history_calibrates_the_next_plans_estimates(recorded):
+    """Each replay writes its finished tasks' estimates and actual times to the store;
+    the next plan of the same run and mode scales its estimates by actual/estimate."""
+    import warnings
+
+    from flor_ray.planning.history import HISTORY_DIR, load_calibration
+
+    repo, store, hand = recorded
+    for f in store.find(HISTORY_DIR):
+        store.delete(f)
+
+    def fresh_plan():
+        for f in store.find("logs", ".parquet"):
+            if "/source=replay/" in f:
+                store.delete(f)
+        # one slot: inline tasks run one at a time, so 1 task per node, as planned
+        return flor_ray.plan_replay(["final_bias"], store=store, script=repo / "train.py", cluster=ClusterSnapshot(1))
+
+    first = fresh_plan()
+    assert first.per_node == 1 and not first.calibrated and all(t.factor == 1.0 for t in first.tasks)
+    report = run_plan(first, progress=False, inline=True)
+    assert not report.failed, str(report)
+    files = store.find(HISTORY_DIR, ".json")
+    assert len(files) == 1
+    samples = store.read_json(files[0])["tasks"]
+    by_key = {r.key: r for r in report.results}
+    assert len(samples) == len(first.tasks) == len(by_key)
+    tasks = {t.key: t for t in first.tasks}
+    for s in samples:
+        t, r = tasks[s["task"]], by_key[s["task"]]
+        assert (s["run_id"], s["mode"], s["per_node"], s["script"]) == (t.run_id, t.mode, 1, "train.py")
+        assert s["base_s"] == pytest.approx(t.estimate_s, abs=1e-3)
+        assert s["actual_s"] == pytest.approx(r.wall_s - dict(r.phases).get("zygote", 0.0), abs=1e-3)
+
+    second = fresh_plan()
+    modes = sorted({s["mode"] for s in samples})
+    assert "skip" in modes  # final_bias is computed after the loop, from the last checkpoint
+    factor, n = {}, {}
+    for m in modes:
+        of = [s for s in samples if s["mode"] == m]
+        factor[m] = min(max(sum(s["actual_s"] for s in of) / sum(s["base_s"] for s in of), 0.5), 3.0)
+        n[m] = len(of)
+    assert {t.key for t in second.tasks} == {t.key for t in first.tasks}  # keys do not depend on estimates
+    base = {t.key: t.estimate_s for t in first.tasks}
+    for t in second.tasks:
+        assert t.factor == pytest.approx(factor[t.mode], abs=1e-4)
+        assert t.estimate_s == pytest.approx(base[t.key] * factor[t.mode], abs=2e-3)
+    head = second.explain().splitlines()[0]
+    for m in modes:
+        assert f"; {m} x{factor[m]:.2f} from {n[m]} earlier task{'s' if n[m] > 1 else ''} at 1/node" in head
+
+    # a damaged history file is skipped with a warning; the plan is made all the same
+    store.write_bytes(f"{HISTORY_DIR}/99999999T000000-broken.json", b"{not json")
+    with pytest.warns(UserWarning, match="skipping the replay history file"):
+        third = fresh_plan()
+    assert [t.estimate_s for t in third.tasks] == [t.estimate_s for t in second.tasks]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        store.delete(f"{HISTORY_DIR}/99999999T000000-broken.json")
+        assert len(load_calibration(store).samples) == len(samples)

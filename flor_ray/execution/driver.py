@@ -194,6 +194,11 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
                 done += 1
             bar.update(done)
     _WARM.update(r.worker for r in results if r.worker)
+    if pending:
+        from ..planning.history import record_history
+        from ..store import Store
+
+        record_history(Store(plan.store_url, plan.storage_options), plan, results)
     fid = compare_fidelity(plan, [r for r in results if r.status in ("done", "skipped")])
     return Report(tuple(results), tuple((s.run_id, s.reason) for s in plan.skipped), fid,
                   round(time.time() - t0, 3), round(expected, 3))

@@ -92,6 +92,7 @@ class TaskResult:
     #: ``restore``, ``loop``, ``after`` and ``write``
     phases: tuple[tuple[str, float], ...] = ()
     worker: str | None = None  # "node:pid" of the process that ran the task (its zygote stays warm)
+    started_at: float | None = None  # its start, seconds since the epoch (the history's concurrency)
 
 
 def _materialize_cached(store, version: str) -> Path:
@@ -162,7 +163,7 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
             outer = {**timings, "process": max(wall - sum(timings.values()) - sum(inner.values()), 0.0)}
             phases = tuple((k, round(v, 4)) for k, v in (*outer.items(), *inner.items()))
             return TaskResult(key, run_id, "done", done["rows"], wall, estimate_s, node=node, phases=phases,
-                              worker=f"{node}:{os.getpid()}")
+                              worker=f"{node}:{os.getpid()}", started_at=t0)
     except ReplayProcessKilled:
         raise  # Ray retries it (driver: retry_exceptions)
     except Exception as exc:  # noqa: BLE001 - a failure is a value, never lost

@@ -39,7 +39,9 @@ def explain(plan: "Plan") -> str:
         + (f" where {plan.where}" if plan.where else "")
         + f"; iterations={plan.iterations}; tasks={len(plan.tasks)} ({len(pending)} to run)"
         + f"; workers={int(plan.cluster.num_cpus)}; est. makespan={_secs(plan.makespan_s)}"
-        + (f"; cold start={_secs(plan.startup_s)}" if pending and plan.startup_s else "") + "]"
+        + (f"; cold start={_secs(plan.startup_s)}" if pending and plan.startup_s else "")
+        + "".join(f"; {mode} x{f:.2f} from {n} earlier task{'s' if n != 1 else ''} at {plan.per_node}/node"
+                  for mode, f, n in plan.calibrated) + "]"
     )
     lines = [head]
     by_version: dict[str, list[str]] = {}

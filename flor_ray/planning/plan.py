@@ -1,8 +1,9 @@
 """The replay plan: frozen values and the pure function that builds them.
 
 :func:`make_plan` reads no clock, cluster or store: the runs, their checkpoint
-manifests, the propagated code, the cluster snapshot and the done partitions all
-come in as arguments, so a plan is reproducible and ``explain()`` can be asserted.
+manifests, the propagated code, the cluster snapshot, the done partitions and the
+calibration from earlier replays all come in as arguments, so a plan is
+reproducible and ``explain()`` can be asserted.
 
 Per run, the most demanding need of the requested names decides the mode:
 
@@ -31,6 +32,7 @@ __all__ = [
     "RunInfo",
     "VersionPatch",
     "ClusterSnapshot",
+    "Calibration",
     "Resources",
     "Task",
     "SkippedRun",
@@ -155,6 +157,40 @@ class ClusterSnapshot:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """What earlier replays in the store took against what their plans estimated.
+
+    The recorded timings predict a task well on an idle machine, but tasks that
+    share a node slow each other down (caches, memory bandwidth, a host's
+    hyper-threads): on a 2-core machine, a re-executed LSTM task took 35% longer
+    next to another one, a CNN task 7% longer. No static model knows that
+    number for a workload, so the planner learns it: each sample is one finished
+    task, ``(run_id, script, mode, per_node, base_s, actual_s)``: its mode, how
+    many replay tasks ran on its node at once (on average over its time, rounded),
+    its estimate before calibration and its time without the worker's cold start.
+    A new task's estimate is scaled by ``sum(actual) / sum(base)`` over the samples
+    of the same mode and per-node concurrency, of the same run if there are any,
+    else of the same script; without any it is left as it is.
+    """
+
+    samples: tuple[tuple[str, str, str, int, float, float], ...] = ()
+
+    #: a factor is kept within these bounds: one odd replay must not wreck the next plan
+    BOUNDS = (0.5, 3.0)
+
+    def factor(self, run_id: str, script: str, mode: str, per_node: int) -> tuple[float, int]:
+        """(factor, samples it rests on) for a task of ``run_id``'s ``mode`` run
+        ``per_node`` to a node; (1.0, 0) when nothing comparable ran before."""
+        for field_, value in ((0, run_id), (1, script)):
+            sel = [s for s in self.samples
+                   if s[field_] == value and s[2] == mode and s[3] == per_node and s[4] > 0]
+            if sel:
+                f = sum(s[5] for s in sel) / sum(s[4] for s in sel)
+                return min(max(f, self.BOUNDS[0]), self.BOUNDS[1]), len(sel)
+        return 1.0, 0
+
+
+@dataclass(frozen=True)
 class Resources:
     num_cpus: float = 1.0
     num_gpus: float | None = None  # None: 1 for runs recorded on CUDA, else 0
@@ -181,6 +217,9 @@ class Task:
     estimate_s: float
     note: str = ""
     done: bool = False
+    #: the calibration factor in ``estimate_s`` (``estimate_s / factor``: the estimate
+    #: from the recorded timings alone)
+    factor: float = 1.0
 
     @property
     def output(self) -> str:
@@ -233,6 +272,9 @@ class Plan:
     #: in parallel on all workers; not part of ``makespan_s``
     startup_s: float = 0.0
     slots: int = 1  # tasks the cluster runs at once (what makespan_s assumes)
+    per_node: int = 1  # replay tasks expected to share a node (what the calibration looked up)
+    #: (mode, factor, samples) applied to this plan's estimates, from :class:`Calibration`
+    calibrated: tuple[tuple[str, float, int], ...] = ()
 
     def run_info(self, run_id: str) -> RunInfo:
         for r in self.runs:
@@ -333,6 +375,7 @@ def make_plan(
     store_url: str = "",
     storage_options: Mapping[str, Any] | None = None,
     retries: int = 3,
+    calibration: Calibration = Calibration(),
 ) -> Plan:
     names = tuple(names)
     tasks: list[Task] = []
@@ -449,12 +492,25 @@ def make_plan(
                            t0.restore.iteration if t0.restore else None, t0.names, True, t0.after)
             tasks[idx] = _replace(t0, setup=True, key=key, done=key in done_keys)
 
+    # tasks that will share a node: the calibration's key
+    n_pending = sum(not t.done for t in tasks)
+    nodes = max(1, int(cluster.nodes))
+    per_node = max(1, min(max(1, slots // nodes), math.ceil(n_pending / nodes))) if n_pending else 1
+    calibrated: dict[str, tuple[float, int, int]] = {}  # mode -> (sum of factors, tasks, most samples)
+    for i, t in enumerate(tasks):
+        f, n = calibration.factor(t.run_id, t.script, t.mode, per_node)
+        if n:
+            tasks[i] = _replace(t, estimate_s=round(t.estimate_s * f, 3), factor=round(f, 4))
+            if not t.done:
+                c = calibrated.get(t.mode, (0.0, 0, 0))
+                calibrated[t.mode] = (c[0] + f, c[1] + 1, max(c[2], n))
+    calibrated_summary = tuple((m, round(fs / k, 3), n) for m, (fs, k, n) in sorted(calibrated.items()))
     makespan = _makespan([t.estimate_s for t in tasks if not t.done], slots)
     busy = {t.run_id for t in tasks if not t.done}
     startup = max((r.imports_s + ZYGOTE_EXTRA_S for r in runs if r.run_id in busy), default=0.0)
     return Plan(names, where, str(iterations), store_url, dict(storage_options or {}), tuple(runs),
                 tuple(patches.values()), tuple(tasks), tuple(skipped), cluster, round(makespan, 3),
-                tuple(statements), retries, round(startup, 3), slots)
+                tuple(statements), retries, round(startup, 3), slots, per_node, calibrated_summary)
 
 
 def _replace(task: Task, **kw: Any) -> Task:

@@ -117,6 +117,7 @@ def plan_replay(
     from ..config import load_settings
     from ..relation import load_runs, select_runs
     from .analysis import analyze
+    from .history import load_calibration
 
     st = resolve_store(store).check()
     settings = load_settings()
@@ -192,6 +193,7 @@ def plan_replay(
         store_url=st.url,
         storage_options=st.storage_options,
         retries=settings.max_retries,
+        calibration=load_calibration(st),
     )
     if not plan.tasks and plan.skipped and all("selects none of its iterations" in s.reason for s in plan.skipped):
         raise PlanningError(
