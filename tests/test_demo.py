@@ -57,7 +57,8 @@ def test_demo_prints_plans_reports_and_the_side_by_side_table(demo):
     every_epoch = all(c.strip() == "0, 1, 2, 3" for c in ck)
     assert every_epoch or "restore the nearest earlier checkpoint" in out  # else the fallback is explained
     # two plans with their estimates: wnorm skips training, gnorm re-executes it
-    plans = re.findall(r"^ReplayPlan\[names=(\w+); runs=3;.*est\. makespan=[\d.]+s(?:; cold start=[\d.]+s)?\]$", out, re.M)
+    plans = re.findall(r"^ReplayPlan\[names=(\w+); runs=3;.*est\. makespan=[\d.]+s(?:; cold start=[\d.]+s)?"
+                       r"(?:; \w+ x[\d.]+ from \d+ earlier tasks? at \d+/node)*\]$", out, re.M)
     assert plans == ["wnorm", "gnorm"]
     wnorm_plan = out[out.index("ReplayPlan[names=wnorm"):out.index("ReplayPlan[names=gnorm")]
     assert "restore+outer" in wnorm_plan  # skip tasks: checkpoints restored, training loop skipped
