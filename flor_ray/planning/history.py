@@ -49,7 +49,7 @@ def record_history(store: "Store", plan: "Plan", results: Sequence["TaskResult"]
     samples = []
     for r in results:
         t = by_key.get(r.key)
-        if r.status != "done" or t is None or r.key not in conc or not t.factor:
+        if r.status != "done" or t is None or r.key not in conc:
             continue
         cold = dict(r.phases).get("zygote", 0.0)  # the worker's cold start: modelled apart
         samples.append({"task": r.key, "run_id": r.run_id, "script": t.script, "mode": t.mode,

@@ -18,6 +18,7 @@ Per run, the most demanding need of the requested names decides the mode:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -162,15 +163,15 @@ class Calibration:
 
     The recorded timings predict a task well on an idle machine, but tasks that
     share a node slow each other down (caches, memory bandwidth, a host's
-    hyper-threads): on a 2-core machine, a re-executed LSTM task took 35% longer
-    next to another one, a CNN task 7% longer. No static model knows that
-    number for a workload, so the planner learns it: each sample is one finished
-    task, ``(run_id, script, mode, per_node, base_s, actual_s)``: its mode, how
-    many replay tasks ran on its node at once (on average over its time, rounded),
-    its estimate before calibration and its time without the worker's cold start.
-    A new task's estimate is scaled by ``sum(actual) / sum(base)`` over the samples
-    of the same mode and per-node concurrency, of the same run if there are any,
-    else of the same script; without any it is left as it is.
+    hyper-threads): on a 2-core machine, re-executed tasks took 12% (CNN) and
+    17% (LSTM) longer next to another one, and up to 35% in another run. No static model knows
+    that number for a workload, so the planner learns it: each sample is one
+    finished task, ``(run_id, script, mode, per_node, base_s, actual_s)``: its mode,
+    how many replay tasks ran on its node at once (on average over its time,
+    rounded), its estimate before calibration and its time without the worker's cold
+    start. A new task's estimate is scaled by ``sum(actual) / sum(base)`` over the
+    samples of the same mode and per-node concurrency, of the same run if there are
+    any, else of the same script; without any it is left as it is.
     """
 
     samples: tuple[tuple[str, str, str, int, float, float], ...] = ()
@@ -178,15 +179,28 @@ class Calibration:
     #: a factor is kept within these bounds: one odd replay must not wreck the next plan
     BOUNDS = (0.5, 3.0)
 
+    @functools.cached_property
+    def _sums(self) -> dict[tuple[str, str, str, int], list]:
+        """(("run" | "script", its id, mode, per_node)) -> [sum of base_s, sum of actual_s, samples]:
+        one pass over the samples, however many tasks the plan asks about."""
+        sums: dict[tuple[str, str, str, int], list] = {}
+        for run_id, script, mode, per_node, base, actual in self.samples:
+            if base <= 0:
+                continue
+            for k in (("run", run_id, mode, per_node), ("script", script, mode, per_node)):
+                acc = sums.setdefault(k, [0.0, 0.0, 0])
+                acc[0] += base
+                acc[1] += actual
+                acc[2] += 1
+        return sums
+
     def factor(self, run_id: str, script: str, mode: str, per_node: int) -> tuple[float, int]:
         """(factor, samples it rests on) for a task of ``run_id``'s ``mode`` run
         ``per_node`` to a node; (1.0, 0) when nothing comparable ran before."""
-        for field_, value in ((0, run_id), (1, script)):
-            sel = [s for s in self.samples
-                   if s[field_] == value and s[2] == mode and s[3] == per_node and s[4] > 0]
-            if sel:
-                f = sum(s[5] for s in sel) / sum(s[4] for s in sel)
-                return min(max(f, self.BOUNDS[0]), self.BOUNDS[1]), len(sel)
+        for k in (("run", run_id, mode, per_node), ("script", script, mode, per_node)):
+            acc = self._sums.get(k)
+            if acc:
+                return min(max(acc[1] / acc[0], self.BOUNDS[0]), self.BOUNDS[1]), acc[2]
         return 1.0, 0
 
 
