@@ -32,8 +32,10 @@ def test_import_clock_counts_main_thread_imports_of_new_modules_only(tmp_path, m
 
 def test_replay_setup_excludes_the_recorded_imports():
     meta = {"run_id": "r", "version": "v", "script": "train.py", "iterations": 2,
-            "timings": {"setup_s": 6.0, "start_s": 3.0, "setup_imports_s": 2.5, "outer_s": [1.0, 1.0]}}
+            "timings": {"setup_s": 6.0, "start_s": 3.0, "setup_imports_s": 2.5, "outer_s": [1.0, 1.0],
+                        "checkpoint_s": [0.25, None]}}
     run = RunInfo.from_meta(meta)
+    assert run.checkpoint_s == (0.25, 0.0)  # the capture a replay leaves out
     assert run.imports_s == 5.5  # paid once per worker (its zygote)
     assert abs(run.replay_setup_s - (TASK_OVERHEAD_S + 0.5)) < 1e-9  # paid by every task
     old = RunInfo.from_meta({**meta, "timings": {"setup_s": 6.0, "outer_s": [1.0, 1.0]}})

@@ -55,6 +55,22 @@ def test_outer_statement_skips_and_falls_back_where_checkpoints_are_missing():
     assert set(skip[0].names) == {"wnorm", "acc"}  # acc is recomputed and compared, loss is not
 
 
+def test_estimates_leave_out_the_recordings_checkpoint_capture():
+    # each recorded epoch: 10 s, of which 9 s in the step loop and 0.5 s capturing
+    # the checkpoint, which a replay never does (it restores one instead)
+    import dataclasses
+
+    base = run("r1", range(6))
+    captured = dataclasses.replace(base, checkpoint_s=(0.5,) * 6)
+    for names, per_iter in ((["wnorm"], 0.5), (["gnorm"], 9.5)):
+        a, b = (plan(names, [r], cpus=1).tasks for r in (base, captured))
+        assert len(a) == len(b) == 1
+        iters = b[0].stop - b[0].start + 1
+        assert a[0].estimate_s - b[0].estimate_s == pytest.approx(0.5 * iters, abs=2e-3)
+        restore = sum(0.02 + c.bytes / 200e6 for c in b[0].checkpoints)
+        assert b[0].estimate_s == pytest.approx(base.replay_setup_s + restore + per_iter * iters, abs=2e-3)
+
+
 def test_inner_statement_reexecutes_in_balanced_segments():
     p = plan(["gnorm"], [run("r1", [0, 1, 2, 3, 4, 5])], cpus=3)
     segs = [(t.start, t.stop, t.restore.iteration if t.restore else None) for t in p.tasks]

@@ -299,7 +299,8 @@ def test_bench_record_quick():
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_") and k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_record.py"), "--quick",
-                           "--rounds", "1", "--workload", "2", "--repeats", "1", "--concurrent", "1"],
+                           "--rounds", "1", "--workload", "2", "--repeats", "1", "--concurrent", "1",
+                           "--allocator", "pinned", "--placebo"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     res = json.loads((REPO_ROOT / "benchmarks" / "results" / "record.json").read_text())["quick"]
@@ -321,3 +322,14 @@ def test_bench_record_quick():
     r = c["flor_plain"][0]
     assert c["median_ratio_wall"] == r["ratio_wall"] == r["wall"]["flor"] / r["wall"]["plain"]
     assert "side by side" in proc.stdout
+    # glibc's malloc thresholds pinned for every variant, and the placebo control:
+    # flor_ray's footprint without its work
+    assert o["allocator"] == "pinned" and "overhead_pinned" not in res
+    assert o["glibc_tunables"] == "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
+    assert set(o["variants"]) >= {"plain", "flor", "placebo"}
+    for v in o["variants"].values():
+        assert len(v["page_faults"]) == o["rounds"] and all(f > 1000 for f in v["page_faults"])
+    pp = o["ratios"]["placebo/plain"]
+    assert pp["per_round_wall"] == [a / b for a, b in zip(o["variants"]["placebo"]["wall_s"],
+                                                          o["variants"]["plain"]["wall_s"])]
+    assert "(pinned malloc)" in proc.stdout and "median minor page faults" in proc.stdout

@@ -94,17 +94,23 @@ def ensure_ray(address: str | None = None) -> None:
 #: slots are all warm does not pay the plan's cold start
 _WARM: set[str] = set()
 RAY_START_S = 5.0  # a local Ray started for the replay (measured 4-7 s on a 2-core machine)
+#: per plan, on the driver: submitting the tasks, then the fidelity check and the
+#: replay history once they are done (0.12-0.2 s on a 2-core machine)
+PLAN_OVERHEAD_S = 0.15
 
 
 def _expected_s(plan: "Plan", inline: bool) -> float:
-    """The plan's makespan plus, unless enough workers are warm, its cold start."""
+    """The plan's makespan and the driver's own work plus, unless enough workers
+    are warm, its cold start."""
     from . import task as task_mod
 
     if inline:
         warm = task_mod._ZYGOTE is not None and task_mod._ZYGOTE.poll() is None
     else:
         warm = len(_WARM) >= min(plan.slots, len(plan.pending))
-    return plan.makespan_s + (0.0 if warm or not task_mod.FORK else plan.startup_s)
+    if not plan.pending:
+        return 0.0
+    return plan.makespan_s + PLAN_OVERHEAD_S + (0.0 if warm or not task_mod.FORK else plan.startup_s)
 
 
 def _remote():

@@ -46,9 +46,10 @@ __all__ = [
 PROCESS_OVERHEAD_S = 1.5  # python start + imports of a replay process when the run did not record its set-up
 RESTORE_BYTES_PER_S = 200e6  # reading + torch.load of a checkpoint, conservative for local disks and S3
 #: per task, beyond the script's own work: the store checks, the code copied, a
-#: process forked from the worker's warm zygote, the partition written (measured
-#: 0.2-0.3 s on a 2-core machine; see TaskResult.phases)
-TASK_OVERHEAD_S = 0.25
+#: process forked from the worker's warm zygote, the partition written (0.10-0.12 s
+#: on a 2-core machine, see TaskResult.phases), and Ray handing the worker its next
+#: task (~0.03 s)
+TASK_OVERHEAD_S = 0.15
 #: a zygote imports pyarrow, pandas and flor_ray's replay modules besides the script's own
 ZYGOTE_EXTRA_S = 1.0
 
@@ -86,6 +87,9 @@ class RunInfo:
     start_s: float | None = None
     #: imports between the first flor call and the first iteration (lazy ones too)
     setup_imports_s: float = 0.0
+    #: per outer iteration, the training thread's checkpoint capture (part of
+    #: ``outer_s``; a replay restores checkpoints but never takes one)
+    checkpoint_s: tuple[float, ...] = ()
 
     @property
     def imports_s(self) -> float:
@@ -125,6 +129,7 @@ class RunInfo:
             status=meta.get("status", "finished"),
             start_s=None if t.get("start_s") is None else float(t["start_s"]),
             setup_imports_s=float(t.get("setup_imports_s") or 0.0),
+            checkpoint_s=tuple(float(x or 0.0) for x in t.get("checkpoint_s") or ()),
         )
 
 
@@ -362,10 +367,12 @@ _RANK = {"setup": 0, "outer": 1, "after": 2, "inner": 3}
 
 
 def _iter_cost(run: RunInfo, i: int, skip: bool) -> float:
+    """Recorded time of outer iteration ``i`` that a replay repeats: all of it, or
+    (``skip``) the outer-level code only; never the recording's checkpoint capture."""
     if i < len(run.outer_s):
-        total = run.outer_s[i]
+        total = run.outer_s[i] - (run.checkpoint_s[i] if i < len(run.checkpoint_s) else 0.0)
         inner = run.inner_s[i] if i < len(run.inner_s) else 0.0
-        return max(total - inner, 0.0) if skip else total
+        return max(total - inner, 0.0) if skip else max(total, 0.0)
     if run.outer_s:
         return sum(run.outer_s) / len(run.outer_s)
     return 0.0
