@@ -914,8 +914,8 @@ def main() -> int:
          instruction_lines),
         (a.concurrent_only, "overhead_concurrent", lambda t: bench_concurrent(t, a.quick, max(concurrent, 1), a.workload),
          concurrent_lines),
-        (a.pinned_only, "overhead_pinned" + ("_placebo" if a.placebo else ""), lambda t: bench_overhead(t, a.quick, rounds, a.workload, "skip",
-                                                                    allocator="pinned", placebo=a.placebo),
+        (a.pinned_only, "overhead_pinned" + ("_placebo" if a.placebo else ""),
+         lambda t: bench_overhead(t, a.quick, rounds, a.workload, "skip", allocator="pinned", placebo=a.placebo),
          overhead_lines)) if flag]
     for key, fn, lines in only:
         with tempfile.TemporaryDirectory(prefix="flor_bench_record_") as d:
@@ -937,18 +937,13 @@ def main() -> int:
             res["overhead"] = None
             res["flordb"] = {"available": False, "reason": "skipped (--skip-overhead)"}
         else:
-            log("record overhead ...")
-            allocator = a.allocator or ("default" if a.quick else "both")
-            if allocator != "pinned":
-                res["overhead"] = bench_overhead(tmp, a.quick, rounds, a.workload, fpolicy, res["import"]["median_s"],
-                                                 placebo=a.placebo)
-            if allocator != "default":
-                log("record overhead, pinned malloc ...")
-                res["overhead_pinned"] = bench_overhead(tmp, a.quick, rounds, a.workload, "skip",
-                                                        res["import"]["median_s"], allocator="pinned",
-                                                        placebo=a.placebo)
-            if allocator == "pinned":  # the headline entry is the one measured
-                res["overhead"] = res.pop("overhead_pinned")
+            choice = a.allocator or ("default" if a.quick else "both")
+            allocators = ALLOCATORS if choice == "both" else (choice,)
+            for i, alloc in enumerate(allocators):  # the first is the headline entry; FlorDB runs only there
+                log(f"record overhead, {alloc} malloc ...")
+                res["overhead" if i == 0 else f"overhead_{alloc}"] = bench_overhead(
+                    tmp, a.quick, rounds, a.workload, fpolicy if i == 0 else "skip", res["import"]["median_s"],
+                    allocator=alloc, placebo=a.placebo)
             fd = res["overhead"]["flordb"]
             res["flordb"] = {"available": fd["available"], "reason": fd["reason"], "version": fd.get("version"),
                              "errors": fd["errors"]}

@@ -60,6 +60,8 @@ def test_estimates_leave_out_the_recordings_checkpoint_capture():
     # the checkpoint, which a replay never does (it restores one instead)
     import dataclasses
 
+    from flor_ray.planning.plan import _restore_cost
+
     base = run("r1", range(6))
     captured = dataclasses.replace(base, checkpoint_s=(0.5,) * 6)
     for names, per_iter in ((["wnorm"], 0.5), (["gnorm"], 9.5)):
@@ -67,7 +69,7 @@ def test_estimates_leave_out_the_recordings_checkpoint_capture():
         assert len(a) == len(b) == 1
         iters = b[0].stop - b[0].start + 1
         assert a[0].estimate_s - b[0].estimate_s == pytest.approx(0.5 * iters, abs=2e-3)
-        restore = sum(0.02 + c.bytes / 200e6 for c in b[0].checkpoints)
+        restore = sum(_restore_cost(c) for c in b[0].checkpoints)
         assert b[0].estimate_s == pytest.approx(base.replay_setup_s + restore + per_iter * iters, abs=2e-3)
 
 

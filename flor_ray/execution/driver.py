@@ -104,12 +104,12 @@ def _expected_s(plan: "Plan", inline: bool) -> float:
     are warm, its cold start."""
     from . import task as task_mod
 
+    if not plan.pending:
+        return 0.0
     if inline:
         warm = task_mod._ZYGOTE is not None and task_mod._ZYGOTE.poll() is None
     else:
         warm = len(_WARM) >= min(plan.slots, len(plan.pending))
-    if not plan.pending:
-        return 0.0
     return plan.makespan_s + PLAN_OVERHEAD_S + (0.0 if warm or not task_mod.FORK else plan.startup_s)
 
 

@@ -373,8 +373,8 @@ def _iter_cost(run: RunInfo, i: int, skip: bool) -> float:
         total = run.outer_s[i] - (run.checkpoint_s[i] if i < len(run.checkpoint_s) else 0.0)
         inner = run.inner_s[i] if i < len(run.inner_s) else 0.0
         return max(total - inner, 0.0) if skip else max(total, 0.0)
-    if run.outer_s:
-        return sum(run.outer_s) / len(run.outer_s)
+    if run.outer_s:  # not recorded (the run stopped before): the mean of those that were
+        return sum(_iter_cost(run, j, skip) for j in range(len(run.outer_s))) / len(run.outer_s)
     return 0.0
 
 
