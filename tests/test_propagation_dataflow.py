@@ -177,3 +177,58 @@ def test_changed_names_sees_nested_rebinding_and_in_place_mutation():
                 never = 1
     '''))
     assert changed_names(tuple(tree.body)) == {"x", "y", "total", "hist", "acc", "seen", "inner"}
+
+
+def _field_history(tmp_path: Path) -> str:
+    """A bare git history of one script in three versions, like a public repository's."""
+    import subprocess
+
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=work, check=True, capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    git("config", "user.email", "dev@example.com")
+    git("config", "user.name", "Dev")
+    versions = [
+        # oldest: the value is computed, spelled otherwise, and the matched neighbour
+        # (`correct = 0`) comes before the loop that accumulates it
+        '''import torch\n\ndef test(model, loader):\n    test_loss = 0\n    correct = 0\n'''
+        '''    for x, y in loader:\n        out = model(x)\n        test_loss += float(out.sum())\n'''
+        '''        correct += int((out.argmax(1) == y).sum())\n'''
+        '''    test_loss = test_loss / len(loader)\n    print(test_loss, correct)\n''',
+        # a version that never computes a test loss
+        '''import torch\n\ndef test(model, loader):\n    correct = 0\n    for x, y in loader:\n'''
+        '''        correct += int((model(x).argmax(1) == y).sum())\n    print(correct)\n''',
+        # today
+        '''import torch\n\ndef test(model, loader):\n    test_loss = 0\n    correct = 0\n'''
+        '''    with torch.no_grad():\n        for x, y in loader:\n            out = model(x)\n'''
+        '''            test_loss += out.sum().item()\n            correct += (out.argmax(1) == y).sum().item()\n'''
+        '''    test_loss /= len(loader.dataset)\n    print(f"{test_loss:.4f} {correct}")\n''',
+    ]
+    for i, text in enumerate(versions):
+        (work / "train.py").write_text(text)
+        git("add", "train.py")
+        git("commit", "-q", "-m", f"v{i}")
+    bare = tmp_path / "mirror.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True, capture_output=True)
+    return str(bare)
+
+
+def test_field_corpus_judges_each_version(tmp_path: Path):
+    import sys
+
+    sys.path.insert(0, str(_HERE.parent / "benchmarks"))
+    try:
+        from field_corpus import Probe, run_file
+    finally:
+        sys.path.pop(0)
+    probe = Probe("test_loss", r"^\s*test_loss /= len\(loader\.dataset\)", 'flor.log("test_loss", test_loss)',
+                  expect=r"^test_loss\s*(/=|=\s*test_loss\s*/)")
+    report = run_file(_field_history(tmp_path), "train.py", (probe,))
+    assert report.versions == 2
+    assert report.wrong == []
+    assert (report.right, report.computed) == (1, 1)  # placed after `test_loss = test_loss / ...`
+    assert report.refused == 1 and report.refusals == []  # the version without a test loss

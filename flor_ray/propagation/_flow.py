@@ -11,9 +11,15 @@ later. So each statement of the block that binds or mutates an input is put on o
 side of the new statement:
 
 * a statement matched to today's code is on the side its counterpart is on;
-* an unmatched one is on the side of the nearest matched statement before it (the
-  matched statements fix the order; a new line sits among its neighbours), and
-  before the new statement when no matched statement precedes it.
+* an unmatched one between two matched statements on the same side is on that side;
+* an unmatched one between the counterparts of today's neighbours before and after
+  the new statement is a rewritten version of today's change between them: before
+  the statement if today changes the input between the earlier neighbour and the
+  statement (today's ``val_loss = run_epoch(...)`` is the old ``val_loss =
+  evaluate(...)``), after it if today changes it between the statement and the later
+  neighbour; a change that today's code does not make there at all (an old
+  ``loss = 0`` reset) stays on the side of the structural slot, so the statement
+  keeps reading what the old code computed.
 
 The statement then goes after every changer on the *before* side and before every
 changer on the *after* side; the structural slot is kept when it already lies in
@@ -88,24 +94,13 @@ class Range:
         return self.lo > self.hi
 
 
-def position_range(kids: list[SNode], reads: set[str], side_of) -> Range:
-    """Where in ``kids`` a statement reading ``reads`` may go.
-
-    ``side_of(kid)`` says on which side of the new statement the kid's counterpart
-    runs today: ``"before"``, ``"after"`` or None (unmatched, or matched elsewhere).
-    """
+def position_range(kids: list[SNode], reads: set[str], sides: list[str | None]) -> Range:
+    """Where in ``kids`` a statement reading ``reads`` may go, given each kid's side."""
     before: list[tuple[int, str]] = []
     after: list[tuple[int, str]] = []
-    neighbour = "before"
     for j, kid in enumerate(kids):
-        side = side_of(kid)
-        if side is not None:
-            neighbour = side
-        changed = changed_names(kid.stmts) & reads
-        if not changed:
-            continue
-        for name in sorted(changed):
-            (before if (side or neighbour) == "before" else after).append((j, name))
+        for name in sorted(changed_names(kid.stmts) & reads):
+            (before if sides[j] == "before" else after).append((j, name))
     lo = max((j + 1 for j, _ in before), default=0)
     hi = min((j for j, _ in after), default=len(kids))
     return Range(lo, hi, tuple(before), tuple(after))

@@ -286,7 +286,7 @@ class _Planner:
         """The structural slot, moved within its block to where the inputs are final."""
         kids = owner.suite(key) or []
         reads = self._target_reads(unit)
-        rng = _flow.position_range(kids, reads, lambda kid: self._side(kid, unit))
+        rng = _flow.position_range(kids, reads, self._sides(kids, unit, reads, position))
         if rng.empty:
             lines = sorted({kids[j].first.lineno for j, _ in rng.before + rng.after})
             inputs = sorted({n for _, n in rng.before + rng.after})
@@ -310,6 +310,34 @@ class _Planner:
             seen = self.matching.evidence.get((scope, name), {})
             out.update([name] if name in seen or not seen else seen)
         return out
+
+    def _sides(self, kids: list[SNode], unit: SNode, reads: set[str], position: int) -> list[str | None]:
+        """For each kid of the target block: does it run before or after ``unit`` today?"""
+        matched = [self._side(kid, unit) for kid in kids]
+        today = unit.parent.suite(unit.key) or []  # type: ignore[union-attr]
+        src_reads = set(free_reads(unit.stmts))
+        sides: list[str | None] = []
+        for j, side in enumerate(matched):
+            if side is None:
+                prev = next((matched[k] for k in range(j - 1, -1, -1) if matched[k]), "before")
+                nxt = next((matched[k] for k in range(j + 1, len(kids)) if matched[k]), "after")
+                if prev == nxt:
+                    side = prev
+                else:  # between the neighbours' counterparts: what does today do there?
+                    lo = max((i for i, s in enumerate(today[:unit.index]) if self._matched_in(s)), default=-1)
+                    hi = min((i for i, s in enumerate(today) if i > unit.index and self._matched_in(s)),
+                             default=len(today))
+                    earlier = any(_flow.changed_names(s.stmts) & src_reads for s in today[lo + 1:unit.index])
+                    later = any(_flow.changed_names(s.stmts) & src_reads for s in today[unit.index + 1:hi])
+                    if earlier != later:
+                        side = "before" if earlier else "after"
+                    else:
+                        side = "before" if j < position else "after"
+            sides.append(side)
+        return sides
+
+    def _matched_in(self, node: SNode) -> bool:
+        return any(n.pre in self.matching.s2t for n in self.src.nodes[node.pre:node.last + 1])
 
     def _side(self, kid: SNode, unit: SNode) -> str | None:
         """Whether ``kid``'s counterpart runs before or after ``unit`` in today's block."""
