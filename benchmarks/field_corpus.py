@@ -72,6 +72,13 @@ PROBES: dict[str, tuple[Probe, ...]] = {
         Probe("test_loss", r"^\s*test_loss = evaluate\(test_data\)", 'flor.log("test_loss", test_loss)',
               expect=r"^test_loss = evaluate\("),
     ),
+    "imagenet/main.py": (
+        Probe("acc1", r"^\s*acc1 = validate\(val_loader", 'flor.log("acc1", acc1)', expect=r"^(acc1|prec1) = validate\("),
+        Probe("best_acc1", r"^\s*best_acc1 = max\(acc1, best_acc1\)", 'flor.log("best_acc1", best_acc1)',
+              expect=r"^best_(acc1|prec1) = max\("),
+        Probe("train_loss", r"^\s*loss = criterion\(output, target\)", 'flor.log("train_loss", loss.item())',
+              expect=r"^loss = criterion\("),
+    ),
 }
 
 _BUILTINS = frozenset(dir(builtins))
@@ -284,7 +291,7 @@ def run_file(mirror: str, path: str, probes: tuple[Probe, ...], limit: int | Non
             verdict = _verdict(target, alone[probe.name], sites[probe.name], probe)
             if _verdict(target, together[probe.name], sites[probe.name], probe) != verdict:
                 report.alone_differs.append((commit[:10], probe.name))
-            computed = computes(target, probe, sites[probe.name])
+            computed = verdict == "right" or computes(target, probe, sites[probe.name])
             report.computed += computed
             if verdict == "refused":
                 report.refused += 1
