@@ -132,6 +132,13 @@ def cmd_replay(a) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_checkpoints(a) -> int:
+    import flor_ray
+
+    _write_frame(flor_ray.checkpoints(a.run, store=a.store), a.format, a.output)
+    return 0
+
+
 def cmd_propagate(a) -> int:
     from pathlib import Path
 
@@ -223,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-gpus", type=float, metavar="N", help="GPUs per task (default: 1 for runs recorded on CUDA)")
     sp.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    sp = add("checkpoints", cmd_checkpoints, "list a run's checkpoints: iteration, size, time written, path "
+             "(restore one in Python with flor.load_checkpoint(RUN, ITERATION, model=...))",
+             "flor-ray checkpoints 20261201T101500-a1b2c3", fmt=True)
+    sp.add_argument("run", metavar="RUN", help="a run id, as `flor-ray runs` lists it")
 
     sp = add("propagate", cmd_propagate, "inject today's new log statements into an old version of a file",
              "flor-ray propagate today.py old.py -o patched.py", store=False)
