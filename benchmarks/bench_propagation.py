@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import RESULTS_DIR, shown  # noqa: E402
 from flor_ray.propagation import PropagationError, propagate_detailed  # noqa: E402
 
 CASE_ROOTS = [ROOT.parent / "shared" / "cases" / "propagation", ROOT / "tests" / "propagation_cases"]
@@ -146,13 +147,13 @@ def main() -> None:
     verdict = "OK" if median <= TARGET_MS else "OVER"
     print(f"\nmedian over all padded pairs and repeats: {median:.1f} ms (target <= {TARGET_MS:.0f} ms: {verdict})")
 
-    out = ROOT / "benchmarks" / "results" / "propagation.json"
+    out = RESULTS_DIR / "propagation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "python": sys.version.split()[0], "repeats": repeats, "lines": args.lines,
         "median_ms": median, "target_ms": TARGET_MS, "padded": per_pair, "samples": samples,
     }, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {shown(out)}")
 
 
 def field(mirror: str) -> None:
@@ -172,12 +173,12 @@ def field(mirror: str) -> None:
     share = result["right_where_computed"]
     print(f"\nplaced wrong: {result['placed_wrong']} (target 0); placed right where the old version computes "
           f"the value: {share:.1%} (target >= 90%); alone vs together differ: {result['alone_differs']}")
-    out = ROOT / "benchmarks" / "results" / "propagation_field.json"
+    out = RESULTS_DIR / "propagation_field.json"
     import subprocess
 
     head = subprocess.run(["git", "--git-dir", mirror, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     out.write_text(json.dumps({"mirror_head": head.strip(), **result}, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {shown(out)}")
 
 
 if __name__ == "__main__":
