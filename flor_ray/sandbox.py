@@ -171,6 +171,15 @@ def _where_error(where: str, why: str, columns: Iterable[str]) -> QueryError:
     )
 
 
+def _where_failed(where: str, exc: Exception, columns: Iterable[str]) -> QueryError:
+    import duckdb
+
+    first = (str(exc).splitlines() or [""])[0]
+    if isinstance(exc, duckdb.PermissionException):
+        first = f"reading files, the network or extensions is not allowed ({first})"
+    return _where_error(where, first, columns)
+
+
 def _walk(node: Any, columns: set[str]) -> str | None:
     """What in the parsed expression ``node`` is not allowed in a where predicate, or None."""
     if isinstance(node, list):
@@ -218,8 +227,7 @@ def select_where(runs: "pd.DataFrame", where: str) -> set[str]:
             rel = con.table("runs").filter(where)  # DuckDB's parser: exactly one expression
             parsed = json.loads(con.execute("SELECT json_serialize_sql(?)", [rel.sql_query()]).fetchall()[0][0])
         except duckdb.Error as exc:
-            raise refusal(exc, "a where predicate") or _where_error(
-                where, (str(exc).splitlines() or [""])[0], columns) from exc
+            raise _where_failed(where, exc, columns) from exc
         statements = parsed.get("statements") or []
         node = statements[0].get("node", {}) if len(statements) == 1 else {}
         shape = (node.get("type"), (node.get("from_table") or {}).get("table_name"), node.get("modifiers"),
@@ -234,7 +242,6 @@ def select_where(runs: "pd.DataFrame", where: str) -> set[str]:
         try:
             return {r[0] for r in con.sql(checked).project("run_id").fetchall()}
         except duckdb.Error as exc:
-            raise refusal(exc, "a where predicate") or _where_error(
-                where, (str(exc).splitlines() or [""])[0], columns) from exc
+            raise _where_failed(where, exc, columns) from exc
     finally:
         con.close()
