@@ -266,14 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("runs", cmd_runs, "list the recorded runs: id, version, status, timings, one column per flor.arg",
              'flor-ray runs --where "lr > 0.05" --format csv', fmt=True)
-    sp.add_argument("--where", help="SQL predicate over the runs table, e.g. \"lr > 0.01\"")
+    sp.add_argument("--where", help="one SQL boolean expression over the runs table's columns, e.g. \"lr > 0.01\"")
 
     sp = add("df", cmd_df, "logged values, one row per run and loop iteration, one column per name "
              "(<name> recorded, <name>__replay replayed)", "flor-ray df acc wnorm --where \"lr > 0.05\"", fmt=True)
     sp.add_argument("names", nargs="+", metavar="NAME", help="log names, e.g. acc loss")
-    sp.add_argument("--where", help="SQL predicate over the runs table, e.g. \"lr > 0.01\"")
+    sp.add_argument("--where", help="one SQL boolean expression over the runs table's columns, e.g. \"lr > 0.01\"")
 
-    sp = add("sql", cmd_sql, "run DuckDB SQL over the tables logs (one row per value) and runs",
+    sp = add("sql", cmd_sql, "run a read-only DuckDB query over the tables logs (one row per value) and runs "
+             "(no files, network, extensions or settings)",
              "flor-ray sql \"SELECT run_id, max(value) FROM logs WHERE name = 'acc' GROUP BY run_id\"", fmt=True)
     sp.add_argument("query", help="a SELECT over logs and runs")
 

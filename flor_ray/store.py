@@ -52,7 +52,10 @@ class Store:
         if not isinstance(url, str) or not url.strip():
             raise StoreError(f"store URL must be a non-empty string, got {url!r}")
         self.url = url.rstrip("/") if "://" in url else os.path.abspath(os.path.expanduser(url))
-        self.storage_options = dict(storage_options or {})
+        from .credentials import StorageOptions
+
+        #: fsspec options; their repr hides secrets, and replay tasks never get the secret ones
+        self.storage_options = StorageOptions(storage_options or {})
         self._fs = None
         self._root: str | None = None
 
