@@ -256,3 +256,53 @@ def test_a_carried_open_file_forces_a_replay_from_iteration_zero(recorded):
     assert "loop-carried schedule (an open file (TextIOWrapper)) is in no checkpoint: replays from iteration 0" in text
     assert _values(store, "step_loss", "replay") == _values(hand, "step_loss", "record", first=3)
     assert report.fidelity.mismatched == 0
+
+
+# ------------------------------------------------------------ the parts, without Ray
+def test_function_locals_cells_and_scalars_round_trip_through_a_checkpoint(tmp_path):
+    import sys as _sys
+
+    import numpy as np
+    import torch
+
+    from flor_ray.record.carried import capture_scope, restore_scope
+    from flor_ray.record.checkpoint import FORMAT, deserialize, serialize
+
+    def train():
+        lr, step, ema = 0.1, np.int64(3), torch.tensor(0.5, dtype=torch.float64)
+        hist, cfg = [1.0, (2, "a"), None], {"k": np.float32(0.25), 3: True}
+        rng = torch.Generator().manual_seed(5)
+        fh = open(tmp_path / "f.txt", "w")
+        batches = (i for i in range(3))
+        get_lr = lambda: lr  # noqa: E731 - lr is a cell of this frame
+        frame = _sys._getframe()
+        scope = deserialize(serialize({"format": FORMAT, "scope": capture_scope(frame, ())}), "mem")["scope"]
+        expected_draw = torch.rand(2, generator=rng)
+        lr, step, ema, hist, cfg = 9.0, 0, torch.tensor(0.0), [], {}
+        restore_scope(frame, scope, ["lr", "step", "ema", "hist", "cfg"])
+        fh.close()
+        return lr, step, ema, hist, cfg, get_lr(), torch.rand(2, generator=rng), expected_draw, scope, batches
+
+    lr, step, ema, hist, cfg, cell, draw, expected, scope, _ = train()
+    assert (lr, cell, hist) == (0.1, 0.1, [1.0, (2, "a"), None])
+    assert type(step) is np.int64 and step == 3
+    assert ema.dtype == torch.float64 and ema.item() == 0.5
+    assert cfg == {"k": 0.25, 3: True} and type(cfg["k"]) is np.float32
+    assert torch.equal(draw, expected)  # the generator's state was set back
+    assert scope["missing"]["fh"] == "an open file (TextIOWrapper)"
+    assert scope["missing"]["batches"].startswith("a generator")
+    assert {"lr", "step", "ema", "hist", "cfg", "rng"} <= set(scope["captured"])
+
+
+def test_analysis_names_what_the_training_code_carries():
+    from flor_ray.planning.analysis import analyze
+
+    anneal = analyze(_fill("anneal", True))
+    assert {"lr", "best_val_loss"} <= set(anneal.training_carried)
+    assert anneal.need("gnorm").kind == "inner" and anneal.need("val_loss").kind == "outer"
+    steps = analyze(_fill("steps", True))
+    assert "batch_loader" in steps.training_carried
+    assert steps.need("wnorm").kind == "inner" and steps.need("loss").kind == "inner"
+    assert analyze(_fill("schedule", True)).training_carried == ("schedule",)
+    lbfgs = analyze(_fill("lbfgs", True))
+    assert lbfgs.need("wnorm").kind == "inner" and "optimizer.step(closure)" in lbfgs.need("loss").reason

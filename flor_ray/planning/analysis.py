@@ -18,7 +18,16 @@ flow, so this module answers it from the source alone (libcst, no execution):
   mutate their arguments or globals);
 * a backward slice from the log statement follows reaching definitions, including
   loop back edges; a definition reached through the outer loop's back edge is a
-  *loop-carried* value, which no checkpoint restores.
+  *loop-carried* value. Checkpoints capture the plain ones (and generators, loader
+  positions); the planner checks that the checkpoints it restores hold every
+  carried name the statement reads and, when iterations re-execute, every one the
+  training code reads (:attr:`ScriptAnalysis.training_carried`: the slice of each
+  write of checkpointed state, where ``loss.backward()`` writes the models'
+  gradients and ``g["lr"] = lr`` in ``for g in opt.param_groups`` writes ``opt``);
+* skip mode restores a checkpoint where the last inner loop exits (at the end of
+  an iteration without inner loops); outer-level code before that point runs on
+  state nothing restored, so a statement there that reads checkpointed or
+  loop-carried state re-executes the iteration from the checkpoint before it.
 
 Everything here errs towards re-execution: skipping wrongly yields wrong values,
 re-executing wrongly only costs time. Each :class:`Need` says why in a sentence

@@ -6,6 +6,10 @@ inner loop). That is the point where a replay that skips the inner loops resumes
 the outer-level code that follows (evaluation, ``scheduler.step()``...) then runs
 for real, exactly once, as it did in the recording.
 
+A checkpoint also holds the loop-carried state of the scope that iterates the outer
+loop (plain values, ``torch.Generator`` states, DataLoader iterator positions; see
+:mod:`.carried`), which a replay writes back where it restores the checkpoint.
+
 Capture happens on the training thread and only clones tensors (a memory copy);
 ``torch.save`` runs later on the background writer.
 """
