@@ -8,7 +8,7 @@ of the segment's iterations and writes them as one Parquet file at exit. Nothing
 of the recording (runs table, checkpoints, code) is written.
 
 Spec keys: ``store``, ``storage_options``, ``run_id``, ``version``, ``script``,
-``args``, ``mode`` (``skip``: restore each iteration's checkpoint and skip the inner
+``args``, ``carried`` (loop-carried names a restore writes back), ``mode`` (``skip``: restore each iteration's checkpoint and skip the inner
 loops; ``reexec``: restore once, then run for real), ``start``/``stop`` (outer
 iterations whose rows are kept, inclusive), ``restore`` (``reexec``: one checkpoint
 entry or null), ``checkpoints`` (``skip``: iteration -> entry), ``names`` (names to
@@ -57,6 +57,7 @@ class ReplaySession(LoopRuntime):
         self.names = None if spec.get("names") is None else set(spec["names"])
         self.restore_entry = spec.get("restore")
         self.checkpoints = {int(k): v for k, v in (spec.get("checkpoints") or {}).items()}
+        self.carried = tuple(spec.get("carried") or ())  # loop-carried names to write back at a restore
         self._objects: dict[str, Any] | None = None
         self._in_ckpt = False
         self._restore_at: dict | None = None  # entry to restore at a depth-1 exit
@@ -88,7 +89,11 @@ class ReplaySession(LoopRuntime):
             return cls(json.load(f))
 
     def _suppress_saves(self) -> None:
-        """Training side effects: torch.save to the user's paths does nothing in replay."""
+        """Training side effects: torch.save to the user's paths does nothing in replay.
+        (Also hooks DataLoader iterators, so that a restore can re-draw their positions.)"""
+        from ..record.carried import install_loader_hook
+
+        install_loader_hook()
         torch = sys.modules.get("torch")
         if torch is not None and not getattr(torch.save, "_flor_suppressed", False):
             def _no_save(*_a: Any, **_k: Any) -> None:
@@ -199,7 +204,7 @@ class ReplaySession(LoopRuntime):
 
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise CheckpointError(f"checkpoint {where} is corrupted (sha256 differs from the recording)", path=where)
-        restore(self._objects or {}, deserialize(data, where), where)
+        restore(self._objects or {}, deserialize(data, where), where, self._scope_frame, self.carried)
         self._lap("restore")
 
     # ------------------------------------------------------------------ rows

@@ -12,8 +12,12 @@ Per run, the most demanding need of the requested names decides the mode:
   where the inner loops ended and running only the outer-level code.
 * ``reexec``: some name needs the inner loops. Training re-executes from the
   nearest checkpoint at or before each segment's start.
-* a name that reads loop-carried state (``global_step``, ``best_acc``) that no
-  checkpoint restores forces re-execution from iteration 0.
+* loop-carried state (``lr`` annealed by ``lr /= 4``, ``best_acc``, ``global_step``,
+  a sampler's generator, a batch iterator's position) that a requested name reads,
+  or that the re-executed training code reads, must be restored with the
+  checkpoint: a checkpoint is used only if it captured all of it; where none did
+  (an open file, a Python generator), the run re-executes from iteration 0 and the
+  task's note names the variable.
 """
 
 from __future__ import annotations
@@ -62,6 +66,13 @@ class CheckpointRef:
     path: str
     bytes: int | None = None
     sha256: str | None = None
+    #: names of the outer loop's scope whose state the checkpoint holds; None for a
+    #: checkpoint recorded before flor_ray captured loop-carried state
+    carried: tuple[str, ...] | None = None
+    not_carried: tuple[tuple[str, str], ...] = ()  # (name, why it is not captured)
+
+    def holds(self, names: set[str] | frozenset[str]) -> bool:
+        return not names or (self.carried is not None and set(names) <= set(self.carried))
 
     def as_dict(self) -> dict:
         return {"iteration": self.iteration, "inner_exits": self.inner_exits, "path": self.path,
@@ -118,7 +129,9 @@ class RunInfo:
             cwd=meta.get("cwd"),
             iterations=int(meta.get("iterations") or 0),
             checkpoints=tuple(
-                CheckpointRef(c["iteration"], c.get("inner_exits", 1), c["path"], c.get("bytes"), c.get("sha256"))
+                CheckpointRef(c["iteration"], c.get("inner_exits", 1), c["path"], c.get("bytes"), c.get("sha256"),
+                              None if c.get("carried") is None else tuple(c["carried"]),
+                              tuple(sorted((c.get("not_carried") or {}).items())))
                 for c in meta.get("checkpoints") or ()
                 if c.get("verified", True)
             ),
@@ -144,6 +157,8 @@ class VersionPatch:
     placements: tuple[str, ...] = ()
     needs: tuple[tuple[str, str, str, tuple[str, ...]], ...] = ()  # (name, kind, reason, carried)
     logged: tuple[str, ...] = ()  # every name the patched code logs
+    loop_carried: tuple[str, ...] = ()  # ScriptAnalysis.loop_carried: what a restore writes back
+    training_carried: tuple[str, ...] = ()  # ScriptAnalysis.training_carried: what re-executed training reads
 
     @property
     def digest(self) -> str:
@@ -240,6 +255,7 @@ class Task:
     #: the calibration factor in ``estimate_s`` (``estimate_s / factor``: the estimate
     #: from the recorded timings alone)
     factor: float = 1.0
+    carried: tuple[str, ...] = ()  # loop-carried names a restore writes back into the script
 
     @property
     def output(self) -> str:
@@ -264,6 +280,7 @@ class Task:
             "after": self.after,
             "output": self.output,
             "task": self.key,
+            "carried": list(self.carried),
         }
 
 
@@ -358,10 +375,13 @@ def iteration_set(spec: Any, n: int) -> list[int]:
 
 
 def task_key(run_id: str, version: str, patch: str, mode: str, start: int, stop: int,
-             restore: int | None, names: Sequence[str], setup: bool, after: bool) -> str:
+             restore: int | None, names: Sequence[str], setup: bool, after: bool, carried: Sequence[str] = ()) -> str:
     from ..relation import SCHEMA_VERSION
 
-    doc = json.dumps([run_id, version, patch, mode, start, stop, restore, sorted(names), setup, after, SCHEMA_VERSION])
+    parts = [run_id, version, patch, mode, start, stop, restore, sorted(names), setup, after, SCHEMA_VERSION]
+    if carried:  # a restore that writes carried state back computes other values than one that does not
+        parts.append(sorted(carried))
+    doc = json.dumps(parts)
     return hashlib.sha256(doc.encode()).hexdigest()[:20]
 
 
@@ -444,6 +464,14 @@ def make_plan(
             set(names) | {n for n in patch.logged if n in run.logged and patch.need(n)[0] in ("setup", "outer", "after")}
         )
 
+        # loop-carried state: what the requested names read (skip mode restores it where
+        # the inner loops end) and what re-executed training reads besides (reexec)
+        need_skip = frozenset(carried)
+        need_reexec = need_skip | frozenset(patch.training_carried)
+        restore_names = tuple(sorted(set(patch.loop_carried) | need_reexec))
+        blocked = _blocked(run.checkpoints, need_reexec)
+        suffix = f" (checkpoints without loop-carried {_fmt_blocked(blocked)} are not used)" if blocked else ""
+
         def add(mode, start, stop, restore, ckpts, keep, setup, after, note=""):
             if mode == "setup":
                 est = run.replay_setup_s
@@ -454,31 +482,33 @@ def make_plan(
                 est = run.replay_setup_s + _restore_cost(restore) + (
                     _iter_cost(run, first, True) if restore else 0.0
                 ) + sum(_iter_cost(run, i, False) for i in range(first + 1, stop + 1))
+            car = restore_names if mode != "setup" else ()
             key = task_key(run.run_id, run.version, patch.digest, mode, start, stop,
-                           restore.iteration if restore else None, keep, setup, after)
+                           restore.iteration if restore else None, keep, setup, after, car)
             tasks.append(Task(key, run.run_id, run.version, run.script, mode, start, stop, restore, tuple(ckpts),
                               tuple(keep), setup, after, resources.num_cpus, gpus, resources.memory,
-                              round(est, 3), note, key in done_keys))
+                              round(est, 3), note, key in done_keys, carried=car))
 
-        ckpts = {c.iteration: c for c in run.checkpoints}
+        ckpts_skip = {c.iteration: c for c in run.checkpoints if c.holds(need_skip)}
+        ckpts = {c.iteration: c for c in run.checkpoints if c.holds(need_reexec)}  # restore points of reexec
         if worst == "setup" or not want:
             add("setup", 0, -1, None, (), sorted(set(names)), True, False)
             continue
-        if carried:
+        if blocked and not ckpts and (worst == "inner" or not ckpts_skip):
             add("reexec", min(want), max(want), None, (), keep_reexec, need_setup, need_after and max(want) == run.iterations - 1,
-                note=f"reads loop-carried {', '.join(sorted(carried))}: replays from iteration 0")
+                note=f"loop-carried {_fmt_blocked(blocked)} is in no checkpoint: replays from iteration 0")
             continue
         first_task = len(tasks)
         if worst in ("outer", "after"):
-            with_ckpt = [i for i in want if i in ckpts]
-            without = [i for i in want if i not in ckpts]
+            with_ckpt = [i for i in want if i in ckpts_skip]
+            without = [i for i in want if i not in ckpts_skip]
             if with_ckpt:
-                unit = lambda i: _iter_cost(run, i, True) + _restore_cost(ckpts[i])  # noqa: E731
+                unit = lambda i: _iter_cost(run, i, True) + _restore_cost(ckpts_skip[i])  # noqa: E731
                 k = _worth_splitting(sum(unit(i) for i in with_ckpt), run.replay_setup_s,
                                      min(per_run_target, len(with_ckpt)))
                 chunks = _split(with_ckpt, k, unit)
                 for ch in chunks:
-                    add("skip", ch[0], ch[-1], None, [ckpts[i] for i in ch], keep_skip, False,
+                    add("skip", ch[0], ch[-1], None, [ckpts_skip[i] for i in ch], keep_skip, False,
                         need_after and ch[-1] == run.iterations - 1)
             # iterations without a checkpoint re-execute from the nearest earlier one
             for group in _group_by_restore(without, ckpts):
@@ -486,7 +516,8 @@ def make_plan(
                 start, stop = group[1][0], group[1][-1]
                 note = (f"no checkpoint for iteration{'s' if len(group[1]) > 1 else ''} {_fmt_its(group[1])}: "
                         + (f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0"))
-                add("reexec", start, stop, restore, (), keep_skip, False, need_after and stop == run.iterations - 1, note)
+                add("reexec", start, stop, restore, (), keep_skip, False, need_after and stop == run.iterations - 1,
+                    note + suffix)
         else:
             lo, hi = min(want), max(want)
             span = list(range(lo, hi + 1))
@@ -505,14 +536,15 @@ def make_plan(
                 note = ""
                 if a > 0 and (restore is None or restore.iteration != a - 1):
                     note = (f"no checkpoint at iteration {a - 1}: " + (
-                        f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0"))
+                        f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0")
+                        + suffix)
                 add("reexec", a, b, restore, (), keep_reexec, False, need_after and b == run.iterations - 1, note)
         if need_setup or tasks[first_task:]:
             # rows logged before the outer loop are kept by the run's first task only
             t0 = min(tasks[first_task:], key=lambda t: t.start)
             idx = tasks.index(t0)
             key = task_key(run.run_id, run.version, patch.digest, t0.mode, t0.start, t0.stop,
-                           t0.restore.iteration if t0.restore else None, t0.names, True, t0.after)
+                           t0.restore.iteration if t0.restore else None, t0.names, True, t0.after, t0.carried)
             tasks[idx] = _replace(t0, setup=True, key=key, done=key in done_keys)
 
     # tasks that will share a node: the calibration's key
@@ -540,6 +572,23 @@ def _replace(task: Task, **kw: Any) -> Task:
     import dataclasses
 
     return dataclasses.replace(task, **kw)
+
+
+def _blocked(checkpoints: Sequence[CheckpointRef], names: frozenset[str]) -> dict[str, str]:
+    """Loop-carried ``names`` that some checkpoint does not hold, each with why (the latest's word)."""
+    out: dict[str, str] = {}
+    for c in checkpoints:
+        why = dict(c.not_carried)
+        for n in sorted(names - set(c.carried or ())):
+            if c.carried is None:
+                out[n] = "checkpoints recorded before flor_ray captured loop-carried state"
+            else:
+                out[n] = why.get(n, "not bound, or not a value flor_ray captures, when the checkpoint was taken")
+    return out
+
+
+def _fmt_blocked(blocked: Mapping[str, str]) -> str:
+    return ", ".join(f"{n} ({why})" for n, why in sorted(blocked.items()))
 
 
 def _nearest(ckpts: Mapping[int, CheckpointRef], i: int) -> CheckpointRef | None:

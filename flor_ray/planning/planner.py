@@ -65,7 +65,8 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
             for p in res.placements
         )
         needs = tuple((n, nd.kind, nd.reason, tuple(nd.carried)) for n, nd in an.needs)
-        patches[version] = VersionPatch(version, res.code, None, placements, needs, tuple(an.logged_names))
+        patches[version] = VersionPatch(version, res.code, None, placements, needs, tuple(an.logged_names),
+                                        tuple(an.loop_carried), tuple(an.training_carried))
         if names is not None:
             missing = [n for n in names if n not in an.logged_names]
             if missing:
