@@ -49,7 +49,7 @@ def write_files(dest: Path, manifest: Mapping, read: Callable[[str, str], bytes]
     Returns a note per symlink left out."""
     root = Path(dest).resolve()
     modes, links = manifest.get("modes") or {}, manifest.get("links") or {}
-    pending = []
+    pending, made = [], set()
     for path, sha in sorted(manifest["files"].items()):
         target = _inside(root, path, version)
         if modes.get(path) == _LINK:
@@ -60,7 +60,9 @@ def write_files(dest: Path, manifest: Mapping, read: Callable[[str, str], bytes]
             pending.append((path, target, text))
             continue
         data = read(path, sha)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            made.add(target.parent)
         target.write_bytes(data)
         if modes.get(path) == _EXEC:
             target.chmod(target.stat().st_mode | 0o111)
