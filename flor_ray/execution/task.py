@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["TaskResult", "run_task", "CACHE_DIR", "ReplayProcessKilled"]
+__all__ = ["TaskResult", "run_task", "ReplayProcessKilled"]
 
-CACHE_DIR = Path(os.environ.get("FLOR_CACHE_DIR", Path(tempfile.gettempdir()) / "flor-ray-cache"))
 #: Fork replayed scripts from a warm zygote (torch etc. imported once per worker)
 #: instead of starting ``python script.py`` per task; FLOR_REPLAY_FORK=0 turns it off.
 FORK = os.environ.get("FLOR_REPLAY_FORK", "1") != "0" and hasattr(os, "fork")
@@ -95,29 +93,13 @@ class TaskResult:
     started_at: float | None = None  # its start, seconds since the epoch (the history's concurrency)
 
 
-def _materialize_cached(store, version: str) -> Path:
-    """The version's files, once per machine (content-addressed, immutable)."""
-    from ..versions import materialize
-
-    target = CACHE_DIR / version
-    if (target / ".flor-version.json").exists():
-        return target
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version[:8]}-", dir=CACHE_DIR))
-    materialize(store, version, tmp)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another task on this machine won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | None, estimate_s: float = 0.0,
              timeout_s: float | None = None) -> TaskResult:
     import socket
 
     from ..credentials import task_options
     from ..store import Store
+    from .cache import checked_copy
 
     t0 = time.time()
     node = socket.gethostname()
@@ -133,10 +115,8 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
         if store.exists(spec["output"]):
             return TaskResult(key, run_id, "skipped", 0, time.time() - t0, estimate_s,
                               error="already done (its partition exists)", node=node)
-        base = _materialize_cached(store, spec["version"])
         with tempfile.TemporaryDirectory(prefix=f"flor-task-{key[:8]}-") as tmp:
-            work = Path(tmp) / "tree"
-            shutil.copytree(base, work, symlinks=True)
+            work = checked_copy(store, spec["version"], Path(tmp) / "tree")
             script = work / spec["script"]
             script.write_text(code)
             spec_path = Path(tmp) / "spec.json"

@@ -402,6 +402,12 @@ class RecordSession(LoopRuntime):
             self._start()
         except BaseException:
             self.started = False
+            snap = getattr(self, "snapshot", None)
+            if snap is not None:  # a run that never started leaves no snapshot ref
+                from ..versions import discard
+
+                discard(snap)
+                self.snapshot = None
             raise
 
     def _start(self) -> None:
@@ -444,6 +450,8 @@ class RecordSession(LoopRuntime):
             f"refs/flor/{self.run_id}",
             exclude=exclude,
             max_untracked_bytes=self.settings.snapshot_max_file_bytes,
+            max_untracked_files=self.settings.snapshot_max_untracked_files,
+            max_untracked_total_bytes=self.settings.snapshot_max_untracked_total_bytes,
             message=f"flor_ray run {self.run_id} of {rel_script}",
             list_files=False,  # the writer lists them, off the training thread
         )
@@ -459,6 +467,7 @@ class RecordSession(LoopRuntime):
             "commit": snap.commit,
             "ref": snap.ref,
             "left_out_of_snapshot": list(snap.left_out),
+            "left_out_of_snapshot_count": snap.left_out_count,
             "argv": self.argv[1:],
             "cwd": os.path.relpath(os.getcwd(), repo_root) if os.getcwd().startswith(repo_root) else None,
             "status": "running",
