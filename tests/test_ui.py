@@ -77,9 +77,9 @@ def fetch(url: str, data: dict | None = None, headers: dict | None = None) -> tu
         return e.code, json.loads(e.read()), dict(e.headers)
 
 
-def api(srv, path: str, **params) -> tuple[int, dict]:
+def api(srv, endpoint: str, **params) -> tuple[int, dict]:
     qs = ("?" + urllib.parse.urlencode(params)) if params else ""
-    status, body, _ = fetch(f"http://127.0.0.1:{srv.port}{path}{qs}")
+    status, body, _ = fetch(f"http://127.0.0.1:{srv.port}{endpoint}{qs}")
     return status, body
 
 
@@ -272,9 +272,13 @@ def _browser():
 
 
 def _wait(driver, what, timeout=20):
+    """Until ``what(driver)`` is truthy; a view being redrawn (elements gone or replaced) is waited out."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: what(d))
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException, IndexError)
+                         ).until(lambda d: what(d))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ Values in SQL text are quoted here; nothing else of a request reaches SQL except
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -88,8 +90,27 @@ def selected_ids(store: "Store", where: str | None) -> list[str] | None:
     return [str(r) for r in df["run_id"]]
 
 
+_NAMES_LOCK = threading.Lock()
+_NAMES: dict[tuple, tuple[tuple, dict]] = {}  # store -> (log files listed, names by run)
+
+
 def _names_by_run(store: "Store") -> dict[str, dict[str, list[str]]]:
-    """Per run: the names it recorded and the names replays back-filled into it."""
+    """Per run: the names it recorded and the names replays wrote into it; kept while
+    the store's log files stay the same (new flushes and replay partitions are new
+    files), so the page's polling costs a listing, not a scan of every row."""
+    key = (store.url, json.dumps(store.storage_options, sort_keys=True, default=str))
+    files = tuple(store.find("logs", ".parquet"))
+    with _NAMES_LOCK:
+        hit = _NAMES.get(key)
+    if hit is not None and hit[0] == files:
+        return hit[1]
+    names = _scan_names(store)
+    with _NAMES_LOCK:
+        _NAMES[key] = (files, names)
+    return names
+
+
+def _scan_names(store: "Store") -> dict[str, dict[str, list[str]]]:
     try:
         df = _sql(store, "SELECT run_id, source, name FROM logs GROUP BY ALL ORDER BY run_id, source, name")
     except QueryError:  # a store with runs and no values yet has no logs table to scan
@@ -148,7 +169,7 @@ def _thin(xs: list, ys: list) -> tuple[list, list]:
 def series(store: "Store", name: str, where: str | None = None, by: str = "run", raw: bool = False) -> dict:
     """A numeric name across the outer loop: per run (or per version, the mean of its
     runs) and per source. Inner-loop values are averaged per outer iteration unless
-    ``raw``, where each step is placed at ``iteration + k / steps``."""
+    ``raw``, where each step is placed at ``iteration + step / steps``."""
     if not name:
         raise QueryError("name a logged value, e.g. /api/series?name=loss")
     if by not in ("run", "version"):
@@ -160,16 +181,18 @@ def series(store: "Store", name: str, where: str | None = None, by: str = "run",
             return {"name": name, "by": by, "raw": raw, "series": [], "left_out": 0}
         cond += f" AND run_id IN ({', '.join(q(r) for r in keep)})"
     group = "run_id" if by == "run" else "version"
-    # one value per (run, source, loop context): a context written twice (two replays) counts once
-    base = (f"SELECT run_id, version, source, coalesce(iter0, 0) AS it, iter1, iter2, iter3, seq, value FROM logs "
-            f"WHERE {cond} QUALIFY row_number() OVER (PARTITION BY run_id, source, loops, iter0, iter1, iter2, "
-            f"iter3 ORDER BY seq DESC) = 1")
-    if raw:
-        x = ("it + (row_number() OVER (PARTITION BY run_id, source, it ORDER BY iter1, iter2, iter3, seq) - 1)"
-             " / count(*) OVER (PARTITION BY run_id, source, it)")
-        per_run = f"SELECT run_id, version, source, {x} AS x, value FROM ({base})"
+    # Grouped aggregates only (no window over the rows): a context that two replays
+    # wrote holds the same value twice, which leaves every mean as it is.
+    if raw:  # per step (deeper loops averaged), every stride-th step so that a series keeps ~MAX_POINTS
+        stats = _sql(store, f"SELECT max(iter1) + 1 AS steps, count(DISTINCT iter0) AS outer_n FROM logs WHERE {cond}")
+        steps = int(stats["steps"].iloc[0]) if len(stats) and stats["steps"].iloc[0] == stats["steps"].iloc[0] else 1
+        outer_n = int(stats["outer_n"].iloc[0] or 1) if len(stats) else 1
+        stride = max(1, math.ceil(steps * outer_n / MAX_POINTS))
+        per_run = (f"SELECT run_id, version, source, coalesce(iter0, 0) + coalesce(iter1, 0) / {steps} AS x, "
+                   f"avg(value) AS value FROM logs WHERE {cond} AND coalesce(iter1, 0) % {stride} = 0 GROUP BY ALL")
     else:
-        per_run = f"SELECT run_id, version, source, it AS x, avg(value) AS value FROM ({base}) GROUP BY ALL"
+        per_run = (f"SELECT run_id, version, source, coalesce(iter0, 0) AS x, avg(value) AS value FROM logs "
+                   f"WHERE {cond} GROUP BY ALL")
     # series in the order of their first run, which is the runs table's (run ids sort by start)
     query = (f"SELECT k, source, x, y FROM (SELECT {group} AS k, source, x, avg(value) AS y, min(run_id) AS first "
              f"FROM ({per_run}) GROUP BY k, source, x) ORDER BY min(first) OVER (PARTITION BY k), k, source, x")

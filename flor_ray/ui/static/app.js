@@ -41,7 +41,7 @@ async function post(path, body) {
 const fmtS = s => s === null || s === undefined ? "" : s < 120 ? s.toFixed(1) + " s" : (s / 60).toFixed(1) + " min";
 const short = v => typeof v === "string" && v.length > 12 ? v.slice(0, 8) : v;
 const when = iso => iso ? iso.replace("T", " ").slice(0, 19) : "";
-const fmtV = v => typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toPrecision(5)) : v === null ? "" : String(v);
+const fmtV = v => typeof v === "number" ? (Number.isInteger(v) ? String(v) : String(Number(v.toPrecision(6)))) : v === null || v === undefined ? "" : String(v);
 const errorBox = msg => h("div", {cls: "error", role: "alert"}, msg);
 
 function route() {
@@ -140,7 +140,8 @@ function drawChart(el, data, logY) {
   const opts = {
     width: Math.max(480, el.clientWidth || 900), height: 420,
     scales: {x: {time: false}, y: logY ? {distr: 3} : {}},
-    axes: [{label: data.raw ? "outer iteration (steps within it)" : "outer iteration"}, {label: data.name}],
+    axes: [{label: data.raw ? "outer iteration (steps within it)" : "outer iteration"},
+           {label: data.name, size: 60, values: (u, vs) => vs.map(v => v === null ? "" : v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(0) : String(Number(v.toPrecision(4))))}],
     cursor: {drag: {x: true, y: false}},
     series: [{label: "x"}, ...data.series.map(s => ({
       label: s.label, stroke: color(s.key), width: s.source === "replay" ? 2 : 1.8,
@@ -223,7 +224,7 @@ function parallelSvg(data) {
     const vals = data.runs.map(ax.of).filter(v => v !== null && v !== undefined);
     if (vals.every(v => typeof v === "number")) {
       const lo = Math.min(...vals), hi = Math.max(...vals);
-      return {f: v => typeof v === "number" ? (hi === lo ? 0.5 : (v - lo) / (hi - lo)) : null, ticks: [lo, hi]};
+      return {f: v => typeof v === "number" ? (hi === lo ? 0.5 : (v - lo) / (hi - lo)) : null, ticks: hi === lo ? [lo] : [lo, hi]};
     }
     const cats = [...new Set(vals.map(String))].sort();
     return {f: v => v === null || v === undefined ? null : cats.length === 1 ? 0.5 : cats.indexOf(String(v)) / (cats.length - 1), ticks: cats};
@@ -278,7 +279,8 @@ async function viewRun(runId, q) {
         "outer iterations": fmtS(outer), "inner loops": fmtS(inner), checkpoints: fmtS((t.checkpoint_s || []).reduce((a, b) => a + b, 0)),
         teardown: fmtS(t.teardown_s)}),
         h("h3", {}, "Logged names"), h("div", {id: "run-names"}, d.names.map(n => h("div", {},
-          chips([n.name], n.source === "record" ? "rec" : "rep", n.source), ` ${n.rows} rows, ${n.source === "record" ? "recorded" : "back-filled"}`))))),
+          chips([n.name], n.source === "record" ? "rec" : "rep", n.source), ` ${n.rows} rows, ${n.source === "record" ? "recorded" :
+            d.names.some(o => o.source === "record" && o.name === n.name) ? "recomputed by replays" : "back-filled"}`))))),
     h("h3", {}, `Checkpoints (${ck.length})`),
     ck.length ? h("table", {id: "run-checkpoints"}, h("tr", {}, Object.keys(ck[0]).map(k => h("th", {}, k))),
       ck.map(c => h("tr", {}, Object.values(c).map(v => h("td", {cls: "mono"}, typeof v === "object" ? JSON.stringify(v) : fmtV(v))))))
