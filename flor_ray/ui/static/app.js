@@ -140,7 +140,8 @@ function drawChart(el, data, logY) {
   const opts = {
     width: Math.max(480, el.clientWidth || 900), height: 420,
     scales: {x: {time: false}, y: logY ? {distr: 3} : {}},
-    axes: [{label: data.raw ? "outer iteration (steps within it)" : "outer iteration"},
+    axes: [{label: data.raw ? "outer iteration (steps within it)" : "outer iteration",
+            incrs: data.raw ? undefined : [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]},
            {label: data.name, size: 60, values: (u, vs) => vs.map(v => v === null ? "" : v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(0) : String(Number(v.toPrecision(4))))}],
     cursor: {drag: {x: true, y: false}},
     series: [{label: "x"}, ...data.series.map(s => ({
