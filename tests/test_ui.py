@@ -335,6 +335,28 @@ def test_page_runs_table_run_page_and_chart(ui, history, browser, tmp_path):
 
 
 @pytest.mark.browser
+def test_page_replay_history_and_a_replay_planned_then_started(ui, history, browser):
+    from selenium.webdriver.common.by import By
+
+    repo, store = history
+    d = browser
+    d.get(f"http://127.0.0.1:{ui.port}/#/replays")
+    rows = _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#replays tr td a"))
+    assert len(rows) == len(store.find("replays", ".json"))
+    d.find_element(By.ID, "replay-names").send_keys("wnorm")
+    d.find_element(By.ID, "replay-script").send_keys(str(repo / "train.py"))
+    d.find_element(By.ID, "replay-plan").click()
+    explain = _wait(d, lambda d: d.find_element(By.ID, "job-explain").text)
+    assert explain.startswith("ReplayPlan[names=wnorm") and "[done]" in explain  # the dry run: nothing ran
+    assert "planned" in d.find_element(By.ID, "job-state").text
+    d.find_element(By.ID, "replay-start").click()
+    fid = _wait(d, lambda d: d.find_element(By.ID, "job-fidelity").text)
+    assert fid.endswith("0 mismatched") and "finished" in d.find_element(By.ID, "job-state").text
+    statuses = [td.text for td in d.find_elements(By.CSS_SELECTOR, "#job-results tr td:nth-child(3)")]
+    assert statuses and set(statuses) == {"skipped"}  # every segment was already back-filled
+
+
+@pytest.mark.browser
 def test_page_follows_a_run_recorded_while_it_is_open(history, browser, tmp_path):
     """A copy of the store; a third run recorded while the page is open appears without a reload."""
     from selenium.webdriver.common.by import By

@@ -17,7 +17,7 @@ function h(tag, attrs, ...kids) {
     else if (k === "cls") el.className = v;
     else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const k of kids.flat()) if (k !== null && k !== undefined) el.append(k instanceof Node ? k : String(k));
+  for (const k of kids.flat(Infinity)) if (k !== null && k !== undefined) el.append(k instanceof Node ? k : String(k));
   return el;
 }
 
@@ -316,15 +316,16 @@ async function viewReplays() {
   const names = h("input", {type: "text", id: "replay-names", placeholder: "names (default: every new name of today's script)"});
   const where = h("input", {type: "text", id: "replay-where", placeholder: "where, e.g. lr > 0.05"});
   const its = h("input", {type: "text", id: "replay-iterations", placeholder: "iterations: all, last, 0:5"});
+  const script = h("input", {type: "text", id: "replay-script", placeholder: "today's script (default: the latest run's)"});
   const out = h("div", {});
   const plan = async () => {
     out.replaceChildren(h("p", {cls: "muted"}, "planning…"));
-    try { const j = await post("/api/jobs", {names: names.value, where: where.value, iterations: its.value}); go("/job/" + j.id); }
+    try { const j = await post("/api/jobs", {names: names.value, where: where.value, iterations: its.value, script: script.value}); go("/job/" + j.id); }
     catch (e) { out.replaceChildren(errorBox(e.message)); }
   };
   const list = h("div", {});
   show(h("h2", {}, "Replays"), h("h3", {}, "Plan a replay"),
-       h("div", {cls: "bar"}, names, where, its, h("button", {cls: "primary", id: "replay-plan", onclick: plan}, "Plan (dry run)")), out,
+       h("div", {cls: "bar"}, names, where, its, script, h("button", {cls: "primary", id: "replay-plan", onclick: plan}, "Plan (dry run)")), out,
        h("h3", {}, "History"), list);
   async function load() {
     const d = await get("/api/replays");
@@ -356,10 +357,14 @@ async function viewReplay(id) {
 async function viewJob(id) {
   const box = h("div", {});
   show(h("h2", {}, "Replay job ", h("span", {cls: "mono"}, id)), box);
+  let last = "";
   async function load() {
     let j;
     try { j = await get("/api/jobs/" + encodeURIComponent(id)); }
     catch (e) { box.replaceChildren(errorBox(e.message)); poll = null; return; }
+    const text = JSON.stringify(j);
+    if (text === last) return;  // a planned job stays as it is: its button stays put
+    last = text;
     const written = j.tasks_written ?? (j.state === "finished" ? j.tasks_pending : 0);
     const start = h("button", {cls: "primary", id: "replay-start", onclick: async () => {
       try { await post(`/api/jobs/${id}/start`); load(); } catch (e) { box.prepend(errorBox(e.message)); } }}, "Start the replay");
@@ -371,12 +376,12 @@ async function viewJob(id) {
         ` ${written}/${j.tasks_pending} tasks written`) : "",
       j.error ? errorBox(j.error) : "",
       h("h3", {}, "Plan"), h("pre", {id: "job-explain"}, j.explain),
-      rep ? [h("h3", {}, "Tasks"), h("table", {id: "job-results"}, h("tr", {}, ["task", "run", "status", "rows", "time", "estimate", "error"].map(c => h("th", {}, c))),
+      rep ? h("div", {id: "job-report"}, h("h3", {}, "Tasks"), h("table", {id: "job-results"}, h("tr", {}, ["task", "run", "status", "rows", "time", "estimate", "error"].map(c => h("th", {}, c))),
                rep.results.map(r => h("tr", {}, h("td", {cls: "mono"}, short(r.key)), h("td", {cls: "mono"}, r.run_id), h("td", {cls: "status-" + r.status}, r.status),
                  h("td", {cls: "num"}, r.rows), h("td", {cls: "num"}, fmtS(r.wall_s)), h("td", {cls: "num"}, fmtS(r.estimate_s)), h("td", {}, r.error || "")))),
              h("h3", {}, "Fidelity"), h("p", {id: "job-fidelity"}, `${rep.fidelity.compared} recorded values recomputed, ${rep.fidelity.mismatched} mismatched`),
              rep.fidelity.by_name.map(b => h("div", {}, `${b.name}: ${b.compared} compared, ${b.mismatched} mismatched`)),
-             rep.fidelity.examples.map(e => h("div", {cls: "mono"}, e))] : "");
+             rep.fidelity.examples.map(e => h("div", {cls: "mono"}, e))) : "");
     if (j.state === "finished" || j.state === "failed") poll = null;
   }
   poll = load;
