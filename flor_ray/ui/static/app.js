@@ -409,9 +409,12 @@ async function render() {
 }
 
 window.addEventListener("hashchange", render);
+let polling = false;  // a slow store: the next poll waits for this one instead of piling up
 setInterval(async () => {
-  if (!poll || document.hidden) return;
+  if (!poll || document.hidden || polling) return;
+  polling = true;
   try { await poll(); document.getElementById("live").textContent = "updated " + new Date().toLocaleTimeString(); }
   catch (e) { document.getElementById("live").textContent = "polling failed: " + e.message; }
+  finally { polling = false; }
 }, POLL_MS);
 render();
