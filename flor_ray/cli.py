@@ -29,6 +29,7 @@ examples (in the repository whose runs you recorded; try them after `flor-ray de
   flor-ray plot wnorm --by version -o wnorm.png
   flor-ray propagate today.py old.py -o patched.py
   flor-ray propagate src/ old-src/ --diff
+  flor-ray ui
   flor-ray demo /tmp/flor-ray-demo
 """
 
@@ -224,6 +225,14 @@ def cmd_plot(a) -> int:
     return 0
 
 
+def cmd_ui(a) -> int:
+    from .api import resolve_store
+    from .ui.server import serve
+
+    serve(resolve_store(a.store), host=a.host, port=a.port, quiet=not a.verbose, ray_address=a.address)
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
@@ -314,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "values of inner loops are averaged per x")
     sp.add_argument("--where", help="SQL predicate over the runs table")
     sp.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: NAME.png)")
+
+    sp = add("ui", cmd_ui, "serve a local web page over the store: runs, charts, run and replay pages",
+             "flor-ray ui --port 8765")
+    sp.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: a free one)")
+    sp.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1; any other address requires the printed token)")
+    sp.add_argument("--address", help="Ray address for replays started from the page (default: RAY_ADDRESS, "
+                                      "else a local Ray)")
 
     sp = add("demo", cmd_demo, "record 3 versions of a small torch script in a new git repository, then "
              "back-fill new metrics into them on a local Ray (1-2 minutes)", "flor-ray demo /tmp/flor-ray-demo",
