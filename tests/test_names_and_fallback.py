@@ -272,6 +272,24 @@ def test_plan_replays_each_versions_placed_names_and_lists_the_refused_pairs():
     assert [e["iteration"] for e in spec["fallbacks"]] == [i for i in (0, 1, 3) if i < c.stop]
 
 
+def test_damaged_checkpoints_found_by_one_listing_per_run():
+    from flor_ray.planning.planner import damaged_checkpoints
+
+    st = Store("memory://names-damaged")
+    runs = [_run("a", "v"), _run("b", "v", ckpts=())]
+    for i in range(4):
+        st.write_bytes(f"checkpoints/a/{i:06d}.pt", b"x" * 1000)
+    st.delete("checkpoints/a/000001.pt")
+    st.write_bytes("checkpoints/a/000003.pt", b"x" * 10)
+    st.write_bytes("checkpoints/a/.tmp-123", b"x" * 1000)  # a write in flight is no checkpoint
+    assert st.sizes("checkpoints/a") == {"checkpoints/a/000000.pt": 1000, "checkpoints/a/000002.pt": 1000,
+                                         "checkpoints/a/000003.pt": 10}
+    assert damaged_checkpoints(st, runs) == [
+        DamagedCheckpoint("a", 1, "checkpoints/a/000001.pt", "is missing"),
+        DamagedCheckpoint("a", 3, "checkpoints/a/000003.pt", "has 10 bytes, 1000 recorded"),
+    ]
+
+
 # ------------------------------------------------------------------ on Ray
 def test_requested_names_replay_in_every_version(history):
     repo, store, hands = history
