@@ -18,6 +18,12 @@ Per run, the most demanding need of the requested names decides the mode:
   checkpoint: a checkpoint is used only if it captured all of it; where none did
   (an open file, a Python generator), the run re-executes from iteration 0 and the
   task's note names the variable.
+
+A requested name that cannot be placed in a version costs only that (version,
+name) pair (:class:`Refused`); the version's other names still replay, and a run
+is skipped only when none of them can be placed. A checkpoint found damaged
+before planning (:class:`DamagedCheckpoint`: missing, or not its recorded size)
+is planned around like an absent one.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ __all__ = [
     "Resources",
     "Task",
     "SkippedRun",
+    "Refused",
+    "DamagedCheckpoint",
     "Plan",
     "make_plan",
     "task_key",
@@ -148,8 +156,33 @@ class RunInfo:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """A requested name that cannot be placed in a version, and why."""
+
+    version: str
+    name: str
+    reason: str
+    runs: int = 0  # the plan's runs of that version (set by :func:`make_plan`)
+
+
+@dataclass(frozen=True)
+class DamagedCheckpoint:
+    """A checkpoint of the manifest that the store does not hold as recorded."""
+
+    run_id: str
+    iteration: int
+    path: str
+    reason: str  # "is missing", "has 10 bytes, 2048 recorded"
+
+
+@dataclass(frozen=True)
 class VersionPatch:
-    """Today's statements propagated into one version (or why they could not be)."""
+    """Today's statements propagated into one version (or why they could not be).
+
+    ``code`` is None when nothing could be done with the version (its file is
+    unreadable or not Python); a requested name whose statement alone cannot be
+    placed is listed in ``refused`` and the others are in ``code``.
+    """
 
     version: str
     code: str | None
@@ -159,6 +192,16 @@ class VersionPatch:
     logged: tuple[str, ...] = ()  # every name the patched code logs
     loop_carried: tuple[str, ...] = ()  # ScriptAnalysis.loop_carried: what a restore writes back
     training_carried: tuple[str, ...] = ()  # ScriptAnalysis.training_carried: what re-executed training reads
+    refused: tuple[Refused, ...] = ()
+
+    def refusal(self, name: str) -> str | None:
+        """Why ``name`` cannot be replayed in this version; None when it can."""
+        for r in self.refused:
+            if r.name == name:
+                return r.reason
+        if name not in self.logged:
+            return "after propagation the script still does not log it"
+        return None
 
     @property
     def digest(self) -> str:
@@ -275,6 +318,8 @@ class Task:
             "stop": self.stop,
             "restore": self.restore.as_dict() if self.restore else None,
             "checkpoints": {str(c.iteration): c.as_dict() for c in self.checkpoints},
+            # where to go instead when a checkpoint turns out damaged (ReplaySession)
+            "fallbacks": [c.as_dict() for c in run.checkpoints if c.iteration < self.stop],
             "names": list(self.names),
             "setup": self.setup,
             "after": self.after,
@@ -313,6 +358,8 @@ class Plan:
     per_node: int = 1  # replay tasks expected to share a node (what the calibration looked up)
     #: (mode, factor, samples) applied to this plan's estimates, from :class:`Calibration`
     calibrated: tuple[tuple[str, float, int], ...] = ()
+    refused: tuple[Refused, ...] = ()  # requested names left out, per version
+    damaged: tuple[DamagedCheckpoint, ...] = ()  # checkpoints planned around
 
     def run_info(self, run_id: str) -> RunInfo:
         for r in self.runs:
@@ -419,14 +466,17 @@ def make_plan(
     storage_options: Mapping[str, Any] | None = None,
     retries: int = 3,
     calibration: Calibration = Calibration(),
+    damaged: Sequence[DamagedCheckpoint] = (),
 ) -> Plan:
     names = tuple(names)
     tasks: list[Task] = []
     skipped: list[SkippedRun] = []
     statements: list[tuple[str, str, str]] = []
+    refused: dict[tuple[str, str], Refused] = {}
     seen_versions: set[str] = set()
     slots = max(1, int(cluster.num_cpus // max(resources.num_cpus, 1e-9)))
     per_run_target = max(1, math.ceil(slots / max(1, len(runs))))
+    runs = _without_damaged(runs, damaged)
 
     for run in runs:
         patch = patches.get(run.version)
@@ -434,12 +484,17 @@ def make_plan(
             reason = patch.error if patch is not None else "no propagated code for this version"
             skipped.append(SkippedRun(run.run_id, run.version, f"propagation failed: {reason}"))
             continue
+        run_names = _placed_names(patch, names, refused)
+        if not run_names:
+            skipped.append(SkippedRun(run.run_id, run.version, f"none of {', '.join(names)} can be placed in version "
+                                      f"{run.version[:8]} (see the skipped names)"))
+            continue
         if run.iterations == 0:
             skipped.append(SkippedRun(run.run_id, run.version, "the run completed no outer iteration"))
             continue
         kinds = {}
         carried: set[str] = set()
-        for n in names:
+        for n in run_names:
             kind, reason, car = patch.need(n)
             kinds[n] = kind
             carried |= set(car)
@@ -459,9 +514,9 @@ def make_plan(
         need_after = any(k == "after" for k in kinds.values())
         need_setup = any(k == "setup" for k in kinds.values())
         gpus = resources.num_gpus if resources.num_gpus is not None else (1.0 if run.device == "cuda" else 0.0)
-        keep_reexec = sorted(set(names) | (set(patch.logged) & run.logged))
+        keep_reexec = sorted(set(run_names) | (set(patch.logged) & run.logged))
         keep_skip = sorted(
-            set(names) | {n for n in patch.logged if n in run.logged and patch.need(n)[0] in ("setup", "outer", "after")}
+            set(run_names) | {n for n in patch.logged if n in run.logged and patch.need(n)[0] in ("setup", "outer", "after")}
         )
 
         # loop-carried state: what the requested names read (skip mode restores it where
@@ -492,7 +547,7 @@ def make_plan(
         ckpts_skip = {c.iteration: c for c in run.checkpoints if c.holds(need_skip)}
         ckpts = {c.iteration: c for c in run.checkpoints if c.holds(need_reexec)}  # restore points of reexec
         if worst == "setup" or not want:
-            add("setup", 0, -1, None, (), sorted(set(names)), True, False)
+            add("setup", 0, -1, None, (), sorted(set(run_names)), True, False)
             continue
         if blocked and not ckpts and (worst == "inner" or not ckpts_skip):
             add("reexec", min(want), max(want), None, (), keep_reexec, need_setup, need_after and max(want) == run.iterations - 1,
@@ -565,7 +620,32 @@ def make_plan(
     startup = max((r.imports_s + ZYGOTE_EXTRA_S for r in runs if r.run_id in busy), default=0.0)
     return Plan(names, where, str(iterations), store_url, StorageOptions(storage_options or {}), tuple(runs),
                 tuple(patches.values()), tuple(tasks), tuple(skipped), cluster, round(makespan, 3),
-                tuple(statements), retries, round(startup, 3), slots, per_node, calibrated_summary)
+                tuple(statements), retries, round(startup, 3), slots, per_node, calibrated_summary,
+                tuple(refused.values()), tuple(damaged))
+
+
+def _placed_names(patch: VersionPatch, names: Sequence[str], refused: dict[tuple[str, str], Refused]) -> tuple[str, ...]:
+    """The requested names this run's version can replay; counts the refused ones per version."""
+    placed = []
+    for n in names:
+        why = patch.refusal(n)
+        if why is None:
+            placed.append(n)
+            continue
+        r = refused.get((patch.version, n)) or Refused(patch.version, n, why)
+        refused[(patch.version, n)] = _replace(r, runs=r.runs + 1)
+    return tuple(placed)
+
+
+def _without_damaged(runs: Sequence[RunInfo], damaged: Sequence[DamagedCheckpoint]) -> list[RunInfo]:
+    """The runs with their damaged checkpoints left out of their manifests."""
+    import dataclasses
+
+    bad = {(d.run_id, d.path) for d in damaged}
+    if not bad:
+        return list(runs)
+    return [dataclasses.replace(r, checkpoints=tuple(c for c in r.checkpoints if (r.run_id, c.path) not in bad))
+            for r in runs]
 
 
 def _replace(task: Task, **kw: Any) -> Task:

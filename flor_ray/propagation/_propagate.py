@@ -24,7 +24,11 @@ For every ``flor.log`` call of today's file whose name the old file never logs:
 
 A statement whose log call wraps an expression (``x = flor.log("x", f())``) and
 whose old version is the same statement without the wrapper replaces it in place.
-All refusals are collected and raised together, each naming its log.
+All refusals are collected and raised together, each naming its log; with
+``partial=True`` they come back in :attr:`PropagationResult.refused` instead and
+the statements that could be placed are injected. ``names=`` restricts the
+injected statements to those logging the given names: today's other new
+statements are left out, and cannot make the call fail.
 """
 
 from __future__ import annotations
@@ -32,14 +36,14 @@ from __future__ import annotations
 import ast
 import gc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from flor_ray.errors import PropagationError
 
 from . import _flow, _inject
 from ._inject import Edits, Respelling
 from ._match import Matching
-from ._result import Placement, PropagationResult
+from ._result import Placement, PropagationResult, Refusal
 from ._scope import Visibility, free_reads
 from ._syntax import LogSyntax, literal_first_arg, parse_ast, parse_cst
 from ._tree import FUNCS, SNode, Tree, build, resolve_scope
@@ -58,13 +62,19 @@ class _Planned:
     wrapped: bool = False
 
 
-def propagate(source: str, target: str) -> str:
+def propagate(source: str, target: str, names: Iterable[str] | None = None) -> str:
     """``target`` with the new log statements of ``source`` injected (see module doc)."""
-    return propagate_detailed(source, target).code
+    return propagate_detailed(source, target, names).code
 
 
-def propagate_detailed(source: str, target: str) -> PropagationResult:
-    """Like :func:`propagate`, with where each statement went, renames and skipped names."""
+def propagate_detailed(source: str, target: str, names: Iterable[str] | None = None, *,
+                       partial: bool = False) -> PropagationResult:
+    """Like :func:`propagate`, with where each statement went, renames and skipped names.
+
+    ``names``: inject only the statements that log one of these names (None: every
+    new one). ``partial``: a statement that cannot be placed is returned in
+    ``refused`` (with the names it logs and why) instead of failing the call.
+    """
     # Two ``ast`` trees and their labels are tens of thousands of small objects, none
     # of them in a reference cycle that outlives the call; the cyclic collector would
     # walk them again and again while they are built (about a quarter of the time on
@@ -73,29 +83,37 @@ def propagate_detailed(source: str, target: str) -> PropagationResult:
     if paused:
         gc.disable()
     try:
-        return _propagate(source, target)
+        return _propagate(source, target, None if names is None else frozenset(names), partial)
     finally:
         if paused:
             gc.enable()
 
 
-def _propagate(source: str, target: str) -> PropagationResult:
+def _propagate(source: str, target: str, wanted: frozenset[str] | None, partial: bool) -> PropagationResult:
     src_ast = parse_ast(source, "source")
     tgt_ast = parse_ast(target, "target")
     src = build(src_ast, LogSyntax.of(src_ast), grouped=False)
     tgt = build(tgt_ast, LogSyntax.of(tgt_ast))
     old_names = {n for n in tgt.log_names if n is not None}
-    skipped = tuple(dict.fromkeys(n for n in src.log_names if n is not None and n in old_names))
-    if all(n is not None and n in old_names for n in src.log_names):
+    skipped = tuple(dict.fromkeys(n for n in src.log_names if n is not None and n in old_names
+                                  and (wanted is None or n in wanted)))
+    if wanted is None:
+        nothing_new = all(n is not None and n in old_names for n in src.log_names)
+    else:  # a statement with a non-literal name cannot log a wanted name: not looked at
+        nothing_new = not any(n in wanted and n not in old_names for n in src.log_names if n is not None)
+    if nothing_new:
         return PropagationResult(code=target, skipped=skipped)  # nothing new: byte-identical
-    return _Planner(source, target, src, tgt, old_names).run(skipped)
+    return _Planner(source, target, src, tgt, old_names, wanted, partial).run(skipped)
 
 
 class _Planner:
-    def __init__(self, source: str, target: str, src: Tree, tgt: Tree, old_names: set[str]):
+    def __init__(self, source: str, target: str, src: Tree, tgt: Tree, old_names: set[str],
+                 wanted: frozenset[str] | None = None, partial: bool = False):
         self.src, self.tgt = src, tgt
         self.target = target
         self.old_names = old_names
+        self.wanted = wanted
+        self.partial = partial
         self.lines = _inject.split_lines(source)
         self.matching = Matching(self.src, self.tgt)
         self.visibility = Visibility(self.tgt)
@@ -103,7 +121,7 @@ class _Planner:
         self.planned: list[_Planned] = []
         # source unit pre -> (target owner, suite key, position) where it was put
         self.slots: dict[int, tuple[SNode, str, int]] = {}
-        self.failures: list[str] = []
+        self.failures: list[Refusal] = []
 
     # ------------------------------------------------------------------ driver
 
@@ -115,22 +133,28 @@ class _Planner:
             try:
                 self._classify(node, units)
             except _Refused as exc:
-                self.failures.append(str(exc))
+                names = [n for n in map(literal_first_arg, self._calls(node)) if self._is_new(n)]
+                self.failures.append(Refusal(tuple(dict.fromkeys(names)), str(exc)))  # type: ignore[arg-type]
         for pre in sorted(units):
             unit = self.src.nodes[pre]
+            names = tuple(dict.fromkeys(units[pre]))
             try:
-                self._place(unit, tuple(dict.fromkeys(units[pre])))
+                self._place(unit, names)
             except _Refused as exc:
-                self.failures.append(str(exc))
-        if self.failures:
-            err = PropagationError(
-                "cannot propagate into the target version: " + "; ".join(self.failures)
-            )
-            err.failures = tuple(self.failures)  # type: ignore[attr-defined]
+                self.failures.append(Refusal(names, str(exc)))
+        if self.failures and not self.partial:
+            reasons = tuple(f.reason for f in self.failures)
+            err = PropagationError("cannot propagate into the target version: " + "; ".join(reasons))
+            err.failures = reasons  # type: ignore[attr-defined]
             raise err
+        refused = tuple(self.failures)
         if not self.edits:
-            return PropagationResult(code=self.target, skipped=skipped)
-        return self._finish(skipped)
+            return PropagationResult(code=self.target, skipped=skipped, refused=refused)
+        return self._finish(skipped, refused)
+
+    def _is_new(self, name: str | None) -> bool:
+        """A name to inject: not logged by the target, and asked for."""
+        return name is not None and name not in self.old_names and (self.wanted is None or name in self.wanted)
 
     def _calls(self, node: SNode) -> list[ast.Call]:
         syntax = self.src.syntax
@@ -147,14 +171,14 @@ class _Planner:
         if not calls:
             return
         names = [literal_first_arg(c) for c in calls]
-        new = [n for n in names if n is not None and n not in self.old_names]
+        new = [n for n in names if self._is_new(n)]
         counterpart = self.matching.target_of(node)
         exact = counterpart is not None and counterpart.alpha == node.alpha
         if exact and not node.compound:
             if new:
                 self._wrap(node, counterpart, tuple(dict.fromkeys(new)))  # type: ignore[arg-type]
             return
-        if None in names:
+        if None in names and self.wanted is None:
             call = calls[names.index(None)]
             arg = ast.get_source_segment("".join(self.lines), call.args[0]) if call.args else "?"
             raise _Refused(
@@ -494,7 +518,7 @@ class _Planner:
 
     # ------------------------------------------------------------------ output
 
-    def _finish(self, skipped: tuple[str, ...]) -> PropagationResult:
+    def _finish(self, skipped: tuple[str, ...], refused: tuple[Refusal, ...] = ()) -> PropagationResult:
         spliced = _inject.splice(self.target, self.tgt.nodes, self.edits)
         if spliced is not None:
             code, lines = spliced
@@ -530,7 +554,7 @@ class _Planner:
             ))
         placements.sort(key=lambda p: p.line)
         return PropagationResult(code=code, placements=tuple(placements),
-                                 renames=tuple(renames.items()), skipped=skipped)
+                                 renames=tuple(renames.items()), skipped=skipped, refused=refused)
 
 
 _ELSE_OWNERS = (ast.If, ast.For, ast.AsyncFor, ast.While)
