@@ -203,6 +203,7 @@ def _propagate_trees(a, source, target) -> int:
             refused += 1
             sys.stderr.write(f"{head}: refused: {fp.refused}\n")
             continue
+        refused += bool(fp.result.refused)
         sys.stderr.write(f"{head} ({fp.pairing}):\n" + format_placements(fp.result) + "\n")
         if a.diff:
             sys.stdout.write(unified_diff(old[fp.target], fp.result.code, fp.target))
@@ -210,7 +211,7 @@ def _propagate_trees(a, source, target) -> int:
             out = Path(a.output) / fp.target
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(fp.result.code)
-    return 1 if refused else 0
+    return 1 if refused else 0  # the patches that could be made are written all the same
 
 
 def cmd_plot(a) -> int:

@@ -168,3 +168,17 @@ def test_cli_diff_of_two_files_and_a_binary_file(tmp_path):
     (tmp_path / "blob.py").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     bad = _cli("blob.py", "old.py", cwd=tmp_path)
     assert bad.returncode == 2 and "is not UTF-8 text" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_statement_that_cannot_be_placed_costs_only_its_names():
+    # `dropped` is computed by a new statement that logs nothing, so it is not propagated
+    today_model = NEW_MODEL.replace('            flor.log("hnorm", hidden[0].norm().item())\n',
+                                    '            flor.log("hnorm", hidden[0].norm().item())\n'
+                                    '            dropped = self.drop(output)\n'
+                                    '            flor.log("dnorm", dropped.norm().item())\n')
+    old = {"model.py": OLD_MODEL.replace("import torch.nn as nn\n", "import torch.nn as nn\nimport flor_ray as flor\n")}
+    (patch,) = propagate_project({"model.py": today_model}, old)
+    assert [p.names for p in patch.result.placements] == [("hnorm",)]
+    assert patch.result.refused_names.keys() == {"dnorm"}
+    (only,) = propagate_project({"model.py": today_model}, old, names=["hnorm"])
+    assert only.new_names == ("hnorm",) and not only.result.refused

@@ -102,9 +102,9 @@ def propagate_project(today: Mapping[str, str], old: Mapping[str, str],
         if target is None:
             patches.append(FilePatch(path, None, pairing, new, refused=pairing))
             continue
-        try:
-            result = propagate_detailed(today[path], old[target])
-        except PropagationError as exc:
+        try:  # one statement that cannot be placed costs only its own names
+            result = propagate_detailed(today[path], old[target], new, partial=True)
+        except PropagationError as exc:  # the file itself: not Python, say
             patches.append(FilePatch(path, target, pairing, new, refused=str(exc)))
             continue
         patches.append(FilePatch(path, target, pairing, new, result=result))
