@@ -172,10 +172,11 @@ def test_cli_diff_of_two_files_and_a_binary_file(tmp_path):
 
 def test_a_statement_that_cannot_be_placed_costs_only_its_names():
     # `dropped` is computed by a new statement that logs nothing, so it is not propagated
-    today_model = NEW_MODEL.replace('            flor.log("hnorm", hidden[0].norm().item())\n',
-                                    '            flor.log("hnorm", hidden[0].norm().item())\n'
-                                    '            dropped = self.drop(output)\n'
-                                    '            flor.log("dnorm", dropped.norm().item())\n')
+    today_model = NEW_MODEL.replace('        flor.log("hnorm", hidden[0].norm().item())\n',
+                                    '        flor.log("hnorm", hidden[0].norm().item())\n'
+                                    '        dropped = self.drop(output)\n'
+                                    '        flor.log("dnorm", dropped.norm().item())\n')
+    assert "dnorm" in today_model
     old = {"model.py": OLD_MODEL.replace("import torch.nn as nn\n", "import torch.nn as nn\nimport flor_ray as flor\n")}
     (patch,) = propagate_project({"model.py": today_model}, old)
     assert [p.names for p in patch.result.placements] == [("hnorm",)]
