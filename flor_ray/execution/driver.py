@@ -176,8 +176,8 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
     for t in pending:
         run = plan.run_info(t.run_id)
         spec = t.spec(plan.store_url, plan.storage_options, run)
-        code = plan.patch(t.version).code
-        calls.append((t, (spec, code, list(run.argv), run.cwd, t.estimate_s)))
+        files = plan.patch(t.version).files(run.script)
+        calls.append((t, (spec, files, list(run.argv), run.cwd, t.estimate_s)))
     if inline or not calls:
         for i, (t, args) in enumerate(calls):
             try:

@@ -40,10 +40,75 @@ def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
     return {k: frozenset(v) for k, v in out.items()}
 
 
-def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None) -> dict[str, VersionPatch]:
+#: a module's statement may run anywhere the script calls into it (a model's forward
+#: inside the step loop): its values are replayed by re-executing training
+_MODULE_NEED = "inner"
+
+
+def today_modules(script: Path, names: Sequence[str] | None = None) -> dict[str, str]:
+    """The Python files of today's repository around ``script`` that log a flor name
+    (``names``: one of those), as ``path relative to the repository -> text``;
+    the script itself is not among them. Empty outside a git repository."""
+    from ..propagation.project import logged_names
+    from ..versions import find_repo_root
+
+    try:
+        root = Path(find_repo_root(script.parent))
+    except RepositoryError:
+        return {}
+    wanted = None if names is None else set(names)
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if path.resolve() == script.resolve() or any(
+                part.startswith(".") or part in ("__pycache__", "venv", "node_modules") for part in rel.parts[:-1]):
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue  # not source: nothing to propagate from it
+        if any(wanted is None or n in wanted for n in logged_names(text)):
+            out[rel.as_posix()] = text
+    return out
+
+
+def _module_patches(store, version: str, script: str, modules: Mapping[str, str],
+                    names: Sequence[str] | None) -> tuple[tuple, tuple, tuple, tuple]:
+    """Today's other modules propagated into one version: (files, placements, needs, refused)."""
+    from ..propagation.project import propagate_project
+    from ..versions import VersionFiles
+
+    if not modules:
+        return (), (), (), ()
+    old = VersionFiles(store, version)
+    files, placements, needs, refused = [], [], [], []
+    for fp in propagate_project(modules, old, names):
+        where = fp.target or fp.path
+        if fp.refused:
+            refused.extend(Refused(version, n, f"in {fp.path}: {fp.refused}") for n in fp.new_names)
+            continue
+        res = fp.result
+        for n, why in res.refused_names.items():
+            refused.append(Refused(version, n, f"in {where}: {why}"))
+        if not res.placements:
+            continue
+        files.append((where, res.code))
+        for p in res.placements:
+            placements.append(f"{where}: +{','.join(p.names)} at line {p.line}"
+                              + (f" in {p.function}()" if p.function else ""))
+            needs.extend((n, _MODULE_NEED, f"{n!r} is logged in {where}"
+                          + (f" ({p.function})" if p.function else "") + ", code another module runs wherever the "
+                          "script calls it: training re-executes from the checkpoint before the segment", ())
+                         for n in p.names)
+    return tuple(files), tuple(placements), tuple(needs), tuple(refused)
+
+
+def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None,
+                       modules: Mapping[str, str] | None = None) -> dict[str, VersionPatch]:
     """Propagate today's statements of ``names`` (None: all new ones) into each
-    version's script; analyse the result. A statement that cannot be placed refuses
-    its names in that version only; today's other statements are not injected."""
+    version's script, and those of today's other ``modules`` into their counterparts;
+    analyse the result. A statement that cannot be placed refuses its names in that
+    version only; today's other statements are not injected."""
     from ..propagation import PropagationError, propagate_detailed
     from ..versions import read_file
     from .analysis import analyze
@@ -69,9 +134,25 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
         needs = tuple((n, nd.kind, nd.reason, tuple(nd.carried)) for n, nd in an.needs)
         why = res.refused_names
         refused = tuple(Refused(version, n, why[n]) for n in (names if names is not None else why) if n in why)
-        patches[version] = VersionPatch(version, res.code, None, placements, needs, tuple(an.logged_names),
-                                        tuple(an.loop_carried), tuple(an.training_carried), refused)
+        try:
+            files, m_places, m_needs, m_refused = _module_patches(store, version, script, modules or {}, names)
+        except Exception as exc:  # noqa: BLE001 - the version's modules unreadable: their names refused
+            files, m_places, m_needs = (), (), ()
+            m_refused = tuple(Refused(version, n, f"cannot read this version's modules: {exc}")
+                              for n in _names_of(modules or {}, names))
+        m_needs = tuple((n, k, r, tuple(an.training_carried)) for n, k, r, _ in m_needs)
+        patches[version] = VersionPatch(version, res.code, None, placements + m_places, needs + m_needs,
+                                        tuple(an.logged_names) + tuple(n for n, *_ in m_needs),
+                                        tuple(an.loop_carried), tuple(an.training_carried), refused + m_refused,
+                                        files)
     return patches
+
+
+def _names_of(modules: Mapping[str, str], names: Sequence[str] | None) -> list[str]:
+    from ..propagation.project import logged_names
+
+    found = dict.fromkeys(n for text in modules.values() for n in logged_names(text))
+    return [n for n in found if names is None or n in names]
 
 
 def damaged_checkpoints(store, runs: Sequence[RunInfo]) -> list[DamagedCheckpoint]:
@@ -176,24 +257,28 @@ def plan_replay(
     except UnicodeDecodeError as exc:
         raise PlanningError(f"today's script {str(path)!r} is not UTF-8 text ({exc.reason}); pass the .py file") from exc
     today_an = analyze(today, filename=str(path))
+    modules = today_modules(path)
+    today_names = list(dict.fromkeys([*today_an.logged_names, *_names_of(modules, None)]))
     logged = _logged_per_run(st, [m["run_id"] for m in metas])
     if names is None:
-        names = [n for n in today_an.logged_names if any(n not in logged.get(m["run_id"], ()) for m in metas)]
+        names = [n for n in today_names if any(n not in logged.get(m["run_id"], ()) for m in metas)]
         if not names:
             raise QueryError(
-                f"every name logged by {path.name} is already in every selected run; "
-                "name the statements to replay explicitly"
+                f"every name logged by {path.name} (and the modules of its repository) is already in every "
+                "selected run; name the statements to replay explicitly"
             )
     else:
-        unknown = [n for n in names if n not in today_an.logged_names]
+        unknown = [n for n in names if n not in today_names]
         if unknown:
             raise QueryError(
-                f"{', '.join(map(repr, unknown))} not logged by today's script {str(path)!r}; add "
-                f"flor.log({unknown[0]!r}, ...) to it first (it logs: {', '.join(today_an.logged_names) or 'nothing'})"
+                f"{', '.join(map(repr, unknown))} not logged by today's script {str(path)!r} or a module of "
+                f"its repository; add flor.log({unknown[0]!r}, ...) first (they log: "
+                f"{', '.join(today_names) or 'nothing'})"
             )
+    modules = {p: t for p, t in modules.items() if set(_names_of({p: t}, names))}
     runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
     versions = {r.version: r.script for r in runs}
-    patches = propagate_versions(st, today, versions, names)
+    patches = propagate_versions(st, today, versions, names, modules)
     done = frozenset(
         p.rsplit("/", 1)[-1][: -len(".parquet")]
         for r in runs
