@@ -165,6 +165,22 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_spool(a) -> int:
+    from .config import load_settings
+    from .record.spool import spool_folders, upload_spool
+    from .store import Store
+
+    folders = a.folders or spool_folders(load_settings().spool_dir)
+    if not folders:
+        print("no spooled runs")
+        return 0
+    store = Store(a.store) if a.store else None
+    for folder in folders:
+        written = upload_spool(folder, store)
+        print(f"uploaded {len(written)} files of {folder}")
+    return 0
+
+
 # ----------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -239,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "values of inner loops are averaged per x")
     sp.add_argument("--where", help="SQL predicate over the runs table")
     sp.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: NAME.png)")
+
+    sp = add("spool", cmd_spool, "upload the rows and metadata that recordings spooled while their store "
+             "could not be written", "flor-ray spool upload ~/.cache/flor_ray/spool/20261201T101500-a1b2c3")
+    sp.add_argument("action", choices=["upload"], help="upload: move the spooled files into their store")
+    sp.add_argument("folders", nargs="*", metavar="FOLDER",
+                    help="spool folders of runs (default: every run under FLOR_SPOOL / spool_dir)")
 
     sp = add("demo", cmd_demo, "record 3 versions of a small torch script in a new git repository, then "
              "back-fill new metrics into them on a local Ray (1-2 minutes)", "flor-ray demo /tmp/flor-ray-demo",

@@ -125,12 +125,19 @@ class Store:
                 d = os.path.dirname(path)
                 os.makedirs(d, exist_ok=True)
                 tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    if durable:
-                        f.flush()
-                        os.fsync(f.fileno())
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        if durable:
+                            f.flush()
+                            os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                except BaseException:  # disk full, read-only: no temporary left behind
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+                    raise
             else:
                 self.fs.pipe_file(path, data)
         except OSError as exc:

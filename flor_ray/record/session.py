@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import collections.abc as _abc
 import datetime as _dt
+import json
 import math
 import os
 import secrets
@@ -426,6 +427,9 @@ class RecordSession(LoopRuntime):
         self.store.ensure()
         mark("store")
         self.run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+        from .spool import SpoolingWriter
+
+        self._spool = SpoolingWriter(self.store, self.run_id, self.settings.spool_dir, self.settings.write_retries)
         exclude = []
         if self.store.is_local:
             store_root = Path(self.store.root).resolve()
@@ -668,7 +672,8 @@ class RecordSession(LoopRuntime):
 
             cpu = time.thread_time()
             data = serialize(snap)
-            self.store.write_bytes(rel, data, durable=True)
+            if not self._spool.write(rel, data, durable=True, spill=False):
+                return  # skipped, listed in the run's "lost": replays start from an earlier one
             entry = {
                 "iteration": snap["iteration"],
                 "inner_exits": snap["inner_exits"],
@@ -721,7 +726,11 @@ class RecordSession(LoopRuntime):
             }
         )
         self.meta["env"] = {**self.meta["env"], **{k: v for k, v in self._env().items() if k in ("device", "gpu")}}
-        self.store.write_json(self.store.runs_rel(self.run_id), self.meta)
+        for key in ("spooled", "lost"):
+            self.meta.pop(key, None)
+        self.meta.update(self._spool.record())
+        data = json.dumps(self.meta, indent=1, sort_keys=True, default=str).encode()
+        self._spool.write(self.store.runs_rel(self.run_id), data)
 
     # ------------------------------------------------------------------ exit
     def finish(self) -> None:
@@ -740,7 +749,7 @@ class RecordSession(LoopRuntime):
         problems += self.writer.errors
         with self._lock:
             manifest = list(self._manifest)
-        for m in manifest:
+        for m in manifest if not self._spool.down else ():  # a store that is down is not read
             try:
                 size = self.store.fs.size(self.store.path(m["path"]))
             except Exception as exc:  # noqa: BLE001 - reported below
@@ -779,4 +788,4 @@ class RecordSession(LoopRuntime):
         from .rows import rows_to_table  # never imports pandas / pyarrow.compute
 
         table = rows_to_table(version=self.version, file=self.script, **rows)
-        self.store.write_bytes(rel, table_to_parquet_bytes(table))
+        self._spool.write(rel, table_to_parquet_bytes(table))

@@ -1,0 +1,197 @@
+"""Faults of the environment: a store that fills up or turns read-only mid-run, damaged
+files in the store, endpoints and clusters that never answer.
+
+Disk-full and read-only stores are a real size-limited tmpfs (``mount -t tmpfs -o
+size=...``), remounted read-only from the test while the script trains; the tests
+skip, saying why, where the machine does not allow ``mount``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import flor_ray
+from conftest import clean_env, git, write
+
+EPOCHS = 6
+
+TRAIN = '''
+import argparse
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import flor_ray as flor
+
+
+def make_data(n=128, d=64):
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(n, d, generator=g)
+    return TensorDataset(X, (X[:, 0] > 0).long())
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sleep", type=float, default=0.0)
+    opts = p.parse_args()
+    torch.manual_seed(0)
+    # ~0.5 MB of parameters and momentum per checkpoint: a 2 MB store fills up mid-run
+    net = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 128), nn.ReLU(), nn.Linear(128, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=flor.arg("lr", 0.05), momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    loader = DataLoader(make_data(), batch_size=32, shuffle=True)
+    with flor.checkpointing(net=net, opt=opt):
+        for epoch in flor.loop("epoch", range({epochs})):
+            for x, y in flor.loop("step", loader):
+                loss = nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                flor.log("loss", loss.item())
+            sched.step()
+            flor.log("lr_now", sched.get_last_lr()[0])
+            time.sleep(opts.sleep)
+    print("trained", {epochs}, "epochs")
+
+
+if __name__ == "__main__":
+    main()
+'''.replace("{epochs}", str(EPOCHS))
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here ({proc.stderr.strip()}); "
+                    "the disk-full and read-only tests need a real size-limited filesystem")
+
+
+def _remount(path: Path, opts: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{opts}", str(path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mnt = tmp_path / "store"
+    _mount_tmpfs(mnt, "2m")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def train_repo(tmp_path_factory):
+    r = tmp_path_factory.mktemp("faults_more") / "proj"
+    r.mkdir()
+    git(r, "init", "-q", "-b", "main")
+    git(r, "config", "user.email", "dev@example.com")
+    git(r, "config", "user.name", "Dev")
+    write(r, "train.py", TRAIN)
+    write(r, ".gitignore", ".flor/\n")
+    git(r, "add", ".")
+    git(r, "commit", "-qm", "train")
+    return r
+
+
+@pytest.fixture(scope="module")
+def reference(train_repo):
+    """The rows of a run whose store never failed."""
+    store = train_repo.parent / "ref-store"
+    env = clean_env(FLOR_STORE=str(store), FLOR_CHECKPOINT_BUDGET="1")
+    subprocess.run([sys.executable, "train.py"], cwd=train_repo, env=env, check=True, capture_output=True)
+    return _values(store)
+
+
+def _values(store) -> "object":
+    df = flor_ray.dataframe("loss", "lr_now", store=str(store))
+    return df[["epoch", "step", "loss", "lr_now"]].reset_index(drop=True)
+
+
+def _tmp_files(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob(".tmp-*")]
+
+
+def _record(repo, store, spool, *args):
+    env = clean_env(FLOR_STORE=str(store), FLOR_SPOOL=str(spool), FLOR_CHECKPOINT_BUDGET="1")
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _spooled_meta(spool: Path) -> dict:
+    (folder,) = [p for p in spool.iterdir() if (p / "spool.json").is_file()]
+    (meta,) = list((folder / "runs").glob("*.json"))
+    return json.loads(meta.read_text())
+
+
+def _upload_and_compare(store, spool, reference, remount):
+    remount()
+    proc = subprocess.run([sys.executable, "-m", "flor_ray.cli", "spool", "upload"],
+                          env=clean_env(FLOR_SPOOL=str(spool)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "uploaded" in proc.stdout
+    assert not any(spool.iterdir())  # the spool is emptied once everything is in the store
+    (run,) = flor_ray.runs(store=str(store)).to_dict("records")
+    assert run["status"] == "finished" and run["iterations"] == EPOCHS
+    got = _values(store)
+    assert got.equals(reference), (got, reference)
+    meta = json.loads(next((store / "runs").glob("*.json")).read_text())
+    assert meta["spooled"]["uploaded_at"]
+
+
+def _fill(mnt: Path) -> None:
+    """Another process fills the disk: write until ENOSPC."""
+    with open(mnt / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def _record_with_fault(repo, store, spool, fault):
+    """Record, and once epoch 1's rows are in the store, apply ``fault`` to it."""
+    proc = _record(repo, store, spool, "--sleep", "0.4")
+    deadline = time.time() + 120
+    while not list(store.glob("logs/run_id=*/source=record/part-00001.parquet")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    fault()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"trained {EPOCHS} epochs" in out  # training went on to the end
+    assert err.count("cannot write the store") == 1, err  # warned once, naming where the spool is
+    assert str(spool) in err
+    assert _tmp_files(store) == []
+    meta = _spooled_meta(spool)
+    assert meta["status"] == "finished" and meta["iterations"] == EPOCHS
+    assert meta["spooled"]["folder"].startswith(str(spool))
+    assert any(f.startswith("logs/") for f in meta["spooled"]["files"])
+    return meta
+
+
+def test_store_full_mid_run_training_finishes_and_spool_uploads(train_repo, tmpfs, tmp_path, reference):
+    _remount(tmpfs, "size=8m")
+    spool = tmp_path / "spool"
+    meta = _record_with_fault(train_repo, tmpfs, spool, lambda: _fill(tmpfs))
+    lost = [x["path"] for x in meta["lost"]]
+    assert any(p.startswith("checkpoints/") for p in lost)  # skipped rather than blocking training
+    assert not set(lost) & {c["path"] for c in meta["checkpoints"]}  # the manifest holds only stored ones
+    _upload_and_compare(tmpfs, spool, reference, lambda: (tmpfs / "filler").unlink())
+
+
+def test_store_turns_read_only_mid_run(train_repo, tmpfs, tmp_path, reference):
+    _remount(tmpfs, "size=64m")
+    spool = tmp_path / "spool"
+    _record_with_fault(train_repo, tmpfs, spool, lambda: _remount(tmpfs, "ro"))
+    _upload_and_compare(tmpfs, spool, reference, lambda: _remount(tmpfs, "rw"))
