@@ -1,8 +1,9 @@
 """``flor-ray``: the command line (also the entry point for ``ray job submit``).
 
-Every command has ``--help``. Exit codes: 0 success; 1 a replay with failed tasks, or
-an internal error; 2 a usage error or an error that the message says how to fix
-(unknown names, no store, bad predicate, bad config); 130 interrupted. An error is one
+Every command has ``--help``. Exit codes: 0 success; 1 a replay with failed tasks,
+damage found by ``check`` (without ``--repair``), or an internal error; 2 a usage
+error or an error that the message says how to fix (unknown names, no store, bad
+predicate, bad config); 130 interrupted. An error is one
 line on stderr, ``flor-ray <command>: <what is wrong and what to do>``, plus a hint to
 rerun with ``--verbose`` (accepted before or after the command) for the traceback.
 """
@@ -165,6 +166,26 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_check(a) -> int:
+    from .api import resolve_store
+    from .damage import QUARANTINE, quarantine, scan
+
+    st = resolve_store(a.store).check()
+    damages = scan(st)
+    if not damages:
+        print(f"no damaged files in {st.url}")
+        return 0
+    for d in damages:
+        print(f"damaged: {d}")
+    if not a.repair:
+        print(f"{len(damages)} damaged; `flor-ray check --repair` moves them to {st.full_url(QUARANTINE)} "
+              "(nothing is deleted)")
+        return 1
+    for d, dest in zip(damages, quarantine(st, damages)):
+        print(f"moved {d.path} to {st.full_url(dest)}")
+    return 0
+
+
 def cmd_spool(a) -> int:
     from .config import load_settings
     from .record.spool import spool_folders, upload_spool
@@ -256,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--where", help="SQL predicate over the runs table")
     sp.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: NAME.png)")
 
+    sp = add("check", cmd_check, "list the store's damaged or foreign files (left out of queries); exit 1 "
+             "if any", "flor-ray check --repair")
+    sp.add_argument("--repair", action="store_true",
+                    help="move the damaged files to the store's quarantine/ folder (nothing is deleted)")
+
     sp = add("spool", cmd_spool, "upload the rows and metadata that recordings spooled while their store "
              "could not be written", "flor-ray spool upload ~/.cache/flor_ray/spool/20261201T101500-a1b2c3")
     sp.add_argument("action", choices=["upload"], help="upload: move the spooled files into their store")
@@ -282,6 +308,23 @@ def _describe(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _warnings_as_lines(name: str) -> None:
+    """flor_ray's own warnings as one line each, ``flor-ray <command>: warning: ...``."""
+    import warnings
+
+    from .errors import DamagedFileWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DamagedFileWarning):
+            sys.stderr.write(f"{name}: warning: {message}\n")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a, extra = parser.parse_known_args(argv)
@@ -289,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.parser.error(f"unrecognized arguments: {' '.join(extra)} (see `flor-ray {a.command} --help`)")
     verbose = getattr(a, "verbose", False)
     name = f"flor-ray {a.command}"
+    _warnings_as_lines(name)
     try:
         if a.config:
             from .config import load_settings

@@ -26,6 +26,7 @@ __all__ = [
     "PropagationError",
     "UserCodeError",
     "ConfigError",
+    "DamagedFileWarning",
 ]
 
 
@@ -133,3 +134,7 @@ class UserCodeError(FlorError, RuntimeError):
 
 class ConfigError(FlorError, ValueError):
     """A configuration file or value that cannot be used."""
+
+
+class DamagedFileWarning(UserWarning):
+    """A damaged or foreign file of the store, left out of what is being read."""
