@@ -123,6 +123,10 @@ def cmd_replay(a) -> int:
         resources["num_cpus"] = a.num_cpus
     if a.num_gpus is not None:
         resources["num_gpus"] = a.num_gpus
+    if a.address or os.environ.get("RAY_ADDRESS"):  # plan for that cluster's resources
+        from .execution.driver import ensure_ray
+
+        ensure_ray(a.address)
     plan = flor_ray.plan_replay(a.names or None, where=a.where, iterations=a.iterations or "all",
                                 script=a.script, store=a.store, resources=resources or None)
     print(plan.explain(), flush=True)

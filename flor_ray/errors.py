@@ -27,6 +27,7 @@ __all__ = [
     "UserCodeError",
     "ConfigError",
     "DamagedFileWarning",
+    "ClusterError",
 ]
 
 
@@ -138,3 +139,7 @@ class ConfigError(FlorError, ValueError):
 
 class DamagedFileWarning(UserWarning):
     """A damaged or foreign file of the store, left out of what is being read."""
+
+
+class ClusterError(FlorError, ConnectionError):
+    """The Ray cluster cannot be reached, or lacks what a plan asks for."""

@@ -30,6 +30,9 @@ __all__ = ["Store", "safe_component", "MARKER", "STORE_FORMAT"]
 
 MARKER = "flor-store.json"
 STORE_FORMAT = 1
+#: attempts of one S3 request by s3fs (timeouts, throttling): 2 ride out one lost
+#: request and bound a silent endpoint's cost at 2 read timeouts
+S3_ATTEMPTS = 2
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 
 
@@ -43,6 +46,32 @@ def safe_component(kind: str, value: object) -> str:
             "it names a path inside the store",
         )
     return value
+
+
+def _bounded_waits(protocol: str, options: dict) -> None:
+    """Connect and read timeouts (config.py says why these numbers) for network stores.
+
+    Without them a server that accepts connections and never answers blocks every
+    call for minutes (s3fs: 5 retries of botocore's 5 attempts of 15 s each). The
+    user's own options win.
+    """
+    from .config import load_settings
+
+    s = load_settings()
+    if protocol in ("s3", "s3a"):
+        conf = dict(options.get("config_kwargs") or {})
+        conf.setdefault("connect_timeout", s.connect_timeout_s)
+        conf.setdefault("read_timeout", s.read_timeout_s)
+        conf.setdefault("retries", {"max_attempts": 1})  # s3fs retries on its own, with backoff
+        options["config_kwargs"] = conf
+    elif protocol in ("http", "https"):
+        import aiohttp
+
+        client = dict(options.get("client_kwargs") or {})
+        client.setdefault("timeout", aiohttp.ClientTimeout(sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s))
+        options["client_kwargs"] = client
+    elif protocol in ("gs", "gcs"):
+        options.setdefault("timeout", s.read_timeout_s)
 
 
 class Store:
@@ -73,16 +102,22 @@ class Store:
             import fsspec
 
             options = dict(self.storage_options)
-            if fsspec.utils.get_protocol(self.url) not in ("file", "local", "memory"):
+            protocol = fsspec.utils.get_protocol(self.url)
+            if protocol not in ("file", "local", "memory"):
                 # other processes (replay tasks, other runs) add files all the time: a cached
                 # listing would hide them, and s3fs answers info()/open() from the cached
                 # listing of the parent, so a partition just written reads as missing
                 options.setdefault("use_listings_cache", False)
+                _bounded_waits(protocol, options)
             try:
                 self._fs, self._root = fsspec.core.url_to_fs(self.url, **options)
             except (ImportError, ValueError) as exc:
                 raise StoreError(f"cannot open store URL {self.url!r}: {exc}") from exc
             self._root = self._root.rstrip("/")
+            if protocol in ("s3", "s3a") and "retries" not in self.storage_options:
+                # s3fs's own retries of timeouts: 2 attempts in all, so a silent endpoint
+                # costs 2 read timeouts (and a 0.1 s backoff), not 5
+                self._fs.retries = S3_ATTEMPTS
         return self._fs
 
     @property
@@ -108,7 +143,35 @@ class Store:
         return "/".join([self.url, *parts])
 
     def _wrap(self, what: str, exc: Exception) -> StoreError:
-        return StoreError(f"{what} in store {self.url!r} failed: {type(exc).__name__}: {exc}")
+        return StoreError(f"{what} in store {self.url!r} failed: {type(exc).__name__}: {exc}{self._timeout_hint(exc)}")
+
+    def _timeout_hint(self, exc: BaseException) -> str:
+        """For a timeout: which endpoint did not answer and which setting bounds the wait."""
+        chain = []
+        e: BaseException | None = exc
+        while e is not None and len(chain) < 8:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        names = " ".join(type(c).__name__ for c in chain).lower()
+        if "timeout" not in names:
+            return ""
+        from .config import load_settings
+
+        s = load_settings()
+        connect = "connect" in names
+        setting = (f"connect_timeout_s={s.connect_timeout_s:g} (FLOR_CONNECT_TIMEOUT)" if connect
+                   else f"read_timeout_s={s.read_timeout_s:g} (FLOR_READ_TIMEOUT)")
+        return (f"; the endpoint {self.endpoint()} did not {'accept a connection' if connect else 'answer'} "
+                f"within {setting}: check that it is up, or raise the setting")
+
+    def endpoint(self) -> str:
+        """Where the store's requests go, as far as the options and environment say."""
+        client = self.storage_options.get("client_kwargs") or {}
+        given = self.storage_options.get("endpoint_url") or client.get("endpoint_url")
+        if self.url.startswith(("s3://", "s3a://")):
+            given = given or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            return str(given or "the AWS S3 endpoint")
+        return str(given or self.url)
 
     # ----------------------------------------------------------------- writing
     def write_bytes(self, rel: str, data: bytes, durable: bool = False) -> None:

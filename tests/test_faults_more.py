@@ -195,3 +195,140 @@ def test_store_turns_read_only_mid_run(train_repo, tmpfs, tmp_path, reference):
     spool = tmp_path / "spool"
     _record_with_fault(train_repo, tmpfs, spool, lambda: _remount(tmpfs, "ro"))
     _upload_and_compare(tmpfs, spool, reference, lambda: _remount(tmpfs, "rw"))
+
+
+# ------------------------------------------------------------- bounded waits
+SMALL = '''
+import argparse
+import os
+import time
+
+import flor_ray as flor
+
+MARK = {mark!r}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int, default=3)
+    opts = p.parse_args()
+    k = flor.arg("k", 1)
+    total = 0
+    for epoch in flor.loop("epoch", range(opts.epochs)):
+        for step in flor.loop("step", range(2)):
+            total += k * step
+        if os.environ.get("FLOR_REPLAY") and MARK:  # replay: say so, then take a long time
+            open(os.path.join(MARK, f"running-{{os.getpid()}}"), "w").close()
+            time.sleep(600)
+        flor.log("total", total)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.fixture(scope="module")
+def small_repo(tmp_path_factory):
+    r = tmp_path_factory.mktemp("bounded") / "proj"
+    mark = r.parent / "marks"
+    mark.mkdir()
+    r.mkdir()
+    git(r, "init", "-q", "-b", "main")
+    write(r, "train.py", SMALL.format(mark=str(mark)))
+    subprocess.run([sys.executable, "train.py"], cwd=r, env=clean_env(), check=True, capture_output=True)
+    write(r, "train.py", SMALL.format(mark=str(mark)).replace(
+        'flor.log("total", total)', 'flor.log("total", total)\n        flor.log("twice", 2 * total)'))
+    return r
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A server on 127.0.0.1 that accepts connections (the kernel's backlog) and never answers."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(128)
+    yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
+def _s3_env(endpoint, **extra):
+    return clean_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                     AWS_ENDPOINT_URL=endpoint, FLOR_READ_TIMEOUT="1", FLOR_CONNECT_TIMEOUT="1", **extra)
+
+
+def test_silent_s3_endpoint_fails_runs_within_the_timeout(tmp_path, silent_endpoint):
+    pytest.importorskip("s3fs")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "flor_ray.cli", "runs", "--store", "s3://b/p"], cwd=tmp_path,
+                          env=_s3_env(silent_endpoint), capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr
+    assert took < 30, took  # a few 1 s read timeouts, not minutes
+    assert silent_endpoint in proc.stderr and "read_timeout_s=1" in proc.stderr and "FLOR_READ_TIMEOUT" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_recording_to_a_silent_s3_endpoint_is_bounded(small_repo, tmp_path, silent_endpoint):
+    pytest.importorskip("s3fs")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "train.py"], cwd=small_repo,
+                          env=_s3_env(silent_endpoint, FLOR_STORE="s3://b/rec"), capture_output=True, text=True,
+                          timeout=120)
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode != 0 and silent_endpoint in proc.stderr and "FLOR_READ_TIMEOUT" in proc.stderr
+
+
+def test_replay_to_an_unreachable_ray_address_fails_fast(small_repo):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "flor_ray.cli", "replay", "twice", "--address", "127.0.0.1:1"],
+                          cwd=small_repo, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - t0 < 20
+    assert proc.returncode == 2, proc.stderr
+    assert "127.0.0.1:1" in proc.stderr and "FLOR_RAY_CONNECT_TIMEOUT" in proc.stderr and "ray start" in proc.stderr
+
+
+def test_gpu_plan_on_a_cluster_without_gpus_fails_at_planning(small_repo, ray_local):
+    from flor_ray.errors import ClusterError
+
+    store = str(small_repo / ".flor")
+    with pytest.raises(ClusterError, match="tasks need 1 GPU; the cluster has 0: pass --num-gpus 0"):
+        flor_ray.plan_replay(["twice"], store=store, script=small_repo / "train.py", resources={"num_gpus": 1})
+    with pytest.raises(ClusterError, match="tasks need 64 CPUs; the cluster has 2"):
+        flor_ray.plan_replay(["twice"], store=store, script=small_repo / "train.py", resources={"num_cpus": 64})
+    proc = subprocess.run([sys.executable, "-m", "flor_ray.cli", "replay", "twice", "--num-gpus", "1", "--dry-run"],
+                          cwd=small_repo, env=clean_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "tasks need 1 GPU; the cluster has 0" in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_stops_a_replay_at_once_and_cancels_its_tasks(small_repo):
+    import signal
+
+    marks = small_repo.parent / "marks"
+    proc = subprocess.Popen([sys.executable, "-m", "flor_ray.cli", "replay", "twice", "-q"], cwd=small_repo,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not list(marks.glob("running-*")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    (mark,) = list(marks.glob("running-*"))
+    script_pid = int(mark.name.split("-")[1])
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "cancelled" in err
+    for _ in range(100):  # the replayed script goes with its cancelled task
+        if not Path(f"/proc/{script_pid}").exists():
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(script_pid, 9)
+        pytest.fail("the replayed script outlived its cancelled task")
+    store = small_repo / ".flor"
+    assert not list(store.glob("logs/run_id=*/source=replay/*.parquet"))  # nothing half-written
+    mark.unlink()
