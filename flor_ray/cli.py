@@ -142,7 +142,14 @@ def cmd_propagate(a) -> int:
 
     from .propagation import format_placements, propagate_detailed
 
-    res = propagate_detailed(Path(a.source).read_text(), Path(a.target).read_text())
+    def text(path: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise _CliError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                            "propagate takes two Python source files") from exc
+
+    res = propagate_detailed(text(a.source), text(a.target))
     if a.output:
         Path(a.output).write_text(res.code)
     else:
@@ -367,8 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"{name}: Ray failed: {type(exc).__name__}: {_describe(exc)}; check `ray status` and "
                              "RAY_ADDRESS (unset it for a local Ray)\n(run with --verbose for the traceback)\n")
             return 2
+        import traceback
+
+        sys.stderr.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         sys.stderr.write(f"{name}: internal error: {type(exc).__name__}: {_describe(exc)}\n"
-                         "this is a bug in flor_ray, not in your input; rerun with --verbose and report the traceback\n")
+                         "this is a bug in flor_ray, not in your input: please report it with the traceback above\n")
         return 1
 
 

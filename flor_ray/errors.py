@@ -28,6 +28,8 @@ __all__ = [
     "ConfigError",
     "DamagedFileWarning",
     "ClusterError",
+    "KwargsError",
+    "ArgDefaultError",
 ]
 
 
@@ -143,3 +145,24 @@ class DamagedFileWarning(UserWarning):
 
 class ClusterError(FlorError, ConnectionError):
     """The Ray cluster cannot be reached, or lacks what a plan asks for."""
+
+
+class KwargsError(FlorError, ValueError):
+    """A ``--kwargs`` word that is not ``name=value``."""
+
+    def __init__(self, given: str):
+        self.given = given
+        what = f"got {given!r}" if given else "got nothing after it"
+        super().__init__(f"--kwargs takes name=value pairs (e.g. --kwargs lr=0.01 epochs=5); {what}: "
+                         "write each override as name=value")
+
+
+class ArgDefaultError(FlorError, TypeError):
+    """A ``flor.arg`` default of a type that ``--kwargs`` cannot override."""
+
+    def __init__(self, name: str, default: object):
+        self.name, self.default = name, default
+        super().__init__(
+            f"flor.arg({name!r}, default) got a default of type {type(default).__name__} ({default!r:.60}); "
+            "give an int, float, bool, str or None default (e.g. float(x)), which --kwargs can override"
+        )

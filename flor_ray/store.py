@@ -33,6 +33,7 @@ STORE_FORMAT = 1
 #: attempts of one S3 request by s3fs (timeouts, throttling): 2 ride out one lost
 #: request and bound a silent endpoint's cost at 2 read timeouts
 S3_ATTEMPTS = 2
+_MALFORMED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+")
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 
 
@@ -80,6 +81,10 @@ class Store:
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
         if not isinstance(url, str) or not url.strip():
             raise StoreError(f"store URL must be a non-empty string, got {url!r}")
+        bad = _MALFORMED.match(url)
+        if bad and "://" not in url:  # `s3:/b/f` would silently be a local folder named `s3:`
+            raise StoreError(f"store URL {url!r} is not a URL (a scheme needs '://'): write "
+                             f"{bad.group(1)}://{url[len(bad.group(0)):].lstrip('/')}, or ./{url} for a local folder")
         self.url = url.rstrip("/") if "://" in url else os.path.abspath(os.path.expanduser(url))
         self.storage_options = dict(storage_options or {})
         self._fs = None
@@ -286,11 +291,22 @@ class Store:
         """Raise :class:`StoreNotFoundError` unless a store was written here."""
         try:
             ok = self.exists(MARKER)
+            if not ok and self.url.startswith(("http://", "https://")):
+                self._probe_http()
         except StoreError as exc:
             raise StoreError(f"store {self.url!r} is unreachable: {exc}") from exc
         if not ok:
             raise StoreNotFoundError(self.url)
         return self
+
+    def _probe_http(self) -> None:
+        """fsspec's HTTP ``exists`` says False for a server that is down: ask again, for the reason."""
+        try:
+            self.fs.cat_file(self.path(MARKER))
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise self._wrap(f"reading {MARKER}", exc) from exc
 
     # ------------------------------------------------------------ arrow access
     def arrow_fs(self):
