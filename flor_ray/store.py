@@ -33,6 +33,8 @@ STORE_FORMAT = 1
 #: attempts of one S3 request by s3fs (timeouts, throttling): 2 ride out one lost
 #: request and bound a silent endpoint's cost at 2 read timeouts
 S3_ATTEMPTS = 2
+#: exceptions that mean a bug in the code, not a store that failed
+_BUGS = (TypeError, AttributeError, NameError, AssertionError, IndexError, UnboundLocalError)
 _MALFORMED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+")
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 
@@ -148,6 +150,11 @@ class Store:
         return "/".join([self.url, *parts])
 
     def _wrap(self, what: str, exc: Exception) -> StoreError:
+        if isinstance(exc, TypeError) and "keyword argument" in str(exc) and self.storage_options:
+            return StoreError(f"the backend of store {self.url!r} refuses its storage_options "
+                              f"({', '.join(sorted(self.storage_options))}): {exc}; fix storage_options in the config file")
+        if isinstance(exc, _BUGS):  # a bug (ours or a backend's), never dressed as an unreachable store
+            raise exc
         return StoreError(f"{what} in store {self.url!r} failed: {type(exc).__name__}: {exc}{self._timeout_hint(exc)}")
 
     def _timeout_hint(self, exc: BaseException) -> str:
