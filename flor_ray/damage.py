@@ -58,7 +58,16 @@ def run_meta_problem(rel: str, meta: Any) -> str | None:
         return f"its run_id {rid!r} is not a valid run id (it would name a path outside the run's folders)"
     if rid != stem:
         return f"its run_id {rid!r} is not the one of its file name ({stem!r})"
+    for key, kind in _FIELD_TYPES.items():
+        v = meta.get(key)
+        if v is not None and not isinstance(v, kind):
+            return f"its {key} is a {type(v).__name__}, not a {kind.__name__}"
     return None
+
+
+#: fields that every reader of run files takes apart, with the type they must have
+_FIELD_TYPES = {"args": dict, "argv": list, "env": dict, "timings": dict, "checkpoints": list,
+                "iterations": int, "script": str, "version": str, "status": str}
 
 
 def part_problem(store: "Store", rel: str, size: int | None, stamp: Any = None) -> str | None:

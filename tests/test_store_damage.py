@@ -112,6 +112,7 @@ def _damage_run_file(st: Store, rid: str, content: bytes) -> Path:
     pytest.param(lambda meta: "[]", id="a-list"),
     pytest.param(lambda meta: json.dumps({**meta, "run_id": "../../../escape"}), id="id-escapes-the-store"),
     pytest.param(lambda meta: json.dumps(meta)[:40], id="truncated-json"),
+    pytest.param(lambda meta: json.dumps({**meta, "args": [1]}), id="foreign-field-types"),
 ])
 def test_damaged_run_file_leaves_out_only_its_run(proj, content):
     st = st_of(proj)
