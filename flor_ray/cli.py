@@ -142,14 +142,7 @@ def cmd_propagate(a) -> int:
 
     from .propagation import format_placements, propagate_detailed
 
-    def text(path: str) -> str:
-        try:
-            return Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise _CliError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                            "propagate takes two Python source files") from exc
-
-    res = propagate_detailed(text(a.source), text(a.target))
+    res = propagate_detailed(Path(a.source).read_text(), Path(a.target).read_text())
     if a.output:
         Path(a.output).write_text(res.code)
     else:
