@@ -88,7 +88,10 @@ class Store:
             raise StoreError(f"store URL {url!r} is not a URL (a scheme needs '://'): write "
                              f"{bad.group(1)}://{url[len(bad.group(0)):].lstrip('/')}, or ./{url} for a local folder")
         self.url = url.rstrip("/") if "://" in url else os.path.abspath(os.path.expanduser(url))
-        self.storage_options = dict(storage_options or {})
+        from .credentials import StorageOptions
+
+        #: fsspec options; their repr hides secrets, and replay tasks never get the secret ones
+        self.storage_options = StorageOptions(storage_options or {})
         self._fs = None
         self._root: str | None = None
 

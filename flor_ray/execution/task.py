@@ -116,6 +116,7 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
              timeout_s: float | None = None) -> TaskResult:
     import socket
 
+    from ..credentials import task_options
     from ..store import Store
 
     t0 = time.time()
@@ -127,7 +128,7 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
         except Exception:  # noqa: BLE001 - the hostname will do
             pass
     key, run_id = spec["task"], spec["run_id"]
-    store = Store(spec["store"], spec.get("storage_options") or {})
+    store = Store(spec["store"], task_options(spec["store"], spec.get("storage_options") or {}))
     try:
         if store.exists(spec["output"]):
             return TaskResult(key, run_id, "skipped", 0, time.time() - t0, estimate_s,
@@ -141,7 +142,8 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
             spec_path = Path(tmp) / "spec.json"
             done_path = Path(tmp) / "done.json"
             spec_path.write_text(json.dumps({**spec, "done_marker": str(done_path)}))
-            env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_")}
+            # FLOR_CONFIG stays: the replayed process reads the store's credentials from it too
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_") or k == "FLOR_CONFIG"}
             env["FLOR_REPLAY"] = str(spec_path)
             env["FLOR_T_START"] = repr(time.time())
             run_dir = work / cwd if cwd else script.parent

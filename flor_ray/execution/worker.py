@@ -46,10 +46,11 @@ class ReplaySession(LoopRuntime):
         self.phases: dict[str, float] = {"start": max(now - t_start, 0.0), "setup": 0.0, "restore": 0.0,
                                          "loop": 0.0, "after": 0.0, "write": 0.0}
         self._t_mark = now
+        from ..credentials import task_options
         from ..store import Store
 
         self.spec = dict(spec)
-        self.store = Store(spec["store"], spec.get("storage_options") or {})
+        self.store = Store(spec["store"], task_options(spec["store"], spec.get("storage_options") or {}))
         self.args = dict(spec.get("args") or {})
         self.mode = spec.get("mode", "reexec")
         self.start, self.stop = int(spec["start"]), int(spec["stop"])

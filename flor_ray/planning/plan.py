@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from ..credentials import StorageOptions, without_secrets
 from ..errors import PlanningError
 
 __all__ = [
@@ -247,7 +248,8 @@ class Task:
     def spec(self, store_url: str, storage_options: Mapping[str, Any], run: RunInfo) -> dict:
         return {
             "store": store_url,
-            "storage_options": dict(storage_options),
+            # credentials stay with the driver: a task takes its own from its environment
+            "storage_options": without_secrets(storage_options),
             "run_id": self.run_id,
             "version": self.version,
             "script": self.script,
@@ -529,7 +531,7 @@ def make_plan(
     makespan = _makespan([t.estimate_s for t in tasks if not t.done], slots)
     busy = {t.run_id for t in tasks if not t.done}
     startup = max((r.imports_s + ZYGOTE_EXTRA_S for r in runs if r.run_id in busy), default=0.0)
-    return Plan(names, where, str(iterations), store_url, dict(storage_options or {}), tuple(runs),
+    return Plan(names, where, str(iterations), store_url, StorageOptions(storage_options or {}), tuple(runs),
                 tuple(patches.values()), tuple(tasks), tuple(skipped), cluster, round(makespan, 3),
                 tuple(statements), retries, round(startup, 3), slots, per_node, calibrated_summary)
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from flor_ray.errors import PropagationError
 
-from . import _inject
+from . import _flow, _inject
 from ._inject import Edits, Respelling
 from ._match import Matching
 from ._result import Placement, PropagationResult
@@ -202,6 +202,10 @@ class _Planner:
                     after = owner.last
                 else:
                     after = kids[position - 1].last if position > 0 else owner.pre
+                    moved = self._by_data_flow(unit, names, owner, key, position)
+                    if moved != position:
+                        slot, position = (owner, key, moved), moved
+                        after = kids[position - 1].last if position > 0 else owner.pre
                 how = self._renames(unit, names, owner, after, self._where(owner, kids, position))
             except _Refused as exc:
                 first_error = first_error or exc
@@ -228,9 +232,6 @@ class _Planner:
         slot: tuple[SNode, str, int] | None = None
         nearest: tuple[SNode, str, int] | None = None  # the predecessor's counterpart, anywhere
         for sib in reversed(siblings[:unit.index]):
-            if sib.pre in self.slots:
-                slot = self.slots[sib.pre]
-                break
             t = self.matching.target_of(sib)
             if t is None:
                 continue
@@ -279,6 +280,77 @@ class _Planner:
                 "counterpart in the target version, and neither have its neighbours"
             )
         return slots if len(slots) < 2 or slots[0] != slots[1] else slots[:1]
+
+    def _by_data_flow(self, unit: SNode, names: tuple[str, ...], owner: SNode, key: str,
+                      position: int) -> int:
+        """The structural slot, moved within its block to where the inputs are final."""
+        kids = owner.suite(key) or []
+        reads = self._target_reads(unit)
+        rng = _flow.position_range(kids, reads, self._sides(kids, unit, reads, position))
+        if rng.empty:
+            lines = sorted({kids[j].first.lineno for j, _ in rng.before + rng.after})
+            inputs = sorted({n for _, n in rng.before + rng.after})
+            raise _Refused(
+                f"{_logs(names)} at source line {unit.line} cannot be placed: the target changes "
+                f"{', '.join(f'`{n}`' for n in inputs)} at lines {', '.join(map(str, lines))} in an "
+                "order that today's version does not have, so no place there reads today's value; "
+                "add it to that version by hand"
+            )
+        return rng.clamp(position)
+
+    def _target_reads(self, unit: SNode) -> set[str]:
+        """The names the unit reads, as the target spells them (every candidate of a rename)."""
+        syntax = self.src.syntax
+        at = unit.parent if unit.is_def else unit
+        out: set[str] = set()
+        for name in free_reads(unit.stmts):
+            if name in syntax.modules or name in syntax.direct_map:
+                continue
+            scope = resolve_scope(name, at, self.matching.src_locals)  # type: ignore[arg-type]
+            seen = self.matching.evidence.get((scope, name), {})
+            out.update([name] if name in seen or not seen else seen)
+        return out
+
+    def _sides(self, kids: list[SNode], unit: SNode, reads: set[str], position: int) -> list[str | None]:
+        """For each kid of the target block: does it run before or after ``unit`` today?"""
+        matched = [self._side(kid, unit) for kid in kids]
+        today = unit.parent.suite(unit.key) or []  # type: ignore[union-attr]
+        src_reads = set(free_reads(unit.stmts))
+        sides: list[str | None] = []
+        for j, side in enumerate(matched):
+            if side is None:
+                prev = next((matched[k] for k in range(j - 1, -1, -1) if matched[k]), "before")
+                nxt = next((matched[k] for k in range(j + 1, len(kids)) if matched[k]), "after")
+                if prev == nxt:
+                    side = prev
+                else:  # between the neighbours' counterparts: what does today do there?
+                    lo = max((i for i, s in enumerate(today[:unit.index]) if self._matched_in(s)), default=-1)
+                    hi = min((i for i, s in enumerate(today) if i > unit.index and self._matched_in(s)),
+                             default=len(today))
+                    earlier = any(_flow.changed_names(s.stmts) & src_reads for s in today[lo + 1:unit.index])
+                    later = any(_flow.changed_names(s.stmts) & src_reads for s in today[unit.index + 1:hi])
+                    if earlier != later:
+                        side = "before" if earlier else "after"
+                    else:
+                        side = "before" if j < position else "after"
+            sides.append(side)
+        return sides
+
+    def _matched_in(self, node: SNode) -> bool:
+        return any(n.pre in self.matching.s2t for n in self.src.nodes[node.pre:node.last + 1])
+
+    def _side(self, kid: SNode, unit: SNode) -> str | None:
+        """Whether ``kid``'s counterpart runs before or after ``unit`` in today's block."""
+        matched = [self.matching.t2s.get(kid.pre)]
+        if matched[0] is None:  # an unmatched wrapper (``with no_grad():``) of matched code
+            matched = [self.matching.t2s.get(n.pre) for n in self.tgt.nodes[kid.pre + 1:kid.last + 1]]
+        sides = set()
+        for s in matched:
+            while s is not None and not (s.parent is unit.parent and s.key == unit.key):
+                s = s.parent
+            if s is not None:
+                sides.add("before" if s.index < unit.index else "after")
+        return sides.pop() if len(sides) == 1 else None
 
     def _wrap(self, node: SNode, t: SNode, names: tuple[str, ...]) -> None:
         """The old statement, wrapped in today's log call(s)."""
