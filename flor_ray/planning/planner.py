@@ -21,7 +21,39 @@ def cluster_snapshot() -> ClusterSnapshot:
         res = ray.cluster_resources()
         nodes = len([n for n in ray.nodes() if n.get("Alive")])
         return ClusterSnapshot(float(res.get("CPU", 1)), float(res.get("GPU", 0)), nodes)
-    return ClusterSnapshot(float(os.cpu_count() or 1), 0.0, 1)
+    return ClusterSnapshot(float(os.cpu_count() or 1), float(_local_gpus()), 1)
+
+
+def _local_gpus() -> int:
+    """GPUs a local Ray would find here: NVIDIA's driver entries, as CUDA_VISIBLE_DEVICES limits them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def check_fits(plan, cluster: ClusterSnapshot) -> None:
+    """Refuse at planning a plan whose tasks ask more than the cluster has (they would wait forever)."""
+    from ..errors import ClusterError
+
+    pending = [t for t in plan.tasks if not t.done]
+    if not pending:
+        return
+    gpus = max(t.num_gpus for t in pending)
+    if gpus > cluster.num_gpus:
+        raise ClusterError(
+            f"tasks need {gpus:g} GPU; the cluster has {cluster.num_gpus:g}: pass --num-gpus 0 "
+            "(resources={'num_gpus': 0}) or connect to a cluster with GPUs"
+        )
+    cpus = max(t.num_cpus for t in pending)
+    if cpus > cluster.num_cpus:
+        raise ClusterError(
+            f"tasks need {cpus:g} CPUs; the cluster has {cluster.num_cpus:g}: pass --num-cpus "
+            f"{cluster.num_cpus:g} or less, or connect to a larger cluster"
+        )
 
 
 def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
@@ -284,13 +316,14 @@ def plan_replay(
         for r in runs
         for p in st.find(f"logs/run_id={r.run_id}/source=replay", ".parquet")
     )
+    cluster = cluster or cluster_snapshot()
     plan = make_plan(
         names=names,
         where=where,
         iterations=iterations,
         runs=runs,
         patches=patches,
-        cluster=cluster or cluster_snapshot(),
+        cluster=cluster,
         resources=resources,
         done_keys=done,
         store_url=st.url,
@@ -299,6 +332,7 @@ def plan_replay(
         calibration=load_calibration(st),
         damaged=damaged_checkpoints(st, runs),
     )
+    check_fits(plan, cluster)
     if not plan.tasks and plan.skipped and all("selects none of its iterations" in s.reason for s in plan.skipped):
         raise PlanningError(
             f"iterations={iterations!r} is out of range for every selected run ({plan.skipped[0].reason}); "
