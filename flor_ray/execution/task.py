@@ -51,13 +51,14 @@ def _zygote(env: dict) -> "subprocess.Popen | None":
 
 
 def _run_script(script: Path, argv: list[str], cwd: Path, env: dict, out: Path, err: Path,
-                timeout_s: float | None, timings: dict) -> int:
+                timeout_s: float | None, timings: dict, numerics: Mapping[str, Any] | None = None) -> int:
     """Run the script to completion; its exit code (negative: killed by that signal)."""
     if FORK:
         t = time.time()
         z = _zygote({k: v for k, v in env.items() if k not in ("FLOR_REPLAY", "FLOR_T_START")})
         timings["zygote"] = time.time() - t
-        req = {"script": str(script), "argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        req = {"script": str(script), "argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
+               "numerics": numerics}
         try:
             z.stdin.write(json.dumps(req) + "\n")
             z.stdin.flush()
@@ -93,6 +94,8 @@ class TaskResult:
     phases: tuple[tuple[str, float], ...] = ()
     worker: str | None = None  # "node:pid" of the process that ran the task (its zygote stays warm)
     started_at: float | None = None  # its start, seconds since the epoch (the history's concurrency)
+    #: what of the recording's numerics the replay could not reproduce (flor_ray.numerics.differences)
+    numerics: tuple[str, ...] = ()
 
 
 def _materialize_cached(store, version: str) -> Path:
@@ -141,13 +144,18 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
             spec_path = Path(tmp) / "spec.json"
             done_path = Path(tmp) / "done.json"
             spec_path.write_text(json.dumps({**spec, "done_marker": str(done_path)}))
-            env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_")}
+            from .. import numerics
+
+            # the recording's thread variables, not this worker's (Ray sets OMP_NUM_THREADS
+            # to the task's CPUs): torch reads them when it starts its thread pool
+            env = numerics.replay_env(spec.get("numerics"),
+                                      {k: v for k, v in os.environ.items() if not k.startswith("FLOR_")})
             env["FLOR_REPLAY"] = str(spec_path)
             env["FLOR_T_START"] = repr(time.time())
             run_dir = work / cwd if cwd else script.parent
             out, err = Path(tmp) / "stdout.txt", Path(tmp) / "stderr.txt"
             timings = {"prepare": time.time() - t0}
-            code = _run_script(script, list(argv), run_dir, env, out, err, timeout_s, timings)
+            code = _run_script(script, list(argv), run_dir, env, out, err, timeout_s, timings, spec.get("numerics"))
             wall = time.time() - t0
             if code < 0:
                 raise ReplayProcessKilled(f"the replayed script of task {key} was killed by signal {-code}")
@@ -163,7 +171,8 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
             outer = {**timings, "process": max(wall - sum(timings.values()) - sum(inner.values()), 0.0)}
             phases = tuple((k, round(v, 4)) for k, v in (*outer.items(), *inner.items()))
             return TaskResult(key, run_id, "done", done["rows"], wall, estimate_s, node=node, phases=phases,
-                              worker=f"{node}:{os.getpid()}", started_at=t0)
+                              worker=f"{node}:{os.getpid()}", started_at=t0,
+                              numerics=tuple(done.get("numerics") or ()))
     except ReplayProcessKilled:
         raise  # Ray retries it (driver: retry_exceptions)
     except Exception as exc:  # noqa: BLE001 - a failure is a value, never lost
