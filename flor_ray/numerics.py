@@ -217,8 +217,8 @@ def differences(recorded: Mapping[str, Any] | None, here: Mapping[str, Any]) -> 
     out = []
     n, m = recorded["intra_op_threads"], here["intra_op_threads"]
     if n != m:
-        out.append(f"recorded with {n} intra-op threads, replayed with {m} (the script sets them from the "
-                   "machine, or they could not be restored): float reductions are split another way")
+        out.append(f"recorded with {n} intra-op thread{'s' if n != 1 else ''}, replayed with {m} (the script "
+                   "sets them from the machine, or they could not be restored): float reductions are split another way")
     elif n > here.get("cores", n):
         out.append(f"recorded with {n} intra-op threads; this node has {here['cores']} cores: "
                    f"the {n} threads are restored, oversubscribed (slower)")

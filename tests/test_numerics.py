@@ -12,7 +12,7 @@ import pytest
 
 import flor_ray
 from flor_ray import numerics
-from flor_ray.planning.plan import ClusterSnapshot
+from flor_ray.planning.plan import ClusterSnapshot, Resources
 from flor_ray.relation import load_runs, read_logs
 from flor_ray.store import Store
 
@@ -203,6 +203,35 @@ def test_zygote_child_restores_threads_of_a_default_process(tmp_path):
         assert outs["as Ray left it"]["bits"] != default["out"]["bits"]
 
 
+def test_plan_sizes_task_cpus_from_recorded_threads():
+    """Pure planning: 4 recorded threads ask for 4 CPUs, at most a node's; resources win."""
+    import dataclasses
+
+    from flor_ray.planning.plan import CheckpointRef, RunInfo, VersionPatch, make_plan
+
+    base = RunInfo(run_id="r1", version="v1", script="train.py", args=(), argv=(), cwd=".", iterations=4,
+                   checkpoints=tuple(CheckpointRef(i, 1, f"c/{i}.pt", 1000, "x") for i in range(4)),
+                   setup_s=1.0, outer_s=(5.0,) * 4, inner_s=(4.5,) * 4, logged=frozenset({"loss"}),
+                   numerics={"intra_op_threads": 4, "inter_op_threads": 4, "env": {}, "default_dtype": "float32"})
+    patch = VersionPatch("v1", "code", None, (), (("gnorm", "inner", "in the step loop", ()),), ("gnorm",))
+
+    def plan(run=base, **kw):
+        return make_plan(names=["gnorm"], where=None, iterations="all", runs=[run], patches={"v1": patch},
+                         store_url="memory://s", **kw)
+
+    p = plan(cluster=ClusterSnapshot(8.0))
+    assert {t.num_cpus for t in p.tasks} == {4.0} and p.slots == 2
+    assert "Numerics[run=r1 threads=4 interop=4 OMP_NUM_THREADS=unset" in p.explain()
+    small = plan(cluster=ClusterSnapshot(8.0, nodes=4, node_cpus=2.0))
+    assert {t.num_cpus for t in small.tasks} == {2.0}
+    assert "capped to the largest node's 2 CPUs; threads restored to 4" in small.explain()
+    user = plan(cluster=ClusterSnapshot(8.0), resources=Resources(num_cpus=1))
+    assert {t.num_cpus for t in user.tasks} == {1.0} and user.slots == 8
+    assert "4 threads on 1 CPU may oversubscribe" in user.explain()
+    old = plan(run=dataclasses.replace(base, numerics=None), cluster=ClusterSnapshot(8.0))
+    assert {t.num_cpus for t in old.tasks} == {1.0} and "Numerics[run=r1 not recorded]" in old.explain()
+
+
 # ------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def history(tmp_path_factory, ray_local):
@@ -272,7 +301,7 @@ def test_unrestorable_thread_setting_is_named_as_the_likely_cause(history):
     cores = json.loads(_py('import os; print(os.cpu_count())'))
     if cores > 1:  # on one core, both thread counts are 1
         assert report.fidelity.mismatched > 0 and rid in report.fidelity.mismatched_runs, text
-        assert f"likely cause: run={rid}: recorded with 1 intra-op threads, replayed with {cores}" in text
+        assert f"likely cause: run={rid}: recorded with 1 intra-op thread, replayed with {cores}" in text
 
 
 def test_explain_shows_threads_and_cpus(history):

@@ -573,7 +573,7 @@ def _task_cpus(run: RunInfo, resources: Resources, cluster: ClusterSnapshot) -> 
         c = float(resources.num_cpus)
         if n and c < n:
             return c, (f"cpus={c:g} from resources; threads restored to the recorded {n}, "
-                       f"{n} threads on {c:g} CPUs may oversubscribe (slower, same values)")
+                       f"{n} threads on {c:g} CPU{'s' if c != 1 else ''} may oversubscribe (slower, same values)")
         return c, f"cpus={c:g} from resources"
     if not n:
         return 1.0, "cpus=1: no numerics recorded, threads follow the node"
