@@ -545,7 +545,8 @@ def make_plan(
             if not t.done:
                 c = calibrated.get(t.mode, (0.0, 0, 0))
                 calibrated[t.mode] = (c[0] + f, c[1] + 1, max(c[2], n))
-    calibrated_summary = tuple((m, round(fs / k, 3), n) for m, (fs, k, n) in sorted(calibrated.items()))
+    # unrounded: explain() rounds once (rounding here too turned 1.4049 into "1.41")
+    calibrated_summary = tuple((m, fs / k, n) for m, (fs, k, n) in sorted(calibrated.items()))
     makespan = _makespan([t.estimate_s for t in tasks if not t.done], slots)
     busy = {t.run_id for t in tasks if not t.done}
     startup = max((r.imports_s + ZYGOTE_EXTRA_S for r in runs if r.run_id in busy), default=0.0)
