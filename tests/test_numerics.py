@@ -320,3 +320,37 @@ def test_explain_shows_threads_and_cpus(history):
     if n > 1:
         capped = plan(cluster=ClusterSnapshot(float(n - 1))).explain()
         assert f"the recorded {n} threads capped to the largest node's {n - 1} CPUs" in capped
+
+
+def test_plain_process_replay_restores_numerics(history):
+    """FLOR_REPLAY_FORK=0: the task runs ``python train.py`` under Ray's OMP_NUM_THREADS=1;
+    the recorded thread variables and torch settings still reach it."""
+    from flor_ray.execution.driver import compare_fidelity
+
+    repo, store, hand = history
+    rid = _run_ids(store)[0.02]
+    plan = flor_ray.plan_replay(["gnorm"], where="lr = 0.02", iterations="last", store=store,
+                                script=repo / "train.py", resources={"num_cpus": 1})
+    (task,) = plan.pending
+    run = plan.run_info(rid)
+    args = [task.spec(plan.store_url, plan.storage_options, run), plan.patch(task.version).code,
+            list(run.argv), run.cwd, task.estimate_s]
+    code = f'''
+        import json, sys
+        from flor_ray.execution.task import FORK, run_task
+        assert not FORK
+        r = run_task(*json.loads(sys.stdin.read()))
+        print(json.dumps([r.status, r.error, r.traceback, list(r.numerics)]))
+    '''
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], input=json.dumps(args),
+                          env=clean_env(FLOR_REPLAY_FORK="0", OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    status, error, tb, notes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert status == "done" and notes == [], (error, tb, notes)
+    from flor_ray.execution.task import TaskResult
+
+    fid = compare_fidelity(plan, [TaskResult(task.key, rid, "done")])
+    assert fid.compared >= 6 and fid.mismatched == 0, fid
+    t = read_logs(store, ["gnorm"], [rid]).to_pandas()
+    t = t[t["task"] == task.key].sort_values(["iter1", "seq"])
+    assert [float(v).hex() for v in t["value_float"]] == _values(hand, "gnorm")[-len(t):]
