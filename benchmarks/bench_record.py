@@ -104,6 +104,9 @@ import torch
 import torch.nn as nn
 {import_flor}
 
+# one thread: the side-by-side rounds give flor and plain one core each, and no
+# replay or fidelity check reads these runs (bench_replay's workloads run at the
+# default thread count, which every replay task restores)
 torch.set_num_threads(1)
 torch.manual_seed(0)
 random.seed(0)

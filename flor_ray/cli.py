@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--iterations", metavar="SPEC", help="'all' (default), 'last', '3', '0:5' or '1,4,7'")
     sp.add_argument("--script", help="today's script (default: the latest run's script in this checkout)")
     sp.add_argument("--dry-run", action="store_true", help="print the plan and its estimate, run nothing")
-    sp.add_argument("--num-cpus", type=float, metavar="N", help="CPUs per task (default 1)")
+    sp.add_argument("--num-cpus", type=float, metavar="N",
+                    help="CPUs per task (default: the run's recorded intra-op threads, at most a node's CPUs)")
     sp.add_argument("--num-gpus", type=float, metavar="N", help="GPUs per task (default: 1 for runs recorded on CUDA)")
     sp.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

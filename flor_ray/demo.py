@@ -39,9 +39,6 @@ import torch.nn as nn
 
 import flor_ray as flor
 
-# one thread: the same float reductions when recording and in every replay worker,
-# so replayed values match the recorded ones bit for bit on any machine
-torch.set_num_threads(1)
 torch.manual_seed(0)
 random.seed(0)
 lr = flor.arg("lr", 0.05)
@@ -329,7 +326,7 @@ def _start_ray() -> str:
     ray.init(address="local", runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR)
     cpus = int(ray.cluster_resources().get("CPU", 0))
-    return f"started a local Ray for the demo: 127.0.0.1 only, {cpus} CPU(s), one replay task per CPU at a time"
+    return f"started a local Ray for the demo: 127.0.0.1 only, {cpus} CPU(s), each replay task taking as many CPUs as its run had threads"
 
 
 def _side_by_side(store: str, gnorm: bool):

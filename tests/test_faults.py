@@ -177,7 +177,9 @@ def store_of(repo: Path) -> Store:
 
 
 def plan(repo: Path, cpus: int, **kw):
-    """A plan whose task split does not depend on this machine (cluster given)."""
+    """A plan whose task split does not depend on this machine (cluster given, and one
+    CPU per task rather than the recording's thread count, which follows its cores)."""
+    kw.setdefault("resources", {"num_cpus": 1})
     return flor_ray.plan_replay(["n2"], store=kw.pop("store", None) or store_of(repo), script=repo / "train.py",
                                 cluster=ClusterSnapshot(float(cpus)), **kw)
 
@@ -234,7 +236,8 @@ DRIVER = textwrap.dedent(
     from flor_ray.store import Store
 
     store, script, address = sys.argv[1:4]
-    plan = flor_ray.plan_replay(["n2"], store=Store(store), script=script, cluster=ClusterSnapshot(6.0))
+    plan = flor_ray.plan_replay(["n2"], store=Store(store), script=script, cluster=ClusterSnapshot(6.0),
+                                resources={"num_cpus": 1})  # the split of plan(repo, 6)
     print("planned", len(plan.pending), flush=True)
     plan.run(progress=False, ray_address=address)
     print("finished", flush=True)

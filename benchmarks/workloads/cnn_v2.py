@@ -7,7 +7,6 @@ import torch.nn as nn
 
 import flor_ray as flor
 
-torch.set_num_threads(1)
 torch.manual_seed(0)
 random.seed(0)
 np.random.seed(0)

@@ -22,6 +22,17 @@ class Fidelity:
     mismatched: int = 0
     by_name: tuple[tuple[str, int, int], ...] = ()  # (name, compared, mismatched)
     examples: tuple[str, ...] = ()
+    #: (run_id, what of its recorded numerics a task could not reproduce), see flor_ray.numerics
+    numerics: tuple[tuple[str, str], ...] = ()
+    mismatched_runs: tuple[str, ...] = ()
+
+    def numerics_lines(self) -> list[str]:
+        """The numerics differences, as the likely cause where that run's values mismatched."""
+        out = []
+        for rid, why in self.numerics:
+            lead = "likely cause" if rid in self.mismatched_runs else "numerics"
+            out.append(f"  {lead}: run={rid}: {why}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ class Report:
         for name, c, m in f.by_name:
             lines.append(f"  {name}: {c} compared, {m} mismatched")
         lines.extend(f"  e.g. {e}" for e in f.examples)
+        lines.extend(f.numerics_lines())
         return "\n".join(lines)
 
 
@@ -309,12 +321,13 @@ def compare_fidelity(plan: "Plan", results: Sequence[TaskResult], rtol: float | 
         rtol = load_settings().fidelity_rtol
     keys = {r.key for r in results}
     run_ids = sorted({r.run_id for r in results})
+    notes = tuple(dict.fromkeys((r.run_id, why) for r in results for why in r.numerics))
     if not run_ids:
         return Fidelity()
     st = Store(plan.store_url, plan.storage_options)
     t = read_logs(st, None, run_ids).to_pandas()
     if t.empty:
-        return Fidelity()
+        return Fidelity(numerics=notes)
     rep = t[(t["source"] == "replay") & (t["task"].isin(keys))]
     rec = t[t["source"] == "record"]
     cols = ["run_id", "loops", *ITER_COLS, "name"]
@@ -324,6 +337,7 @@ def compare_fidelity(plan: "Plan", results: Sequence[TaskResult], rtol: float | 
     m = rep.merge(rec, on=cols + ["_k"], suffixes=("_rep", "_rec"))
     by: dict[str, list[int]] = {}
     examples = []
+    bad_runs: set[str] = set()
     for row in m.itertuples(index=False):
         d = row._asdict()
         vt = d["vtype_rec"]
@@ -338,6 +352,7 @@ def compare_fidelity(plan: "Plan", results: Sequence[TaskResult], rtol: float | 
         c[0] += 1
         if not same:
             c[1] += 1
+            bad_runs.add(d["run_id"])
             if len(examples) < 5:
                 ctx = ", ".join(f"{n}={d[ITER_COLS[i]]}" for i, n in enumerate(filter(None, str(d["loops"]).split("/"))))
                 examples.append(f"{d['name']} run={d['run_id']} {ctx}: recorded {b}, replayed {a}")
@@ -346,4 +361,6 @@ def compare_fidelity(plan: "Plan", results: Sequence[TaskResult], rtol: float | 
         sum(m_ for _, m_ in by.values()),
         tuple((n, c, m_) for n, (c, m_) in sorted(by.items())),
         tuple(examples),
+        notes,
+        tuple(sorted(bad_runs)),
     )

@@ -49,13 +49,14 @@ def _zygote(env: dict) -> "subprocess.Popen | None":
 
 
 def _run_script(script: Path, argv: list[str], cwd: Path, env: dict, out: Path, err: Path,
-                timeout_s: float | None, timings: dict) -> int:
+                timeout_s: float | None, timings: dict, numerics: Mapping[str, Any] | None = None) -> int:
     """Run the script to completion; its exit code (negative: killed by that signal)."""
     if FORK:
         t = time.time()
         z = _zygote({k: v for k, v in env.items() if k not in ("FLOR_REPLAY", "FLOR_T_START")})
         timings["zygote"] = time.time() - t
-        req = {"script": str(script), "argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        req = {"script": str(script), "argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
+               "numerics": numerics}
         try:
             z.stdin.write(json.dumps(req) + "\n")
             z.stdin.flush()
@@ -93,6 +94,8 @@ class TaskResult:
     started_at: float | None = None  # its start, seconds since the epoch (the history's concurrency)
     #: what the task did differently from its plan (a damaged checkpoint routed around)
     notes: tuple[str, ...] = ()
+    #: what of the recording's numerics the replay could not reproduce (flor_ray.numerics.differences)
+    numerics: tuple[str, ...] = ()
 
 
 def _run_around_damage(spec: Mapping[str, Any], markers: Mapping[str, str], spec_path: Path, call: tuple,
@@ -108,7 +111,7 @@ def _run_around_damage(spec: Mapping[str, Any], markers: Mapping[str, str], spec
         spec_path.write_text(json.dumps({**spec, **markers, "damaged": damaged}))
         call[3]["FLOR_T_START"] = repr(time.time())
         t, attempt = time.time(), {}
-        code = _run_script(*call, attempt)
+        code = _run_script(*call, attempt, spec.get("numerics"))
         if "zygote" in attempt:
             timings["zygote"] = timings.get("zygote", 0.0) + attempt["zygote"]
         if code < 0 or not damage.exists() or len(damaged) >= limit:
@@ -157,8 +160,13 @@ def run_task(spec: Mapping[str, Any], files: Mapping[str, str], argv: list[str],
             spec_path = Path(tmp) / "spec.json"
             done_path = Path(tmp) / "done.json"
             damage_path = Path(tmp) / "damaged.json"
-            # FLOR_CONFIG stays: the replayed process reads the store's credentials from it too
-            env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_") or k == "FLOR_CONFIG"}
+            from .. import numerics
+
+            # the recording's thread variables, not this worker's (Ray sets OMP_NUM_THREADS
+            # to the task's CPUs): torch reads them when it starts its thread pool. FLOR_CONFIG
+            # stays: the replayed process reads the store's credentials from it too
+            env = numerics.replay_env(spec.get("numerics"), {k: v for k, v in os.environ.items()
+                                                             if not k.startswith("FLOR_") or k == "FLOR_CONFIG"})
             env["FLOR_REPLAY"] = str(spec_path)
             run_dir = work / cwd if cwd else script.parent
             out, err = Path(tmp) / "stdout.txt", Path(tmp) / "stderr.txt"
@@ -180,7 +188,8 @@ def run_task(spec: Mapping[str, Any], files: Mapping[str, str], argv: list[str],
             outer = {**timings, "process": max(wall - sum(timings.values()) - sum(inner.values()), 0.0)}
             phases = tuple((k, round(v, 4)) for k, v in (*outer.items(), *inner.items()))
             return TaskResult(key, run_id, "done", done["rows"], wall, estimate_s, node=node, phases=phases,
-                              worker=f"{node}:{os.getpid()}", started_at=t0, notes=tuple(done.get("notes") or ()))
+                              worker=f"{node}:{os.getpid()}", started_at=t0, notes=tuple(done.get("notes") or ()),
+                              numerics=tuple(done.get("numerics") or ()))
     except ReplayProcessKilled:
         raise  # Ray retries it (driver: retry_exceptions)
     except Exception as exc:  # noqa: BLE001 - a failure is a value, never lost

@@ -86,6 +86,8 @@ class ReplaySession(LoopRuntime):
         self._kept: dict[str, list] = empty_rows()
         self._written = False
         self._failed = False
+        self._numerics_notes: list[str] | None = None
+        self._restore_numerics()
         # open the store's client now, while the interpreter is fully alive: an
         # object-store client made first inside an atexit handler can be refused
         self.store.exists(self.spec["output"])
@@ -141,6 +143,22 @@ class ReplaySession(LoopRuntime):
             out.append(f"run {self.spec['run_id']} {loop} {d['iteration']}: {d['reason']}; {how}")
         return out
 
+    def _restore_numerics(self) -> None:
+        """The recording's torch settings, where the process has not restored them
+        yet: a plain ``python script.py`` (no zygote) restores them at its first flor
+        call once torch is imported, else at the first outer iteration."""
+        from .. import numerics
+
+        if not numerics.restored():
+            numerics.restore(self.spec.get("numerics"))
+
+    def _check_numerics(self) -> None:
+        """At the loop's start, what the replay could not make as recorded."""
+        from .. import numerics
+
+        self._restore_numerics()
+        self._numerics_notes = numerics.differences(self.spec.get("numerics"), numerics.capture())
+
     @classmethod
     def from_spec_file(cls, path: str) -> "ReplaySession":
         with open(path) as f:
@@ -192,6 +210,8 @@ class ReplaySession(LoopRuntime):
     def _outer_begin(self, i: int, length: int | None) -> bool:
         self._move_rows()
         self._lap(self._phase)  # "setup" before the first iteration, then "loop"
+        if self._numerics_notes is None:
+            self._check_numerics()
         self._phase = "loop"
         self._cur_iter = i
         self._exits = 0
@@ -308,4 +328,4 @@ class ReplaySession(LoopRuntime):
         if done:
             with open(done, "w") as f:
                 json.dump({"rows": table.num_rows, "phases": {k: round(v, 4) for k, v in self.phases.items()},
-                           "notes": self._fallback_lines()}, f)
+                           "notes": self._fallback_lines(), "numerics": self._numerics_notes or []}, f)

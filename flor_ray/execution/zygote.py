@@ -34,6 +34,7 @@ PRELOAD = (
     "pyarrow.compute",
     "fsspec",
     "flor_ray",
+    "flor_ray.numerics",
     "flor_ray.relation",
     "flor_ray.record.session",
     "flor_ray.record.checkpoint",
@@ -57,6 +58,12 @@ def _child(req: dict) -> None:
     os.environ.clear()
     os.environ.update(req["env"])
     os.environ["FLOR_T_START"] = repr(time.time())  # the process starts now (for the task's phases)
+    # torch was imported by the zygote under its own environment: its thread counts
+    # and flags are set to the recording's here, before the script's code runs
+    # (torch.set_num_threads works in this child: the zygote never started a pool)
+    from flor_ray import numerics
+
+    numerics.restore(req.get("numerics"))
     script = req["script"]
     sys.argv = [script, *req["argv"]]
     sys.path[0] = os.path.dirname(os.path.abspath(script))

@@ -59,6 +59,12 @@ def explain(plan: "Plan") -> str:
         lines.append(f"  Skip[name={r.name} version={r.version[:8]} runs={r.runs}] {r.reason}")
     for d in plan.damaged:
         lines.append(f"  Damaged[run={d.run_id} iteration={d.iteration}] checkpoint {d.path} {d.reason}: planned around it")
+    groups: dict[tuple[str, str], list[str]] = {}  # runs of the same numerics share a line
+    for run_id, recorded, cpus in plan.numerics:
+        groups.setdefault((recorded, cpus), []).append(run_id)
+    for (recorded, cpus), ids in groups.items():
+        who = f"run={ids[0]}" if len(ids) == 1 else f"runs={len(ids)} ({ids[0]}...)"
+        lines.append(f"  Numerics[{who} {recorded}] {cpus}")
     for t in plan.tasks:
         lines.append(_task_line(t))
     for s in plan.skipped:

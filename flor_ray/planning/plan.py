@@ -110,6 +110,16 @@ class RunInfo:
     #: per outer iteration, the training thread's checkpoint capture (part of
     #: ``outer_s``; a replay restores checkpoints but never takes one)
     checkpoint_s: tuple[float, ...] = ()
+    #: the numerics environment of the recording (flor_ray.numerics.capture), None
+    #: for runs recorded before it was; every replay task restores it
+    numerics: Mapping[str, Any] | None = field(default=None, hash=False)
+
+    @property
+    def threads(self) -> int | None:
+        """The recording's intra-op thread count, when recorded."""
+        from ..numerics import threads
+
+        return threads(self.numerics)
 
     @property
     def imports_s(self) -> float:
@@ -152,6 +162,7 @@ class RunInfo:
             start_s=None if t.get("start_s") is None else float(t["start_s"]),
             setup_imports_s=float(t.get("setup_imports_s") or 0.0),
             checkpoint_s=tuple(float(x or 0.0) for x in t.get("checkpoint_s") or ()),
+            numerics=(meta.get("env") or {}).get("numerics"),
         )
 
 
@@ -228,6 +239,11 @@ class ClusterSnapshot:
     num_cpus: float
     num_gpus: float = 0.0
     nodes: int = 1
+    node_cpus: float | None = None  # the largest node's CPUs (None: num_cpus / nodes)
+
+    @property
+    def max_node_cpus(self) -> float:
+        return self.node_cpus if self.node_cpus else self.num_cpus / max(1, self.nodes)
 
 
 @dataclass(frozen=True)
@@ -279,7 +295,7 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Resources:
-    num_cpus: float = 1.0
+    num_cpus: float | None = None  # None: the run's recorded intra-op threads (see _task_cpus), else 1
     num_gpus: float | None = None  # None: 1 for runs recorded on CUDA, else 0
     memory: int | None = None
 
@@ -315,6 +331,7 @@ class Task:
 
     def spec(self, store_url: str, storage_options: Mapping[str, Any], run: RunInfo) -> dict:
         return {
+            "numerics": dict(run.numerics) if run.numerics else None,
             "store": store_url,
             # credentials stay with the driver: a task takes its own from its environment
             "storage_options": without_secrets(storage_options),
@@ -369,6 +386,8 @@ class Plan:
     calibrated: tuple[tuple[str, float, int], ...] = ()
     refused: tuple[Refused, ...] = ()  # requested names left out, per version
     damaged: tuple[DamagedCheckpoint, ...] = ()  # checkpoints planned around
+    #: per run: (run_id, its recorded numerics in one line, its tasks' CPUs and why)
+    numerics: tuple[tuple[str, str, str], ...] = ()
 
     def run_info(self, run_id: str) -> RunInfo:
         for r in self.runs:
@@ -483,7 +502,8 @@ def make_plan(
     statements: list[tuple[str, str, str]] = []
     refused: dict[tuple[str, str], Refused] = {}
     seen_versions: set[str] = set()
-    slots = max(1, int(cluster.num_cpus // max(resources.num_cpus, 1e-9)))
+    cpus = {r.run_id: _task_cpus(r, resources, cluster) for r in runs}
+    slots = max(1, int(cluster.num_cpus // max([c for c, _ in cpus.values()] or [1.0])))
     per_run_target = max(1, math.ceil(slots / max(1, len(runs))))
     runs = _without_damaged(runs, damaged)
 
@@ -550,7 +570,7 @@ def make_plan(
             key = task_key(run.run_id, run.version, patch.digest, mode, start, stop,
                            restore.iteration if restore else None, keep, setup, after, car)
             tasks.append(Task(key, run.run_id, run.version, run.script, mode, start, stop, restore, tuple(ckpts),
-                              tuple(keep), setup, after, resources.num_cpus, gpus, resources.memory,
+                              tuple(keep), setup, after, cpus[run.run_id][0], gpus, resources.memory,
                               round(est, 3), note, key in done_keys, carried=car))
 
         ckpts_skip = {c.iteration: c for c in run.checkpoints if c.holds(need_skip)}
@@ -623,14 +643,19 @@ def make_plan(
             if not t.done:
                 c = calibrated.get(t.mode, (0.0, 0, 0))
                 calibrated[t.mode] = (c[0] + f, c[1] + 1, max(c[2], n))
-    calibrated_summary = tuple((m, round(fs / k, 3), n) for m, (fs, k, n) in sorted(calibrated.items()))
+    # unrounded: explain() rounds once (rounding here too turned 1.4049 into "1.41")
+    calibrated_summary = tuple((m, fs / k, n) for m, (fs, k, n) in sorted(calibrated.items()))
     makespan = _makespan([t.estimate_s for t in tasks if not t.done], slots)
     busy = {t.run_id for t in tasks if not t.done}
     startup = max((r.imports_s + ZYGOTE_EXTRA_S for r in runs if r.run_id in busy), default=0.0)
+    from ..numerics import describe
+
+    numerics = tuple((r.run_id, describe(r.numerics), cpus[r.run_id][1]) for r in runs
+                     if any(t.run_id == r.run_id for t in tasks))
     return Plan(names, where, str(iterations), store_url, StorageOptions(storage_options or {}), tuple(runs),
                 tuple(patches.values()), tuple(tasks), tuple(skipped), cluster, round(makespan, 3),
                 tuple(statements), retries, round(startup, 3), slots, per_node, calibrated_summary,
-                tuple(refused.values()), tuple(damaged))
+                tuple(refused.values()), tuple(damaged), numerics)
 
 
 def _placed_names(patch: VersionPatch, names: Sequence[str], refused: dict[tuple[str, str], Refused]) -> tuple[str, ...]:
@@ -655,6 +680,32 @@ def _without_damaged(runs: Sequence[RunInfo], damaged: Sequence[DamagedCheckpoin
         return list(runs)
     return [dataclasses.replace(r, checkpoints=tuple(c for c in r.checkpoints if (r.run_id, c.path) not in bad))
             for r in runs]
+
+
+def _task_cpus(run: RunInfo, resources: Resources, cluster: ClusterSnapshot) -> tuple[float, str]:
+    """(CPUs per task of ``run``, why) for explain().
+
+    A task restores the recording's intra-op thread count whatever CPUs it gets:
+    the thread count decides how float reductions are split, so it is the price of
+    exact values. A task therefore asks for as many CPUs as the recording had
+    threads (no other task's threads compete with its own), at most a node's.
+    A user's ``num_cpus`` wins (they may prefer more tasks at once over each
+    task's speed), and the threads are still restored: exactness first, speed second.
+    """
+    n = run.threads
+    if resources.num_cpus is not None:
+        c = float(resources.num_cpus)
+        if n and c < n:
+            return c, (f"cpus={c:g} from resources; threads restored to the recorded {n}, "
+                       f"{n} threads on {c:g} CPU{'s' if c != 1 else ''} may oversubscribe (slower, same values)")
+        return c, f"cpus={c:g} from resources"
+    if not n:
+        return 1.0, "cpus=1: no numerics recorded, threads follow the node"
+    cap = max(1.0, math.floor(cluster.max_node_cpus))
+    if n > cap:
+        return cap, (f"cpus={cap:g}: the recorded {n} threads capped to the largest node's {cap:g} CPUs; "
+                     f"threads restored to {n}, oversubscribed (slower, same values)")
+    return float(n), f"cpus={n} from the recorded threads"
 
 
 def _replace(task: Task, **kw: Any) -> Task:

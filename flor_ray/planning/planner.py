@@ -19,8 +19,9 @@ def cluster_snapshot() -> ClusterSnapshot:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         res = ray.cluster_resources()
-        nodes = len([n for n in ray.nodes() if n.get("Alive")])
-        return ClusterSnapshot(float(res.get("CPU", 1)), float(res.get("GPU", 0)), nodes)
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        node_cpus = max((float((n.get("Resources") or {}).get("CPU", 0)) for n in alive), default=0.0)
+        return ClusterSnapshot(float(res.get("CPU", 1)), float(res.get("GPU", 0)), len(alive), node_cpus or None)
     return ClusterSnapshot(float(os.cpu_count() or 1), float(_local_gpus()), 1)
 
 
@@ -224,14 +225,14 @@ def _check_resources(resources: Any) -> Resources:
             f"resources must be a mapping like {{'num_cpus': 2, 'num_gpus': 1}}, got {type(resources).__name__}"
         )
     for key, v in values.items():
-        if v is None and key != "num_cpus":
+        if v is None:  # the default: num_cpus from the recording, num_gpus from its device
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "num_cpus" and v <= 0):
             raise PlanningError(
                 f"resources[{key!r}]={v!r} is not a valid amount; give a number"
                 + (" > 0" if key == "num_cpus" else " >= 0")
             )
-    return Resources(**{k: v for k, v in values.items() if v is not None or k != "num_cpus"})
+    return Resources(**values)
 
 
 def plan_replay(

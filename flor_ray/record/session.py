@@ -572,6 +572,15 @@ class RecordSession(LoopRuntime):
         sys.excepthook = hook
         mark("rest")
 
+    def _capture_numerics(self) -> None:
+        """The numerics the training loop runs with (see flor_ray.numerics), taken on
+        the training thread once the set-up is done: torch is imported by then (it
+        may not be at the first flor call) and the script's own thread and precision
+        settings are made. Written with the next flush."""
+        from .. import numerics
+
+        self.meta["env"]["numerics"] = numerics.capture()
+
     def _env(self) -> dict:
         import platform
 
@@ -659,6 +668,7 @@ class RecordSession(LoopRuntime):
             # compete with it, while a training loop mostly runs with the GIL released
             self.writer.submit(_warm_imports)
             self._setup_imports_s = self._import_clock.stop()
+            self._capture_numerics()
             from .progress import Progress, wanted
 
             if wanted():
@@ -852,6 +862,8 @@ class RecordSession(LoopRuntime):
             sys.stderr.write(
                 f"flor_ray: --kwargs {', '.join(unused)} given but never read by flor.arg(...); check the names\n"
             )
+        if "numerics" not in self.meta["env"]:  # no outer loop ran
+            self._capture_numerics()
         self.meta["status"] = "failed" if self._error else "finished"
         if self._error:
             self.meta["error"] = self._error
