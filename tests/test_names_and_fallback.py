@@ -389,16 +389,21 @@ def test_replay_falls_back_around_damaged_checkpoints_bit_for_bit(damaged):
 
     # a re-executing query over the same damage, restoring epoch 1 in v1's runs:
     # lr=0.05 falls back to epoch 0's checkpoint; lr=0.1 finds epoch 0's damaged
-    # too and re-executes from epoch 0; only the asked epochs' rows are kept
+    # too and re-executes from epoch 0; v2 restores epoch 1 (its epoch 2 is gone);
+    # v3 plans epoch 0 (its epoch 1 is truncated), finds it corrupted and re-executes
+    # from epoch 0; only the asked epochs' rows are kept
     plan = flor_ray.plan_replay(["grad_norm"], store=st, script=repo / "train.py", iterations="2:",
                                 cluster=ClusterSnapshot(2))
-    v1b = run[("v1", 0.1)]
-    assert {t.run_id: t.restore.iteration for t in plan.tasks if t.restore} == {v1: 1, v1b: 1}, plan.explain()
+    v1b, v2 = run[("v1", 0.1)], run[("v2", 0.05)]
+    assert {t.run_id: t.restore.iteration for t in plan.tasks if t.restore} == {v1: 1, v1b: 1, v2: 1, v3: 0}, \
+        plan.explain()
     report = plan.run(progress=False)
     assert report.ok, str(report)
     assert replayed(st, plan, "grad_norm") == by_hand(hands, "grad_norm", iterations=(2, 3))
     notes = sorted(report.fallbacks)
-    assert len(notes) == 3, notes
+    assert len(notes) == 4, notes
+    assert any(n.startswith(f"run {v3} epoch 0: ") and n.endswith("; re-executed from epoch 0 (no earlier good checkpoint)")
+               for n in notes), notes
     assert any(n.startswith(f"run {v1} epoch 1: ") and n.endswith("; replayed from the checkpoint of epoch 0")
                for n in notes), notes
     assert any(n.startswith(f"run {v1b} epoch 1: ") and n.endswith("; re-executed from epoch 0 (no earlier good checkpoint)")
