@@ -401,3 +401,20 @@ def test_ctrl_c_stops_a_replay_at_once_and_cancels_its_tasks(small_repo):
     store = small_repo / ".flor"
     assert not list(store.glob("logs/run_id=*/source=replay/*.parquet"))  # nothing half-written
     mark.unlink()
+
+
+def test_replay_to_a_port_that_is_not_ray_fails_fast(small_repo, silent_endpoint):
+    address = silent_endpoint[len("http://"):]
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "flor_ray.cli", "replay", "twice", "--address", address],
+                          cwd=small_repo, env=clean_env(FLOR_RAY_CONNECT_TIMEOUT="2"), capture_output=True,
+                          text=True, timeout=120)
+    assert time.monotonic() - t0 < 20
+    assert proc.returncode == 2, proc.stderr
+    assert "does not answer as a Ray cluster" in proc.stderr and address in proc.stderr
+
+
+def test_a_real_ray_head_passes_the_reachability_check(ray_local):
+    from flor_ray.execution.driver import check_reachable
+
+    check_reachable(ray_local.get_runtime_context().gcs_address, 5.0)  # raises if not

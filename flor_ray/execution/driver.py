@@ -117,6 +117,28 @@ def check_reachable(address: str, timeout_s: float) -> None:
             f"(FLOR_RAY_CONNECT_TIMEOUT): {type(exc).__name__}: {exc.strerror or exc}; start it (`ray start "
             "--head`), fix --address / RAY_ADDRESS, or unset them for a local Ray"
         ) from exc
+    _check_grpc(address, f"{host}:{port}", timeout_s)
+
+
+def _check_grpc(address: str, target: str, timeout_s: float) -> None:
+    """Something listens there: it must also speak gRPC, as Ray's GCS and client
+    server do. ``ray.init`` to a port that accepts and never answers (another
+    service, a stuck process) waits without end; an HTTP/2 handshake is bounded."""
+    import grpc
+
+    from ..errors import ClusterError
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError:
+        raise ClusterError(
+            f"{address} accepts connections but does not answer as a Ray cluster (no gRPC handshake within "
+            f"ray_connect_timeout_s={timeout_s:g}, FLOR_RAY_CONNECT_TIMEOUT): check the port (the head's GCS, "
+            "6379 by default, or ray://HOST:10001), or unset --address / RAY_ADDRESS for a local Ray"
+        ) from None
+    finally:
+        channel.close()
 
 
 def ensure_ray(address: str | None = None) -> None:
