@@ -333,7 +333,7 @@ def test_plain_process_replay_restores_numerics(history):
                                 script=repo / "train.py", resources={"num_cpus": 1})
     (task,) = plan.pending
     run = plan.run_info(rid)
-    args = [task.spec(plan.store_url, plan.storage_options, run), plan.patch(task.version).code,
+    args = [task.spec(plan.store_url, plan.storage_options, run), plan.patch(task.version).files(run.script),
             list(run.argv), run.cwd, task.estimate_s]
     code = f'''
         import json, sys
