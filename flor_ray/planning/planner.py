@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import PlanningError, QueryError, RepositoryError
-from .plan import ClusterSnapshot, Plan, Resources, RunInfo, VersionPatch, make_plan
+from .plan import ClusterSnapshot, Plan, ReplayedPart, Resources, RunInfo, SkippedRun, VersionPatch, make_plan
 
 __all__ = ["plan_replay", "cluster_snapshot", "propagate_versions"]
 
@@ -38,6 +39,39 @@ def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
         if src == "record":
             out.setdefault(rid, set()).add(name)
     return {k: frozenset(v) for k, v in out.items()}
+
+
+def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple[ReplayedPart, ...]]:
+    """The keys of the runs' finished replay partitions (kept apart ones too), and
+    what each trusted one holds, read from its footer.
+
+    A partition without that footer (an older task) holds nothing as far as the
+    planner knows: its values are de-duplicated at query time.
+    """
+    import pyarrow.parquet as pq
+
+    from ..relation import MISMATCH_SOURCE, TASK_META_KEY
+
+    fs, root = store.arrow_fs()
+    keys: set[str] = set()
+    parts: list[ReplayedPart] = []
+    for rid in run_ids:
+        for source in ("replay", MISMATCH_SOURCE):
+            for rel in store.find(f"logs/run_id={rid}/source={source}", ".parquet"):
+                keys.add(rel.rsplit("/", 1)[-1][: -len(".parquet")])
+                if source != "replay":
+                    continue
+                try:
+                    with fs.open_input_file(f"{root}/{rel}") as fh:
+                        meta = (pq.read_metadata(fh).metadata or {}).get(TASK_META_KEY)
+                except Exception:  # noqa: BLE001 - an unreadable partition holds nothing for certain
+                    continue
+                if meta:
+                    d = json.loads(meta)
+                    parts.append(ReplayedPart(rid, d["task"], d.get("patch") or "", frozenset(d.get("names") or ()),
+                                              frozenset(d.get("iterations") or ()), bool(d.get("setup")),
+                                              bool(d.get("after"))))
+    return frozenset(keys), tuple(parts)
 
 
 def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None) -> dict[str, VersionPatch]:
@@ -112,7 +146,14 @@ def plan_replay(
     store: Any = None,
     resources: Resources | Mapping[str, Any] | None = None,
     cluster: ClusterSnapshot | None = None,
+    include_running: bool = False,
 ) -> Plan:
+    """Plan a replay; see :func:`flor_ray.replay`.
+
+    A run that is still recording is left out with the reason unless
+    ``include_running``: its last iterations are not there yet, and what is replayed
+    now is not replayed again once it has finished.
+    """
     from ..api import resolve_store
     from ..config import load_settings
     from ..relation import load_runs, select_runs
@@ -173,14 +214,12 @@ def plan_replay(
                 f"{', '.join(map(repr, unknown))} not logged by today's script {str(path)!r}; add "
                 f"flor.log({unknown[0]!r}, ...) to it first (it logs: {', '.join(today_an.logged_names) or 'nothing'})"
             )
+    running = [] if include_running else [m for m in metas if m.get("status") == "running"]
+    metas = [m for m in metas if m not in running]
     runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
     versions = {r.version: r.script for r in runs}
     patches = propagate_versions(st, today, versions, names)
-    done = frozenset(
-        p.rsplit("/", 1)[-1][: -len(".parquet")]
-        for r in runs
-        for p in st.find(f"logs/run_id={r.run_id}/source=replay", ".parquet")
-    )
+    done, replayed = replayed_parts(st, [r.run_id for r in runs])
     plan = make_plan(
         names=names,
         where=where,
@@ -194,6 +233,10 @@ def plan_replay(
         storage_options=st.storage_options,
         retries=settings.max_retries,
         calibration=load_calibration(st),
+        replayed=replayed,
+        skipped_runs=[SkippedRun(m["run_id"], m["version"],
+                                 f"still recording (pid {m.get('pid')} on {m.get('host')}): replay it once it has "
+                                 "finished, or pass include_running=True (--include-running)") for m in running],
     )
     if not plan.tasks and plan.skipped and all("selects none of its iterations" in s.reason for s in plan.skipped):
         raise PlanningError(
