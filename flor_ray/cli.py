@@ -123,7 +123,8 @@ def cmd_replay(a) -> int:
     if a.num_gpus is not None:
         resources["num_gpus"] = a.num_gpus
     plan = flor_ray.plan_replay(a.names or None, where=a.where, iterations=a.iterations or "all",
-                                script=a.script, store=a.store, resources=resources or None)
+                                script=a.script, store=a.store, resources=resources or None,
+                                include_running=a.include_running)
     print(plan.explain(), flush=True)
     if a.dry_run:
         return 0
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--iterations", metavar="SPEC", help="'all' (default), 'last', '3', '0:5' or '1,4,7'")
     sp.add_argument("--script", help="today's script (default: the latest run's script in this checkout)")
     sp.add_argument("--dry-run", action="store_true", help="print the plan and its estimate, run nothing")
+    sp.add_argument("--include-running", action="store_true",
+                    help="replay runs that are still recording too (default: skipped with the reason)")
     sp.add_argument("--num-cpus", type=float, metavar="N", help="CPUs per task (default 1)")
     sp.add_argument("--num-gpus", type=float, metavar="N", help="GPUs per task (default: 1 for runs recorded on CUDA)")
     sp.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")

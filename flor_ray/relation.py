@@ -936,7 +936,7 @@ def _warn_conflicts(scan: dict, picked: list) -> None:
     n = sum(len(ser.dups) for _, ser in found)
     warnings.warn(ConflictWarning(
         f"{n} replayed value(s) differ from an earlier replay of the same value; the earliest is shown and "
-        f"<name>__conflict marks the row; the raw rows are in SQL's logs_all: " + "; ".join(lines)), stacklevel=3)
+        f"<name>__conflict marks the row; the raw rows are in SQL's logs_all: " + "; ".join(lines)), stacklevel=4)
 
 
 def _assemble(codes, loops, loop_cats, iter_arrays, columns: dict, cols: list, paths: list, rid_dict, metas,

@@ -629,6 +629,7 @@ def _leave_out_replayed(ctx: _RunContext, tasks: list[Task], parts: Sequence[Rep
     after_held = names <= set().union(*(p.names for p in parts if p.after))
     out: list[Task] = []
     redo: set[int] = set()
+    left_out: set[int] = set()
     by = ", ".join(sorted(p.key[:8] for p in parts))
     for t in tasks:
         its = set(t.iterations)
@@ -639,9 +640,12 @@ def _leave_out_replayed(ctx: _RunContext, tasks: list[Task], parts: Sequence[Rep
             out.append(_replace(t, done=True, note=f"held already by task {by}"))
         else:
             redo |= its - held
+            left_out |= its & held
     if redo:
         # an iteration held already splits a re-executed segment: each span replays apart
-        out += _run_tasks(ctx, sorted(redo), edges=False, need_after=not after_held)
+        said = f"iteration{'s' if len(left_out) > 1 else ''} {_fmt_its(sorted(left_out))} held already by task {by}"
+        out += [_replace(t, note=f"{t.note}; {said}" if t.note else said)
+                for t in _run_tasks(ctx, sorted(redo), edges=False, need_after=not after_held)]
     return out
 
 
