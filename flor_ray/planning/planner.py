@@ -43,35 +43,48 @@ def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
 
 def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple[ReplayedPart, ...]]:
     """The keys of the runs' finished replay partitions (kept apart ones too), and
-    what each trusted one holds, read from its footer.
+    what each trusted one holds, read from its footer (in parallel: one small read
+    per partition, a round trip each on object stores).
 
-    A partition without that footer (an older task) holds nothing as far as the
-    planner knows: its values are de-duplicated at query time.
+    A partition without that footer (an older task) or with an unreadable one holds
+    nothing as far as the planner knows: its values are de-duplicated at query time,
+    and the query names a damaged file.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow.parquet as pq
 
     from ..relation import MISMATCH_SOURCE, TASK_META_KEY
 
     fs, root = store.arrow_fs()
     keys: set[str] = set()
-    parts: list[ReplayedPart] = []
+    trusted: list[tuple[str, str]] = []
     for rid in run_ids:
         for source in ("replay", MISMATCH_SOURCE):
             for rel in store.find(f"logs/run_id={rid}/source={source}", ".parquet"):
                 keys.add(rel.rsplit("/", 1)[-1][: -len(".parquet")])
-                if source != "replay":
-                    continue
-                try:
-                    with fs.open_input_file(f"{root}/{rel}") as fh:
-                        meta = (pq.read_metadata(fh).metadata or {}).get(TASK_META_KEY)
-                except Exception:  # noqa: BLE001 - an unreadable partition holds nothing for certain
-                    continue
-                if meta:
-                    d = json.loads(meta)
-                    parts.append(ReplayedPart(rid, d["task"], d.get("patch") or "", frozenset(d.get("names") or ()),
-                                              frozenset(d.get("iterations") or ()), bool(d.get("setup")),
-                                              bool(d.get("after"))))
-    return frozenset(keys), tuple(parts)
+                if source == "replay":
+                    trusted.append((rid, rel))
+
+    def footer(item: tuple[str, str]) -> "ReplayedPart | None":
+        rid, rel = item
+        try:
+            with fs.open_input_file(f"{root}/{rel}") as fh:
+                meta = (pq.read_metadata(fh).metadata or {}).get(TASK_META_KEY)
+            d = json.loads(meta) if meta else None
+        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+            return None
+        if not d:
+            return None
+        return ReplayedPart(rid, d["task"], d.get("patch") or "", frozenset(d.get("names") or ()),
+                            frozenset(d.get("iterations") or ()), bool(d.get("setup")), bool(d.get("after")))
+
+    if len(trusted) < 2:
+        found = [footer(t) for t in trusted]
+    else:
+        with ThreadPoolExecutor(min(len(trusted), 16)) as pool:
+            found = list(pool.map(footer, trusted))
+    return frozenset(keys), tuple(p for p in found if p is not None)
 
 
 def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None) -> dict[str, VersionPatch]:
