@@ -292,3 +292,51 @@ def test_running_run_left_out_unless_asked(ray_local, tmp_path):
     assert after.run(progress=False).ok
     n = _sql(store, "SELECT count(*) AS n, count(DISTINCT iter0) AS e FROM logs_all WHERE name = 'wnorm'")
     assert n.to_dict("list") == {"n": [EPOCHS], "e": [EPOCHS]}
+
+
+# ------------------------------------------------- the planner, as a pure function
+def _plan_run(n=6, ckpts=(0, 1, 2, 3, 4, 5)):
+    from flor_ray.planning.plan import CheckpointRef, RunInfo
+
+    return RunInfo(run_id="r1", version="v1", script="train.py", args=(), argv=(), cwd=".", iterations=n,
+                   checkpoints=tuple(CheckpointRef(i, 1, f"c/{i}.pt", 1000, "x") for i in ckpts),
+                   setup_s=2.0, outer_s=(10.0,) * n, inner_s=(9.0,) * n, logged=frozenset({"loss"}))
+
+
+def _pure_plan(iterations, replayed=(), names=("gnorm",)):
+    from flor_ray.planning.plan import ClusterSnapshot, VersionPatch, make_plan
+
+    patch = VersionPatch("v1", "code", None, (), (("loss", "inner", "step loop", ()),
+                                                  ("gnorm", "inner", "step loop", ()),
+                                                  ("wnorm", "outer", "outer level", ())), ("loss", "gnorm", "wnorm"))
+    return make_plan(names=list(names), where=None, iterations=iterations, runs=[_plan_run()],
+                     patches={"v1": patch}, cluster=ClusterSnapshot(2), store_url="memory://s", replayed=replayed)
+
+
+def _held(plan, digest=None):
+    from flor_ray.planning.plan import ReplayedPart
+
+    return tuple(ReplayedPart("r1", t.key, digest or t.patch, frozenset(t.names), frozenset(t.iterations),
+                              t.setup, t.after) for t in plan.tasks)
+
+
+def test_planner_leaves_out_what_finished_partitions_hold():
+    middle = _pure_plan("2,3")
+    full = _pure_plan("all", _held(middle))
+    # the spans around the held iterations, re-executed apart: 0..1 and 4..5
+    assert sorted(i for t in full.pending for i in t.iterations) == [0, 1, 4, 5], full.explain()
+    assert all(t.stop < 2 or t.start > 3 for t in full.pending)
+    last = _pure_plan("last")
+    rest = _pure_plan("all", _held(last))
+    assert sorted(i for t in rest.pending for i in t.iterations) == [0, 1, 2, 3, 4], rest.explain()
+    # the rows before the outer loop are held too: no task keeps them again
+    assert last.tasks[0].setup and not any(t.setup for t in rest.pending + full.pending)
+    assert "iterations 2, 3 held already by task" in full.explain()
+    assert not _pure_plan("all", _held(middle) + _held(full)).pending
+    # held for another name only, or by other code: replayed again
+    assert sorted(i for t in _pure_plan("all", _held(middle), names=("gnorm", "wnorm")).pending
+                  for i in t.iterations) == list(range(6))
+    other_code = _pure_plan("all", _held(middle, digest="other"))
+    assert sorted(i for t in other_code.pending for i in t.iterations) == list(range(6))
+    # the same query again keeps its keys (a rerun finds them done)
+    assert [t.key for t in _pure_plan("2,3", _held(middle)).tasks] == [t.key for t in middle.tasks]

@@ -635,6 +635,11 @@ def _leave_out_replayed(ctx: _RunContext, tasks: list[Task], parts: Sequence[Rep
         its = set(t.iterations)
         edges_held = (not t.setup or setup_held) and (not t.after or after_held)
         if t.done or not (its & held) and not (t.mode == "setup" and setup_held):
+            if not t.done and t.setup and t.mode != "setup" and setup_held:
+                # the rows before the outer loop are held already: not kept again
+                key = task_key(t.run_id, t.version, t.patch, t.mode, t.start, t.stop,
+                               t.restore.iteration if t.restore else None, t.names, False, t.after)
+                t = _replace(t, setup=False, key=key, done=key in ctx.done_keys)
             out.append(t)
         elif its <= held and edges_held:
             out.append(_replace(t, done=True, note=f"held already by task {by}"))
