@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--where", help="SQL predicate over the runs table, e.g. \"lr > 0.01\"")
 
     sp = add("df", cmd_df, "logged values, one row per run and loop iteration, one column per name "
-             "(<name> recorded, <name>__replay replayed)", "flor-ray df acc wnorm --where \"lr > 0.05\"", fmt=True)
+             "(<name> recorded, <name>__replay replayed; an occurrence column where a name logged several "
+             "values in one iteration; <name>__conflict where replays disagree)",
+             "flor-ray df acc wnorm --where \"lr > 0.05\"", fmt=True)
     sp.add_argument("names", nargs="+", metavar="NAME", help="log names, e.g. acc loss")
     sp.add_argument("--where", help="SQL predicate over the runs table, e.g. \"lr > 0.01\"")
 
