@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+#: where the scripts write their JSON and PNGs; BENCH_RESULTS_DIR redirects them (the
+#: test suite's quick runs write to a temporary folder, never into the checkout)
+RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR") or ROOT / "benchmarks" / "results")
 FLORDB_VENV = ROOT / "benchmarks" / ".flordb-venv"
 FLORDB_VERSION = "4.0.1"
 
@@ -51,8 +53,13 @@ def make_repo(parent: Path, name: str) -> Path:
     return repo
 
 
+def shown(path: Path) -> str:
+    """A results path as the JSON records it: relative to the checkout when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def save_results(name: str, mode: str, res: dict) -> Path:
-    """Merge ``res`` under ``mode`` into ``benchmarks/results/<name>.json`` (quick and full both kept)."""
+    """Merge ``res`` under ``mode`` into ``RESULTS_DIR/<name>.json`` (quick and full both kept)."""
     path = RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -12,6 +12,10 @@ Two measurements:
 
 Prints a table and writes ``benchmarks/results/propagation.json``.
 Usage: ``python benchmarks/bench_propagation.py [--quick] [--lines 200]``.
+
+``--field MIRROR`` judges placement instead, on the whole git history of public
+training scripts in a bare mirror (e.g. of pytorch/examples; see
+``benchmarks/field_corpus.py``), and writes ``results/propagation_field.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import RESULTS_DIR, shown  # noqa: E402
 from flor_ray.propagation import PropagationError, propagate_detailed  # noqa: E402
 
 CASE_ROOTS = [ROOT.parent / "shared" / "cases" / "propagation", ROOT / "tests" / "propagation_cases"]
@@ -106,7 +111,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (CI smoke run)")
     ap.add_argument("--lines", type=int, default=200, help="size of the padded pairs")
+    ap.add_argument("--field", metavar="MIRROR", help="judge placement over a bare git mirror's history")
     args = ap.parse_args()
+    if args.field:
+        field(args.field)
+        return
     repeats = 3 if args.quick else 15
     found = cases()
     if not found:
@@ -138,13 +147,38 @@ def main() -> None:
     verdict = "OK" if median <= TARGET_MS else "OVER"
     print(f"\nmedian over all padded pairs and repeats: {median:.1f} ms (target <= {TARGET_MS:.0f} ms: {verdict})")
 
-    out = ROOT / "benchmarks" / "results" / "propagation.json"
+    out = RESULTS_DIR / "propagation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "python": sys.version.split()[0], "repeats": repeats, "lines": args.lines,
         "median_ms": median, "target_ms": TARGET_MS, "padded": per_pair, "samples": samples,
     }, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {shown(out)}")
+
+
+def field(mirror: str) -> None:
+    from field_corpus import run, summary
+
+    result = summary(run(mirror))
+    print(f"{'file':<30} {'versions':>8} {'stmts':>6} {'right':>6} {'refused':>8} {'wrong':>6} "
+          f"{'right where computed':>21}")
+    for row in result["files"]:
+        share = row["right_where_computed"]
+        print(f"{row['file']:<30} {row['versions']:>8} {row['statements']:>6} {row['placed_right']:>6} "
+              f"{row['refused']:>8} {row['placed_wrong']:>6} {share if share is None else f'{share:.1%}':>21}")
+        for commit, path, name, why in row["wrong"]:
+            print(f"  wrong: {commit} {path} {name}: {why}")
+        for commit, name, why in row["refusals"]:
+            print(f"  refused where computed: {commit} {name}: {why[:120]}")
+    share = result["right_where_computed"]
+    print(f"\nplaced wrong: {result['placed_wrong']} (target 0); placed right where the old version computes "
+          f"the value: {share:.1%} (target >= 90%); alone vs together differ: {result['alone_differs']}")
+    out = RESULTS_DIR / "propagation_field.json"
+    import subprocess
+
+    head = subprocess.run(["git", "--git-dir", mirror, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    out.write_text(json.dumps({"mirror_head": head.strip(), **result}, indent=1) + "\n")
+    print(f"wrote {shown(out)}")
 
 
 if __name__ == "__main__":

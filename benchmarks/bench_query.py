@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (ROOT, RESULTS_DIR, ensure_flordb, flordb_env, flordb_python, log, make_repo, med,  # noqa: E402
-                     save_results, timed_run)
+                     save_results, timed_run, shown)
 
 RUNS = 10
 EPOCHS = 10
@@ -400,7 +400,7 @@ def main() -> int:
         png = RESULTS_DIR / f"query{'_quick' if a.quick else ''}.png"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         plot(res, png)
-        res["png"] = str(png.relative_to(ROOT))
+        res["png"] = shown(png)
         save_results("query", mode, res)
     return 0
 

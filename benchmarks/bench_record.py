@@ -69,10 +69,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ensure_flordb, flordb_env, flordb_python  # noqa: E402
+from _common import RESULTS_DIR, ensure_flordb, flordb_env, flordb_python  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "record.json"
+RESULTS = RESULTS_DIR / "record.json"
 
 TARGET_OVERHEAD = 1.02
 # glibc malloc with fixed thresholds (GLIBC_TUNABLES). By default glibc moves its

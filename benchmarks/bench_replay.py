@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workloads as wl  # noqa: E402
 from _common import (ROOT, RESULTS_DIR, clean_env, ensure_flordb, flordb_env, flordb_python, git, log,  # noqa: E402
-                     make_repo, med, save_results, timed_run)
+                     make_repo, med, save_results, timed_run, shown)
 
 TARGET_OUTER_RATIO = 0.05
 TARGET_SPEEDUP = 1.9
@@ -558,7 +558,7 @@ def main() -> int:
         png = RESULTS_DIR / f"replay{'_quick' if a.quick else ''}.png"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         plot(res, png)
-        res["png"] = str(png.relative_to(ROOT))
+        res["png"] = shown(png)
         save_results("replay", mode, res)
     return 0
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, RESULTS_DIR, log, save_results  # noqa: E402
+from _common import ROOT, RESULTS_DIR, log, save_results, shown  # noqa: E402
 
 
 def synthetic_runs(n: int, total_s: float, seed: int = 0):
@@ -208,7 +208,7 @@ def main() -> int:
         png = RESULTS_DIR / f"scaling{'_quick' if a.quick else ''}.png"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         plot(res, png)
-        res["png"] = str(png.relative_to(ROOT))
+        res["png"] = shown(png)
         save_results("scaling", mode, res)
     return 0
 

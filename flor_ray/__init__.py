@@ -32,6 +32,8 @@ __all__ = [
     "sql",
     "plan_replay",
     "replay",
+    "checkpoints",
+    "load_checkpoint",
     "FlorError",
     "__version__",
 ]
@@ -131,6 +133,26 @@ def sql(query: str, store: Any = None) -> "pd.DataFrame":
     from .relation import sql as _sql
 
     return _sql(_store(store), query)
+
+
+def checkpoints(run_id: str, store: Any = None) -> "pd.DataFrame":
+    """A run's checkpoints: iteration, bytes, time written, verified, path."""
+    from .past_checkpoints import checkpoint_table
+
+    return checkpoint_table(_store(store).check(), run_id)
+
+
+def load_checkpoint(run_id: str, iteration: Any = "last", *, store: Any = None, rng: bool = False,
+                    **objects: Any):
+    """Restore the state a run checkpointed at ``iteration`` into ``objects``.
+
+    ``flor.load_checkpoint(run_id, 3, model=net, optimizer=opt)``: the names are those
+    the run gave ``flor.checkpointing``; ``iteration`` is a number or ``"last"``;
+    ``rng=True`` also restores the python/numpy/torch RNG states.
+    """
+    from .past_checkpoints import load_checkpoint as _load
+
+    return _load(_store(store).check(), run_id, iteration, objects, rng=rng)
 
 
 def plan_replay(names=None, **kwargs: Any):

@@ -28,6 +28,8 @@ examples (in the repository whose runs you recorded; try them after `flor-ray de
   flor-ray replay wnorm
   flor-ray plot wnorm --by version -o wnorm.png
   flor-ray propagate today.py old.py -o patched.py
+  flor-ray propagate src/ old-src/ --diff
+  flor-ray ui
   flor-ray demo /tmp/flor-ray-demo
 """
 
@@ -133,18 +135,84 @@ def cmd_replay(a) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_checkpoints(a) -> int:
+    import flor_ray
+
+    _write_frame(flor_ray.checkpoints(a.run, store=a.store), a.format, a.output)
+    return 0
+
+
+def _read_text(path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as exc:
+        raise _CliError(f"{str(path)!r} is not UTF-8 text ({exc.reason}); propagate Python source files") from exc
+
+
+_SKIP_DIRS = {".git", ".flor", "__pycache__", ".venv", "venv", "node_modules"}
+
+
+def _python_tree(root) -> dict[str, str]:
+    """``relative path -> text`` of the Python files under ``root``."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if not any(part in _SKIP_DIRS for part in rel.parts[:-1]):
+            out[rel.as_posix()] = _read_text(path)
+    return out
+
+
 def cmd_propagate(a) -> int:
     from pathlib import Path
 
     from .propagation import format_placements, propagate_detailed
+    from .propagation.project import unified_diff
 
-    res = propagate_detailed(Path(a.source).read_text(), Path(a.target).read_text())
-    if a.output:
+    source, target = Path(a.source), Path(a.target)
+    if source.is_dir() or target.is_dir():
+        if not (source.is_dir() and target.is_dir()):
+            raise _CliError("give two files, or two directories (today's tree, then an old tree)")
+        return _propagate_trees(a, source, target)
+    old = _read_text(target)
+    res = propagate_detailed(_read_text(source), old)
+    if a.diff:
+        sys.stdout.write(unified_diff(old, res.code, target.name))
+    elif a.output:
         Path(a.output).write_text(res.code)
     else:
         sys.stdout.write(res.code)
     sys.stderr.write(format_placements(res) + "\n")
     return 0
+
+
+def _propagate_trees(a, source, target) -> int:
+    from pathlib import Path
+
+    from .propagation import format_placements
+    from .propagation.project import propagate_project, unified_diff
+
+    if not (a.diff or a.output):
+        raise _CliError("for two directories, pass --diff to print the patch or -o DIR to write the patched files")
+    old = _python_tree(target)
+    patches = propagate_project(_python_tree(source), old)
+    if not patches:
+        sys.stderr.write("nothing to propagate: every name logged today is logged by the old tree's files\n")
+    refused = 0
+    for fp in patches:
+        head = f"{fp.path}" + (f" -> {fp.target}" if fp.target and fp.target != fp.path else "")
+        if fp.refused:
+            refused += 1
+            sys.stderr.write(f"{head}: refused: {fp.refused}\n")
+            continue
+        refused += bool(fp.result.refused)
+        sys.stderr.write(f"{head} ({fp.pairing}):\n" + format_placements(fp.result) + "\n")
+        if a.diff:
+            sys.stdout.write(unified_diff(old[fp.target], fp.result.code, fp.target))
+        if a.output:
+            out = Path(a.output) / fp.target
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(fp.result.code)
+    return 1 if refused else 0  # the patches that could be made are written all the same
 
 
 def cmd_plot(a) -> int:
@@ -156,6 +224,14 @@ def cmd_plot(a) -> int:
     out = a.output or f"{a.name}.png"
     plot_metric(df, a.name, out, by="run_id" if a.by == "run" else a.by, x=a.x)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_ui(a) -> int:
+    from .api import resolve_store
+    from .ui.server import serve
+
+    serve(resolve_store(a.store), host=a.host, port=a.port, quiet=not a.verbose, ray_address=a.address)
     return 0
 
 
@@ -201,16 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("runs", cmd_runs, "list the recorded runs: id, version, status, timings, one column per flor.arg",
              'flor-ray runs --where "lr > 0.05" --format csv', fmt=True)
-    sp.add_argument("--where", help="SQL predicate over the runs table, e.g. \"lr > 0.01\"")
+    sp.add_argument("--where", help="one SQL boolean expression over the runs table's columns, e.g. \"lr > 0.01\"")
 
     sp = add("df", cmd_df, "logged values, one row per run and loop iteration, one column per name "
              "(<name> recorded, <name>__replay replayed; an occurrence column where a name logged several "
              "values in one iteration; <name>__conflict where replays disagree)",
              "flor-ray df acc wnorm --where \"lr > 0.05\"", fmt=True)
     sp.add_argument("names", nargs="+", metavar="NAME", help="log names, e.g. acc loss")
-    sp.add_argument("--where", help="SQL predicate over the runs table, e.g. \"lr > 0.01\"")
+    sp.add_argument("--where", help="one SQL boolean expression over the runs table's columns, e.g. \"lr > 0.01\"")
 
-    sp = add("sql", cmd_sql, "run DuckDB SQL over the tables logs (one row per value) and runs",
+    sp = add("sql", cmd_sql, "run a read-only DuckDB query over the tables logs (one row per value) and runs "
+             "(no files, network, extensions or settings)",
              "flor-ray sql \"SELECT run_id, max(value) FROM logs WHERE name = 'acc' GROUP BY run_id\"", fmt=True)
     sp.add_argument("query", help="a SELECT over logs and runs")
 
@@ -229,11 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
-    sp = add("propagate", cmd_propagate, "inject today's new log statements into an old version of a file",
-             "flor-ray propagate today.py old.py -o patched.py", store=False)
-    sp.add_argument("source", help="today's file, with the new flor.log statements")
-    sp.add_argument("target", help="the old version")
-    sp.add_argument("-o", "--output", metavar="FILE", help="write the patched target here (default: stdout)")
+    sp = add("checkpoints", cmd_checkpoints, "list a run's checkpoints: iteration, size, time written, path "
+             "(restore one in Python with flor.load_checkpoint(RUN, ITERATION, model=...))",
+             "flor-ray checkpoints 20261201T101500-a1b2c3", fmt=True)
+    sp.add_argument("run", metavar="RUN", help="a run id, as `flor-ray runs` lists it")
+
+    sp = add("propagate", cmd_propagate, "inject today's new log statements into an old version of a file, "
+             "or of every file of a project", "flor-ray propagate today.py old.py -o patched.py  |  "
+             "flor-ray propagate src/ old-src/ --diff", store=False)
+    sp.add_argument("source", help="today's file (or directory), with the new flor.log statements")
+    sp.add_argument("target", help="the old version (a file, or a directory for a directory)")
+    sp.add_argument("-o", "--output", metavar="PATH",
+                    help="write the patched target here (a directory for two directories; default: stdout)")
+    sp.add_argument("--diff", action="store_true", help="print the patch as a unified diff per file instead")
 
     sp = add("plot", cmd_plot, "plot a logged name across iterations as a PNG, one line per run or per version",
              "flor-ray plot wnorm --by version -o wnorm.png")
@@ -244,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "values of inner loops are averaged per x")
     sp.add_argument("--where", help="SQL predicate over the runs table")
     sp.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: NAME.png)")
+
+    sp = add("ui", cmd_ui, "serve a local web page over the store: runs, charts, run and replay pages",
+             "flor-ray ui --port 8765")
+    sp.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: a free one)")
+    sp.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1; any other address requires the printed token)")
+    sp.add_argument("--address", help="Ray address for replays started from the page (default: RAY_ADDRESS, "
+                                      "else a local Ray)")
 
     sp = add("demo", cmd_demo, "record 3 versions of a small torch script in a new git repository, then "
              "back-fill new metrics into them on a local Ray (1-2 minutes)", "flor-ray demo /tmp/flor-ray-demo",

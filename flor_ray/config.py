@@ -40,6 +40,16 @@ class Settings:
     #: Untracked files larger than this are left out of the code snapshot (data,
     #: weights a script wrote next to itself); tracked files are always kept.
     snapshot_max_file_bytes: int = 10 * 1024 * 1024
+    #: At most this many untracked files go into the code snapshot (code and configs
+    #: first, then shallow paths first). Untracked code is a few new modules, rarely
+    #: more than a hundred files; thousands of untracked, unignored files are a dataset,
+    #: outputs or a virtualenv, which git would hash on the training thread at run start
+    #: (~20,000 files: seconds) and the store would copy per version. A warning names
+    #: what was left out; the run's metadata lists it.
+    snapshot_max_untracked_files: int = 1000
+    #: At most this many bytes of untracked files in all, for the same reason: 64 MiB
+    #: hashes in ~0.1 s and holds any source tree with room to spare.
+    snapshot_max_untracked_total_bytes: int = 64 * 1024 * 1024
     #: Relative tolerance when comparing replayed with recorded floats. 0 = exact,
     #: the right default on CPU where replay is bit-for-bit.
     fidelity_rtol: float = 0.0
@@ -59,6 +69,8 @@ ENV_VARS = {
     "checkpoint_budget": "FLOR_CHECKPOINT_BUDGET",
     "checkpoint_max_period": "FLOR_CHECKPOINT_MAX_PERIOD",
     "snapshot_max_file_bytes": "FLOR_SNAPSHOT_MAX_FILE_BYTES",
+    "snapshot_max_untracked_files": "FLOR_SNAPSHOT_MAX_UNTRACKED_FILES",
+    "snapshot_max_untracked_total_bytes": "FLOR_SNAPSHOT_MAX_UNTRACKED_TOTAL_BYTES",
     "fidelity_rtol": "FLOR_FIDELITY_RTOL",
     "max_retries": "FLOR_MAX_RETRIES",
 }
@@ -69,6 +81,8 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "checkpoint_budget": (lambda v: 0 < v <= 1, "a share of training time in (0, 1], e.g. 0.01 for 1%"),
     "checkpoint_max_period": (lambda v: v >= 1, "a whole number of outer iterations >= 1"),
     "snapshot_max_file_bytes": (lambda v: v >= 0, "a number of bytes >= 0"),
+    "snapshot_max_untracked_files": (lambda v: v >= 0, "a number of files >= 0"),
+    "snapshot_max_untracked_total_bytes": (lambda v: v >= 0, "a number of bytes >= 0"),
     "fidelity_rtol": (lambda v: v >= 0, "a relative tolerance >= 0 (0 = exact)"),
     "max_retries": (lambda v: v >= 0, "a number of retries >= 0"),
 }

@@ -205,29 +205,19 @@ def runs_frame(store: "Store", metas: list[dict] | None = None) -> "pd.DataFrame
 
 
 def select_runs(store: "Store", where: str | None, metas: list[dict] | None = None) -> list[str]:
-    """Run ids whose row of the runs table satisfies the SQL predicate ``where``."""
+    """Run ids whose row of the runs table satisfies the SQL predicate ``where``.
+
+    ``where`` is one boolean expression over the runs table's columns, parsed and
+    checked by :func:`flor_ray.sandbox.select_where` and run in its sandbox.
+    """
     metas = load_runs(store) if metas is None else metas
     if not where:
         return [m["run_id"] for m in metas]
     if not isinstance(where, str):
         raise QueryError(f"where must be an SQL predicate string, got {type(where).__name__}")
-    import duckdb
+    from .sandbox import select_where
 
-    runs = runs_frame(store, metas)
-    con = duckdb.connect()
-    try:
-        con.register("runs", runs)
-        try:
-            res = con.execute(f"SELECT run_id FROM runs WHERE {where}").fetchall()
-        except duckdb.Error as exc:
-            cols = ", ".join(runs.columns)
-            raise QueryError(
-                f"invalid where predicate {where!r}: {str(exc).splitlines()[0]}; "
-                f"it is SQL over the runs table, whose columns are: {cols}"
-            ) from exc
-    finally:
-        con.close()
-    keep = {r[0] for r in res}
+    keep = select_where(runs_frame(store, metas), where)
     return [m["run_id"] for m in metas if m["run_id"] in keep]
 
 
@@ -414,7 +404,7 @@ def _dataset(store: "Store", files: Sequence[str], file_schema, part_schema, dic
     kw = {}
     if dictionary:
         runs_seen = sorted({f.split("/")[1][len("run_id="):] for f in files})
-        kw["dictionaries"] = {"run_id": pa.array(runs_seen), "source": pa.array(["record", "replay"])}
+        kw["dictionaries"] = {"run_id": pa.array(runs_seen), "source": pa.array(["record", "replay", MISMATCH_SOURCE])}
         fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(_DICT_COLS)))
     else:
         fmt = ds.ParquetFileFormat()
@@ -1018,7 +1008,6 @@ def _codes_from_rank(ranks, run_rank):
     return inv[ranks]
 
 
-_READ_ONLY = frozenset({"SELECT", "WITH", "FROM", "DESCRIBE", "SHOW", "SUMMARIZE", "PIVOT", "UNPIVOT", "VALUES", "EXPLAIN"})
 _CTX = "name, loops, iter0, iter1, iter2, iter3, items"
 #: ``logs_all``: every row of every partition (kept-apart ones too) with a typed
 #: ``value``; ``logs``: recorded rows, and each replayed value once, the earliest
@@ -1054,7 +1043,8 @@ def _create_views(con, listing: tuple) -> None:
     ``listing`` that ``logs`` keeps the earliest of (the same as dataframe()'s)."""
     stamps = {f: st for f, _, st in listing}
     replays = sorted((f for f in stamps if "/source=replay/" in f), key=lambda f: (stamps[f][:1], f))
-    rows = ", ".join(f"({_sql_str(f.rsplit('/', 1)[-1][: -len('.parquet')])}, {i})" for i, f in enumerate(replays))
+    keys = [f.rsplit("/", 1)[-1][: -len(".parquet")].replace("'", "''") for f in replays]
+    rows = ", ".join(f"('{k}', {i})" for i, k in enumerate(keys))
     con.execute("CREATE OR REPLACE TABLE flor_replay_order AS "
                 + (f"SELECT * FROM (VALUES {rows}) t(task, written)" if rows
                    else "SELECT NULL::VARCHAR AS task, NULL::BIGINT AS written WHERE false"))
@@ -1062,16 +1052,12 @@ def _create_views(con, listing: tuple) -> None:
         con.execute(view)
 
 
-#: a relation up to this many rows is copied into DuckDB's memory (~300 bytes a row)
-#: when its tables are built, so that later queries do not open every file again
+#: a relation up to this many rows is read into memory (~300 bytes a row) when its
+#: tables are built, so that later queries do not open every file again
 SQL_MATERIALIZE_ROWS = 100_000
 #: files larger than this in all (a few KiB a file aside) are not tried: more rows
 _SQL_MATERIALIZE_BYTES = 4 << 20
 _SQL_KEEP = 4  # stores whose connections are kept (least recently used dropped)
-
-
-def _sql_str(v: str) -> str:
-    return "'" + v.replace("'", "''") + "'"
 
 
 def _sql_error(exc: Exception, runs) -> QueryError:
@@ -1083,41 +1069,35 @@ def _sql_error(exc: Exception, runs) -> QueryError:
     )
 
 
-def _not_a_query(word: str) -> QueryError:
-    return QueryError(
-        f"sql() runs queries only ({', '.join(sorted(_READ_ONLY))}), not {word}: "
-        "the store is written by recording and replay alone"
-    )
-
-
 class _SqlConnection:
-    """One store's DuckDB connection, kept between :func:`sql` calls.
+    """One store's sandboxed DuckDB connection (:mod:`flor_ray.sandbox`), kept between
+    :func:`sql` calls.
 
-    ``logs`` / ``logs_arrow`` and ``runs`` are built from a listing of the store and
-    rebuilt when a later listing differs (a new run, a new flush, a replay partition,
-    a rewritten or deleted file). Used under ``lock`` only.
+    ``logs`` / ``logs_arrow`` and ``runs`` are Arrow data registered from Python, built
+    from a listing of the store and registered again when a later listing differs (a
+    new run, a new flush, a replay partition, a rewritten or deleted file). Used under
+    ``lock`` only.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.con: Any = None
         self.logs_key: Any = None  # the listing the logs tables were built from
-        self.logs_kind: str | None = None  # "view", "table" or "registered"
+        #: "table": the rows in memory; "view": an Arrow dataset that reads the files per query
+        self.logs_kind: str | None = None
         self.runs_key: Any = None
-        self.runs_kind: str | None = None
         self.runs: Any = None  # the runs DataFrame
 
     def connect(self):
         if self.con is None:
-            import duckdb
+            from .sandbox import connect
 
-            self.con = duckdb.connect()
-            self.con.execute("SET enable_progress_bar = false")
+            self.con = connect()
         return self.con
 
     def close(self) -> None:
         con, self.con = self.con, None
-        self.logs_key = self.logs_kind = self.runs_key = self.runs_kind = self.runs = None
+        self.logs_key = self.logs_kind = self.runs_key = self.runs = None
         if con is not None:
             try:
                 con.close()
@@ -1129,67 +1109,38 @@ class _SqlConnection:
 
         con = self.connect()
         self.runs_key = None
-        if self.runs_kind == "table":
-            con.execute("DROP TABLE IF EXISTS runs")
-        elif self.runs_kind == "registered":
-            con.unregister("runs")
-        self.runs_kind = None
-        # a table (a registered DataFrame is scanned again by every query), unless a
-        # column does not convert: then registered as before, failing only where used
+        # as Arrow (a registered DataFrame is converted again by every query), unless a
+        # column does not convert: then the DataFrame, failing only where it is used
+        con.register("flor_runs_frame", runs)
         try:
-            con.register("flor_runs_frame", runs)
-            con.execute("CREATE TABLE runs AS SELECT * FROM flor_runs_frame")
-            self.runs_kind = "table"
+            table = con.sql("SELECT * FROM flor_runs_frame").to_arrow_table()
         except duckdb.Error:
-            con.execute("DROP TABLE IF EXISTS runs")
-            con.register("runs", runs)
-            self.runs_kind = "registered"
+            table = runs
         finally:
             con.unregister("flor_runs_frame")
+        con.register("runs", table)
         self.runs, self.runs_key = runs, key
 
     def set_logs(self, store: "Store", listing: tuple) -> None:
         import pyarrow as pa
 
         con = self.connect()
-        self.logs_key = None
-        if self.logs_kind == "table":
-            con.execute("DROP TABLE IF EXISTS logs_arrow")
-        elif self.logs_kind == "view":
-            con.execute("DROP VIEW IF EXISTS logs_arrow")
-        elif self.logs_kind == "registered":
-            con.unregister("logs_arrow")
-        self.logs_kind = None
+        self.logs_key = self.logs_kind = None
         files = [f[0] for f in listing]
         small = sum(f[1] or 0 for f in listing) <= _SQL_MATERIALIZE_BYTES + 8192 * len(files)
         if not files:
-            con.register("logs_arrow", read_logs(store))
-            self.logs_kind = "registered"
-        elif store.is_local:  # DuckDB's own parallel Parquet reader, partitions from the paths
-            paths = ", ".join(_sql_str(f"{store.root}/{f}") for f in files)
-            source = f"read_parquet([{paths}], hive_partitioning = true)"
-            if small:  # one more row than kept tells a large relation, without counting first
-                con.execute(f"CREATE TABLE logs_arrow AS SELECT * FROM {source} LIMIT {SQL_MATERIALIZE_ROWS + 1}")
-                self.logs_kind = "table"
-                if con.execute("SELECT count(*) FROM logs_arrow").fetchone()[0] > SQL_MATERIALIZE_ROWS:
-                    con.execute("DROP TABLE logs_arrow")
-                    self.logs_kind = None
-            if self.logs_kind is None:
-                con.execute(f"CREATE VIEW logs_arrow AS SELECT * FROM {source}")
-                self.logs_kind = "view"
-        else:  # any fsspec store: a lazy Arrow dataset, projections and filters pushed down
-            part_schema = pa.schema([("run_id", pa.string()), ("source", pa.string())])
-            dset = _dataset(store, files, schema(), part_schema, False)
-            if small and dset.count_rows() <= SQL_MATERIALIZE_ROWS:
-                con.register("flor_logs_files", dset)
-                try:
-                    con.execute("CREATE TABLE logs_arrow AS SELECT * FROM flor_logs_files")
-                finally:
-                    con.unregister("flor_logs_files")
-                self.logs_kind = "table"
-            else:
-                con.register("logs_arrow", dset)
-                self.logs_kind = "registered"
+            source: Any = read_logs(store)
+        else:  # a lazy Arrow dataset (projections and filters pushed down), or its rows
+            # dictionary-encoded, as in the files: DuckDB scans the codes, not millions of
+            # equal strings (as fast as its own Parquet reader on the 10^6-row benchmark)
+            str_t = pa.dictionary(pa.int32(), pa.string())
+            file_schema = pa.schema([pa.field(f.name, str_t) if f.name in _DICT_COLS else f for f in schema()])
+            part_schema = pa.schema([("run_id", str_t), ("source", str_t)])
+            source = _dataset(store, files, file_schema, part_schema, True)
+            if small and source.count_rows() <= SQL_MATERIALIZE_ROWS:
+                source = source.to_table()
+        con.register("logs_arrow", source)
+        self.logs_kind = "view" if files and not isinstance(source, pa.Table) else "table"
         _create_views(con, listing)
         self.logs_key = listing
 
@@ -1216,53 +1167,24 @@ def _sql_connection(store: "Store") -> _SqlConnection:
     return state
 
 
-def _check_read_only(con, query: str) -> bool:
-    """Raise unless every statement is a query; True when they all are plain SELECTs.
-
-    PIVOT leaves types behind and EXPLAIN ANALYZE runs its statement: after those the
-    connection is not reused.
-    """
-    import re
-
-    import duckdb
-
-    plain = True
-    for st in con.extract_statements(query):
-        text = st.query.strip().lstrip("(")
-        word = (text.split(None, 1) or [""])[0].upper().rstrip(";")
-        if st.type == duckdb.StatementType.SELECT:
-            continue
-        if st.type == duckdb.StatementType.MULTI and word == "PIVOT":
-            plain = False
-            continue
-        if st.type == duckdb.StatementType.EXPLAIN:
-            inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", text, flags=re.IGNORECASE)
-            try:
-                plain = _check_read_only(con, inner) and plain
-            except duckdb.Error:  # EXPLAIN (options) ...: DuckDB itself says what it thinks of it
-                plain = False
-            continue
-        raise _not_a_query(word)
-    return plain
-
-
 def sql(store: "Store", query: str) -> "pd.DataFrame":
     """Run DuckDB SQL with ``logs`` (the long relation) and ``runs`` as tables.
 
-    The DuckDB connection and its tables are kept per store and reused while a listing
-    of the store shows the same files (names, sizes, change stamps), so a small query
-    costs a listing and the query itself; a new run, flush or replay partition is
-    seen by the next call. A relation of up to :data:`SQL_MATERIALIZE_ROWS` rows is
-    held in memory, larger ones are read from the Parquet files by every query.
+    Queries only, in the sandbox of :mod:`flor_ray.sandbox`: no file, network,
+    extension or setting is reachable, and no statement changes the tables. The
+    connection and its tables are kept per store and reused while a listing of the
+    store shows the same files (names, sizes, change stamps), so a small query costs a
+    listing and the query itself; a new run, flush or replay partition is seen by the
+    next call. A relation of up to :data:`SQL_MATERIALIZE_ROWS` rows is held in memory,
+    larger ones are read from the Parquet files by every query.
     """
     import duckdb
+
+    from .sandbox import check_query, refusal, run_query
 
     store.check()
     if not isinstance(query, str) or not query.strip():
         raise QueryError("sql() needs a query string, e.g. \"SELECT name, count(*) FROM logs GROUP BY name\"")
-    first = query.lstrip().lstrip("(").split(None, 1)[0].upper()
-    if first not in _READ_ONLY:
-        raise _not_a_query(first)
     listing = _listing(store, "logs", ".parquet")
     metas, runs_listing = _cached_runs(store)
     runs_key = (runs_listing, tuple(m.get("status") for m in metas))
@@ -1270,23 +1192,24 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
     state = _sql_connection(store)
     with state.lock:
         runs = state.runs if state.runs_key == runs_key else runs_frame(store, metas)
-        reuse = True
         try:
             con = state.connect()
-            reuse = _check_read_only(con, query)
+            check_query(con, query)
             if state.runs_key != runs_key:
                 state.set_runs(runs, runs_key)
             if state.logs_key != listing:
                 state.set_logs(store, listing)
-            return con.execute(query).df()
+            return run_query(con, query)
+        except QueryError:
+            raise
         except (duckdb.IOException, duckdb.InvalidInputException) as exc:
             if "parquet" in str(exc).lower() or "thrift" in str(exc).lower():
                 raise _unreadable(store, files, exc) from exc
+            raise refusal(exc) or _sql_error(exc, runs) from exc
+        except duckdb.FatalException as exc:  # the database is unusable: a new one next time
+            state.close()
             raise _sql_error(exc, runs) from exc
         except duckdb.Error as exc:
-            raise _sql_error(exc, runs) from exc
+            raise refusal(exc) or _sql_error(exc, runs) from exc
         except (OSError, ValueError) as exc:  # a corrupted file met by the Arrow scan
             raise _unreadable(store, files, exc) from exc
-        finally:
-            if not reuse:
-                state.close()

@@ -52,7 +52,10 @@ class Store:
         if not isinstance(url, str) or not url.strip():
             raise StoreError(f"store URL must be a non-empty string, got {url!r}")
         self.url = url.rstrip("/") if "://" in url else os.path.abspath(os.path.expanduser(url))
-        self.storage_options = dict(storage_options or {})
+        from .credentials import StorageOptions
+
+        #: fsspec options; their repr hides secrets, and replay tasks never get the secret ones
+        self.storage_options = StorageOptions(storage_options or {})
         self._fs = None
         self._root: str | None = None
 
@@ -179,6 +182,22 @@ class Store:
             raise self._wrap(f"listing {rel}", exc) from exc
         names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
         return sorted(n for n in names if n and not n.startswith((".", "_")))
+
+    def sizes(self, rel: str) -> dict[str, int]:
+        """Store-relative path -> size in bytes of each file directly under ``rel``:
+        one listing (one request on an object store), however many files."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:
+            raise self._wrap(f"listing {rel}", exc) from exc
+        out = {}
+        for e in entries:
+            name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            if e.get("type") != "directory" and name and not name.startswith((".", "_")):
+                out[f"{rel.rstrip('/')}/{name}"] = int(e.get("size") or 0)
+        return out
 
     def find(self, rel: str, suffix: str = "") -> list[str]:
         """Store-relative paths of all files below ``rel`` ending in ``suffix``."""

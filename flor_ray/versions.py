@@ -3,10 +3,18 @@
 At run start the working tree (tracked files plus untracked files that git does not
 ignore) is written as a commit on ``refs/flor/<run_id>`` whose parent is ``HEAD``.
 It goes through a temporary index file, so the user's ``HEAD``, branch, index and
-files are never touched, and the store and oversized untracked files are left out.
-The version of a run is the snapshot's *tree* id: two runs of the same code share a
-version. The files are also copied into the store, content-addressed by their git
-blob ids, so that a replay on any machine needs only the store URL.
+files are never touched; the store and oversized untracked files are left out, and
+so are untracked files past a count and a total size (a forgotten dataset or
+virtualenv would otherwise be copied at every run start). The version of a run is
+the snapshot's *tree* id: two runs of the same code share a version. The files are
+also copied into the store, content-addressed by their git blob ids, so that a
+replay on any machine needs only the store URL; every blob read back is checked
+against its id.
+
+A submodule is recorded as git records it, by its commit (the gitlink), and the
+files of that commit are copied into the store under the submodule's path, so a
+replay has them; its uncommitted edits are not recorded. Symlinks are kept as
+symlinks and materialised only when they point inside the tree.
 """
 
 from __future__ import annotations
@@ -14,19 +22,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
+from .codetree import TamperedFile, blob_id, write_files
 from .errors import RepositoryError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import Store
 
-__all__ = ["Snapshot", "find_repo_root", "snapshot", "upload", "read_version", "read_file", "materialize"]
+__all__ = ["Snapshot", "Listing", "find_repo_root", "snapshot", "discard", "upload", "list_version", "blob_id",
+           "read_version", "read_file", "materialize", "write_files", "TamperedFile"]
 
 _IDENTITY = {
     "GIT_AUTHOR_NAME": "flor_ray",
@@ -34,6 +46,13 @@ _IDENTITY = {
     "GIT_COMMITTER_NAME": "flor_ray",
     "GIT_COMMITTER_EMAIL": "flor_ray@localhost",
 }
+#: How many left-out paths a run's metadata lists (the count is always exact): a
+#: forgotten dataset of 20,000 files would otherwise make every metadata write slow.
+LEFT_OUT_LISTED = 100
+#: Kept first when the untracked files are capped: the code and configs a script
+#: imports or reads, before data files that happen to sit in the tree.
+_CODE_SUFFIXES = frozenset(".py .pyi .pyx .pxd .c .h .cc .cpp .hpp .cu .cuh .sh .yaml .yml .toml .cfg .ini".split())
+_LINK = "120000"
 
 
 @dataclass(frozen=True)
@@ -43,7 +62,22 @@ class Snapshot:
     tree: str
     ref: str
     files: Mapping[str, str] = field(default_factory=dict)  # path -> blob id
-    left_out: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()  # the first LEFT_OUT_LISTED untracked files left out
+    left_out_count: int = 0  # all of them
+    left_out_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class _Untracked:
+    """The untracked files a snapshot takes, and those it leaves out (sorted)."""
+
+    kept: tuple[str, ...]
+    left_out: tuple[str, ...]
+    left_out_bytes: int
+    capped: bool  # some were left out by the count or total cap, not only by size
+
+
+
 
 
 class _GitError(Exception):
@@ -52,13 +86,13 @@ class _GitError(Exception):
         self.stderr = stderr
 
 
-def _git(cwd: str, *args: str, env: Mapping[str, str] | None = None) -> str:
+def _git(cwd: str, *args: str, env: Mapping[str, str] | None = None, input: str | None = None) -> str:
     """Run ``git args`` in ``cwd``; its stdout. The git binary directly: importing
     GitPython alone costs ~0.1 s, on the training thread at a run's first flor call."""
     full_env = None if env is None else {**os.environ, **env}
     try:
         proc = subprocess.run(["git", *args], cwd=cwd, env=full_env, capture_output=True, encoding="utf-8",
-                              errors="surrogateescape")  # paths as os.fsdecode makes them
+                              errors="surrogateescape", input=input)  # paths as os.fsdecode makes them
     except FileNotFoundError as exc:
         if exc.filename == "git":
             raise RepositoryError("flor_ray snapshots each run's code with git, and git is not installed "
@@ -89,40 +123,104 @@ def find_repo_root(path: str | os.PathLike) -> str:
     return str(Path(top).resolve())
 
 
+def _priority(path: str) -> tuple:
+    """Sort key of an untracked file when they are capped: code first, shallow first."""
+    return (os.path.splitext(path)[1] not in _CODE_SUFFIXES, path.count("/"), path)
+
+
+def _choose_untracked(repo_root: str, listed: Iterable[str], excl: list[str], max_file_bytes: int,
+                      max_files: int, max_total_bytes: int) -> _Untracked:
+    """Which untracked files the snapshot takes: each under ``max_file_bytes``, then at
+    most ``max_files`` of them and ``max_total_bytes`` in all, by :func:`_priority`."""
+    candidates, left_out, left_bytes = [], [], 0
+    for rel in listed:
+        path = rel.rstrip("/")  # "dir/": a nested repository, taken as a gitlink
+        if not path or any(path == e or path.startswith(e + "/") for e in excl):
+            continue
+        full = os.path.join(repo_root, path)
+        try:
+            st = os.lstat(full)
+        except OSError:  # gone since git listed it
+            continue
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        if rel.endswith("/") and not _has_commit(full):
+            left_out.append(path)  # git cannot record a repository without a commit
+        elif size > max_file_bytes:
+            left_out.append(path)
+            left_bytes += size
+        else:
+            candidates.append((_priority(path), path, size))
+    candidates.sort()
+    kept, total, capped = [], 0, False
+    for _, path, size in candidates:
+        if len(kept) >= max_files or total + size > max_total_bytes:
+            left_out.append(path)
+            left_bytes += size
+            capped = True
+        else:
+            kept.append(path)
+            total += size
+    return _Untracked(tuple(kept), tuple(sorted(left_out)), left_bytes, capped)
+
+
+def _has_commit(path: str) -> bool:
+    try:
+        _git(path, "rev-parse", "--verify", "-q", "HEAD^{commit}")
+        return True
+    except _GitError:
+        return False
+
+
+def _warn_left_out(chosen: _Untracked, limits: Mapping[str, int]) -> None:
+    """Tell the user (stderr) that a replay will not see some of their files."""
+    if not chosen.capped:
+        return  # only files over snapshot_max_file_bytes: data next to the script, kept quiet
+    n, mb = len(chosen.left_out), chosen.left_out_bytes / 1e6
+    sample = ", ".join(chosen.left_out[:5]) + (", ..." if n > 5 else "")
+    settings = ", ".join(f"{k}={v}" for k, v in limits.items())
+    sys.stderr.write(
+        f"flor_ray: {n} untracked files ({mb:.1f} MB) were left out of this run's code snapshot ({sample}): "
+        f"more than the limits {settings}; a replay of this run will not see them. List data and outputs in "
+        ".gitignore, commit the code the script needs, or raise the limits (FLOR_SNAPSHOT_MAX_UNTRACKED_FILES, "
+        "FLOR_SNAPSHOT_MAX_UNTRACKED_TOTAL_BYTES or the config file). The run's metadata lists them "
+        "(left_out_of_snapshot).\n"
+    )
+
+
 def snapshot(
     repo_root: str,
     ref: str,
     *,
     exclude: Iterable[str] = (),
     max_untracked_bytes: int = 10 * 1024 * 1024,
+    max_untracked_files: int = 1000,
+    max_untracked_total_bytes: int = 64 * 1024 * 1024,
     message: str = "flor_ray snapshot",
     list_files: bool = True,
 ) -> Snapshot:
     """Commit the working tree to ``ref`` without touching HEAD, index or files.
 
-    Six short git processes (about 20 ms on a small repository): where the index and
-    HEAD are, the untracked files (to leave out big ones), ``add -A`` into a copy of
-    the index, ``write-tree``, ``commit-tree`` and ``update-ref``; then ``ls-tree``
-    for ``files`` unless ``list_files`` is false (:func:`upload` lists them itself:
-    a recording leaves that to its background writer).
+    Seven short git processes (about 20 ms on a small repository): where the index
+    and HEAD are, the untracked files, ``add -u`` (tracked files, submodule commits)
+    and ``update-index --add`` of the untracked files taken into a copy of the index,
+    ``write-tree``, ``commit-tree`` and ``update-ref``; then ``ls-tree`` for ``files``
+    unless ``list_files`` is false (:func:`upload` lists them itself: a recording
+    leaves that to its background writer). The untracked files are named to git one
+    by one rather than through ``add -A`` and exclude pathspecs: an exclude that names
+    an ignored path (a store listed in ``.gitignore``) makes ``add`` fail, and
+    thousands of excludes make its matching quadratic. Nothing is left behind on a
+    failure: the ref is deleted again if a later step fails.
     """
     excl = [e.strip("/") for e in exclude if e and not e.startswith("..")]
-    tmp_index = None
+    tmp_index, commit = None, ""
     try:
         out = _git(repo_root, "rev-parse", "--absolute-git-dir", "--git-path", "index", "--revs-only", "HEAD^{commit}")
         lines = out.splitlines()
-        git_dir, real_index = lines[0], os.path.join(repo_root, lines[1])
+        git_dir, real_index = lines[0], os.path.join(repo_root, lines[1])  # a linked worktree has its own
         head = lines[2].strip() if len(lines) > 2 else ""  # empty: no commit yet
-        untracked = _git(repo_root, "ls-files", "--others", "--exclude-standard", "-z").split("\0")
-        left_out = []
-        for rel in untracked:
-            if not rel or any(rel == e or rel.startswith(e + "/") for e in excl):
-                continue
-            try:
-                if os.path.getsize(os.path.join(repo_root, rel)) > max_untracked_bytes:
-                    left_out.append(rel)
-            except OSError:
-                continue
+        listed = _git(repo_root, "ls-files", "--others", "--exclude-standard", "-z").split("\0")
+        chosen = _choose_untracked(repo_root, listed, excl, max_untracked_bytes, max_untracked_files,
+                                   max_untracked_total_bytes)
         fd, tmp_index = tempfile.mkstemp(prefix="flor-index-", dir=git_dir)
         os.close(fd)
         if os.path.exists(real_index):
@@ -134,32 +232,113 @@ def snapshot(
         else:
             os.unlink(tmp_index)
         env = {"GIT_INDEX_FILE": tmp_index, **_IDENTITY}
-        specs = ["."] + [f":(exclude,top){e}" for e in excl + left_out]
-        _git(repo_root, "add", "-A", "--", *specs, env=env)
+        _git(repo_root, "add", "-u", env=env)
+        if chosen.kept:  # --remove: a file deleted since it was listed is no error
+            _git(repo_root, "update-index", "--add", "--remove", "-z", "--stdin", env=env,
+                 input="".join(p + "\0" for p in chosen.kept))
         tree = _git(repo_root, "write-tree", env=env).strip()
         parents = ["-p", head] if head else []
         commit = _git(repo_root, "commit-tree", tree, *parents, "-m", message, env=env).strip()
-        _git(repo_root, "update-ref", ref, commit)
+        _git(repo_root, "update-ref", ref, commit, "")  # "": the ref must not exist yet
         files = tree_files(repo_root, tree) if list_files else {}
-    except (_GitError, OSError, IndexError) as exc:
-        raise RepositoryError(f"git snapshot of {repo_root!r} failed: {exc}") from exc
+    except BaseException as exc:
+        if commit:
+            _drop_ref(repo_root, ref, commit)
+        if isinstance(exc, (_GitError, OSError, IndexError)):
+            raise RepositoryError(f"git snapshot of {repo_root!r} failed: {exc}") from exc
+        raise
     finally:
         if tmp_index is not None and os.path.exists(tmp_index):
             os.unlink(tmp_index)
-    return Snapshot(repo_root, commit, tree, ref, files, tuple(left_out))
+    _warn_left_out(chosen, {"snapshot_max_untracked_files": max_untracked_files,
+                            "snapshot_max_untracked_total_bytes": max_untracked_total_bytes})
+    return Snapshot(repo_root, commit, tree, ref, files, chosen.left_out[:LEFT_OUT_LISTED], len(chosen.left_out),
+                    chosen.left_out_bytes)
+
+
+def _drop_ref(repo_root: str, ref: str, commit: str) -> None:
+    """Delete ``ref`` if it still points at ``commit`` (best effort: a cleanup)."""
+    try:
+        _git(repo_root, "update-ref", "-d", ref, commit)
+    except (_GitError, RepositoryError):
+        pass
+
+
+def discard(snap: Snapshot) -> None:
+    """Undo :func:`snapshot`'s ref, for a recording that failed to start."""
+    _drop_ref(snap.repo_root, snap.ref, snap.commit)
+
+
+def _ls_tree(root: str, treeish: str) -> Iterator[tuple[str, str, str, str]]:
+    """(mode, kind, id, path) of every entry of ``treeish``, recursively."""
+    for line in _git(root, "ls-tree", "-r", "-z", "--full-tree", treeish).split("\0"):
+        if line:
+            meta, path = line.split("\t", 1)
+            mode, kind, sha = meta.split()
+            yield mode, kind, sha, path
 
 
 def tree_files(repo_root: str, tree: str) -> dict[str, str]:
-    """Path -> blob id of every file in ``tree``."""
-    files = {}
-    for line in _git(repo_root, "ls-tree", "-r", "-z", tree).split("\0"):
-        if not line:
-            continue
-        meta, path = line.split("\t", 1)
-        mode, kind, sha = meta.split()
-        if kind == "blob":
-            files[path] = sha
-    return files
+    """Path -> blob id of every file in ``tree`` (a submodule's files not included)."""
+    return {path: sha for _, kind, sha, path in _ls_tree(repo_root, tree) if kind == "blob"}
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a version holds, as the store's manifest records it."""
+
+    files: Mapping[str, str]  # path -> blob id; a submodule's files under its path
+    modes: Mapping[str, str]  # path -> git mode, where not a plain file (100755, 120000)
+    links: Mapping[str, str]  # symlink path -> its target
+    submodules: Mapping[str, Mapping[str, object]]  # path -> {"commit", "files": bool, "why"}
+    sources: Mapping[str, frozenset[str]]  # repository root -> the blob ids read from it
+
+    def manifest(self, tree: str, commit: str) -> dict:
+        return {"tree": tree, "commit": commit, "files": dict(self.files), "modes": dict(self.modes),
+                "links": dict(self.links), "submodules": {k: dict(v) for k, v in self.submodules.items()}}
+
+
+_MAX_SUBMODULE_DEPTH = 8
+
+
+def list_version(repo_root: str, tree: str) -> Listing:
+    """The files of ``tree``, with those of its submodules' recorded commits."""
+    files: dict[str, str] = {}
+    modes: dict[str, str] = {}
+    subs: dict[str, dict] = {}
+    sources: dict[str, set[str]] = {}
+    link_blobs: dict[str, dict[str, str]] = {}  # root -> path -> blob id
+
+    def collect(root: str, treeish: str, prefix: str, depth: int) -> None:
+        for mode, kind, sha, path in _ls_tree(root, treeish):
+            full = prefix + path
+            if kind == "blob":
+                files[full] = sha
+                sources.setdefault(root, set()).add(sha)
+                if mode != "100644":
+                    modes[full] = mode
+                if mode == _LINK:
+                    link_blobs.setdefault(root, {})[full] = sha
+            elif kind == "commit":  # a gitlink: take the files of that commit from the checkout
+                sub = os.path.join(root, path)
+                why = ""
+                if depth >= _MAX_SUBMODULE_DEPTH:
+                    why = f"submodules nested deeper than {_MAX_SUBMODULE_DEPTH}"
+                elif not os.path.exists(os.path.join(sub, ".git")):
+                    why = "not checked out (git submodule update --init)"
+                else:
+                    try:
+                        collect(sub, sha, full + "/", depth + 1)
+                    except _GitError:
+                        why = "its commit is not in the checkout (git submodule update)"
+                subs[full] = {"commit": sha, "files": not why, **({"why": why} if why else {})}
+
+    collect(repo_root, tree, "", 0)
+    links = {}
+    for root, by_path in link_blobs.items():
+        texts = dict(_read_blobs(root, sorted(set(by_path.values()))))
+        links.update({p: os.fsdecode(texts[sha]) for p, sha in by_path.items()})
+    return Listing(files, modes, links, subs, {r: frozenset(s) for r, s in sources.items()})
 
 
 def _read_blobs(repo_root: str, shas: list[str]) -> Iterator[tuple[str, bytes]]:
@@ -200,11 +379,13 @@ def upload(store: "Store", snap: Snapshot) -> None:
     rel = f"code/versions/{snap.tree}.json"
     if store.exists(rel):
         return
-    files = dict(snap.files) or tree_files(snap.repo_root, snap.tree)
+    listing = list_version(snap.repo_root, snap.tree)
     have = set(store.listdir("code/objects"))
-    for sha, data in _read_blobs(snap.repo_root, sorted(set(files.values()) - have)):
-        store.write_bytes(f"code/objects/{sha}", data)
-    store.write_json(rel, {"tree": snap.tree, "commit": snap.commit, "files": files})
+    for root, shas in listing.sources.items():
+        for sha, data in _read_blobs(root, sorted(shas - have)):
+            store.write_bytes(f"code/objects/{sha}", data)
+            have.add(sha)
+    store.write_json(rel, listing.manifest(snap.tree, snap.commit))
 
 
 def read_version(store: "Store", version: str) -> dict:
@@ -220,22 +401,37 @@ def read_version(store: "Store", version: str) -> dict:
         ) from exc
 
 
+def _store_blob(store: "Store", version: str, path: str, sha: str) -> bytes:
+    """The content of ``path`` of ``version`` from the store, checked against its id."""
+    if not (isinstance(sha, str) and len(sha) == 40 and all(c in "0123456789abcdef" for c in sha)):
+        raise StoreError(f"code version {version} in the store {store.url!r} names file {path!r} by {sha!r}, "
+                         "not a git blob id: its manifest is corrupted; re-record the run")
+    try:
+        data = store.read_bytes(f"code/objects/{sha}")
+    except FileNotFoundError as exc:
+        raise StoreError(f"file {path!r} of code version {version} is missing from the store {store.url!r} "
+                         f"(code/objects/{sha}); its upload did not finish: re-record the run") from exc
+    if blob_id(data) != sha:
+        raise TamperedFile(
+            f"file {path!r} of code version {version} in the store {store.url!r} was changed or corrupted: "
+            f"code/objects/{sha} does not hash to its id, so this code is not run. Restore it from the "
+            f"repository that recorded it (`git cat-file blob {sha} > <store>/code/objects/{sha}`) or "
+            "re-record the run", path, sha)
+    return data
+
+
 def read_file(store: "Store", version: str, path: str) -> bytes:
     files = read_version(store, version)["files"]
     if path not in files:
         raise StoreError(f"version {version} has no file {path!r}; files: {', '.join(sorted(files)[:20])}")
-    return store.read_bytes(f"code/objects/{files[path]}")
+    return _store_blob(store, version, path, files[path])
 
 
-def materialize(store: "Store", version: str, dest: str | os.PathLike) -> Path:
-    """Write every file of ``version`` under ``dest`` (a fresh directory)."""
+def materialize(store: "Store", version: str, dest: str | os.PathLike, manifest: Mapping | None = None) -> Path:
+    """Write every file of ``version`` under ``dest`` (a fresh directory), each checked
+    against its blob id; ``.flor-version.json`` there says which symlinks were left out."""
     dest = Path(dest)
-    manifest = read_version(store, version)
-    for path, sha in manifest["files"].items():
-        target = (dest / path).resolve()
-        if not str(target).startswith(str(dest.resolve())):
-            raise StoreError(f"version {version} holds a path {path!r} outside its tree")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(store.read_bytes(f"code/objects/{sha}"))
-    (dest / ".flor-version.json").write_text(json.dumps({"version": version}))
+    manifest = manifest if manifest is not None else read_version(store, version)
+    notes = write_files(dest, manifest, lambda path, sha: _store_blob(store, version, path, sha), version)
+    (dest / ".flor-version.json").write_text(json.dumps({"version": version, "notes": notes}))
     return dest

@@ -102,7 +102,11 @@ def ray_local():
 
     if not ray.is_initialized():
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # replay tasks take store credentials from their environment, never from the plan:
+        # these are the ones the moto S3 servers of the tests accept
+        creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": creds})
     ensure_ray()
     yield ray
     ray.shutdown()

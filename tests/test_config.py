@@ -67,13 +67,15 @@ def test_flor_config_env_names_the_file(tmp_path, monkeypatch):
 
 def test_every_env_var_is_read(monkeypatch):
     values = {"store": "s3://b/p", "checkpoint_budget": "0.03", "checkpoint_max_period": "7",
-              "snapshot_max_file_bytes": "1024", "fidelity_rtol": "1e-6", "max_retries": "0"}
+              "snapshot_max_file_bytes": "1024", "fidelity_rtol": "1e-6", "max_retries": "0",
+              "snapshot_max_untracked_files": "12", "snapshot_max_untracked_total_bytes": "4096"}
     assert set(values) == set(ENV_VARS)
     for name, raw in values.items():
         monkeypatch.setenv(ENV_VARS[name], raw)
     s = load_settings()
     assert (s.store, s.checkpoint_budget, s.checkpoint_max_period, s.snapshot_max_file_bytes, s.fidelity_rtol,
-            s.max_retries) == ("s3://b/p", 0.03, 7, 1024, 1e-6, 0)
+            s.max_retries, s.snapshot_max_untracked_files, s.snapshot_max_untracked_total_bytes) == (
+        "s3://b/p", 0.03, 7, 1024, 1e-6, 0, 12, 4096)
     assert isinstance(s.checkpoint_max_period, int) and isinstance(s.checkpoint_budget, float)
 
 

@@ -109,7 +109,7 @@ def test_sql_stays_read_only(st):
     for bad, word in (("SELECT 1; DROP VIEW logs", "DROP"), ("SELECT 1; SET threads = 1", "SET"),
                       ("FROM logs; INSERT INTO logs_arrow SELECT * FROM logs_arrow", "INSERT"),
                       ("EXPLAIN ANALYZE DELETE FROM logs_arrow", "DELETE"),
-                      ("WITH x AS (SELECT 1) INSERT INTO runs SELECT * FROM runs", "WITH"),
+                      ("WITH x AS (SELECT 1) INSERT INTO runs SELECT * FROM runs", "INSERT"),
                       ("CREATE TABLE t AS SELECT 1", "CREATE")):
         with pytest.raises(QueryError, match=f"runs queries only .*not {word}"):
             flor_ray.sql(bad, store=st)

@@ -295,23 +295,28 @@ def test_profile_off_changes_nothing():
 
 # ------------------------------------------------------------------ the benchmark
 @pytest.mark.skipif(os.environ.get("FLOR_SKIP_BENCH") == "1", reason="FLOR_SKIP_BENCH=1")
-def test_bench_record_quick():
+def test_bench_record_quick(tmp_path):
+    results = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_") and k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["BENCH_RESULTS_DIR"] = str(results)  # never the checkout's benchmarks/results
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_record.py"), "--quick",
                            "--rounds", "1", "--workload", "2", "--repeats", "1", "--concurrent", "1",
                            "--allocator", "pinned", "--placebo"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    res = json.loads((REPO_ROOT / "benchmarks" / "results" / "record.json").read_text())["quick"]
+    res = json.loads((results / "record.json").read_text())["quick"]
     o = res["overhead"]
     assert set(o["variants"]) >= {"plain", "flor"}
     fp = o["ratios"]["flor/plain"]
-    assert len(fp["per_round_wall"]) == o["rounds"] and o["ratio_wall"] == fp["median_wall"]
-    assert o["pass"] == (fp["median_wall"] <= 1.02)
+    assert len(fp["per_round_wall"]) == o["rounds"]
     assert o["same_final_loss"] and o["loss_rows_recorded"] == o["loss_rows_expected"]
+    # flor_ray's own time by its accounting (the wall ratio of one quick round on a shared
+    # machine says little). A quick run's 2 short epochs carry all of its fixed costs
+    # (start, first flush, checkpoints): 10% on a loaded 2-core machine, against 1% in
+    # the full benchmark; 25% still fails an overhead of a third of the training time
     a = o["accounting"]
-    assert a["runs"] == o["rounds"] and 0 < a["median_share_of_train_loop"] < 1
+    assert a["runs"] == o["rounds"] and 0 < a["median_share_of_train_loop"] < 0.25
     f = res["flordb"]
     assert f["available"] or f["reason"]
     if f["available"] and not f["errors"]:

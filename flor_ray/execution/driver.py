@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .task import ReplayProcessKilled, TaskResult, run_task
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..planning.plan import Plan
+    from ..planning.plan import DamagedCheckpoint, Plan, Refused
 
 __all__ = ["Report", "Fidelity", "TaskFidelity", "Conflict", "run_plan", "ensure_ray", "compare_fidelity", "find_conflicts"]
 
@@ -59,7 +59,14 @@ class Report:
     fidelity: Fidelity
     wall_s: float
     estimate_s: float
+    refused: tuple["Refused", ...] = ()  # requested names left out, per version
+    damaged: tuple["DamagedCheckpoint", ...] = ()  # checkpoints the plan routed around
     conflicts: tuple[Conflict, ...] = ()
+
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        """Damaged checkpoints the tasks found and routed around, one line each."""
+        return tuple(n for r in self.results for n in r.notes)
 
     @property
     def ok(self) -> bool:
@@ -90,6 +97,11 @@ class Report:
             if r.error:
                 line += f"  {r.error}"
             lines.append(line)
+            lines.extend(f"    {n}" for n in r.notes)
+        for d in self.damaged:
+            lines.append(f"  run {d.run_id} iteration {d.iteration}: checkpoint {d.path} {d.reason}; planned around it")
+        for x in self.refused:
+            lines.append(f"  skipped {x.name} in version {x.version[:8]} ({x.runs} run{'s' if x.runs != 1 else ''}): {x.reason}")
         for rid, why in self.skipped_runs:
             lines.append(f"  skipped run={rid}: {why}")
         f = self.fidelity
@@ -253,7 +265,7 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
     _keep_apart(plan, fid)
     conflicts = find_conflicts(plan, sorted({r.run_id for r in results if r.status in ("done", "skipped")}))
     return Report(tuple(results), tuple((s.run_id, s.reason) for s in plan.skipped), fid,
-                  round(time.time() - t0, 3), round(expected, 3), conflicts)
+                  round(time.time() - t0, 3), round(expected, 3), plan.refused, plan.damaged, conflicts)
 
 
 def _keep_apart(plan: "Plan", fid: Fidelity) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["TaskResult", "run_task", "CACHE_DIR", "ReplayProcessKilled"]
+__all__ = ["TaskResult", "run_task", "ReplayProcessKilled"]
 
-CACHE_DIR = Path(os.environ.get("FLOR_CACHE_DIR", Path(tempfile.gettempdir()) / "flor-ray-cache"))
 #: Fork replayed scripts from a warm zygote (torch etc. imported once per worker)
 #: instead of starting ``python script.py`` per task; FLOR_REPLAY_FORK=0 turns it off.
 FORK = os.environ.get("FLOR_REPLAY_FORK", "1") != "0" and hasattr(os, "fork")
@@ -93,30 +91,43 @@ class TaskResult:
     phases: tuple[tuple[str, float], ...] = ()
     worker: str | None = None  # "node:pid" of the process that ran the task (its zygote stays warm)
     started_at: float | None = None  # its start, seconds since the epoch (the history's concurrency)
+    #: what the task did differently from its plan (a damaged checkpoint routed around)
+    notes: tuple[str, ...] = ()
 
 
-def _materialize_cached(store, version: str) -> Path:
-    """The version's files, once per machine (content-addressed, immutable)."""
-    from ..versions import materialize
-
-    target = CACHE_DIR / version
-    if (target / ".flor-version.json").exists():
-        return target
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version[:8]}-", dir=CACHE_DIR))
-    materialize(store, version, tmp)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another task on this machine won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def _run_around_damage(spec: Mapping[str, Any], markers: Mapping[str, str], spec_path: Path, call: tuple,
+                       timings: dict) -> int:
+    """Run the script; while it fails on a damaged checkpoint (the session wrote
+    the damage marker), run it again with that checkpoint routed around. Time spent
+    in the failed attempts goes to the ``fallback`` phase. Each attempt finds a new
+    damaged checkpoint, so this ends within the checkpoints the task may use."""
+    damaged: list[dict] = []
+    damage = Path(markers["damage_marker"])
+    limit = len(spec.get("fallbacks") or ()) + len(spec.get("checkpoints") or ()) + 1
+    while True:
+        spec_path.write_text(json.dumps({**spec, **markers, "damaged": damaged}))
+        call[3]["FLOR_T_START"] = repr(time.time())
+        t, attempt = time.time(), {}
+        code = _run_script(*call, attempt)
+        if "zygote" in attempt:
+            timings["zygote"] = timings.get("zygote", 0.0) + attempt["zygote"]
+        if code < 0 or not damage.exists() or len(damaged) >= limit:
+            return code
+        found = json.loads(damage.read_text())
+        damage.unlink()
+        if any(d["path"] == found["path"] for d in damaged):
+            return code  # routed around already, yet reported again: not a damage this can fix
+        damaged.append(found)
+        timings["fallback"] = timings.get("fallback", 0.0) + time.time() - t - attempt.get("zygote", 0.0)
 
 
 def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | None, estimate_s: float = 0.0,
              timeout_s: float | None = None) -> TaskResult:
     import socket
 
+    from ..credentials import task_options
     from ..store import Store
+    from .cache import checked_copy
 
     t0 = time.time()
     node = socket.gethostname()
@@ -127,27 +138,26 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
         except Exception:  # noqa: BLE001 - the hostname will do
             pass
     key, run_id = spec["task"], spec["run_id"]
-    store = Store(spec["store"], spec.get("storage_options") or {})
+    store = Store(spec["store"], task_options(spec["store"], spec.get("storage_options") or {}))
     try:
         if store.exists(spec["output"]):
             return TaskResult(key, run_id, "skipped", 0, time.time() - t0, estimate_s,
                               error="already done (its partition exists)", node=node)
-        base = _materialize_cached(store, spec["version"])
         with tempfile.TemporaryDirectory(prefix=f"flor-task-{key[:8]}-") as tmp:
-            work = Path(tmp) / "tree"
-            shutil.copytree(base, work, symlinks=True)
+            work = checked_copy(store, spec["version"], Path(tmp) / "tree")
             script = work / spec["script"]
             script.write_text(code)
             spec_path = Path(tmp) / "spec.json"
             done_path = Path(tmp) / "done.json"
-            spec_path.write_text(json.dumps({**spec, "done_marker": str(done_path)}))
-            env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_")}
+            damage_path = Path(tmp) / "damaged.json"
+            # FLOR_CONFIG stays: the replayed process reads the store's credentials from it too
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FLOR_") or k == "FLOR_CONFIG"}
             env["FLOR_REPLAY"] = str(spec_path)
-            env["FLOR_T_START"] = repr(time.time())
             run_dir = work / cwd if cwd else script.parent
             out, err = Path(tmp) / "stdout.txt", Path(tmp) / "stderr.txt"
             timings = {"prepare": time.time() - t0}
-            code = _run_script(script, list(argv), run_dir, env, out, err, timeout_s, timings)
+            code = _run_around_damage(spec, {"done_marker": str(done_path), "damage_marker": str(damage_path)},
+                                      spec_path, (script, list(argv), run_dir, env, out, err, timeout_s), timings)
             wall = time.time() - t0
             if code < 0:
                 raise ReplayProcessKilled(f"the replayed script of task {key} was killed by signal {-code}")
@@ -163,7 +173,7 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
             outer = {**timings, "process": max(wall - sum(timings.values()) - sum(inner.values()), 0.0)}
             phases = tuple((k, round(v, 4)) for k, v in (*outer.items(), *inner.items()))
             return TaskResult(key, run_id, "done", done["rows"], wall, estimate_s, node=node, phases=phases,
-                              worker=f"{node}:{os.getpid()}", started_at=t0)
+                              worker=f"{node}:{os.getpid()}", started_at=t0, notes=tuple(done.get("notes") or ()))
     except ReplayProcessKilled:
         raise  # Ray retries it (driver: retry_exceptions)
     except Exception as exc:  # noqa: BLE001 - a failure is a value, never lost

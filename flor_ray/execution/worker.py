@@ -8,12 +8,22 @@ of the segment's iterations and writes them as one Parquet file at exit. Nothing
 of the recording (runs table, checkpoints, code) is written.
 
 Spec keys: ``store``, ``storage_options``, ``run_id``, ``version``, ``script``,
-``args``, ``mode`` (``skip``: restore each iteration's checkpoint and skip the inner
+``args``, ``carried`` (loop-carried names a restore writes back), ``mode`` (``skip``: restore each iteration's checkpoint and skip the inner
 loops; ``reexec``: restore once, then run for real), ``start``/``stop`` (outer
 iterations whose rows are kept, inclusive), ``restore`` (``reexec``: one checkpoint
 entry or null), ``checkpoints`` (``skip``: iteration -> entry), ``names`` (names to
 keep, null for all), ``setup`` / ``after`` (keep rows outside the outer loop, before
 / after it), ``output`` (store-relative partition path), ``task`` (its key).
+
+Damaged checkpoints: ``fallbacks`` lists the run's checkpoint entries before
+``stop``, ``damaged`` the ones an earlier attempt of this task found damaged
+(``{path, iteration, reason}``). A restore that finds its checkpoint missing,
+truncated or corrupted writes it to ``damage_marker`` and fails; the task then
+runs the script again with it in ``damaged``, and this session routes around it
+from the start: it restores the nearest earlier good checkpoint instead (or runs
+from iteration 0) and re-executes the iterations in between, keeping only the
+segment's rows, so the values are those of the recording. The done marker's
+``notes`` say which fallback was used.
 """
 
 from __future__ import annotations
@@ -46,16 +56,24 @@ class ReplaySession(LoopRuntime):
         self.phases: dict[str, float] = {"start": max(now - t_start, 0.0), "setup": 0.0, "restore": 0.0,
                                          "loop": 0.0, "after": 0.0, "write": 0.0}
         self._t_mark = now
+        from ..credentials import task_options
         from ..store import Store
 
         self.spec = dict(spec)
-        self.store = Store(spec["store"], spec.get("storage_options") or {})
+        self.store = Store(spec["store"], task_options(spec["store"], spec.get("storage_options") or {}))
         self.args = dict(spec.get("args") or {})
         self.mode = spec.get("mode", "reexec")
         self.start, self.stop = int(spec["start"]), int(spec["stop"])
         self.names = None if spec.get("names") is None else set(spec["names"])
         self.restore_entry = spec.get("restore")
         self.checkpoints = {int(k): v for k, v in (spec.get("checkpoints") or {}).items()}
+        self.carried = tuple(spec.get("carried") or ())  # loop-carried names to write back at a restore
+        # skip mode around damaged checkpoints: iterations re-executed, extra restores
+        self._reexec: set[int] = set()
+        self._fallback_at: dict[int, dict] = {}
+        self._fallback_notes: list[tuple[dict, dict | None]] = []  # (damaged entry, used instead)
+        self._damaged: list[dict] = []
+        self._route_around(spec.get("damaged") or ())
         self._objects: dict[str, Any] | None = None
         self._in_ckpt = False
         self._restore_at: dict | None = None  # entry to restore at a depth-1 exit
@@ -81,13 +99,59 @@ class ReplaySession(LoopRuntime):
 
         sys.excepthook = hook
 
+    def _route_around(self, damaged: Iterable[Mapping[str, Any]]) -> None:
+        """Replace each damaged checkpoint by the nearest earlier good one (None:
+        iteration 0) and re-execute from there to the damaged one's iteration."""
+        bad = {d["path"]: d for d in damaged}
+        self._damaged = list(bad.values())
+        if not bad:
+            return
+        good = {int(e["iteration"]): e for e in self.spec.get("fallbacks") or () if e["path"] not in bad}
+
+        def earlier(i: int) -> dict | None:
+            before = [j for j in good if j < i]
+            return good[max(before)] if before else None
+
+        if self.mode == "reexec" and self.restore_entry and self.restore_entry["path"] in bad:
+            instead = earlier(int(self.restore_entry["iteration"]))
+            self._fallback_notes.append((bad[self.restore_entry["path"]], instead))
+            self.restore_entry = instead
+        elif self.mode == "skip":
+            for i, entry in sorted(self.checkpoints.items()):
+                if entry["path"] not in bad:
+                    continue
+                instead = earlier(i)
+                self._fallback_notes.append((bad[entry["path"]], instead))
+                if instead is not None:
+                    self._fallback_at[int(instead["iteration"])] = instead
+                self._reexec.update(range(int(instead["iteration"]) + 1 if instead else 0, i + 1))
+
+    def _fallback_lines(self) -> list[str]:
+        """One line per damaged checkpoint this task's attempts found, and what replaced it."""
+        loop = self._outer_name or "iteration"
+        used = {d["path"]: instead for d, instead in self._fallback_notes}
+        out = []
+        for d in self._damaged:
+            if d["path"] not in used:
+                how = "passed over as a fallback"
+            elif used[d["path"]] is not None:
+                how = f"replayed from the checkpoint of {loop} {used[d['path']]['iteration']}"
+            else:
+                how = f"re-executed from {loop} 0 (no earlier good checkpoint)"
+            out.append(f"run {self.spec['run_id']} {loop} {d['iteration']}: {d['reason']}; {how}")
+        return out
+
     @classmethod
     def from_spec_file(cls, path: str) -> "ReplaySession":
         with open(path) as f:
             return cls(json.load(f))
 
     def _suppress_saves(self) -> None:
-        """Training side effects: torch.save to the user's paths does nothing in replay."""
+        """Training side effects: torch.save to the user's paths does nothing in replay.
+        (Also hooks DataLoader iterators, so that a restore can re-draw their positions.)"""
+        from ..record.carried import install_loader_hook
+
+        install_loader_hook()
         torch = sys.modules.get("torch")
         if torch is not None and not getattr(torch.save, "_flor_suppressed", False):
             def _no_save(*_a: Any, **_k: Any) -> None:
@@ -137,13 +201,15 @@ class ReplaySession(LoopRuntime):
             self.finish()
             raise SegmentDone(0)
         if self.mode == "skip":
-            if i < self.start:
-                return False
-            entry = self.checkpoints.get(i)
+            keep = i >= self.start and i in self.checkpoints
+            if i in self._reexec:  # on the way to (or at) a damaged checkpoint's iteration
+                self._keep_iter = keep
+                return True
+            entry = self.checkpoints.get(i) if keep else self._fallback_at.get(i)
             if entry is None:  # not asked for (or replayed by another task): not executed
                 return False
             self._restore_at = entry
-            self._keep_iter = True
+            self._keep_iter = keep
             return True
         restore_iter = self.restore_entry["iteration"] if self.restore_entry else -1
         if i < restore_iter:
@@ -186,20 +252,24 @@ class ReplaySession(LoopRuntime):
         self._lap("loop")
         where = self.store.full_url(entry["path"])
         try:
-            data = self.store.read_bytes(entry["path"])
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"checkpoint {where} is missing", path=where) from exc
-        if entry.get("bytes") is not None and len(data) != entry["bytes"]:
-            raise CheckpointError(
-                f"checkpoint {where} is truncated: {len(data)} bytes, {entry['bytes']} recorded", path=where
-            )
-        if entry.get("sha256"):
-            import hashlib
-
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise CheckpointError(f"checkpoint {where} is corrupted (sha256 differs from the recording)", path=where)
-        restore(self._objects or {}, deserialize(data, where), where)
+            snapshot = deserialize(self._checkpoint_bytes(entry), where)
+        except CheckpointError as exc:  # damaged: the task retries around it (see the module doc)
+            self._report_damage(entry, exc)
+            raise
+        restore(self._objects or {}, snapshot, where, self._scope_frame, self.carried)
         self._lap("restore")
+
+    def _checkpoint_bytes(self, entry: Mapping[str, Any]) -> bytes:
+        from ..past_checkpoints import read_verified
+
+        return read_verified(self.store, entry)
+
+    def _report_damage(self, entry: Mapping[str, Any], exc: CheckpointError) -> None:
+        self._failed = True  # even if the script catches the error: its state is not the recording's
+        marker = self.spec.get("damage_marker")
+        if marker:
+            with open(marker, "w") as f:
+                json.dump({"path": entry["path"], "iteration": int(entry["iteration"]), "reason": str(exc)}, f)
 
     # ------------------------------------------------------------------ rows
     def _move_rows(self) -> None:
@@ -252,4 +322,5 @@ class ReplaySession(LoopRuntime):
         done = self.spec.get("done_marker")
         if done:
             with open(done, "w") as f:
-                json.dump({"rows": table.num_rows, "phases": {k: round(v, 4) for k, v in self.phases.items()}}, f)
+                json.dump({"rows": table.num_rows, "phases": {k: round(v, 4) for k, v in self.phases.items()},
+                           "notes": self._fallback_lines()}, f)

@@ -18,7 +18,16 @@ flow, so this module answers it from the source alone (libcst, no execution):
   mutate their arguments or globals);
 * a backward slice from the log statement follows reaching definitions, including
   loop back edges; a definition reached through the outer loop's back edge is a
-  *loop-carried* value, which no checkpoint restores.
+  *loop-carried* value. Checkpoints capture the plain ones (and generators, loader
+  positions); the planner checks that the checkpoints it restores hold every
+  carried name the statement reads and, when iterations re-execute, every one the
+  training code reads (:attr:`ScriptAnalysis.training_carried`: the slice of each
+  write of checkpointed state, where ``loss.backward()`` writes the models'
+  gradients and ``g["lr"] = lr`` in ``for g in opt.param_groups`` writes ``opt``);
+* skip mode restores a checkpoint where the last inner loop exits (at the end of
+  an iteration without inner loops); outer-level code before that point runs on
+  state nothing restored, so a statement there that reads checkpointed or
+  loop-carried state re-executes the iteration from the checkpoint before it.
 
 Everything here errs towards re-execution: skipping wrongly yields wrong values,
 re-executing wrongly only costs time. Each :class:`Need` says why in a sentence
@@ -67,6 +76,8 @@ _MUTATORS = frozenset(
         "append", "extend", "insert", "update", "pop", "popitem", "add", "remove", "discard",
         "clear", "setdefault", "sort", "reverse", "step", "backward", "load_state_dict",
         "put", "push", "appendleft", "extendleft", "write", "fill_", "send",
+        # reading advances a file or an iterator: the next read depends on this one
+        "next", "__next__", "read", "readline", "readlines", "seek", "truncate",
     }
 )
 #: Methods that set their receiver's state from their arguments only: the call does
@@ -133,6 +144,10 @@ class ScriptAnalysis:
     loop_carried: tuple[str, ...]
     needs: tuple[tuple[str, Need], ...] = field(default=(), repr=False)
     filename: str = "<script>"
+    #: loop-carried names that the training code reads (the backward slice of every
+    #: write of checkpointed state in the outer loop): a replay that re-executes
+    #: iterations from a mid-run checkpoint must restore them
+    training_carried: tuple[str, ...] = ()
 
     @property
     def logged_names(self) -> tuple[str, ...]:
@@ -174,6 +189,7 @@ class _Summary:
     reads_grad: bool = False
     has_loop: bool = False
     callees: frozenset[str] = frozenset()
+    backward: bool = False
 
 
 @dataclass
@@ -194,6 +210,7 @@ class _Unit:
     all_callees: frozenset[str] = frozenset()  # transitive
     calls_loop: bool = False  # calls a script function that runs a flor.loop
     flor_loop_call: bool = False
+    backward: bool = False  # calls .backward(): writes the gradients of every checkpointed model
     node: cst.CSTNode | None = None  # rendered lazily, only for the reasons that quote it
     logs: tuple[tuple[str | None, int, frozenset[str]], ...] = ()
 
@@ -438,6 +455,9 @@ class _Walker:
         self.outer_targets: frozenset[str] = frozenset()
         self.inlined: set[str] = set()
         self._ids = itertools.count()
+        #: names bound to a part of another object (``g`` in ``for g in opt.param_groups``,
+        #: ``params = model.parameters()``): mutating them mutates that object
+        self.alias: dict[str, str] = {}
 
     # -- statements
     def walk(
@@ -502,6 +522,7 @@ class _Walker:
             )
             if is_outer:
                 self.outer_targets = self.units[tgt].strong
+            self._bind_alias(stmt.target, stmt.iter)
             self.walk(self._block(stmt.body), body_chain, guards + (it,), inner_path, function, stack)
             loop.end = len(self.units) - 1
             if stmt.orelse is not None:
@@ -563,6 +584,8 @@ class _Walker:
             for t in small.targets:
                 self._assign_target(t.target, strong, weak, scan)
             small.value.visit(scan)
+            if len(small.targets) == 1:
+                self._bind_alias(small.targets[0].target, small.value)
         elif isinstance(small, cst.AnnAssign):
             if small.value is not None:
                 self._assign_target(small.target, strong, weak, scan)
@@ -595,6 +618,15 @@ class _Walker:
         else:
             small.visit(scan)
         self._add(small, chain, guards, path, function, scan=scan, strong=frozenset(strong), weak=frozenset(weak), stmt_call=stmt_call, node_for_line=small)
+
+    def _bind_alias(self, target: cst.BaseExpression, value: cst.BaseExpression) -> None:
+        if not isinstance(target, cst.Name):
+            return
+        root = _root(value)
+        if root is not None and root != target.value and not self.an.is_module(root):
+            self.alias[target.value] = self.alias.get(root, root)
+        else:
+            self.alias.pop(target.value, None)
 
     def _assign_target(self, node: cst.BaseExpression, strong: set[str], weak: set[str], scan: _Scan) -> None:
         if isinstance(node, cst.Name):
@@ -640,6 +672,7 @@ class _Walker:
         callees: set[str] = set()
         all_callees: set[str] = set()
         calls_loop = False
+        backward = False
         logs: list[tuple[str | None, int, frozenset[str]]] = []
         for call in scan.calls:
             api = an.api(call.func)
@@ -665,11 +698,17 @@ class _Walker:
                 weak_s |= summ.mutated_free
                 grad |= summ.reads_grad
                 calls_loop |= summ.has_loop
+                backward |= summ.backward
                 weak_s |= _mutated_args(call, summ)
+            elif isinstance(func, cst.Name) and func.value == "next" and call.args:
+                first = _root(call.args[0].value)  # next(it) advances the iterator
+                if first is not None and not an.is_module(first):
+                    weak_s.add(first)
             elif isinstance(func, cst.Attribute):
                 root = _root(func.value)
                 attr = func.attr.value
                 is_stmt = call is stmt_call
+                backward |= attr == "backward"
                 if root is not None and not an.is_module(root):
                     if attr in _MUTATORS or is_stmt or (attr.endswith("_") and not attr.startswith("__")):
                         weak_s.add(root)
@@ -688,9 +727,11 @@ class _Walker:
                 first = _root(call.args[0].value)
                 if first is not None and not an.is_module(first):
                     weak_s.add(first)
+        weak_s |= {self.alias[w] for w in weak_s if w in self.alias}
         unit.uses = frozenset(loads)
         unit.strong = strong
         unit.weak = frozenset(weak_s - set(an.flor_names))
+        unit.backward = backward
         unit.grad = grad
         unit.callees = frozenset(callees)
         unit.all_callees = frozenset(all_callees)
@@ -802,9 +843,10 @@ class _Analyzer:
         uses: set[str] = set()
         weak: set[str] = set()
         strong: set[str] = set()
-        grad = has_loop = False
+        grad = has_loop = backward = False
         callees: set[str] = set()
         for u in walker.units:
+            backward |= u.backward
             uses |= u.uses
             weak |= u.weak
             strong |= u.strong
@@ -821,6 +863,7 @@ class _Analyzer:
             reads_grad=grad,
             has_loop=has_loop,
             callees=frozenset(callees),
+            backward=backward,
         )
 
     def _fixpoint(self) -> None:
@@ -837,6 +880,7 @@ class _Analyzer:
                         merged.free_reads | p.free_reads, merged.mutated_params | p.mutated_params,
                         merged.mutated_free | p.mutated_free, merged.reads_grad or p.reads_grad,
                         merged.has_loop or p.has_loop, merged.callees | p.callees,
+                        merged.backward or p.backward,
                     )
                 new[name] = merged
             if new == self.summaries:
@@ -853,6 +897,9 @@ class _Analyzer:
         self.outer = drv.outer
         self.checkpointed = self._checkpointed()
         self.ckpt_names = frozenset(c for c in self.checkpointed if c.isidentifier())
+        for u in self.units:
+            if u.backward:  # gradients of the checkpointed models (which the next step applies)
+                u.weak = u.weak | self.ckpt_names
         self.defs: dict[str, list[_Unit]] = defaultdict(list)
         for u in self.units:
             for n in u.strong | u.weak:
@@ -894,6 +941,7 @@ class _Analyzer:
             loop_carried=self._loop_carried(),
             needs=needs,
             filename=self.filename,
+            training_carried=self._training_carried(),
         )
 
     def _checkpointed(self) -> tuple[str, ...]:
@@ -942,11 +990,15 @@ class _Analyzer:
         self.first_inner = min((s for s, _ in spans), default=None)
         self.last_inner = max((e for _, e in spans), default=None)
 
-    def _stale(self, u: _Unit) -> bool:
-        """Between inner loops, checkpointed objects still hold the previous iteration's state."""
-        if self.first_inner is None or not self.in_body[u.pos] or self.inner[u.pos]:
+    def _before_restore(self, u: _Unit) -> bool:
+        """Outer-level code that skip mode runs before it restores the iteration's
+        checkpoint (when the last inner loop exits, or at the iteration's end when
+        there is none): it runs on state that nothing restored, and what training it
+        does there (``optimizer.step(closure)``, one step of a step loop) starts from
+        the wrong weights."""
+        if not self.in_body[u.pos] or self.inner[u.pos]:
             return False
-        return self.first_inner < u.pos < self.last_inner  # type: ignore[operator]
+        return self.last_inner is None or u.pos < self.last_inner
 
     def _reaching(self, name: str, u: _Unit) -> tuple[list[_Unit], bool]:
         ds = self.defs.get(name, [])
@@ -999,7 +1051,7 @@ class _Analyzer:
                     continue
                 res.reads.add(n)
                 ckpt = n in self.ckpt_names
-                if ckpt and not start_inner and self._stale(u):
+                if ckpt and not start_inner and self._before_restore(u):
                     res.stale.append((n, u))
                 defs, carried = self._reaching(n, u)
                 if carried and not ckpt and n not in self.drv.outer_targets:
@@ -1026,6 +1078,12 @@ class _Analyzer:
                 if self._reaching(n, u)[1]:
                     out.add(n)
         return tuple(sorted(out))
+
+    def _training_carried(self) -> tuple[str, ...]:
+        """Loop-carried names that flow into checkpointed state (``lr`` through
+        ``g["lr"] = lr``, a batch iterator through ``loss.backward()``)."""
+        seeds = [(u, u.uses) for u in self.units if self.in_body[u.pos] and (u.strong | u.weak) & self.ckpt_names]
+        return _t(self._slice(seeds, True).carried) if seeds else ()
 
     # -- needs
     def _where(self, d: _Unit) -> str:
@@ -1067,18 +1125,28 @@ class _Analyzer:
             )
             full = self._slice([(s, vuses)], True)
             return Need("inner", why + _carried_note(full.carried), _t(full.reads), _t(full.carried))
+        if res.stale:
+            n, d = res.stale[0]
+            where = "between inner loops" if self.first_inner is not None and d.pos > self.first_inner else (
+                "before the inner loops" if self.first_inner is not None else "in an iteration without inner loops")
+            restores = ("when the last inner loop exits" if self.first_inner is not None
+                        else "at the end of the iteration")
+            why = (
+                f"{what} reads the checkpointed {n!r} {where} (line {d.line}: {self.code(d.node)}); skip mode "
+                f"restores the checkpoint only {restores}, so the iteration must re-execute from the checkpoint before it."
+            )
+            return Need("inner", why + _carried_note(res.carried), _t(res.reads), _t(res.carried))
+        if body and res.carried and self._before_restore(s):
+            why = (
+                f"{what} reads loop-carried {', '.join(sorted(res.carried))} before the point where skip mode "
+                "restores the checkpoint, so the iteration must re-execute from the checkpoint before it."
+            )
+            return Need("inner", why + _carried_note(res.carried), _t(res.reads), _t(res.carried))
         if res.grad_units:
             d = min(res.grad_units, key=lambda x: x.pos)
             why = (
                 f"{what} reads gradients (line {d.line}: {self.code(d.node)}); checkpoints hold state_dicts, "
                 "not gradients, so the inner loops must re-execute."
-            )
-            return Need("inner", why + _carried_note(res.carried), _t(res.reads), _t(res.carried))
-        if res.stale:
-            n, d = res.stale[0]
-            why = (
-                f"{what} reads the checkpointed {n!r} between inner loops (line {d.line}); skip mode restores "
-                "the checkpoint only when the last inner loop exits, so the inner loops must re-execute."
             )
             return Need("inner", why + _carried_note(res.carried), _t(res.reads), _t(res.carried))
         if body:
@@ -1167,8 +1235,8 @@ def _carried_note(carried: set[str] | tuple[str, ...]) -> str:
         return ""
     names = ", ".join(sorted(carried))
     return (
-        f" It reads loop-carried state ({names}) that no checkpoint restores, "
-        "so replay must start from the first iteration."
+        f" It reads loop-carried state ({names}): a replay restores it from the checkpoints that captured it "
+        "(plain values, generators, DataLoader positions); without one, replay starts from the first iteration."
     )
 
 

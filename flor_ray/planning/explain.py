@@ -51,10 +51,14 @@ def explain(plan: "Plan") -> str:
         if p.code is None:
             lines.append(f"  Propagate[{p.version[:8]}] FAILED: {p.error}")
             continue
-        placed = "; ".join(p.placements) or "already logged"
+        placed = "; ".join(p.placements) or ("nothing placed" if p.refused else "already logged")
         lines.append(f"  Propagate[{p.version[:8]}] {placed}")
         for s in by_version.get(p.version, []):
             lines.append(f"    Need[{s}]")
+    for r in plan.refused:
+        lines.append(f"  Skip[name={r.name} version={r.version[:8]} runs={r.runs}] {r.reason}")
+    for d in plan.damaged:
+        lines.append(f"  Damaged[run={d.run_id} iteration={d.iteration}] checkpoint {d.path} {d.reason}: planned around it")
     for t in plan.tasks:
         lines.append(_task_line(t))
     for s in plan.skipped:

@@ -49,8 +49,8 @@ def record_history(store: "Store", plan: "Plan", results: Sequence["TaskResult"]
     samples = []
     for r in results:
         t = by_key.get(r.key)
-        if r.status != "done" or t is None or r.key not in conc:
-            continue
+        if r.status != "done" or t is None or r.key not in conc or r.notes:
+            continue  # (notes: a damaged checkpoint routed around; not the work estimated)
         cold = dict(r.phases).get("zygote", 0.0)  # the worker's cold start: modelled apart
         samples.append({"task": r.key, "run_id": r.run_id, "script": t.script, "mode": t.mode,
                         "per_node": max(1, round(conc[r.key])), "base_s": round(t.estimate_s / t.factor, 4),

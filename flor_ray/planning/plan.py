@@ -12,8 +12,18 @@ Per run, the most demanding need of the requested names decides the mode:
   where the inner loops ended and running only the outer-level code.
 * ``reexec``: some name needs the inner loops. Training re-executes from the
   nearest checkpoint at or before each segment's start.
-* a name that reads loop-carried state (``global_step``, ``best_acc``) that no
-  checkpoint restores forces re-execution from iteration 0.
+* loop-carried state (``lr`` annealed by ``lr /= 4``, ``best_acc``, ``global_step``,
+  a sampler's generator, a batch iterator's position) that a requested name reads,
+  or that the re-executed training code reads, must be restored with the
+  checkpoint: a checkpoint is used only if it captured all of it; where none did
+  (an open file, a Python generator), the run re-executes from iteration 0 and the
+  task's note names the variable.
+
+A requested name that cannot be placed in a version costs only that (version,
+name) pair (:class:`Refused`); the version's other names still replay, and a run
+is skipped only when none of them can be placed. A checkpoint found damaged
+before planning (:class:`DamagedCheckpoint`: missing, or not its recorded size)
+is planned around like an absent one.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from ..credentials import StorageOptions, without_secrets
 from ..errors import PlanningError
 
 __all__ = [
@@ -38,6 +49,8 @@ __all__ = [
     "Task",
     "SkippedRun",
     "ReplayedPart",
+    "Refused",
+    "DamagedCheckpoint",
     "Plan",
     "make_plan",
     "task_key",
@@ -62,6 +75,13 @@ class CheckpointRef:
     path: str
     bytes: int | None = None
     sha256: str | None = None
+    #: names of the outer loop's scope whose state the checkpoint holds; None for a
+    #: checkpoint recorded before flor_ray captured loop-carried state
+    carried: tuple[str, ...] | None = None
+    not_carried: tuple[tuple[str, str], ...] = ()  # (name, why it is not captured)
+
+    def holds(self, names: set[str] | frozenset[str]) -> bool:
+        return not names or (self.carried is not None and set(names) <= set(self.carried))
 
     def as_dict(self) -> dict:
         return {"iteration": self.iteration, "inner_exits": self.inner_exits, "path": self.path,
@@ -118,7 +138,9 @@ class RunInfo:
             cwd=meta.get("cwd"),
             iterations=int(meta.get("iterations") or 0),
             checkpoints=tuple(
-                CheckpointRef(c["iteration"], c.get("inner_exits", 1), c["path"], c.get("bytes"), c.get("sha256"))
+                CheckpointRef(c["iteration"], c.get("inner_exits", 1), c["path"], c.get("bytes"), c.get("sha256"),
+                              None if c.get("carried") is None else tuple(c["carried"]),
+                              tuple(sorted((c.get("not_carried") or {}).items())))
                 for c in meta.get("checkpoints") or ()
                 if c.get("verified", True)
             ),
@@ -135,8 +157,33 @@ class RunInfo:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """A requested name that cannot be placed in a version, and why."""
+
+    version: str
+    name: str
+    reason: str
+    runs: int = 0  # the plan's runs of that version (set by :func:`make_plan`)
+
+
+@dataclass(frozen=True)
+class DamagedCheckpoint:
+    """A checkpoint of the manifest that the store does not hold as recorded."""
+
+    run_id: str
+    iteration: int
+    path: str
+    reason: str  # "is missing", "has 10 bytes, 2048 recorded"
+
+
+@dataclass(frozen=True)
 class VersionPatch:
-    """Today's statements propagated into one version (or why they could not be)."""
+    """Today's statements propagated into one version (or why they could not be).
+
+    ``code`` is None when nothing could be done with the version (its file is
+    unreadable or not Python); a requested name whose statement alone cannot be
+    placed is listed in ``refused`` and the others are in ``code``.
+    """
 
     version: str
     code: str | None
@@ -144,6 +191,18 @@ class VersionPatch:
     placements: tuple[str, ...] = ()
     needs: tuple[tuple[str, str, str, tuple[str, ...]], ...] = ()  # (name, kind, reason, carried)
     logged: tuple[str, ...] = ()  # every name the patched code logs
+    loop_carried: tuple[str, ...] = ()  # ScriptAnalysis.loop_carried: what a restore writes back
+    training_carried: tuple[str, ...] = ()  # ScriptAnalysis.training_carried: what re-executed training reads
+    refused: tuple[Refused, ...] = ()
+
+    def refusal(self, name: str) -> str | None:
+        """Why ``name`` cannot be replayed in this version; None when it can."""
+        for r in self.refused:
+            if r.name == name:
+                return r.reason
+        if name not in self.logged:
+            return "after propagation the script still does not log it"
+        return None
 
     @property
     def digest(self) -> str:
@@ -240,6 +299,7 @@ class Task:
     #: the calibration factor in ``estimate_s`` (``estimate_s / factor``: the estimate
     #: from the recorded timings alone)
     factor: float = 1.0
+    carried: tuple[str, ...] = ()  # loop-carried names a restore writes back into the script
     patch: str = ""  # the digest of the propagated code it runs
 
     @property
@@ -256,7 +316,8 @@ class Task:
     def spec(self, store_url: str, storage_options: Mapping[str, Any], run: RunInfo) -> dict:
         return {
             "store": store_url,
-            "storage_options": dict(storage_options),
+            # credentials stay with the driver: a task takes its own from its environment
+            "storage_options": without_secrets(storage_options),
             "run_id": self.run_id,
             "version": self.version,
             "script": self.script,
@@ -266,11 +327,14 @@ class Task:
             "stop": self.stop,
             "restore": self.restore.as_dict() if self.restore else None,
             "checkpoints": {str(c.iteration): c.as_dict() for c in self.checkpoints},
+            # where to go instead when a checkpoint turns out damaged (ReplaySession)
+            "fallbacks": [c.as_dict() for c in run.checkpoints if c.iteration < self.stop],
             "names": list(self.names),
             "setup": self.setup,
             "after": self.after,
             "output": self.output,
             "task": self.key,
+            "carried": list(self.carried),
             "patch": self.patch,
             "iterations": list(self.iterations),
         }
@@ -322,6 +386,8 @@ class Plan:
     per_node: int = 1  # replay tasks expected to share a node (what the calibration looked up)
     #: (mode, factor, samples) applied to this plan's estimates, from :class:`Calibration`
     calibrated: tuple[tuple[str, float, int], ...] = ()
+    refused: tuple[Refused, ...] = ()  # requested names left out, per version
+    damaged: tuple[DamagedCheckpoint, ...] = ()  # checkpoints planned around
 
     def run_info(self, run_id: str) -> RunInfo:
         for r in self.runs:
@@ -384,10 +450,13 @@ def iteration_set(spec: Any, n: int) -> list[int]:
 
 
 def task_key(run_id: str, version: str, patch: str, mode: str, start: int, stop: int,
-             restore: int | None, names: Sequence[str], setup: bool, after: bool) -> str:
+             restore: int | None, names: Sequence[str], setup: bool, after: bool, carried: Sequence[str] = ()) -> str:
     from ..relation import SCHEMA_VERSION
 
-    doc = json.dumps([run_id, version, patch, mode, start, stop, restore, sorted(names), setup, after, SCHEMA_VERSION])
+    parts = [run_id, version, patch, mode, start, stop, restore, sorted(names), setup, after, SCHEMA_VERSION]
+    if carried:  # a restore that writes carried state back computes other values than one that does not
+        parts.append(sorted(carried))
+    doc = json.dumps(parts)
     return hashlib.sha256(doc.encode()).hexdigest()[:20]
 
 
@@ -425,6 +494,7 @@ def make_plan(
     storage_options: Mapping[str, Any] | None = None,
     retries: int = 3,
     calibration: Calibration = Calibration(),
+    damaged: Sequence[DamagedCheckpoint] = (),
     replayed: Sequence[ReplayedPart] = (),
     skipped_runs: Sequence[SkippedRun] = (),
 ) -> Plan:
@@ -432,9 +502,11 @@ def make_plan(
     tasks: list[Task] = []
     skipped: list[SkippedRun] = list(skipped_runs)
     statements: list[tuple[str, str, str]] = []
+    refused: dict[tuple[str, str], Refused] = {}
     seen_versions: set[str] = set()
     slots = max(1, int(cluster.num_cpus // max(resources.num_cpus, 1e-9)))
     per_run_target = max(1, math.ceil(slots / max(1, len(runs))))
+    runs = _without_damaged(runs, damaged)
     parts_of: dict[str, list[ReplayedPart]] = {}
     for part in replayed:
         parts_of.setdefault(part.run_id, []).append(part)
@@ -445,12 +517,17 @@ def make_plan(
             reason = patch.error if patch is not None else "no propagated code for this version"
             skipped.append(SkippedRun(run.run_id, run.version, f"propagation failed: {reason}"))
             continue
+        run_names = _placed_names(patch, names, refused)
+        if not run_names:
+            skipped.append(SkippedRun(run.run_id, run.version, f"none of {', '.join(names)} can be placed in version "
+                                      f"{run.version[:8]} (see the skipped names)"))
+            continue
         if run.iterations == 0:
             skipped.append(SkippedRun(run.run_id, run.version, "the run completed no outer iteration"))
             continue
         kinds = {}
         carried: set[str] = set()
-        for n in names:
+        for n in run_names:
             kind, reason, car = patch.need(n)
             kinds[n] = kind
             carried |= set(car)
@@ -464,7 +541,8 @@ def make_plan(
             continue
         if any(k == "after" for k in kinds.values()) and run.iterations - 1 not in want:
             want.append(run.iterations - 1)
-        ctx = _RunContext(run, patch, names, kinds, frozenset(carried), resources, per_run_target, done_keys)
+        ctx = _RunContext(run, patch, tuple(run_names), kinds, frozenset(carried), resources, per_run_target,
+                          done_keys)
         run_tasks = _run_tasks(ctx, want)
         own = [p for p in parts_of.get(run.run_id, ()) if p.patch == patch.digest]
         if own:
@@ -487,9 +565,34 @@ def make_plan(
     makespan = _makespan([t.estimate_s for t in tasks if not t.done], slots)
     busy = {t.run_id for t in tasks if not t.done}
     startup = max((r.imports_s + ZYGOTE_EXTRA_S for r in runs if r.run_id in busy), default=0.0)
-    return Plan(names, where, str(iterations), store_url, dict(storage_options or {}), tuple(runs),
+    return Plan(names, where, str(iterations), store_url, StorageOptions(storage_options or {}), tuple(runs),
                 tuple(patches.values()), tuple(tasks), tuple(skipped), cluster, round(makespan, 3),
-                tuple(statements), retries, round(startup, 3), slots, per_node, calibrated_summary)
+                tuple(statements), retries, round(startup, 3), slots, per_node, calibrated_summary,
+                tuple(refused.values()), tuple(damaged))
+
+
+def _placed_names(patch: VersionPatch, names: Sequence[str], refused: dict[tuple[str, str], Refused]) -> tuple[str, ...]:
+    """The requested names this run's version can replay; counts the refused ones per version."""
+    placed = []
+    for n in names:
+        why = patch.refusal(n)
+        if why is None:
+            placed.append(n)
+            continue
+        r = refused.get((patch.version, n)) or Refused(patch.version, n, why)
+        refused[(patch.version, n)] = _replace(r, runs=r.runs + 1)
+    return tuple(placed)
+
+
+def _without_damaged(runs: Sequence[RunInfo], damaged: Sequence[DamagedCheckpoint]) -> list[RunInfo]:
+    """The runs with their damaged checkpoints left out of their manifests."""
+    import dataclasses
+
+    bad = {(d.run_id, d.path) for d in damaged}
+    if not bad:
+        return list(runs)
+    return [dataclasses.replace(r, checkpoints=tuple(c for c in r.checkpoints if (r.run_id, c.path) not in bad))
+            for r in runs]
 
 
 @dataclass(frozen=True)
@@ -523,6 +626,13 @@ def _run_tasks(ctx: _RunContext, want: Sequence[int], edges: bool = True, need_a
     keep_skip = sorted(
         set(names) | {n for n in patch.logged if n in run.logged and patch.need(n)[0] in ("setup", "outer", "after")}
     )
+    # loop-carried state: what the requested names read (skip mode restores it where
+    # the inner loops end) and what re-executed training reads besides (reexec)
+    need_skip = ctx.carried
+    need_reexec = need_skip | frozenset(patch.training_carried)
+    restore_names = tuple(sorted(set(patch.loop_carried) | need_reexec))
+    blocked = _blocked(run.checkpoints, need_reexec)
+    suffix = f" (checkpoints without loop-carried {_fmt_blocked(blocked)} are not used)" if blocked else ""
 
     def add(mode, start, stop, restore, ckpts, keep, setup, after, note=""):
         if mode == "setup":
@@ -534,32 +644,34 @@ def _run_tasks(ctx: _RunContext, want: Sequence[int], edges: bool = True, need_a
             est = run.replay_setup_s + _restore_cost(restore) + (
                 _iter_cost(run, first, True) if restore else 0.0
             ) + sum(_iter_cost(run, i, False) for i in range(first + 1, stop + 1))
+        car = restore_names if mode != "setup" else ()
         key = task_key(run.run_id, run.version, patch.digest, mode, start, stop,
-                       restore.iteration if restore else None, keep, setup, after)
+                       restore.iteration if restore else None, keep, setup, after, car)
         tasks.append(Task(key, run.run_id, run.version, run.script, mode, start, stop, restore, tuple(ckpts),
                           tuple(keep), setup, after, resources.num_cpus, gpus, resources.memory,
-                          round(est, 3), note, key in ctx.done_keys, patch=patch.digest))
+                          round(est, 3), note, key in ctx.done_keys, carried=car, patch=patch.digest))
 
-    ckpts = {c.iteration: c for c in run.checkpoints}
+    ckpts_skip = {c.iteration: c for c in run.checkpoints if c.holds(need_skip)}
+    ckpts = {c.iteration: c for c in run.checkpoints if c.holds(need_reexec)}  # restore points of reexec
     if worst == "setup" or not want:
         if need_setup or worst != "setup":
             add("setup", 0, -1, None, (), sorted(set(names)), True, False)
         return tasks
-    if ctx.carried:
+    if blocked and not ckpts and (worst == "inner" or not ckpts_skip):
         for span in [list(want)] if edges else _spans(want):
             add("reexec", min(span), max(span), None, (), keep_reexec, need_setup,
                 need_after and max(span) == run.iterations - 1,
-                note=f"reads loop-carried {', '.join(sorted(ctx.carried))}: replays from iteration 0")
+                note=f"loop-carried {_fmt_blocked(blocked)} is in no checkpoint: replays from iteration 0")
         return tasks
     if worst in ("outer", "after"):
-        with_ckpt = [i for i in want if i in ckpts]
-        without = [i for i in want if i not in ckpts]
+        with_ckpt = [i for i in want if i in ckpts_skip]
+        without = [i for i in want if i not in ckpts_skip]
         if with_ckpt:
-            unit = lambda i: _iter_cost(run, i, True) + _restore_cost(ckpts[i])  # noqa: E731
+            unit = lambda i: _iter_cost(run, i, True) + _restore_cost(ckpts_skip[i])  # noqa: E731
             k = _worth_splitting(sum(unit(i) for i in with_ckpt), run.replay_setup_s,
                                  min(ctx.per_run_target, len(with_ckpt)))
             for ch in _split(with_ckpt, k, unit):
-                add("skip", ch[0], ch[-1], None, [ckpts[i] for i in ch], keep_skip, False,
+                add("skip", ch[0], ch[-1], None, [ckpts_skip[i] for i in ch], keep_skip, False,
                     need_after and ch[-1] == run.iterations - 1)
         # iterations without a checkpoint re-execute from the nearest earlier one
         for group in _group_by_restore(without, ckpts):
@@ -567,22 +679,24 @@ def _run_tasks(ctx: _RunContext, want: Sequence[int], edges: bool = True, need_a
             start, stop = group[1][0], group[1][-1]
             note = (f"no checkpoint for iteration{'s' if len(group[1]) > 1 else ''} {_fmt_its(group[1])}: "
                     + (f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0"))
-            add("reexec", start, stop, restore, (), keep_skip, False, need_after and stop == run.iterations - 1, note)
+            add("reexec", start, stop, restore, (), keep_skip, False, need_after and stop == run.iterations - 1,
+                note + suffix)
     else:
-        for seg in _reexec_segments(ctx, [list(range(min(want), max(want) + 1))] if edges else _spans(want)):
+        for seg in _reexec_segments(ctx, ckpts, [list(range(min(want), max(want) + 1))] if edges else _spans(want)):
             a, b = seg[0], seg[-1]
             restore = _nearest(ckpts, a - 1)
             note = ""
             if a > 0 and (restore is None or restore.iteration != a - 1):
                 note = (f"no checkpoint at iteration {a - 1}: " + (
-                    f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0"))
+                    f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0")
+                    + suffix)
             add("reexec", a, b, restore, (), keep_reexec, False, need_after and b == run.iterations - 1, note)
     if edges and tasks:
         # rows logged before the outer loop are kept by the run's first task only
         t0 = min(tasks, key=lambda t: t.start)
         idx = tasks.index(t0)
         key = task_key(run.run_id, run.version, patch.digest, t0.mode, t0.start, t0.stop,
-                       t0.restore.iteration if t0.restore else None, t0.names, True, t0.after)
+                       t0.restore.iteration if t0.restore else None, t0.names, True, t0.after, t0.carried)
         tasks[idx] = _replace(t0, setup=True, key=key, done=key in ctx.done_keys)
     return tasks
 
@@ -598,11 +712,11 @@ def _spans(its: Sequence[int]) -> list[list[int]]:
     return spans
 
 
-def _reexec_segments(ctx: _RunContext, spans: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Each span cut where a checkpoint lets a segment start, merged to the number of
-    segments its work is worth."""
+def _reexec_segments(ctx: _RunContext, ckpts: Mapping[int, CheckpointRef],
+                     spans: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each span cut where a checkpoint (of ``ckpts``, the restore points) lets a
+    segment start, merged to the number of segments its work is worth."""
     run = ctx.run
-    ckpts = {c.iteration for c in run.checkpoints}
     cost = {i: _iter_cost(run, i, False) for span in spans for i in span}
     out: list[list[int]] = []
     for span in spans:
@@ -638,7 +752,7 @@ def _leave_out_replayed(ctx: _RunContext, tasks: list[Task], parts: Sequence[Rep
             if not t.done and t.setup and t.mode != "setup" and setup_held:
                 # the rows before the outer loop are held already: not kept again
                 key = task_key(t.run_id, t.version, t.patch, t.mode, t.start, t.stop,
-                               t.restore.iteration if t.restore else None, t.names, False, t.after)
+                               t.restore.iteration if t.restore else None, t.names, False, t.after, t.carried)
                 t = _replace(t, setup=False, key=key, done=key in ctx.done_keys)
             out.append(t)
         elif its <= held and edges_held:
@@ -658,6 +772,23 @@ def _replace(task: Task, **kw: Any) -> Task:
     import dataclasses
 
     return dataclasses.replace(task, **kw)
+
+
+def _blocked(checkpoints: Sequence[CheckpointRef], names: frozenset[str]) -> dict[str, str]:
+    """Loop-carried ``names`` that some checkpoint does not hold, each with why (the latest's word)."""
+    out: dict[str, str] = {}
+    for c in checkpoints:
+        why = dict(c.not_carried)
+        for n in sorted(names - set(c.carried or ())):
+            if c.carried is None:
+                out[n] = "checkpoints recorded before flor_ray captured loop-carried state"
+            else:
+                out[n] = why.get(n, "not bound, or not a value flor_ray captures, when the checkpoint was taken")
+    return out
+
+
+def _fmt_blocked(blocked: Mapping[str, str]) -> str:
+    return ", ".join(f"{n} ({why})" for n, why in sorted(blocked.items()))
 
 
 def _nearest(ckpts: Mapping[int, CheckpointRef], i: int) -> CheckpointRef | None:

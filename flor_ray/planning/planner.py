@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import PlanningError, QueryError, RepositoryError
-from .plan import ClusterSnapshot, Plan, ReplayedPart, Resources, RunInfo, SkippedRun, VersionPatch, make_plan
+from .plan import (ClusterSnapshot, DamagedCheckpoint, Plan, Refused, ReplayedPart, Resources, RunInfo, SkippedRun,
+                   VersionPatch, make_plan)
 
-__all__ = ["plan_replay", "cluster_snapshot", "propagate_versions"]
+__all__ = ["plan_replay", "cluster_snapshot", "propagate_versions", "damaged_checkpoints"]
 
 
 def cluster_snapshot() -> ClusterSnapshot:
@@ -88,7 +89,9 @@ def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple
 
 
 def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None) -> dict[str, VersionPatch]:
-    """Propagate today's statements into each version's script; analyse the result."""
+    """Propagate today's statements of ``names`` (None: all new ones) into each
+    version's script; analyse the result. A statement that cannot be placed refuses
+    its names in that version only; today's other statements are not injected."""
     from ..propagation import PropagationError, propagate_detailed
     from ..versions import read_file
     from .analysis import analyze
@@ -101,7 +104,7 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
             patches[version] = VersionPatch(version, None, f"cannot read {script} of this version: {exc}")
             continue
         try:
-            res = propagate_detailed(today, old)
+            res = propagate_detailed(today, old, names, partial=True)
         except PropagationError as exc:
             patches[version] = VersionPatch(version, None, str(exc))
             continue
@@ -112,14 +115,30 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
             for p in res.placements
         )
         needs = tuple((n, nd.kind, nd.reason, tuple(nd.carried)) for n, nd in an.needs)
-        patches[version] = VersionPatch(version, res.code, None, placements, needs, tuple(an.logged_names))
-        if names is not None:
-            missing = [n for n in names if n not in an.logged_names]
-            if missing:
-                patches[version] = VersionPatch(
-                    version, None, f"after propagation the script still does not log {', '.join(missing)}"
-                )
+        why = res.refused_names
+        refused = tuple(Refused(version, n, why[n]) for n in (names if names is not None else why) if n in why)
+        patches[version] = VersionPatch(version, res.code, None, placements, needs, tuple(an.logged_names),
+                                        tuple(an.loop_carried), tuple(an.training_carried), refused)
     return patches
+
+
+def damaged_checkpoints(store, runs: Sequence[RunInfo]) -> list[DamagedCheckpoint]:
+    """Checkpoints of the runs' manifests that are missing from the store or not of
+    their recorded size: one listing per checkpoint folder, no checkpoint read (a
+    corrupted file of the right size is found by the task that restores it)."""
+    out: list[DamagedCheckpoint] = []
+    for r in runs:
+        listed: dict[str, dict[str, int]] = {}
+        for c in r.checkpoints:
+            folder = c.path.rsplit("/", 1)[0] if "/" in c.path else ""
+            if folder not in listed:
+                listed[folder] = store.sizes(folder)
+            size = listed[folder].get(c.path)
+            if size is None:
+                out.append(DamagedCheckpoint(r.run_id, c.iteration, c.path, "is missing"))
+            elif c.bytes is not None and size != c.bytes:
+                out.append(DamagedCheckpoint(r.run_id, c.iteration, c.path, f"has {size} bytes, {c.bytes} recorded"))
+    return out
 
 
 def _check_resources(resources: Any) -> Resources:
@@ -246,6 +265,7 @@ def plan_replay(
         storage_options=st.storage_options,
         retries=settings.max_retries,
         calibration=load_calibration(st),
+        damaged=damaged_checkpoints(st, runs),
         replayed=replayed,
         skipped_runs=[SkippedRun(m["run_id"], m["version"],
                                  f"still recording (pid {m.get('pid')} on {m.get('host')}): replay it once it has "

@@ -8,13 +8,15 @@ structural matching of the two statement trees (GumTree-style), not by a line
 diff, so reformatting, reordering, renamed variables, changed loop headers and
 code moved into or out of functions do not get in the way. A statement that
 cannot be placed with confidence raises :class:`~flor_ray.errors.PropagationError`
-naming its log and the reason; nothing is guessed.
+naming its log and the reason; nothing is guessed. ``propagate_detailed(...,
+names=[...], partial=True)`` injects only the statements of those names and
+returns the refused ones with their reasons instead of raising.
 """
 
 from flor_ray.errors import PropagationError
 
 from ._propagate import propagate, propagate_detailed
-from ._result import Placement, PropagationResult, format_placements
+from ._result import Placement, PropagationResult, Refusal, format_placements
 
 __all__ = [
     "propagate",
@@ -22,5 +24,6 @@ __all__ = [
     "format_placements",
     "Placement",
     "PropagationResult",
+    "Refusal",
     "PropagationError",
 ]

@@ -24,7 +24,11 @@ For every ``flor.log`` call of today's file whose name the old file never logs:
 
 A statement whose log call wraps an expression (``x = flor.log("x", f())``) and
 whose old version is the same statement without the wrapper replaces it in place.
-All refusals are collected and raised together, each naming its log.
+All refusals are collected and raised together, each naming its log; with
+``partial=True`` they come back in :attr:`PropagationResult.refused` instead and
+the statements that could be placed are injected. ``names=`` restricts the
+injected statements to those logging the given names: today's other new
+statements are left out, and cannot make the call fail.
 """
 
 from __future__ import annotations
@@ -32,14 +36,14 @@ from __future__ import annotations
 import ast
 import gc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from flor_ray.errors import PropagationError
 
-from . import _inject
+from . import _flow, _inject
 from ._inject import Edits, Respelling
 from ._match import Matching
-from ._result import Placement, PropagationResult
+from ._result import Placement, PropagationResult, Refusal
 from ._scope import Visibility, free_reads
 from ._syntax import LogSyntax, literal_first_arg, parse_ast, parse_cst
 from ._tree import FUNCS, SNode, Tree, build, resolve_scope
@@ -58,13 +62,19 @@ class _Planned:
     wrapped: bool = False
 
 
-def propagate(source: str, target: str) -> str:
+def propagate(source: str, target: str, names: Iterable[str] | None = None) -> str:
     """``target`` with the new log statements of ``source`` injected (see module doc)."""
-    return propagate_detailed(source, target).code
+    return propagate_detailed(source, target, names).code
 
 
-def propagate_detailed(source: str, target: str) -> PropagationResult:
-    """Like :func:`propagate`, with where each statement went, renames and skipped names."""
+def propagate_detailed(source: str, target: str, names: Iterable[str] | None = None, *,
+                       partial: bool = False) -> PropagationResult:
+    """Like :func:`propagate`, with where each statement went, renames and skipped names.
+
+    ``names``: inject only the statements that log one of these names (None: every
+    new one). ``partial``: a statement that cannot be placed is returned in
+    ``refused`` (with the names it logs and why) instead of failing the call.
+    """
     # Two ``ast`` trees and their labels are tens of thousands of small objects, none
     # of them in a reference cycle that outlives the call; the cyclic collector would
     # walk them again and again while they are built (about a quarter of the time on
@@ -73,29 +83,37 @@ def propagate_detailed(source: str, target: str) -> PropagationResult:
     if paused:
         gc.disable()
     try:
-        return _propagate(source, target)
+        return _propagate(source, target, None if names is None else frozenset(names), partial)
     finally:
         if paused:
             gc.enable()
 
 
-def _propagate(source: str, target: str) -> PropagationResult:
+def _propagate(source: str, target: str, wanted: frozenset[str] | None, partial: bool) -> PropagationResult:
     src_ast = parse_ast(source, "source")
     tgt_ast = parse_ast(target, "target")
     src = build(src_ast, LogSyntax.of(src_ast), grouped=False)
     tgt = build(tgt_ast, LogSyntax.of(tgt_ast))
     old_names = {n for n in tgt.log_names if n is not None}
-    skipped = tuple(dict.fromkeys(n for n in src.log_names if n is not None and n in old_names))
-    if all(n is not None and n in old_names for n in src.log_names):
+    skipped = tuple(dict.fromkeys(n for n in src.log_names if n is not None and n in old_names
+                                  and (wanted is None or n in wanted)))
+    if wanted is None:
+        nothing_new = all(n is not None and n in old_names for n in src.log_names)
+    else:  # a statement with a non-literal name cannot log a wanted name: not looked at
+        nothing_new = not any(n in wanted and n not in old_names for n in src.log_names if n is not None)
+    if nothing_new:
         return PropagationResult(code=target, skipped=skipped)  # nothing new: byte-identical
-    return _Planner(source, target, src, tgt, old_names).run(skipped)
+    return _Planner(source, target, src, tgt, old_names, wanted, partial).run(skipped)
 
 
 class _Planner:
-    def __init__(self, source: str, target: str, src: Tree, tgt: Tree, old_names: set[str]):
+    def __init__(self, source: str, target: str, src: Tree, tgt: Tree, old_names: set[str],
+                 wanted: frozenset[str] | None = None, partial: bool = False):
         self.src, self.tgt = src, tgt
         self.target = target
         self.old_names = old_names
+        self.wanted = wanted
+        self.partial = partial
         self.lines = _inject.split_lines(source)
         self.matching = Matching(self.src, self.tgt)
         self.visibility = Visibility(self.tgt)
@@ -103,7 +121,7 @@ class _Planner:
         self.planned: list[_Planned] = []
         # source unit pre -> (target owner, suite key, position) where it was put
         self.slots: dict[int, tuple[SNode, str, int]] = {}
-        self.failures: list[str] = []
+        self.failures: list[Refusal] = []
 
     # ------------------------------------------------------------------ driver
 
@@ -115,22 +133,28 @@ class _Planner:
             try:
                 self._classify(node, units)
             except _Refused as exc:
-                self.failures.append(str(exc))
+                names = [n for n in map(literal_first_arg, self._calls(node)) if self._is_new(n)]
+                self.failures.append(Refusal(tuple(dict.fromkeys(names)), str(exc)))  # type: ignore[arg-type]
         for pre in sorted(units):
             unit = self.src.nodes[pre]
+            names = tuple(dict.fromkeys(units[pre]))
             try:
-                self._place(unit, tuple(dict.fromkeys(units[pre])))
+                self._place(unit, names)
             except _Refused as exc:
-                self.failures.append(str(exc))
-        if self.failures:
-            err = PropagationError(
-                "cannot propagate into the target version: " + "; ".join(self.failures)
-            )
-            err.failures = tuple(self.failures)  # type: ignore[attr-defined]
+                self.failures.append(Refusal(names, str(exc)))
+        if self.failures and not self.partial:
+            reasons = tuple(f.reason for f in self.failures)
+            err = PropagationError("cannot propagate into the target version: " + "; ".join(reasons))
+            err.failures = reasons  # type: ignore[attr-defined]
             raise err
+        refused = tuple(self.failures)
         if not self.edits:
-            return PropagationResult(code=self.target, skipped=skipped)
-        return self._finish(skipped)
+            return PropagationResult(code=self.target, skipped=skipped, refused=refused)
+        return self._finish(skipped, refused)
+
+    def _is_new(self, name: str | None) -> bool:
+        """A name to inject: not logged by the target, and asked for."""
+        return name is not None and name not in self.old_names and (self.wanted is None or name in self.wanted)
 
     def _calls(self, node: SNode) -> list[ast.Call]:
         syntax = self.src.syntax
@@ -147,14 +171,14 @@ class _Planner:
         if not calls:
             return
         names = [literal_first_arg(c) for c in calls]
-        new = [n for n in names if n is not None and n not in self.old_names]
+        new = [n for n in names if self._is_new(n)]
         counterpart = self.matching.target_of(node)
         exact = counterpart is not None and counterpart.alpha == node.alpha
         if exact and not node.compound:
             if new:
                 self._wrap(node, counterpart, tuple(dict.fromkeys(new)))  # type: ignore[arg-type]
             return
-        if None in names:
+        if None in names and self.wanted is None:
             call = calls[names.index(None)]
             arg = ast.get_source_segment("".join(self.lines), call.args[0]) if call.args else "?"
             raise _Refused(
@@ -202,6 +226,10 @@ class _Planner:
                     after = owner.last
                 else:
                     after = kids[position - 1].last if position > 0 else owner.pre
+                    moved = self._by_data_flow(unit, names, owner, key, position)
+                    if moved != position:
+                        slot, position = (owner, key, moved), moved
+                        after = kids[position - 1].last if position > 0 else owner.pre
                 how = self._renames(unit, names, owner, after, self._where(owner, kids, position))
             except _Refused as exc:
                 first_error = first_error or exc
@@ -228,9 +256,6 @@ class _Planner:
         slot: tuple[SNode, str, int] | None = None
         nearest: tuple[SNode, str, int] | None = None  # the predecessor's counterpart, anywhere
         for sib in reversed(siblings[:unit.index]):
-            if sib.pre in self.slots:
-                slot = self.slots[sib.pre]
-                break
             t = self.matching.target_of(sib)
             if t is None:
                 continue
@@ -279,6 +304,77 @@ class _Planner:
                 "counterpart in the target version, and neither have its neighbours"
             )
         return slots if len(slots) < 2 or slots[0] != slots[1] else slots[:1]
+
+    def _by_data_flow(self, unit: SNode, names: tuple[str, ...], owner: SNode, key: str,
+                      position: int) -> int:
+        """The structural slot, moved within its block to where the inputs are final."""
+        kids = owner.suite(key) or []
+        reads = self._target_reads(unit)
+        rng = _flow.position_range(kids, reads, self._sides(kids, unit, reads, position))
+        if rng.empty:
+            lines = sorted({kids[j].first.lineno for j, _ in rng.before + rng.after})
+            inputs = sorted({n for _, n in rng.before + rng.after})
+            raise _Refused(
+                f"{_logs(names)} at source line {unit.line} cannot be placed: the target changes "
+                f"{', '.join(f'`{n}`' for n in inputs)} at lines {', '.join(map(str, lines))} in an "
+                "order that today's version does not have, so no place there reads today's value; "
+                "add it to that version by hand"
+            )
+        return rng.clamp(position)
+
+    def _target_reads(self, unit: SNode) -> set[str]:
+        """The names the unit reads, as the target spells them (every candidate of a rename)."""
+        syntax = self.src.syntax
+        at = unit.parent if unit.is_def else unit
+        out: set[str] = set()
+        for name in free_reads(unit.stmts):
+            if name in syntax.modules or name in syntax.direct_map:
+                continue
+            scope = resolve_scope(name, at, self.matching.src_locals)  # type: ignore[arg-type]
+            seen = self.matching.evidence.get((scope, name), {})
+            out.update([name] if name in seen or not seen else seen)
+        return out
+
+    def _sides(self, kids: list[SNode], unit: SNode, reads: set[str], position: int) -> list[str | None]:
+        """For each kid of the target block: does it run before or after ``unit`` today?"""
+        matched = [self._side(kid, unit) for kid in kids]
+        today = unit.parent.suite(unit.key) or []  # type: ignore[union-attr]
+        src_reads = set(free_reads(unit.stmts))
+        sides: list[str | None] = []
+        for j, side in enumerate(matched):
+            if side is None:
+                prev = next((matched[k] for k in range(j - 1, -1, -1) if matched[k]), "before")
+                nxt = next((matched[k] for k in range(j + 1, len(kids)) if matched[k]), "after")
+                if prev == nxt:
+                    side = prev
+                else:  # between the neighbours' counterparts: what does today do there?
+                    lo = max((i for i, s in enumerate(today[:unit.index]) if self._matched_in(s)), default=-1)
+                    hi = min((i for i, s in enumerate(today) if i > unit.index and self._matched_in(s)),
+                             default=len(today))
+                    earlier = any(_flow.changed_names(s.stmts) & src_reads for s in today[lo + 1:unit.index])
+                    later = any(_flow.changed_names(s.stmts) & src_reads for s in today[unit.index + 1:hi])
+                    if earlier != later:
+                        side = "before" if earlier else "after"
+                    else:
+                        side = "before" if j < position else "after"
+            sides.append(side)
+        return sides
+
+    def _matched_in(self, node: SNode) -> bool:
+        return any(n.pre in self.matching.s2t for n in self.src.nodes[node.pre:node.last + 1])
+
+    def _side(self, kid: SNode, unit: SNode) -> str | None:
+        """Whether ``kid``'s counterpart runs before or after ``unit`` in today's block."""
+        matched = [self.matching.t2s.get(kid.pre)]
+        if matched[0] is None:  # an unmatched wrapper (``with no_grad():``) of matched code
+            matched = [self.matching.t2s.get(n.pre) for n in self.tgt.nodes[kid.pre + 1:kid.last + 1]]
+        sides = set()
+        for s in matched:
+            while s is not None and not (s.parent is unit.parent and s.key == unit.key):
+                s = s.parent
+            if s is not None:
+                sides.add("before" if s.index < unit.index else "after")
+        return sides.pop() if len(sides) == 1 else None
 
     def _wrap(self, node: SNode, t: SNode, names: tuple[str, ...]) -> None:
         """The old statement, wrapped in today's log call(s)."""
@@ -422,7 +518,7 @@ class _Planner:
 
     # ------------------------------------------------------------------ output
 
-    def _finish(self, skipped: tuple[str, ...]) -> PropagationResult:
+    def _finish(self, skipped: tuple[str, ...], refused: tuple[Refusal, ...] = ()) -> PropagationResult:
         spliced = _inject.splice(self.target, self.tgt.nodes, self.edits)
         if spliced is not None:
             code, lines = spliced
@@ -458,7 +554,7 @@ class _Planner:
             ))
         placements.sort(key=lambda p: p.line)
         return PropagationResult(code=code, placements=tuple(placements),
-                                 renames=tuple(renames.items()), skipped=skipped)
+                                 renames=tuple(renames.items()), skipped=skipped, refused=refused)
 
 
 _ELSE_OWNERS = (ast.If, ast.For, ast.AsyncFor, ast.While)

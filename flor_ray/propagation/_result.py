@@ -26,6 +26,15 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A statement of today's file that could not be placed: the new names it logs
+    (empty for a call whose name is not a literal) and why."""
+
+    names: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
 class PropagationResult:
     """The patched target and how it was obtained."""
 
@@ -33,6 +42,17 @@ class PropagationResult:
     placements: tuple[Placement, ...] = ()
     renames: tuple[tuple[str, str], ...] = ()  # (today's name, old name)
     skipped: tuple[str, ...] = ()  # log names the target already logs
+    #: statements not placed (only with ``partial=True``; otherwise they raise)
+    refused: tuple[Refusal, ...] = ()
+
+    @property
+    def refused_names(self) -> dict[str, str]:
+        """Each name of a refused statement -> the reason (the first, when several)."""
+        out: dict[str, str] = {}
+        for r in self.refused:
+            for n in r.names:
+                out.setdefault(n, r.reason)
+        return out
 
     @property
     def changed(self) -> bool:
@@ -57,6 +77,8 @@ def format_placements(result: PropagationResult) -> str:
         out.append(f"  renamed {today} -> {old} (the old version's name)")
     for name in result.skipped:
         out.append(f"= {name!r} already logged in target, skipped")
+    for r in result.refused:
+        out.append(f"! {', '.join(map(repr, r.names)) or 'a statement'} not placed: {r.reason}")
     if not result.placements:
         out.append("no new log statements to propagate")
     return "\n".join(out)

@@ -6,6 +6,10 @@ inner loop). That is the point where a replay that skips the inner loops resumes
 the outer-level code that follows (evaluation, ``scheduler.step()``...) then runs
 for real, exactly once, as it did in the recording.
 
+A checkpoint also holds the loop-carried state of the scope that iterates the outer
+loop (plain values, ``torch.Generator`` states, DataLoader iterator positions; see
+:mod:`.carried`), which a replay writes back where it restores the checkpoint.
+
 Capture happens on the training thread and only clones tensors (a memory copy);
 ``torch.save`` runs later on the background writer.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import io
 import random
 import sys
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..errors import CheckpointError, CheckpointingError
 
@@ -77,15 +81,21 @@ def restore_rng(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def capture(objects: Mapping[str, Any], iteration: int, inner_exits: int) -> dict:
-    """A snapshot in memory: cloned states and RNG states (training thread)."""
-    return {
+def capture(objects: Mapping[str, Any], iteration: int, inner_exits: int, scope: Any = None) -> dict:
+    """A snapshot in memory: cloned states, RNG states and, given the frame that
+    iterates the outer loop (``scope``), its loop-carried values (training thread)."""
+    snap = {
         "format": FORMAT,
         "iteration": iteration,
         "inner_exits": inner_exits,
         "objects": {name: _clone(obj.state_dict()) for name, obj in objects.items()},
         "rng": capture_rng(),
     }
+    if scope is not None:
+        from .carried import capture_scope
+
+        snap["scope"] = capture_scope(scope, objects.values())
+    return snap
 
 
 def serialize(snapshot: Mapping[str, Any]) -> bytes:
@@ -116,7 +126,11 @@ def deserialize(data: bytes, where: str) -> dict:
     return snap
 
 
-def restore(objects: Mapping[str, Any], snapshot: Mapping[str, Any], where: str = "") -> None:
+def restore(objects: Mapping[str, Any], snapshot: Mapping[str, Any], where: str = "", scope: Any = None,
+            carried: Iterable[str] = ()) -> None:
+    """Load the objects' states, then (given the replay's outer-loop frame) the
+    ``carried`` names, iterator positions and generator states, then the RNGs: a
+    DataLoader iterator's re-draw touches generators that are restored after it."""
     saved = snapshot["objects"]
     missing = sorted(set(objects) - set(saved))
     if missing:
@@ -127,4 +141,8 @@ def restore(objects: Mapping[str, Any], snapshot: Mapping[str, Any], where: str 
         )
     for name, obj in objects.items():
         obj.load_state_dict(saved[name])
+    if scope is not None and snapshot.get("scope"):
+        from .carried import restore_scope
+
+        restore_scope(scope, snapshot["scope"], carried, where)
     restore_rng(snapshot["rng"])

@@ -150,6 +150,9 @@ class LoopRuntime:
         self._seq = 0
         self._outer_name: str | None = None
         self._checkpoint_objects: dict[str, Any] | None = None
+        #: the user's frame that iterates the outer loop: checkpoints capture its
+        #: loop-carried values, replays write them back (see carried.py)
+        self._scope_frame: Any = None
 
     # ------------------------------------------------------------------- log
     def log(self, name: str, value: Any) -> Any:
@@ -286,6 +289,10 @@ class LoopRuntime:
             self._outer_name = name
         is_outer = self._outer_name == name
         frame = self._push(name, length)
+        if is_outer:
+            from .carried import scope_frame
+
+            self._scope_frame = scope_frame(sys._getframe(1))  # running: the caller's next() resumed us
         i = -1
         normal = False
         try:
@@ -312,6 +319,7 @@ class LoopRuntime:
         finally:
             self._pop()
             if is_outer:
+                self._scope_frame = None
                 self._outer_exit(normal)
 
     # hooks, overridden by the sessions
@@ -394,6 +402,12 @@ class RecordSession(LoopRuntime):
             self._start()
         except BaseException:
             self.started = False
+            snap = getattr(self, "snapshot", None)
+            if snap is not None:  # a run that never started leaves no snapshot ref
+                from ..versions import discard
+
+                discard(snap)
+                self.snapshot = None
             raise
 
     def _start(self) -> None:
@@ -436,6 +450,8 @@ class RecordSession(LoopRuntime):
             f"refs/flor/{self.run_id}",
             exclude=exclude,
             max_untracked_bytes=self.settings.snapshot_max_file_bytes,
+            max_untracked_files=self.settings.snapshot_max_untracked_files,
+            max_untracked_total_bytes=self.settings.snapshot_max_untracked_total_bytes,
             message=f"flor_ray run {self.run_id} of {rel_script}",
             list_files=False,  # the writer lists them, off the training thread
         )
@@ -451,6 +467,7 @@ class RecordSession(LoopRuntime):
             "commit": snap.commit,
             "ref": snap.ref,
             "left_out_of_snapshot": list(snap.left_out),
+            "left_out_of_snapshot_count": snap.left_out_count,
             "argv": self.argv[1:],
             "cwd": os.path.relpath(os.getcwd(), repo_root) if os.getcwd().startswith(repo_root) else None,
             "status": "running",
@@ -468,6 +485,9 @@ class RecordSession(LoopRuntime):
         self._write_meta()
         mark("write_meta")
         self.writer.submit(upload, self.store, snap)
+        from .carried import install_loader_hook
+
+        install_loader_hook()  # before the set-up makes its DataLoader iterators (when torch is imported)
         self.log = self.fast_log  # type: ignore[method-assign]  # started: skip the check
         atexit.register(self.finish)
         prev = sys.excepthook
@@ -544,6 +564,9 @@ class RecordSession(LoopRuntime):
             )
         check_objects(objects)
         import torch  # noqa: F401  # on the training thread, before the writer serialises anything
+        from .carried import install_loader_hook
+
+        install_loader_hook()
         if not self.started:
             self.start()
         self._in_checkpointing = True
@@ -601,7 +624,7 @@ class RecordSession(LoopRuntime):
         from .checkpoint import capture
 
         t0 = time.perf_counter()
-        self._pending_snap = capture(self._checkpoint_objects or {}, i, self._iter_inner_exits)
+        self._pending_snap = capture(self._checkpoint_objects or {}, i, self._iter_inner_exits, self._scope_frame)
         self._pending_cost += time.perf_counter() - t0
 
     def _outer_end(self, i: int, seconds: float, completed: bool) -> None:
@@ -676,6 +699,10 @@ class RecordSession(LoopRuntime):
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),  # outside the lock: _write_meta takes it
             }
+            scope = snap.get("scope")
+            if scope is not None:  # what the planner may rely on when a replay restores it
+                entry["carried"] = list(scope["captured"])
+                entry["not_carried"] = dict(scope["missing"])
             with self._lock:
                 self._manifest.append(entry)
             self._write_cpu_s = time.thread_time() - cpu  # CPU only: waiting for fsync costs training nothing
