@@ -1,8 +1,9 @@
 """``flor-ray``: the command line (also the entry point for ``ray job submit``).
 
-Every command has ``--help``. Exit codes: 0 success; 1 a replay with failed tasks, or
-an internal error; 2 a usage error or an error that the message says how to fix
-(unknown names, no store, bad predicate, bad config); 130 interrupted. An error is one
+Every command has ``--help``. Exit codes: 0 success; 1 a replay with failed tasks,
+damage found by ``check`` (without ``--repair``), or an internal error; 2 a usage
+error or an error that the message says how to fix (unknown names, no store, bad
+predicate, bad config); 130 interrupted. An error is one
 line on stderr, ``flor-ray <command>: <what is wrong and what to do>``, plus a hint to
 rerun with ``--verbose`` (accepted before or after the command) for the traceback.
 """
@@ -124,6 +125,10 @@ def cmd_replay(a) -> int:
         resources["num_cpus"] = a.num_cpus
     if a.num_gpus is not None:
         resources["num_gpus"] = a.num_gpus
+    if a.address or os.environ.get("RAY_ADDRESS"):  # plan for that cluster's resources
+        from .execution.driver import ensure_ray
+
+        ensure_ray(a.address)
     plan = flor_ray.plan_replay(a.names or None, where=a.where, iterations=a.iterations or "all",
                                 script=a.script, store=a.store, resources=resources or None,
                                 include_running=a.include_running)
@@ -242,6 +247,42 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_check(a) -> int:
+    from .api import resolve_store
+    from .damage import QUARANTINE, quarantine, scan
+
+    st = resolve_store(a.store).check()
+    damages = scan(st)
+    if not damages:
+        print(f"no damaged files in {st.url}")
+        return 0
+    for d in damages:
+        print(f"damaged: {d}")
+    if not a.repair:
+        print(f"{len(damages)} damaged; `flor-ray check --repair` moves them to {st.full_url(QUARANTINE)} "
+              "(nothing is deleted)")
+        return 1
+    for d, dest in zip(damages, quarantine(st, damages)):
+        print(f"moved {d.path} to {st.full_url(dest)}")
+    return 0
+
+
+def cmd_spool(a) -> int:
+    from .config import load_settings
+    from .record.spool import spool_folders, upload_spool
+    from .store import Store
+
+    folders = a.folders or spool_folders(load_settings().spool_dir)
+    if not folders:
+        print("no spooled runs")
+        return 0
+    store = Store(a.store) if a.store else None
+    for folder in folders:
+        written = upload_spool(folder, store)
+        print(f"uploaded {len(written)} files of {folder}")
+    return 0
+
+
 # ----------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -338,6 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", help="Ray address for replays started from the page (default: RAY_ADDRESS, "
                                       "else a local Ray)")
 
+    sp = add("check", cmd_check, "list the store's damaged or foreign files (left out of queries); exit 1 "
+             "if any", "flor-ray check --repair")
+    sp.add_argument("--repair", action="store_true",
+                    help="move the damaged files to the store's quarantine/ folder (nothing is deleted)")
+
+    sp = add("spool", cmd_spool, "upload the rows and metadata that recordings spooled while their store "
+             "could not be written", "flor-ray spool upload ~/.cache/flor_ray/spool/20261201T101500-a1b2c3")
+    sp.add_argument("action", choices=["upload"], help="upload: move the spooled files into their store")
+    sp.add_argument("folders", nargs="*", metavar="FOLDER",
+                    help="spool folders of runs (default: every run under FLOR_SPOOL / spool_dir)")
+
     sp = add("demo", cmd_demo, "record 3 versions of a small torch script in a new git repository, then "
              "back-fill new metrics into them on a local Ray (1-2 minutes)", "flor-ray demo /tmp/flor-ray-demo",
              store=False)
@@ -358,6 +410,23 @@ def _describe(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _warnings_as_lines(name: str) -> None:
+    """flor_ray's own warnings as one line each, ``flor-ray <command>: warning: ...``."""
+    import warnings
+
+    from .errors import DamagedFileWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DamagedFileWarning):
+            sys.stderr.write(f"{name}: warning: {message}\n")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a, extra = parser.parse_known_args(argv)
@@ -365,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.parser.error(f"unrecognized arguments: {' '.join(extra)} (see `flor-ray {a.command} --help`)")
     verbose = getattr(a, "verbose", False)
     name = f"flor-ray {a.command}"
+    _warnings_as_lines(name)
     try:
         if a.config:
             from .config import load_settings
@@ -395,8 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"{name}: Ray failed: {type(exc).__name__}: {_describe(exc)}; check `ray status` and "
                              "RAY_ADDRESS (unset it for a local Ray)\n(run with --verbose for the traceback)\n")
             return 2
+        import traceback
+
+        sys.stderr.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         sys.stderr.write(f"{name}: internal error: {type(exc).__name__}: {_describe(exc)}\n"
-                         "this is a bug in flor_ray, not in your input; rerun with --verbose and report the traceback\n")
+                         "this is a bug in flor_ray, not in your input: please report it with the traceback above\n")
         return 1
 
 

@@ -55,6 +55,25 @@ class Settings:
     fidelity_rtol: float = 0.0
     #: Ray task retries for a replay segment (worker crash, node loss).
     max_retries: int = 3
+    #: Local folder where a recording spools its rows and metadata while the store
+    #: cannot be written (disk full, read-only, endpoint down); ``None`` means
+    #: ``~/.cache/flor_ray/spool``: off the store's filesystem, which may be the full one.
+    spool_dir: str | None = None
+    #: Attempts per store write before a recording spools (rows, metadata) or skips
+    #: (checkpoints) it. Backoff 0.05 s, 0.2 s, 0.8 s...: 3 attempts ride out a
+    #: blip and wait ~0.25 s, which a training loop never notices.
+    write_retries: int = 3
+    #: Seconds to open a connection to the store's endpoint. A reachable endpoint
+    #: answers a TCP handshake in milliseconds, even across regions; 10 s leaves room
+    #: for a loaded network without making a dead endpoint look like a hang.
+    connect_timeout_s: float = 10.0
+    #: Seconds to wait for a reply from the store's endpoint. Large objects stream in
+    #: chunks, so this bounds the wait between bytes, not a transfer; 30 s covers a slow
+    #: S3-compatible server under load.
+    read_timeout_s: float = 30.0
+    #: Seconds to reach a Ray cluster's GCS (``--address``) before giving up. A live
+    #: head answers at once; 15 s covers a head that is still starting.
+    ray_connect_timeout_s: float = 15.0
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -73,6 +92,11 @@ ENV_VARS = {
     "snapshot_max_untracked_total_bytes": "FLOR_SNAPSHOT_MAX_UNTRACKED_TOTAL_BYTES",
     "fidelity_rtol": "FLOR_FIDELITY_RTOL",
     "max_retries": "FLOR_MAX_RETRIES",
+    "spool_dir": "FLOR_SPOOL",
+    "write_retries": "FLOR_WRITE_RETRIES",
+    "connect_timeout_s": "FLOR_CONNECT_TIMEOUT",
+    "read_timeout_s": "FLOR_READ_TIMEOUT",
+    "ray_connect_timeout_s": "FLOR_RAY_CONNECT_TIMEOUT",
 }
 _ENV = ENV_VARS  # old name
 
@@ -85,6 +109,10 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "snapshot_max_untracked_total_bytes": (lambda v: v >= 0, "a number of bytes >= 0"),
     "fidelity_rtol": (lambda v: v >= 0, "a relative tolerance >= 0 (0 = exact)"),
     "max_retries": (lambda v: v >= 0, "a number of retries >= 0"),
+    "write_retries": (lambda v: v >= 1, "a number of attempts >= 1"),
+    "connect_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "read_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "ray_connect_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
 }
 
 
@@ -105,11 +133,11 @@ def _coerce(name: str, raw: Any, source: str = "") -> Any:
             raise ConfigError(f"storage_options{where} must be a mapping of fsspec options, "
                               f"e.g. {{endpoint_url: http://127.0.0.1:9000}}; got {type(raw).__name__}")
         return dict(raw)
-    if name == "store":
+    if name in ("store", "spool_dir"):
         if raw is None or raw == "":
             return None
         if not isinstance(raw, (str, os.PathLike)):
-            raise ConfigError(f"store{where} must be a URL or path string, got {raw!r}")
+            raise ConfigError(f"{name}{where} must be a URL or path string, got {raw!r}")
         return os.fspath(raw)
     default = fld.default
     kind = type(default)

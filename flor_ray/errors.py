@@ -26,6 +26,10 @@ __all__ = [
     "PropagationError",
     "UserCodeError",
     "ConfigError",
+    "DamagedFileWarning",
+    "ClusterError",
+    "KwargsError",
+    "ArgDefaultError",
 ]
 
 
@@ -133,3 +137,32 @@ class UserCodeError(FlorError, RuntimeError):
 
 class ConfigError(FlorError, ValueError):
     """A configuration file or value that cannot be used."""
+
+
+class DamagedFileWarning(UserWarning):
+    """A damaged or foreign file of the store, left out of what is being read."""
+
+
+class ClusterError(FlorError, ConnectionError):
+    """The Ray cluster cannot be reached, or lacks what a plan asks for."""
+
+
+class KwargsError(FlorError, ValueError):
+    """A ``--kwargs`` word that is not ``name=value``."""
+
+    def __init__(self, given: str):
+        self.given = given
+        what = f"got {given!r}" if given else "got nothing after it"
+        super().__init__(f"--kwargs takes name=value pairs (e.g. --kwargs lr=0.01 epochs=5); {what}: "
+                         "write each override as name=value")
+
+
+class ArgDefaultError(FlorError, TypeError):
+    """A ``flor.arg`` default of a type that ``--kwargs`` cannot override."""
+
+    def __init__(self, name: str, default: object):
+        self.name, self.default = name, default
+        super().__init__(
+            f"flor.arg({name!r}, default) got a default of type {type(default).__name__} ({default!r:.60}); "
+            "give an int, float, bool, str or None default (e.g. float(x)), which --kwargs can override"
+        )

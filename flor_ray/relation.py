@@ -147,16 +147,36 @@ _RUN_COLS = (
 
 
 def load_runs(store: "Store") -> list[dict]:
-    """Every run's metadata, oldest first (run ids sort by start time)."""
+    """Every run's metadata, oldest first (run ids sort by start time).
+
+    A run file that is not a run's metadata is left out, with one warning naming it.
+    """
     out = []
     for rid in store.iter_run_ids():
-        try:
-            meta = store.read_json(f"runs/{rid}.json")
-        except FileNotFoundError:
-            continue
-        out.append(_with_liveness(meta))
+        meta = _read_run_file(store, f"runs/{rid}.json")
+        if meta is not None:
+            out.append(_with_liveness(meta))
     out.sort(key=lambda m: (m.get("started_at") or "", m["run_id"]))
     return out
+
+
+def _read_run_file(store: "Store", rel: str) -> dict | None:
+    """The run's metadata in ``rel``; None (reported once) if gone, damaged or foreign."""
+    from .damage import Damage, report, run_meta_problem
+
+    try:
+        data = store.read_bytes(rel)
+    except FileNotFoundError:
+        return None
+    try:
+        meta = json.loads(data)
+        why = run_meta_problem(rel, meta)
+    except ValueError as exc:  # UnicodeDecodeError too
+        why = f"is not valid JSON (truncated or corrupted: {str(exc).splitlines()[0]})"
+    if why:
+        report(store, Damage(rel, why), "the run is left out of runs, queries and replays")
+        return None
+    return meta
 
 
 def _with_liveness(meta: dict) -> dict:
@@ -238,13 +258,47 @@ def _store_key(store: "Store") -> tuple:
     return (os.getpid(), store.url, json.dumps(store.storage_options, sort_keys=True, default=str))
 
 
-def _listing(store: "Store", rel: str, suffix: str, recursive: bool = True) -> tuple:
+def _listing(store: "Store", rel: str, suffix: str, recursive: bool = True, raw: bool = False) -> tuple:
     """``(path, size, stamp)`` of the files below ``rel`` ending in ``suffix``, sorted by path.
 
     The files of :meth:`Store.find` (``recursive``) or of :meth:`Store.listdir`
     (otherwise), store-relative and without hidden temporaries; one ``os.scandir`` per
-    folder on local disks, one listing call on object stores.
+    folder on local disks, one listing call on object stores. Under ``logs``, parts
+    that are damaged or belong to no valid run are left out (reported once) unless
+    ``raw``.
     """
+    out = _list_files(store, rel, suffix, recursive)
+    if raw or not (rel == "logs" or rel.startswith("logs/")) or suffix != ".parquet":
+        return out
+    return _healthy_parts(store, out)
+
+
+def _healthy_parts(store: "Store", listing: tuple) -> tuple:
+    """The parts of ``listing`` that belong to a valid run and look like Parquet."""
+    from .damage import Damage, part_problem, report
+
+    metas, _ = _cached_runs(store)
+    runs = {m["run_id"] for m in metas}
+    keep, orphans = [], set()
+    for entry in listing:
+        rel, size, stamp = entry
+        bits = rel.split("/")
+        rid = bits[1][len("run_id="):] if len(bits) > 2 and bits[1].startswith("run_id=") else None
+        if rid not in runs:
+            orphans.add("/".join(bits[:2]) if rid else rel)
+            continue
+        why = part_problem(store, rel, size, stamp)
+        if why:
+            report(store, Damage(rel, why), f"its rows of run {rid} are left out of queries")
+            continue
+        keep.append(entry)
+    for rel in sorted(orphans):
+        report(store, Damage(rel, "holds rows of a run without a valid runs/<id>.json (deleted or damaged)"),
+               "they are left out of queries")
+    return tuple(keep)
+
+
+def _list_files(store: "Store", rel: str, suffix: str, recursive: bool = True) -> tuple:
     base = store.path(rel)
     root = store.root
     out = []
@@ -308,12 +362,10 @@ def _cached_runs(store: "Store") -> tuple[list[dict], tuple]:
         if hit is not None and hit[0] == size and hit[1] == stamp:
             meta = hit[2]
         else:
-            try:
-                meta = store.read_json(rel)
-            except FileNotFoundError:
-                continue
+            meta = _read_run_file(store, rel)
         new[rel] = (size, stamp, meta)
-        metas.append(_with_liveness(meta))
+        if meta is not None:
+            metas.append(_with_liveness(meta))
     metas.sort(key=lambda m: (m.get("started_at") or "", m["run_id"]))
     with _CACHE_LOCK:
         _RUNS_CACHE.pop(key, None)
@@ -348,11 +400,13 @@ def read_logs(
     run_list = None if run_ids is None else list(run_ids)
     files: list[str] = []
     if run_list is None:
-        files = store.find("logs", ".parquet")
+        files = [f[0] for f in _listing(store, "logs", ".parquet")]
     else:
+        listing: tuple = ()
         for rid in run_list:
             for src in sources:
-                files += store.find(f"logs/run_id={rid}/source={src}", ".parquet")
+                listing += _listing(store, f"logs/run_id={rid}/source={src}", ".parquet", raw=True)
+        files = [f[0] for f in _healthy_parts(store, listing)]
     files = [f for f in files if any(f"/source={s}/" in f for s in sources)]
     str_t = pa.dictionary(pa.int32(), pa.string()) if dictionary else pa.string()
     file_schema = pa.schema(
@@ -423,7 +477,7 @@ def logs_dataset(store: "Store"):
     """The whole relation as a lazy pyarrow Dataset (scans push filters down)."""
     import pyarrow as pa
 
-    files = store.find("logs", ".parquet")
+    files = [f[0] for f in _listing(store, "logs", ".parquet")]
     part_schema = pa.schema([("run_id", pa.string()), ("source", pa.string())])
     if not files:
         return None

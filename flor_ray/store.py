@@ -30,6 +30,12 @@ __all__ = ["Store", "safe_component", "MARKER", "STORE_FORMAT"]
 
 MARKER = "flor-store.json"
 STORE_FORMAT = 1
+#: attempts of one S3 request by s3fs (timeouts, throttling): 2 ride out one lost
+#: request and bound a silent endpoint's cost at 2 read timeouts
+S3_ATTEMPTS = 2
+#: exceptions that mean a bug in the code, not a store that failed
+_BUGS = (TypeError, AttributeError, NameError, AssertionError, IndexError, UnboundLocalError)
+_MALFORMED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+")
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 
 
@@ -45,12 +51,42 @@ def safe_component(kind: str, value: object) -> str:
     return value
 
 
+def _bounded_waits(protocol: str, options: dict) -> None:
+    """Connect and read timeouts (config.py says why these numbers) for network stores.
+
+    Without them a server that accepts connections and never answers blocks every
+    call for minutes (s3fs: 5 retries of botocore's 5 attempts of 15 s each). The
+    user's own options win.
+    """
+    from .config import load_settings
+
+    s = load_settings()
+    if protocol in ("s3", "s3a"):
+        conf = dict(options.get("config_kwargs") or {})
+        conf.setdefault("connect_timeout", s.connect_timeout_s)
+        conf.setdefault("read_timeout", s.read_timeout_s)
+        conf.setdefault("retries", {"max_attempts": 1})  # s3fs retries on its own, with backoff
+        options["config_kwargs"] = conf
+    elif protocol in ("http", "https"):
+        import aiohttp
+
+        client = dict(options.get("client_kwargs") or {})
+        client.setdefault("timeout", aiohttp.ClientTimeout(sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s))
+        options["client_kwargs"] = client
+    elif protocol in ("gs", "gcs"):
+        options.setdefault("timeout", s.read_timeout_s)
+
+
 class Store:
     """A store at an fsspec URL. Cheap to build; picklable (holds the URL only)."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
         if not isinstance(url, str) or not url.strip():
             raise StoreError(f"store URL must be a non-empty string, got {url!r}")
+        bad = _MALFORMED.match(url)
+        if bad and "://" not in url:  # `s3:/b/f` would silently be a local folder named `s3:`
+            raise StoreError(f"store URL {url!r} is not a URL (a scheme needs '://'): write "
+                             f"{bad.group(1)}://{url[len(bad.group(0)):].lstrip('/')}, or ./{url} for a local folder")
         self.url = url.rstrip("/") if "://" in url else os.path.abspath(os.path.expanduser(url))
         from .credentials import StorageOptions
 
@@ -76,16 +112,22 @@ class Store:
             import fsspec
 
             options = dict(self.storage_options)
-            if fsspec.utils.get_protocol(self.url) not in ("file", "local", "memory"):
+            protocol = fsspec.utils.get_protocol(self.url)
+            if protocol not in ("file", "local", "memory"):
                 # other processes (replay tasks, other runs) add files all the time: a cached
                 # listing would hide them, and s3fs answers info()/open() from the cached
                 # listing of the parent, so a partition just written reads as missing
                 options.setdefault("use_listings_cache", False)
+                _bounded_waits(protocol, options)
             try:
                 self._fs, self._root = fsspec.core.url_to_fs(self.url, **options)
             except (ImportError, ValueError) as exc:
                 raise StoreError(f"cannot open store URL {self.url!r}: {exc}") from exc
             self._root = self._root.rstrip("/")
+            if protocol in ("s3", "s3a") and "retries" not in self.storage_options:
+                # s3fs's own retries of timeouts: 2 attempts in all, so a silent endpoint
+                # costs 2 read timeouts (and a 0.1 s backoff), not 5
+                self._fs.retries = S3_ATTEMPTS
         return self._fs
 
     @property
@@ -111,7 +153,40 @@ class Store:
         return "/".join([self.url, *parts])
 
     def _wrap(self, what: str, exc: Exception) -> StoreError:
-        return StoreError(f"{what} in store {self.url!r} failed: {type(exc).__name__}: {exc}")
+        if isinstance(exc, TypeError) and "keyword argument" in str(exc) and self.storage_options:
+            return StoreError(f"the backend of store {self.url!r} refuses its storage_options "
+                              f"({', '.join(sorted(self.storage_options))}): {exc}; fix storage_options in the config file")
+        if isinstance(exc, _BUGS):  # a bug (ours or a backend's), never dressed as an unreachable store
+            raise exc
+        return StoreError(f"{what} in store {self.url!r} failed: {type(exc).__name__}: {exc}{self._timeout_hint(exc)}")
+
+    def _timeout_hint(self, exc: BaseException) -> str:
+        """For a timeout: which endpoint did not answer and which setting bounds the wait."""
+        chain = []
+        e: BaseException | None = exc
+        while e is not None and len(chain) < 8:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        names = " ".join(type(c).__name__ for c in chain).lower()
+        if "timeout" not in names:
+            return ""
+        from .config import load_settings
+
+        s = load_settings()
+        connect = "connect" in names
+        setting = (f"connect_timeout_s={s.connect_timeout_s:g} (FLOR_CONNECT_TIMEOUT)" if connect
+                   else f"read_timeout_s={s.read_timeout_s:g} (FLOR_READ_TIMEOUT)")
+        return (f"; the endpoint {self.endpoint()} did not {'accept a connection' if connect else 'answer'} "
+                f"within {setting}: check that it is up, or raise the setting")
+
+    def endpoint(self) -> str:
+        """Where the store's requests go, as far as the options and environment say."""
+        client = self.storage_options.get("client_kwargs") or {}
+        given = self.storage_options.get("endpoint_url") or client.get("endpoint_url")
+        if self.url.startswith(("s3://", "s3a://")):
+            given = given or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            return str(given or "the AWS S3 endpoint")
+        return str(given or self.url)
 
     # ----------------------------------------------------------------- writing
     def write_bytes(self, rel: str, data: bytes, durable: bool = False) -> None:
@@ -128,12 +203,19 @@ class Store:
                 d = os.path.dirname(path)
                 os.makedirs(d, exist_ok=True)
                 tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    if durable:
-                        f.flush()
-                        os.fsync(f.fileno())
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        if durable:
+                            f.flush()
+                            os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                except BaseException:  # disk full, read-only: no temporary left behind
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+                    raise
             else:
                 self.fs.pipe_file(path, data)
         except OSError as exc:
@@ -235,11 +317,22 @@ class Store:
         """Raise :class:`StoreNotFoundError` unless a store was written here."""
         try:
             ok = self.exists(MARKER)
+            if not ok and self.url.startswith(("http://", "https://")):
+                self._probe_http()
         except StoreError as exc:
             raise StoreError(f"store {self.url!r} is unreachable: {exc}") from exc
         if not ok:
             raise StoreNotFoundError(self.url)
         return self
+
+    def _probe_http(self) -> None:
+        """fsspec's HTTP ``exists`` says False for a server that is down: ask again, for the reason."""
+        try:
+            self.fs.cat_file(self.path(MARKER))
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise self._wrap(f"reading {MARKER}", exc) from exc
 
     # ------------------------------------------------------------ arrow access
     def arrow_fs(self):

@@ -420,6 +420,30 @@ def _store_blob(store: "Store", version: str, path: str, sha: str) -> bytes:
     return data
 
 
+class VersionFiles(Mapping):
+    """A version's Python files as ``path -> text``, each read from the store (and
+    checked against its id) only when asked for: propagation pairs today's files by
+    path first and reads other files only to find a renamed one."""
+
+    def __init__(self, store: "Store", version: str):
+        self.store, self.version = store, version
+        self._ids = {p: sha for p, sha in read_version(store, version)["files"].items() if p.endswith(".py")}
+        self._texts: dict[str, str] = {}
+
+    def __getitem__(self, path: str) -> str:
+        if path not in self._texts:
+            if path not in self._ids:
+                raise KeyError(path)
+            self._texts[path] = _store_blob(self.store, self.version, path, self._ids[path]).decode(errors="replace")
+        return self._texts[path]
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 def read_file(store: "Store", version: str, path: str) -> bytes:
     files = read_version(store, version)["files"]
     if path not in files:

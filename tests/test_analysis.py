@@ -860,3 +860,30 @@ def test_shared_case_train_step_extracted():
     assert "'running_loss'" in need.reason
     assert a.need("running_acc").kind == "inner"
     assert a.need("test_acc").kind == "outer"
+
+
+def test_a_factory_parameter_bound_to_a_checkpointed_object_is_no_carried_value():
+    src = """
+    import flor_ray as flor
+
+    def make_step(m, optimizer, counter):
+        def train_step(x):
+            optimizer.zero_grad()
+            m(x).sum().backward()
+            optimizer.step()
+            counter.append(1)
+        return train_step
+
+    steps = []
+    train_step = make_step(model, opt, steps)
+    with flor.checkpointing(model=model, opt=opt):
+        for epoch in flor.loop("epoch", range(3)):
+            for x in flor.loop("step", loader):
+                train_step(x)
+            flor.log("wnorm", model.weight.norm().item())
+    """
+    a = an(src)
+    # `optimizer` is `opt` (restored by the checkpoint); `counter` is the list `steps`,
+    # which no checkpoint restores: it stays carried, named by the closure's parameter
+    assert "optimizer" not in a.training_carried and "m" not in a.training_carried
+    assert "counter" in a.training_carried

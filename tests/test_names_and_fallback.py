@@ -249,7 +249,7 @@ def test_plan_replays_each_versions_placed_names_and_lists_the_refused_pairs():
     needs = (("loss", "inner", "in the step loop", ()), ("acc", "outer", "outer level", ()),
              ("wnorm", "outer", "outer level", ()), ("tl", "inner", "reads epoch_loss", ()))
     old = VersionPatch("old", "code", None, ("+wnorm at line 9 [epoch]",), needs[:3], ("loss", "acc", "wnorm"),
-                       (Refused("old", "tl", "it reads `epoch_loss`, not defined"),))
+                       refused=(Refused("old", "tl", "it reads `epoch_loss`, not defined"),))
     new = VersionPatch("new", "code", None, ("+tl at line 9", "+wnorm at line 10"), needs, ("loss", "acc", "wnorm", "tl"))
     bare = VersionPatch("bare", "code", None, (), needs[:2], ("loss", "acc"))  # the names simply not there
     runs = [_run("a", "old"), _run("b", "old"), _run("c", "new"), _run("d", "bare")]

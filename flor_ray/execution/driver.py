@@ -124,12 +124,43 @@ class Report:
         return "\n".join(lines)
 
 
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Fail fast, naming the address, unless a TCP connection to it opens in time.
+
+    ``ray.init`` to an address where nothing listens retries for minutes and does not
+    answer Ctrl-C meanwhile; a socket connect is bounded and interruptible.
+    """
+    import socket
+
+    from ..errors import ClusterError
+
+    if address in ("local", "auto"):
+        return
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001); "
+                           "fix --address / RAY_ADDRESS, or unset them for a local Ray")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address} within ray_connect_timeout_s={timeout_s:g} "
+            f"(FLOR_RAY_CONNECT_TIMEOUT): {type(exc).__name__}: {exc.strerror or exc}; start it (`ray start "
+            "--head`), fix --address / RAY_ADDRESS, or unset them for a local Ray"
+        ) from exc
+
+
 def ensure_ray(address: str | None = None) -> None:
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from ..config import load_settings
+
+        check_reachable(address, load_settings().ray_connect_timeout_s)
     kwargs: dict[str, Any] = {}
     if not address:
         # a new local Ray for this driver only (never silently join a cluster that
@@ -220,8 +251,8 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
     for t in pending:
         run = plan.run_info(t.run_id)
         spec = t.spec(plan.store_url, plan.storage_options, run)
-        code = plan.patch(t.version).code
-        calls.append((t, (spec, code, list(run.argv), run.cwd, t.estimate_s)))
+        files = plan.patch(t.version).files(run.script)
+        calls.append((t, (spec, files, list(run.argv), run.cwd, t.estimate_s)))
     if inline or not calls:
         for i, (t, args) in enumerate(calls):
             try:
@@ -242,19 +273,7 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
             if t.memory:
                 opts["memory"] = t.memory
             refs[fn.options(**opts).remote(*args)] = t
-        waiting = list(refs)
-        done = 0
-        while waiting:
-            ready, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
-            for ref in ready:
-                t = refs[ref]
-                try:
-                    results.append(ray.get(ref))
-                except Exception as exc:  # noqa: BLE001 - retries exhausted: report, never drop
-                    results.append(TaskResult(t.key, t.run_id, "failed", 0, 0.0, t.estimate_s,
-                                              error=f"task lost after {plan.retries} retries: {type(exc).__name__}: {exc}"))
-                done += 1
-            bar.update(done)
+        _collect(refs, results, bar, plan.retries)
     _WARM.update(r.worker for r in results if r.worker)
     if pending:
         from ..planning.history import record_history
@@ -318,6 +337,62 @@ def find_conflicts(plan: "Plan", run_ids: Sequence[str]) -> tuple[Conflict, ...]
         out.append(Conflict(rec["run_id"], rec["name"], where + (f" #{rec['_occ']}" if rec["_occ"] else ""),
                             tuple(vals), tuple(g["task"])))
     return tuple(out)
+
+
+def _collect(refs: dict, results: list, bar: _Progress, retries: int) -> None:
+    """Wait for the tasks' results; Ctrl-C or SIGTERM cancels the rest and re-raises.
+
+    A cancelled task's partial output is never visible: partitions are written whole
+    (temporary + rename, or one PUT) at the task's end.
+    """
+    import ray
+
+    waiting = list(refs)
+    done = 0
+    with _signals_interrupt():
+        try:
+            while waiting:
+                ready, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
+                for ref in ready:
+                    t = refs[ref]
+                    try:
+                        results.append(ray.get(ref))
+                    except Exception as exc:  # noqa: BLE001 - retries exhausted: report, never drop
+                        results.append(TaskResult(t.key, t.run_id, "failed", 0, 0.0, t.estimate_s,
+                                                  error=f"task lost after {retries} retries: {type(exc).__name__}: {exc}"))
+                    done += 1
+                bar.update(done)
+        except KeyboardInterrupt:
+            for ref in waiting:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - already finished or gone: nothing to cancel
+                    pass
+            sys.stderr.write(f"\nreplay: interrupted; {len(waiting)} unfinished tasks cancelled, "
+                             f"{done} finished ones kept (a rerun runs only the rest)\n")
+            raise
+
+
+class _signals_interrupt:
+    """SIGTERM as Ctrl-C (KeyboardInterrupt) on the main thread, for the block's duration."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            def stop(signum, frame):
+                raise KeyboardInterrupt(f"signal {signum}")
+
+            self._old = signal.signal(signal.SIGTERM, stop)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 def compare_fidelity(plan: "Plan", results: Sequence[TaskResult], rtol: float | None = None) -> Fidelity:

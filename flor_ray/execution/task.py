@@ -121,8 +121,10 @@ def _run_around_damage(spec: Mapping[str, Any], markers: Mapping[str, str], spec
         timings["fallback"] = timings.get("fallback", 0.0) + time.time() - t - attempt.get("zygote", 0.0)
 
 
-def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | None, estimate_s: float = 0.0,
-             timeout_s: float | None = None) -> TaskResult:
+def run_task(spec: Mapping[str, Any], files: Mapping[str, str], argv: list[str], cwd: str | None,
+             estimate_s: float = 0.0, timeout_s: float | None = None) -> TaskResult:
+    """Replay one segment: the version's tree with ``files`` (path -> patched code:
+    the script, and modules holding injected statements) written over it."""
     import socket
 
     from ..credentials import task_options
@@ -145,8 +147,13 @@ def run_task(spec: Mapping[str, Any], code: str, argv: list[str], cwd: str | Non
                               error="already done (its partition exists)", node=node)
         with tempfile.TemporaryDirectory(prefix=f"flor-task-{key[:8]}-") as tmp:
             work = checked_copy(store, spec["version"], Path(tmp) / "tree")
+            for rel, text in files.items():
+                safe = (work / rel).resolve()
+                if not safe.is_relative_to(work.resolve()):  # a path from the plan escaping the tree
+                    raise ValueError(f"patched file {rel!r} is outside the version's tree")
+                safe.parent.mkdir(parents=True, exist_ok=True)
+                safe.write_text(text)
             script = work / spec["script"]
-            script.write_text(code)
             spec_path = Path(tmp) / "spec.json"
             done_path = Path(tmp) / "done.json"
             damage_path = Path(tmp) / "damaged.json"

@@ -36,6 +36,8 @@ that ``explain()`` can print.
 
 from __future__ import annotations
 
+import functools
+
 import builtins
 import itertools
 from collections import defaultdict, deque
@@ -1054,7 +1056,7 @@ class _Analyzer:
                 if ckpt and not start_inner and self._before_restore(u):
                     res.stale.append((n, u))
                 defs, carried = self._reaching(n, u)
-                if carried and not ckpt and n not in self.drv.outer_targets:
+                if carried and not ckpt and n not in self.drv.outer_targets and n in self._bound_here:
                     res.carried.add(n)
                 for d in defs:
                     if self.inner[d.pos]:
@@ -1067,13 +1069,37 @@ class _Analyzer:
                         push(d, d.uses)
         return res
 
+    @functools.cached_property
+    def _checkpointed_aliases(self) -> frozenset[str]:
+        """Parameters of the script's functions that every call passes a checkpointed
+        object: ``def make_step(m, optimizer)`` called as ``make_step(model, opt)``.
+        A closure made there that steps ``optimizer`` mutates ``opt`` itself, whose
+        state the checkpoint restores; the parameter is no loop-carried value."""
+        bound: dict[str, set[str | None]] = defaultdict(set)
+        for fname, defs in self.callable.items():
+            params = [[p.name.value for p in (*d.params.posonly_params, *d.params.params)] for d in defs]
+            for node in _iter_calls(self.module, fname):
+                for k, a in enumerate(node.args):
+                    where = a.keyword.value if a.keyword else (params[0][k] if params and k < len(params[0]) else None)
+                    if where is not None:
+                        bound[where].add(a.value.value if isinstance(a.value, cst.Name) else None)
+        return frozenset(p for p, args in bound.items() if args and args <= self.ckpt_names)
+
+    @functools.cached_property
+    def _bound_here(self) -> frozenset[str]:
+        """Names the scope that runs the outer loop can hold as loop-carried values:
+        everything but the parameters that only alias a checkpointed object."""
+        here = frozenset().union(*(u.strong for u in self.units))
+        return _Everything(self._checkpointed_aliases - here)
+
     def _loop_carried(self) -> tuple[str, ...]:
         out: set[str] = set()
         for u in self.units:
             if not self.in_body[u.pos]:
                 continue
             for n in u.uses:
-                if not self._relevant(n) or n in self.ckpt_names or n in self.drv.outer_targets:
+                if not self._relevant(n) or n in self.ckpt_names or n in self.drv.outer_targets \
+                        or n not in self._bound_here:
                     continue
                 if self._reaching(n, u)[1]:
                     out.add(n)
@@ -1208,6 +1234,23 @@ class _Analyzer:
                     for p in self._paths(caller, visiting | {fname}):
                         out |= {p + q for q in local}
         return out
+
+
+class _Everything(frozenset):
+    """Every name but the given ones (``in`` answers for the complement)."""
+
+    def __contains__(self, name: object) -> bool:
+        return not frozenset.__contains__(self, name)
+
+
+def _iter_calls(module: cst.Module, fname: str):
+    """Every call ``fname(...)`` of the module."""
+    todo: list[cst.CSTNode] = [module]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, cst.Call) and isinstance(node.func, cst.Name) and node.func.value == fname:
+            yield node
+        todo.extend(node.children)
 
 
 def _iter_small(node: cst.CSTNode):

@@ -194,6 +194,12 @@ class VersionPatch:
     loop_carried: tuple[str, ...] = ()  # ScriptAnalysis.loop_carried: what a restore writes back
     training_carried: tuple[str, ...] = ()  # ScriptAnalysis.training_carried: what re-executed training reads
     refused: tuple[Refused, ...] = ()
+    #: the project's other modules with statements injected: (path in the version, code)
+    modules: tuple[tuple[str, str], ...] = ()
+
+    def files(self, script: str) -> dict[str, str]:
+        """Every file the task writes over the version's tree: the script and the modules."""
+        return {**dict(self.modules), script: self.code or ""}
 
     def refusal(self, name: str) -> str | None:
         """Why ``name`` cannot be replayed in this version; None when it can."""
@@ -206,7 +212,10 @@ class VersionPatch:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256((self.code or "").encode()).hexdigest()[:16]
+        h = hashlib.sha256((self.code or "").encode())
+        for path, code in self.modules:
+            h.update(b"\0" + path.encode() + b"\0" + code.encode())
+        return h.hexdigest()[:16]
 
     def need(self, name: str) -> tuple[str, str, tuple[str, ...]]:
         for n, kind, reason, carried in self.needs:

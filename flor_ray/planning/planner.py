@@ -23,7 +23,39 @@ def cluster_snapshot() -> ClusterSnapshot:
         res = ray.cluster_resources()
         nodes = len([n for n in ray.nodes() if n.get("Alive")])
         return ClusterSnapshot(float(res.get("CPU", 1)), float(res.get("GPU", 0)), nodes)
-    return ClusterSnapshot(float(os.cpu_count() or 1), 0.0, 1)
+    return ClusterSnapshot(float(os.cpu_count() or 1), float(_local_gpus()), 1)
+
+
+def _local_gpus() -> int:
+    """GPUs a local Ray would find here: NVIDIA's driver entries, as CUDA_VISIBLE_DEVICES limits them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def check_fits(plan, cluster: ClusterSnapshot) -> None:
+    """Refuse at planning a plan whose tasks ask more than the cluster has (they would wait forever)."""
+    from ..errors import ClusterError
+
+    pending = [t for t in plan.tasks if not t.done]
+    if not pending:
+        return
+    gpus = max(t.num_gpus for t in pending)
+    if gpus > cluster.num_gpus:
+        raise ClusterError(
+            f"tasks need {gpus:g} GPU; the cluster has {cluster.num_gpus:g}: pass --num-gpus 0 "
+            "(resources={'num_gpus': 0}) or connect to a cluster with GPUs"
+        )
+    cpus = max(t.num_cpus for t in pending)
+    if cpus > cluster.num_cpus:
+        raise ClusterError(
+            f"tasks need {cpus:g} CPUs; the cluster has {cluster.num_cpus:g}: pass --num-cpus "
+            f"{cluster.num_cpus:g} or less, or connect to a larger cluster"
+        )
 
 
 def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
@@ -88,10 +120,75 @@ def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple
     return frozenset(keys), tuple(p for p in found if p is not None)
 
 
-def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None) -> dict[str, VersionPatch]:
+#: a module's statement may run anywhere the script calls into it (a model's forward
+#: inside the step loop): its values are replayed by re-executing training
+_MODULE_NEED = "inner"
+
+
+def today_modules(script: Path, names: Sequence[str] | None = None) -> dict[str, str]:
+    """The Python files of today's repository around ``script`` that log a flor name
+    (``names``: one of those), as ``path relative to the repository -> text``;
+    the script itself is not among them. Empty outside a git repository."""
+    from ..propagation.project import logged_names
+    from ..versions import find_repo_root
+
+    try:
+        root = Path(find_repo_root(script.parent))
+    except RepositoryError:
+        return {}
+    wanted = None if names is None else set(names)
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if path.resolve() == script.resolve() or any(
+                part.startswith(".") or part in ("__pycache__", "venv", "node_modules") for part in rel.parts[:-1]):
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue  # not source: nothing to propagate from it
+        if any(wanted is None or n in wanted for n in logged_names(text)):
+            out[rel.as_posix()] = text
+    return out
+
+
+def _module_patches(store, version: str, script: str, modules: Mapping[str, str],
+                    names: Sequence[str] | None) -> tuple[tuple, tuple, tuple, tuple]:
+    """Today's other modules propagated into one version: (files, placements, needs, refused)."""
+    from ..propagation.project import propagate_project
+    from ..versions import VersionFiles
+
+    if not modules:
+        return (), (), (), ()
+    old = VersionFiles(store, version)
+    files, placements, needs, refused = [], [], [], []
+    for fp in propagate_project(modules, old, names):
+        where = fp.target or fp.path
+        if fp.refused:
+            refused.extend(Refused(version, n, f"in {fp.path}: {fp.refused}") for n in fp.new_names)
+            continue
+        res = fp.result
+        for n, why in res.refused_names.items():
+            refused.append(Refused(version, n, f"in {where}: {why}"))
+        if not res.placements:
+            continue
+        files.append((where, res.code))
+        for p in res.placements:
+            placements.append(f"{where}: +{','.join(p.names)} at line {p.line}"
+                              + (f" in {p.function}()" if p.function else ""))
+            needs.extend((n, _MODULE_NEED, f"{n!r} is logged in {where}"
+                          + (f" ({p.function})" if p.function else "") + ", code another module runs wherever the "
+                          "script calls it: training re-executes from the checkpoint before the segment", ())
+                         for n in p.names)
+    return tuple(files), tuple(placements), tuple(needs), tuple(refused)
+
+
+def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None,
+                       modules: Mapping[str, str] | None = None) -> dict[str, VersionPatch]:
     """Propagate today's statements of ``names`` (None: all new ones) into each
-    version's script; analyse the result. A statement that cannot be placed refuses
-    its names in that version only; today's other statements are not injected."""
+    version's script, and those of today's other ``modules`` into their counterparts;
+    analyse the result. A statement that cannot be placed refuses its names in that
+    version only; today's other statements are not injected."""
     from ..propagation import PropagationError, propagate_detailed
     from ..versions import read_file
     from .analysis import analyze
@@ -117,9 +214,25 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
         needs = tuple((n, nd.kind, nd.reason, tuple(nd.carried)) for n, nd in an.needs)
         why = res.refused_names
         refused = tuple(Refused(version, n, why[n]) for n in (names if names is not None else why) if n in why)
-        patches[version] = VersionPatch(version, res.code, None, placements, needs, tuple(an.logged_names),
-                                        tuple(an.loop_carried), tuple(an.training_carried), refused)
+        try:
+            files, m_places, m_needs, m_refused = _module_patches(store, version, script, modules or {}, names)
+        except Exception as exc:  # noqa: BLE001 - the version's modules unreadable: their names refused
+            files, m_places, m_needs = (), (), ()
+            m_refused = tuple(Refused(version, n, f"cannot read this version's modules: {exc}")
+                              for n in _names_of(modules or {}, names))
+        m_needs = tuple((n, k, r, tuple(an.training_carried)) for n, k, r, _ in m_needs)
+        patches[version] = VersionPatch(version, res.code, None, placements + m_places, needs + m_needs,
+                                        tuple(an.logged_names) + tuple(n for n, *_ in m_needs),
+                                        tuple(an.loop_carried), tuple(an.training_carried), refused + m_refused,
+                                        files)
     return patches
+
+
+def _names_of(modules: Mapping[str, str], names: Sequence[str] | None) -> list[str]:
+    from ..propagation.project import logged_names
+
+    found = dict.fromkeys(n for text in modules.values() for n in logged_names(text))
+    return [n for n in found if names is None or n in names]
 
 
 def damaged_checkpoints(store, runs: Sequence[RunInfo]) -> list[DamagedCheckpoint]:
@@ -231,34 +344,39 @@ def plan_replay(
     except UnicodeDecodeError as exc:
         raise PlanningError(f"today's script {str(path)!r} is not UTF-8 text ({exc.reason}); pass the .py file") from exc
     today_an = analyze(today, filename=str(path))
+    modules = today_modules(path)
+    today_names = list(dict.fromkeys([*today_an.logged_names, *_names_of(modules, None)]))
     logged = _logged_per_run(st, [m["run_id"] for m in metas])
     if names is None:
-        names = [n for n in today_an.logged_names if any(n not in logged.get(m["run_id"], ()) for m in metas)]
+        names = [n for n in today_names if any(n not in logged.get(m["run_id"], ()) for m in metas)]
         if not names:
             raise QueryError(
-                f"every name logged by {path.name} is already in every selected run; "
-                "name the statements to replay explicitly"
+                f"every name logged by {path.name} (and the modules of its repository) is already in every "
+                "selected run; name the statements to replay explicitly"
             )
     else:
-        unknown = [n for n in names if n not in today_an.logged_names]
+        unknown = [n for n in names if n not in today_names]
         if unknown:
             raise QueryError(
-                f"{', '.join(map(repr, unknown))} not logged by today's script {str(path)!r}; add "
-                f"flor.log({unknown[0]!r}, ...) to it first (it logs: {', '.join(today_an.logged_names) or 'nothing'})"
+                f"{', '.join(map(repr, unknown))} not logged by today's script {str(path)!r} or a module of "
+                f"its repository; add flor.log({unknown[0]!r}, ...) first (they log: "
+                f"{', '.join(today_names) or 'nothing'})"
             )
     running = [] if include_running else [m for m in metas if m.get("status") == "running"]
     metas = [m for m in metas if m not in running]
+    modules = {p: t for p, t in modules.items() if set(_names_of({p: t}, names))}
     runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
     versions = {r.version: r.script for r in runs}
-    patches = propagate_versions(st, today, versions, names)
+    patches = propagate_versions(st, today, versions, names, modules)
     done, replayed = replayed_parts(st, [r.run_id for r in runs])
+    cluster = cluster or cluster_snapshot()
     plan = make_plan(
         names=names,
         where=where,
         iterations=iterations,
         runs=runs,
         patches=patches,
-        cluster=cluster or cluster_snapshot(),
+        cluster=cluster,
         resources=resources,
         done_keys=done,
         store_url=st.url,
@@ -271,6 +389,7 @@ def plan_replay(
                                  f"still recording (pid {m.get('pid')} on {m.get('host')}): replay it once it has "
                                  "finished, or pass include_running=True (--include-running)") for m in running],
     )
+    check_fits(plan, cluster)
     if not plan.tasks and plan.skipped and all("selects none of its iterations" in s.reason for s in plan.skipped):
         raise PlanningError(
             f"iterations={iterations!r} is out of range for every selected run ({plan.skipped[0].reason}); "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import collections.abc as _abc
 import datetime as _dt
+import json
 import math
 import os
 import secrets
@@ -40,7 +41,13 @@ from .writer import BackgroundWriter
 
 __all__ = ["LoopRuntime", "RecordSession", "take_kwargs", "cast_arg", "process_start_time"]
 
-RESERVED_NAMES = frozenset({"run_id", "version", "source"})
+#: the log relation's columns (and SQL's ``value``): a log or loop name among them would
+#: shadow the column in ``dataframe`` and ``sql``
+RESERVED_NAMES = frozenset({
+    "run_id", "version", "source", "file", "loops", "items", "name", "vtype", "value",
+    "value_float", "value_int", "value_str", "seq", "task", *(f"iter{d}" for d in range(MAX_LOOP_DEPTH)),
+})
+MAX_NAME_LEN = 200
 
 
 def now_iso() -> str:
@@ -67,28 +74,55 @@ def _pid_start_ticks() -> int | None:
         return None
 
 
+def _kwarg_pair(given: str) -> tuple[str, str]:
+    name, eq, value = given.partition("=")
+    if not eq or not name.strip():
+        from ..errors import KwargsError
+
+        raise KwargsError(given)
+    return name, value
+
+
 def take_kwargs(argv: list[str]) -> dict[str, str]:
-    """Remove FlorDB-style ``--kwargs a=1 b=2`` from ``argv`` (in place); return them."""
+    """Remove FlorDB-style ``--kwargs a=1 b=2`` from ``argv`` (in place); return them.
+
+    ``--kwargs`` takes the ``name=value`` words that follow it, up to the next word
+    starting with ``-``; a word without ``=`` there, or none at all, is refused
+    (it would otherwise be left in argv for the script's own parser to trip on).
+    """
     out: dict[str, str] = {}
     i = 0
     while i < len(argv):
         if argv[i] == "--kwargs":
             j = i + 1
-            while j < len(argv) and "=" in argv[j] and not argv[j].startswith("-"):
-                k, v = argv[j].split("=", 1)
+            while j < len(argv) and not argv[j].startswith("-"):
+                k, v = _kwarg_pair(argv[j])
                 out[k] = v
                 j += 1
+            if j == i + 1:
+                from ..errors import KwargsError
+
+                raise KwargsError(argv[j] if j < len(argv) else "")
             del argv[i:j]
         elif argv[i].startswith("--kwargs="):
-            k, v = argv[i][len("--kwargs=") :].split("=", 1) if argv[i].count("=") >= 2 else (argv[i], "")
-            if not v and k == argv[i]:
-                i += 1
-                continue
+            k, v = _kwarg_pair(argv[i][len("--kwargs="):])
             out[k] = v
             del argv[i]
         else:
             i += 1
     return out
+
+
+def arg_default(name: str, default: Any) -> Any:
+    """``default`` as a plain int, float, bool, str or None (numpy scalars unwrapped)."""
+    if default is None or type(default) in (int, float, bool, str):
+        return default
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(default, (np.integer, np.floating, np.bool_, np.str_)):
+        return default.item()
+    from ..errors import ArgDefaultError
+
+    raise ArgDefaultError(name, default)
 
 
 def cast_arg(name: str, raw: str, default: Any) -> Any:
@@ -113,10 +147,22 @@ def cast_arg(name: str, raw: str, default: Any) -> Any:
 
 
 def check_name(kind: str, name: Any) -> str:
-    if type(name) is not str or not name.strip() or len(name) > 200 or any(c in name for c in "\n\r\t/"):
-        raise InvalidNameError(kind, name)
-    if kind == "log" and name in RESERVED_NAMES:
-        raise InvalidNameError(kind, name, f"{name!r} is a column of the log relation; pick another name")
+    if type(name) is not str:
+        raise InvalidNameError(kind, name, f"it is a {type(name).__name__}; use a string such as 'loss' or 'epoch'")
+    if not name.strip():
+        raise InvalidNameError(kind, name, "use a non-empty string such as 'loss' or 'val_acc'")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidNameError(kind, f"{name[:40]}...", f"it is {len(name)} characters long; the limit is "
+                               f"{MAX_NAME_LEN}: use a shorter name")
+    bad = next((c for c in name if c in "/\n\r\t" or not c.isprintable()), None)
+    if bad is not None:
+        why = ("'/' separates loop names in the relation" if bad == "/"
+               else f"it holds the control character {bad!r}, which tables and the command line cannot show")
+        raise InvalidNameError(kind, name, f"{why}; use letters, digits, '_', '.' or '-' (e.g. "
+                               f"{''.join(c if c.isalnum() else '_' for c in name)!r})")
+    if kind in ("log", "loop") and name in RESERVED_NAMES:
+        raise InvalidNameError(kind, name, f"{name!r} is a column of the log relation (dataframe and sql would "
+                               f"show the column, not your {kind}); pick another name, e.g. {name + '_'!r}")
     return name
 
 
@@ -147,8 +193,10 @@ class LoopRuntime:
         self._names: list[str] = []
         self._values: list[Any] = []
         self._valid_names: set[str] = set()
+        self._loop_names: set[str] = set()
         self._seq = 0
         self._outer_name: str | None = None
+        self._outer_started = False
         self._checkpoint_objects: dict[str, Any] | None = None
         #: the user's frame that iterates the outer loop: checkpoints capture its
         #: loop-carried values, replays write them back (see carried.py)
@@ -157,7 +205,7 @@ class LoopRuntime:
     # ------------------------------------------------------------------- log
     def log(self, name: str, value: Any) -> Any:
         if name not in self._valid_names:
-            self._valid_names.add(check_name("log", name))
+            self._check_log_name(name)
         t = value.__class__
         v = value
         if t is float or t is str or t is bool:
@@ -177,6 +225,13 @@ class LoopRuntime:
         self._names.append(name)
         self._values.append(v)
         return value
+
+    def _check_log_name(self, name: str) -> None:
+        check_name("log", name)
+        if name in self._loop_names:
+            raise InvalidNameError("log", name, f"it is also the name of a flor.loop, whose iteration is a column "
+                                   f"{name!r} of dataframe(); name the value differently, e.g. {name + '_value'!r}")
+        self._valid_names.add(name)
 
     @property
     def fast_log(self):
@@ -231,6 +286,15 @@ class LoopRuntime:
             )
         if any(f[0] == name for f in self._stack):
             raise LoopError(f"flor.loop({name!r}) is nested inside a loop of the same name; give each level its own name")
+        if name in self._valid_names:
+            raise LoopError(f"flor.loop({name!r}) has the name of a logged value, and both would be the column "
+                            f"{name!r} of dataframe(); give the loop or the value another name")
+        if depth == 0 and name == self._outer_name and self._outer_started:
+            raise LoopError(
+                f"flor.loop({name!r}) runs a second time at the top level: its iteration numbers would repeat "
+                f"(in the rows and the checkpoints); give the second loop its own name, e.g. {name + '2'!r}"
+            )
+        self._loop_names.add(name)
         try:
             length = len(iterable)  # type: ignore[arg-type]
         except TypeError:
@@ -288,6 +352,8 @@ class LoopRuntime:
         if self._outer_name is None:
             self._outer_name = name
         is_outer = self._outer_name == name
+        if is_outer:
+            self._outer_started = True
         frame = self._push(name, length)
         if is_outer:
             from .carried import scope_frame
@@ -440,6 +506,9 @@ class RecordSession(LoopRuntime):
         self.store.ensure()
         mark("store")
         self.run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+        from .spool import SpoolingWriter
+
+        self._spool = SpoolingWriter(self.store, self.run_id, self.settings.spool_dir, self.settings.write_retries)
         exclude = []
         if self.store.is_local:
             store_root = Path(self.store.root).resolve()
@@ -531,11 +600,7 @@ class RecordSession(LoopRuntime):
 
     def arg(self, name: str, default: Any) -> Any:
         check_name("arg", name)
-        if default is not None and type(default) not in (int, float, bool, str):
-            raise InvalidNameError(
-                "arg", name, f"the default {default!r} is a {type(default).__name__}; "
-                "flor.arg takes an int, float, bool, str or None default"
-            )
+        default = arg_default(name, default)
         if name in self.kwargs:
             value = cast_arg(name, self.kwargs[name], default)
         else:
@@ -691,7 +756,8 @@ class RecordSession(LoopRuntime):
 
             cpu = time.thread_time()
             data = serialize(snap)
-            self.store.write_bytes(rel, data, durable=True)
+            if not self._spool.write(rel, data, durable=True, spill=False):
+                return  # skipped, listed in the run's "lost": replays start from an earlier one
             entry = {
                 "iteration": snap["iteration"],
                 "inner_exits": snap["inner_exits"],
@@ -748,7 +814,11 @@ class RecordSession(LoopRuntime):
             }
         )
         self.meta["env"] = {**self.meta["env"], **{k: v for k, v in self._env().items() if k in ("device", "gpu")}}
-        self.store.write_json(self.store.runs_rel(self.run_id), self.meta)
+        for key in ("spooled", "lost"):
+            self.meta.pop(key, None)
+        self.meta.update(self._spool.record())
+        data = json.dumps(self.meta, indent=1, sort_keys=True, default=str).encode()
+        self._spool.write(self.store.runs_rel(self.run_id), data)
 
     # ------------------------------------------------------------------ exit
     def finish(self) -> None:
@@ -767,7 +837,7 @@ class RecordSession(LoopRuntime):
         problems += self.writer.errors
         with self._lock:
             manifest = list(self._manifest)
-        for m in manifest:
+        for m in manifest if not self._spool.down else ():  # a store that is down is not read
             try:
                 size = self.store.fs.size(self.store.path(m["path"]))
             except Exception as exc:  # noqa: BLE001 - reported below
@@ -806,4 +876,4 @@ class RecordSession(LoopRuntime):
         from .rows import rows_to_table  # never imports pandas / pyarrow.compute
 
         table = rows_to_table(version=self.version, file=self.script, **rows)
-        self.store.write_bytes(rel, table_to_parquet_bytes(table))
+        self._spool.write(rel, table_to_parquet_bytes(table))

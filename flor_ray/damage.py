@@ -1,0 +1,186 @@
+"""Damaged or foreign files in a store, kept from sinking the rest of it.
+
+A run file that is not a run's metadata (invalid JSON, not an object, no or another
+``run_id``, an id that would escape the store), a Parquet part whose header or
+footer is not Parquet's (zeroed, truncated), and rows of a run whose ``runs/<id>.json``
+is gone each affect only that run: queries leave them out and warn once, naming the
+file. :func:`scan` lists them for ``flor-ray check``; :func:`quarantine` moves them
+under ``<store>/quarantine/`` (nothing is deleted).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import DamagedFileWarning, InvalidNameError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store import Store
+
+__all__ = ["Damage", "run_meta_problem", "part_problem", "report", "scan", "quarantine", "QUARANTINE"]
+
+QUARANTINE = "quarantine"
+_MAGIC = b"PAR1"
+_LOCK = threading.Lock()
+_PART_CACHE: dict[tuple, str | None] = {}  # (store url, path, size, stamp) -> problem or None
+_PART_CACHE_MAX = 200_000
+_REPORTED: set[tuple] = set()
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One damaged or foreign file of a store (store-relative path)."""
+
+    path: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.why}"
+
+
+def run_meta_problem(rel: str, meta: Any) -> str | None:
+    """Why ``meta`` read from ``rel`` (``runs/<id>.json``) is not a run's metadata, or None."""
+    from .store import safe_component
+
+    stem = rel.rsplit("/", 1)[-1][: -len(".json")]
+    if not isinstance(meta, dict):
+        return f"holds a JSON {type(meta).__name__}, not a run's metadata object"
+    rid = meta.get("run_id")
+    if rid is None:
+        return "has no run_id"
+    try:
+        safe_component("run id", rid)
+    except InvalidNameError:
+        return f"its run_id {rid!r} is not a valid run id (it would name a path outside the run's folders)"
+    if rid != stem:
+        return f"its run_id {rid!r} is not the one of its file name ({stem!r})"
+    for key, kind in _FIELD_TYPES.items():
+        v = meta.get(key)
+        if v is not None and not isinstance(v, kind):
+            return f"its {key} is a {type(v).__name__}, not a {kind.__name__}"
+    return None
+
+
+#: fields that every reader of run files takes apart, with the type they must have
+_FIELD_TYPES = {"args": dict, "argv": list, "env": dict, "timings": dict, "checkpoints": list,
+                "iterations": int, "script": str, "version": str, "status": str}
+
+
+def part_problem(store: "Store", rel: str, size: int | None, stamp: Any = None) -> str | None:
+    """Why the Parquet part at ``rel`` cannot be read (magic bytes, footer length), or None.
+
+    Reads 4 bytes at each end; the verdict is kept for as long as the file's size and
+    stamp stay the same, so a query checks each part once.
+    """
+    key = (store.url, rel, size, stamp)
+    with _LOCK:
+        if key in _PART_CACHE:
+            return _PART_CACHE[key]
+    why = _check_part(store, rel, size)
+    with _LOCK:
+        if len(_PART_CACHE) > _PART_CACHE_MAX:
+            _PART_CACHE.clear()
+        _PART_CACHE[key] = why
+    return why
+
+
+def _check_part(store: "Store", rel: str, size: int | None) -> str | None:
+    path = store.path(rel)
+    try:
+        if store.is_local:
+            with open(path, "rb") as f:
+                head = f.read(4)
+                f.seek(0, 2)
+                size = f.tell()
+                if size < 12:
+                    return f"is {size} bytes long, too short for a Parquet file (truncated)"
+                f.seek(size - 8)
+                tail = f.read(8)
+        else:
+            if size is None:
+                size = store.fs.size(path)
+            if size < 12:
+                return f"is {size} bytes long, too short for a Parquet file (truncated)"
+            head = store.fs.cat_file(path, start=0, end=4)
+            tail = store.fs.cat_file(path, start=size - 8, end=size)
+    except FileNotFoundError:
+        return None  # removed since the listing: nothing to leave out
+    if head != _MAGIC or tail[4:] != _MAGIC:
+        return "is not a Parquet file (no PAR1 magic at its start or end: zeroed, truncated or foreign)"
+    footer = int.from_bytes(tail[:4], "little")
+    if footer + 12 > size:
+        return f"its Parquet footer claims {footer} bytes of a {size}-byte file (truncated)"
+    return None
+
+
+def report(store: "Store", damage: Damage, what: str) -> None:
+    """Warn once (per process and file) that ``damage`` is left out: ``what`` says of what."""
+    key = (store.url, damage.path, damage.why)
+    with _LOCK:
+        if key in _REPORTED:
+            return
+        _REPORTED.add(key)
+    warnings.warn(
+        DamagedFileWarning(
+            f"{store.full_url(damage.path)} {damage.why}; {what}. `flor-ray check --repair` moves it to "
+            f"{store.full_url(QUARANTINE)}"
+        ),
+        stacklevel=3,
+    )
+
+
+# ------------------------------------------------------------------ check
+def scan(store: "Store") -> list[Damage]:
+    """Every damaged or foreign file of the store, and rows of runs without a run file."""
+    from .relation import _listing
+
+    out: list[Damage] = []
+    good: set[str] = set()
+    for rel, _size, _stamp in _listing(store, "runs", ".json", recursive=False):
+        try:
+            meta = store.read_json(rel)
+        except FileNotFoundError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - any unreadable run file is damage
+            out.append(Damage(rel, f"is not readable JSON ({type(exc).__name__})"))
+            continue
+        why = run_meta_problem(rel, meta)
+        if why:
+            out.append(Damage(rel, why))
+        else:
+            good.add(meta["run_id"])
+    orphans: set[str] = set()
+    for rel, size, stamp in _listing(store, "logs", ".parquet", raw=True):
+        run_dir = rel.split("/")[1] if rel.count("/") >= 2 else ""
+        rid = run_dir[len("run_id="):] if run_dir.startswith("run_id=") else None
+        if rid not in good:
+            orphans.add(f"logs/{run_dir}" if rid else rel)
+            continue
+        why = part_problem(store, rel, size, stamp)
+        if why:
+            out.append(Damage(rel, why))
+    for rel in sorted(orphans):
+        out.append(Damage(rel, "holds rows of a run without a valid runs/<id>.json (deleted or damaged)"))
+    return out
+
+
+def quarantine(store: "Store", damages: list[Damage]) -> list[str]:
+    """Move each damaged path under ``quarantine/<time>/`` (same relative path); the new paths."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    moved = []
+    for d in damages:
+        dest = f"{QUARANTINE}/{stamp}/{d.path}"
+        src_path, dest_path = store.path(d.path), store.path(dest)
+        if store.is_local:
+            import os
+
+            os.makedirs(os.path.dirname(dest_path), exist_ok=True)
+            os.replace(src_path, dest_path)
+        else:
+            store.fs.mv(src_path, dest_path, recursive=True)
+        moved.append(dest)
+    return moved
