@@ -106,7 +106,11 @@ def _store(store: Any = None):
 
 
 def dataframe(*names: str, where: str | None = None, store: Any = None) -> "pd.DataFrame":
-    """One row per (run, loop context), a column per loop, log name and arg."""
+    """One row per (run, loop context), a column per loop, log name and arg.
+
+    A name logged several times in one context adds an ``occurrence`` column (one
+    row per value, in logging order); see :func:`flor_ray.relation.dataframe`.
+    """
     from .relation import dataframe as _df
 
     return _df(_store(store), names, where)

@@ -130,7 +130,8 @@ def cmd_replay(a) -> int:
 
         ensure_ray(a.address)
     plan = flor_ray.plan_replay(a.names or None, where=a.where, iterations=a.iterations or "all",
-                                script=a.script, store=a.store, resources=resources or None)
+                                script=a.script, store=a.store, resources=resources or None,
+                                include_running=a.include_running)
     print(plan.explain(), flush=True)
     if a.dry_run:
         return 0
@@ -320,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--where", help="one SQL boolean expression over the runs table's columns, e.g. \"lr > 0.01\"")
 
     sp = add("df", cmd_df, "logged values, one row per run and loop iteration, one column per name "
-             "(<name> recorded, <name>__replay replayed)", "flor-ray df acc wnorm --where \"lr > 0.05\"", fmt=True)
+             "(<name> recorded, <name>__replay replayed; an occurrence column where a name logged several "
+             "values in one iteration; <name>__conflict where replays disagree)",
+             "flor-ray df acc wnorm --where \"lr > 0.05\"", fmt=True)
     sp.add_argument("names", nargs="+", metavar="NAME", help="log names, e.g. acc loss")
     sp.add_argument("--where", help="one SQL boolean expression over the runs table's columns, e.g. \"lr > 0.01\"")
 
@@ -337,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--iterations", metavar="SPEC", help="'all' (default), 'last', '3', '0:5' or '1,4,7'")
     sp.add_argument("--script", help="today's script (default: the latest run's script in this checkout)")
     sp.add_argument("--dry-run", action="store_true", help="print the plan and its estimate, run nothing")
+    sp.add_argument("--include-running", action="store_true",
+                    help="replay runs that are still recording too (default: skipped with the reason)")
     sp.add_argument("--num-cpus", type=float, metavar="N",
                     help="CPUs per task (default: the run's recorded intra-op threads, at most a node's CPUs)")
     sp.add_argument("--num-gpus", type=float, metavar="N", help="GPUs per task (default: 1 for runs recorded on CUDA)")

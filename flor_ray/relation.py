@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .errors import QueryError
@@ -41,11 +42,18 @@ __all__ = [
     "select_runs",
     "read_logs",
     "dataframe",
+    "ConflictWarning",
     "sql",
 ]
 
 #: Bump when the columns below change; part of every replay task key.
 SCHEMA_VERSION = 1
+#: The footer key of a replay partition: JSON saying what it holds (task, patch
+#: digest, names, outer iterations, setup/after rows, written_at).
+TASK_META_KEY = b"flor_ray.task"
+#: A replay task whose recomputed recorded values differ from the recording has its
+#: partition moved here: kept apart from the back-filled values, visible through SQL.
+MISMATCH_SOURCE = "replay_mismatch"
 #: Nesting depth of flor.loop that the relation has columns for.
 MAX_LOOP_DEPTH = 4
 ITER_COLS = tuple(f"iter{d}" for d in range(MAX_LOOP_DEPTH))
@@ -450,7 +458,7 @@ def _dataset(store: "Store", files: Sequence[str], file_schema, part_schema, dic
     kw = {}
     if dictionary:
         runs_seen = sorted({f.split("/")[1][len("run_id="):] for f in files})
-        kw["dictionaries"] = {"run_id": pa.array(runs_seen), "source": pa.array(["record", "replay"])}
+        kw["dictionaries"] = {"run_id": pa.array(runs_seen), "source": pa.array(["record", "replay", MISMATCH_SOURCE])}
         fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(_DICT_COLS)))
     else:
         fmt = ds.ParquetFileFormat()
@@ -611,6 +619,7 @@ def _scan(store: "Store", files: Sequence[str], names: Sequence[str] | None) -> 
         iters.append(None if it is None else rows(it))
     return {
         "rid_dict": rid_dict,
+        "file": rows(np.repeat(np.arange(len(files), dtype=np.int32), counts)),
         "run": rows(np.repeat(np.asarray([run_code[r] for r in runs_of], dtype=np.int32), counts)),
         "src": rows(np.repeat(np.asarray(["/source=replay/" in f for f in files], dtype=np.int8), counts)),
         "name": name,
@@ -657,38 +666,84 @@ def _sorted_by(keys) -> bool:
     return True
 
 
-def _series_rows(rank, seq, iters, loops) -> "np.ndarray | None":
-    """Rows of one (name, source), as indices: context order, the last row per context.
+@dataclass(frozen=True)
+class _Series:
+    """One (name, source) of a dataframe: its rows in result order and their identities.
 
-    Rows are put in (run, logging order), where they usually already are, so that the
-    rows of one loop context become neighbours even when they come from several files
-    (replay tasks number their rows from 0); if the loop contexts are then out of
-    order they are sorted (stable: logging order kept within a context). None: all
-    rows, as they are.
+    ``rows``: indices into the scan (None: all rows, as they are); ``occ``: each row's
+    occurrence, its index among the values of its (run, loop context) in logging order
+    (None: one value per context); ``dups`` / ``dup_of``: rows of later replay tasks
+    that repeat the identity (run, context, occurrence) of a kept row, and that row.
+    """
+
+    rows: Any
+    occ: Any = None
+    dups: Any = None
+    dup_of: Any = None
+
+
+def _series_rows(rank, seq, iters, loops, task=None) -> _Series:
+    """Rows of one (name, source) in context order, every value kept once.
+
+    Rows are put in (run, task, logging order), where they usually already are, so
+    that the rows of one loop context become neighbours even when they come from
+    several files (replay tasks number their rows from 0); if the loop contexts are
+    then out of order they are sorted (stable: task and logging order kept within a
+    context). ``task`` orders the replay tasks (earliest first; None: one source of
+    rows, a recording): of an identity that several tasks hold, the earliest one's
+    row is kept and the others are returned as duplicates.
     """
     import numpy as np
 
+    first = [rank, seq] if task is None else [rank, task, seq]
     order = None
-    if not _sorted_by([rank, seq]):
-        order = np.lexsort((seq, rank))
+    if not _sorted_by(first):
+        order = np.lexsort(tuple(reversed(first)))
     keys = [rank, *iters]
     if order is not None:
         keys, loops = [k[order] for k in keys], loops[order]
+        task = None if task is None else task[order]
     if not _sorted_by(keys):
-        again = np.lexsort((loops, *reversed(keys)))  # stable: seq order kept within a context
+        again = np.lexsort((loops, *reversed(keys)))  # stable: task and seq order kept within a context
         order = again if order is None else order[again]
         keys, loops = [k[again] for k in keys], loops[again]
+        task = None if task is None else task[again]
     n = len(rank)
-    if n > 1:
-        same = loops[1:] == loops[:-1]
-        for k in keys:
-            same &= k[1:] == k[:-1]
-        if same.any():  # keep the last row of each run of equal contexts
-            last = np.ones(n, dtype=bool)
-            last[:-1] = ~same
-            keep = np.flatnonzero(last)
-            order = keep if order is None else order[keep]
-    return order
+    if n < 2:
+        return _Series(order)
+    same = loops[1:] == loops[:-1]
+    for k in keys:
+        same &= k[1:] == k[:-1]
+    if not same.any():
+        return _Series(order)
+    same_task = same if task is None else same & (task[1:] == task[:-1])
+    idx = np.arange(n)
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = ~same_task
+    occ = idx - np.maximum.accumulate(np.where(starts, idx, 0))
+    base = idx if order is None else order
+    if task is None or not (same & ~same_task).any():
+        return _Series(order, occ)
+    ctx_start = np.ones(n, dtype=bool)
+    ctx_start[1:] = ~same
+    ident = (np.cumsum(ctx_start) - 1) * (int(occ.max()) + 1) + occ
+    uniq, firsts = np.unique(ident, return_index=True)  # within a context the earliest task comes first
+    keep = np.sort(firsts)
+    dup = np.ones(n, dtype=bool)
+    dup[firsts] = False
+    dup_pos = np.flatnonzero(dup)
+    kept_occ = occ[keep]
+    return _Series(base[keep], kept_occ if kept_occ.any() else None, base[dup_pos],
+                   base[firsts[np.searchsorted(uniq, ident[dup_pos])]])
+
+
+def _differ(a, b) -> "np.ndarray":
+    """Elementwise: the values differ (NaN equals NaN)."""
+    import numpy as np
+
+    if a.dtype.kind == "f" and b.dtype.kind == "f":
+        return ~((a == b) | (np.isnan(a) & np.isnan(b)))
+    return np.asarray([not (x == y or (x != x and y != y)) for x, y in zip(a.tolist(), b.tolist())], dtype=bool)
 
 
 def _values(scan: dict, rows, kinds: set[str]):
@@ -740,10 +795,14 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
     A value recorded by the run is shown as is; a name only replayed shows the
     replayed value. Where both exist, ``<name>`` holds the recorded value and
     ``<name>__replay`` the replayed one, so the two can be compared side by side.
-    Per name the rows are put in loop order and de-duplicated with vectorised
-    passes (no per-row Python); several names are joined on the loop context.
-    The files are read column-wise straight into flat arrays (the partition columns
-    come from the paths), and a series already in order is neither sorted nor copied.
+    A name logged several times in one loop context (a closure called by the
+    optimizer, a forward pass per evaluation) keeps every value: the frame then has
+    an ``occurrence`` column, one row per value in logging order. A value that
+    several replay tasks hold is shown once, the earliest task's; where their values
+    differ, ``<column>__conflict`` is True on its row and a :class:`ConflictWarning`
+    names them. Partitions kept apart by the fidelity check are not read.
+    Per name the rows are put in loop order with vectorised passes (no per-row
+    Python); several names are joined on the loop context and occurrence.
     """
     import numpy as np
     import pandas as pd
@@ -755,17 +814,7 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
             raise QueryError(f"log names must be non-empty strings, got {n!r}")
     metas, _ = _cached_runs(store)
     run_ids = select_runs(store, where, metas)
-    listing = [f[0] for f in _listing(store, "logs", ".parquet")]
-    if where:  # the selected runs' files, in the runs' order, recorded then replayed
-        by_part: dict[tuple[str, str], list[str]] = {}
-        for f in listing:
-            parts = f.split("/")
-            if len(parts) > 2:
-                by_part.setdefault((parts[1], parts[2]), []).append(f)
-        files = [f for rid in run_ids for src in ("record", "replay")
-                 for f in by_part.get((f"run_id={rid}", f"source={src}"), [])]
-    else:
-        files = [f for f in listing if "/source=record/" in f or "/source=replay/" in f]
+    files, task_order = _dataframe_files(_listing(store, "logs", ".parquet"), run_ids if where else None)
     scan = _scan(store, files, names or None) if files else None
     if scan is None:
         if names:
@@ -776,6 +825,7 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
                 "or back-fill a new name with flor.replay"
             )
         return pd.DataFrame(columns=["run_id", "version"])
+    scan["task"] = task_order[scan["file"]]
     rid_dict = scan["rid_dict"]
     order_of = {m["run_id"]: i for i, m in enumerate(metas)}
     run_rank = np.array([order_of.get(r, len(order_of) + i) for i, r in enumerate(rid_dict)], dtype=np.int64)
@@ -792,65 +842,151 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
     loop_vals = scan["loop_vals"]
     paths = [str(loop_vals[c]) for c in _first_seen(scan["loops"]) if loop_vals[c] is not None]
     depth = max([len([x for x in p.split("/") if x]) for p in paths] + [0])
-    iter_cols = list(ITER_COLS[:depth])  # deeper columns are all null: not carried
-    key_iters = [(d, it) for d, it in enumerate(scan["iters"]) if it is not None]
     series = [(name, source, suffix) for name in out_names
               for source, suffix in (("record", ""), ("replay", "__replay")) if (name, source) in kinds]
+    picked = _pick_series(scan, series, kinds, run_rank)
+    codes, loops, iter_arrays, occurrence, columns = _join_series(scan, picked, run_rank, depth)
+    _warn_conflicts(scan, picked)
+    cols = list(columns)
+    loop_cats = [str(v) for v in loop_vals]
+    return _assemble(codes, loops, loop_cats, iter_arrays, columns, cols, paths, rid_dict, metas, occurrence)
+
+
+class ConflictWarning(UserWarning):
+    """Replay tasks hold different values for one identity (run, name, loop context,
+    occurrence): the frame shows the earliest task's and flags the row."""
+
+
+def _dataframe_files(listing: tuple, run_ids: "Sequence[str] | None") -> tuple[list[str], "np.ndarray"]:
+    """The files a dataframe reads (those of ``run_ids`` in the runs' order, recorded
+    then replayed; None: all) and each file's task order: replay partitions by the
+    time they were written (their listing stamp, then their path), recordings 0."""
+    import numpy as np
+
+    if run_ids is not None:
+        by_part: dict[tuple[str, str], list[str]] = {}
+        for f, _, _ in listing:
+            parts = f.split("/")
+            if len(parts) > 2:
+                by_part.setdefault((parts[1], parts[2]), []).append(f)
+        files = [f for rid in run_ids for src in ("record", "replay")
+                 for f in by_part.get((f"run_id={rid}", f"source={src}"), [])]
+    else:
+        files = [f for f, _, _ in listing if "/source=record/" in f or "/source=replay/" in f]
+    stamps = {f: stamp for f, _, stamp in listing}
+    replays = sorted((f for f in files if "/source=replay/" in f), key=lambda f: (stamps.get(f)[:1], f))
+    rank = {f: i + 1 for i, f in enumerate(replays)}
+    return files, np.asarray([rank.get(f, 0) for f in files], dtype=np.int32)
+
+
+def _pick_series(scan: dict, series: list, kinds: dict, run_rank) -> list:
+    """(column, :class:`_Series`, values) for each (name, source, suffix) of ``series``."""
+    import numpy as np
+
+    key_iters = [it for it in scan["iters"] if it is not None]
     name_code = {str(v): i for i, v in enumerate(scan["name_vals"])}
 
     def gather(a, rows):  # rows None: all of them, as they are
         return a if rows is None else a[rows]
 
-    picked = []  # (column, rows of the scan in result order, values)
+    picked = []
     for name, source, suffix in series:
         sub = None  # one series: every row read belongs to it
         if len(series) > 1:
             sub = np.flatnonzero((scan["name"] == name_code[name]) & (scan["src"] == (source == "replay")))
-        rows = _series_rows(run_rank[gather(scan["run"], sub)], gather(scan["seq"], sub),
-                            [gather(it, sub) for _, it in key_iters], gather(scan["loops"], sub))
+        task = gather(scan["task"], sub) if source == "replay" else None
+        if task is not None and (not len(task) or task.min() == task.max()):
+            task = None  # one task: nothing repeated across tasks
+        ser = _series_rows(run_rank[gather(scan["run"], sub)], gather(scan["seq"], sub),
+                           [gather(it, sub) for it in key_iters], gather(scan["loops"], sub), task)
         if sub is not None:
-            rows = sub if rows is None else sub[rows]
+            ser = _Series(sub if ser.rows is None else sub[ser.rows], ser.occ,
+                          None if ser.dups is None else sub[ser.dups], None if ser.dup_of is None else sub[ser.dup_of])
         col = name if suffix == "" or (name, "record") not in kinds else name + suffix
-        picked.append((col, rows, _values(scan, rows, kinds[(name, source)])))
-    cols = [col for col, _, _ in picked]
-    by_depth = dict(key_iters)
-    loop_cats = [str(v) for v in loop_vals]
+        picked.append((col, ser, _values(scan, ser.rows, kinds[(name, source)])))
+        if ser.dups is not None and len(ser.dups):
+            kind = kinds[(name, source)]
+            differ = _differ(_values(scan, ser.dup_of, kind), _values(scan, ser.dups, kind))
+            if differ.any():
+                at = np.arange(len(scan["run"])) if ser.rows is None else ser.rows
+                flag = np.isin(at, ser.dup_of[differ])
+                picked.append((col + "__conflict", _Series(ser.rows, ser.occ, ser.dups[differ], ser.dup_of[differ]),
+                               flag))
+    return picked
+
+
+def _join_series(scan: dict, picked: list, run_rank, depth: int):
+    """(run codes, loop codes, iteration arrays, occurrences or None, value columns) of
+    the result: one series as it is, several outer-joined on (context, occurrence)."""
+    import numpy as np
+    import pandas as pd
+
+    iter_cols = list(ITER_COLS[:depth])  # deeper columns are all null: not carried
+    by_depth = {d: it for d, it in enumerate(scan["iters"]) if it is not None}
+    loop_cats = [str(v) for v in scan["loop_vals"]]
+
+    def gather(a, rows):
+        return a if rows is None else a[rows]
 
     def iters_of(rows):
+        n = len(gather(scan["run"], rows))
         return {d: _int_array(gather(by_depth[d], rows)) if d in by_depth
-                else pd.arrays.IntegerArray(np.zeros(len(gather(scan["run"], rows)), np.int64),
-                                            np.ones(len(gather(scan["run"], rows)), bool))
-                for d in range(depth)}
+                else pd.arrays.IntegerArray(np.zeros(n, np.int64), np.ones(n, bool)) for d in range(depth)}
 
+    several = any(ser.occ is not None for _, ser, _ in picked)
     if len(picked) == 1:
-        col, rows, vals = picked[0]
-        codes = gather(scan["run"], rows)
-        loops = gather(scan["loops"], rows)
-        iter_arrays = iters_of(rows)
-        columns: dict[str, Any] = {col: vals}
-    else:  # several series: outer-joined on the loop context
-        frames = []
-        for col, rows, vals in picked:
-            frames.append(pd.DataFrame({
-                "_rank": run_rank[gather(scan["run"], rows)],
-                "loops": pd.Categorical.from_codes(gather(scan["loops"], rows), categories=loop_cats),
-                **{c: a for c, a in zip(iter_cols, iters_of(rows).values())},
-                col: vals,
-            }))
-        key_cols = ["_rank", "loops", *iter_cols]
-        wide = frames[0]
-        for f in frames[1:]:
-            wide = wide.merge(f, on=key_cols, how="outer", sort=False)
-        wide = wide.sort_values(["_rank", *iter_cols], na_position="first", kind="stable").reset_index(drop=True)
-        codes = _codes_from_rank(wide["_rank"].to_numpy(), run_rank)
-        loops = wide["loops"].cat.codes.to_numpy()
-        iter_arrays = {d: wide[c].array for d, c in enumerate(iter_cols)}
-        columns = {c: wide[c] for c in dict.fromkeys(cols)}
-    return _assemble(codes, loops, loop_cats, iter_arrays, columns, cols, paths, rid_dict, metas)
+        col, ser, vals = picked[0]
+        occ = None if ser.occ is None else ser.occ.astype(np.int64)
+        return (gather(scan["run"], ser.rows), gather(scan["loops"], ser.rows), iters_of(ser.rows), occ, {col: vals})
+    frames = []
+    for col, ser, vals in picked:
+        n = len(gather(scan["run"], ser.rows))
+        frames.append(pd.DataFrame({
+            "_rank": run_rank[gather(scan["run"], ser.rows)],
+            "loops": pd.Categorical.from_codes(gather(scan["loops"], ser.rows), categories=loop_cats),
+            **{c: a for c, a in zip(iter_cols, iters_of(ser.rows).values())},
+            "_occ": np.zeros(n, np.int64) if ser.occ is None else ser.occ.astype(np.int64),
+            col: vals,
+        }))
+    key_cols = ["_rank", "loops", *iter_cols, "_occ"]
+    wide = frames[0]
+    for f in frames[1:]:
+        wide = wide.merge(f, on=key_cols, how="outer", sort=False)
+    wide = wide.sort_values(["_rank", *iter_cols, "_occ"], na_position="first", kind="stable").reset_index(drop=True)
+    columns = {}
+    for col, _, _ in picked:
+        if col.endswith("__conflict"):
+            wide[col] = wide[col].fillna(False).astype(bool)
+        columns[col] = wide[col]
+    return (_codes_from_rank(wide["_rank"].to_numpy(), run_rank), wide["loops"].cat.codes.to_numpy(),
+            {d: wide[c].array for d, c in enumerate(iter_cols)},
+            wide["_occ"].to_numpy() if several else None, columns)
 
 
-def _assemble(codes, loops, loop_cats, iter_arrays, columns: dict, cols: list, paths: list, rid_dict, metas):
-    """The result frame: run_id, version, the args, a column per loop, the values."""
+def _warn_conflicts(scan: dict, picked: list) -> None:
+    """A :class:`ConflictWarning` naming the identities whose replayed values differ."""
+    import warnings
+
+    found = [(col[: -len("__conflict")], ser) for col, ser, _ in picked if col.endswith("__conflict")]
+    if not found:
+        return
+    lines = []
+    for col, ser in found:
+        for d, k in list(zip(ser.dups.tolist(), ser.dup_of.tolist()))[:5]:
+            ctx = ", ".join(f"{n}={int(scan['iters'][i][k])}" for i, n in
+                            enumerate(x for x in str(scan["loop_vals"][scan["loops"][k]]).split("/") if x))
+            lines.append(f"{col} run={scan['rid_dict'][scan['run'][k]]} {ctx}: "
+                         f"{_values(scan, [k], {'json'})[0]!r} (shown) vs {_values(scan, [d], {'json'})[0]!r}")
+    n = sum(len(ser.dups) for _, ser in found)
+    warnings.warn(ConflictWarning(
+        f"{n} replayed value(s) differ from an earlier replay of the same value; the earliest is shown and "
+        f"<name>__conflict marks the row; the raw rows are in SQL's logs_all: " + "; ".join(lines)), stacklevel=4)
+
+
+def _assemble(codes, loops, loop_cats, iter_arrays, columns: dict, cols: list, paths: list, rid_dict, metas,
+              occurrence=None):
+    """The result frame: run_id, version, the args, a column per loop, the
+    occurrence where some context holds several values, the values."""
     import numpy as np
     import pandas as pd
 
@@ -886,7 +1022,11 @@ def _assemble(codes, loops, loop_cats, iter_arrays, columns: dict, cols: list, p
         col = a if a not in cols and a not in loop_cols and a not in ("run_id", "version") else f"arg_{a}"
         out[col] = _by_run(codes, rid_dict, {r: (m.get("args") or {}).get(a) for r, m in runs.items()})
         arg_cols.append(col)
-    order = ["run_id", "version", *arg_cols, *loop_cols, *cols]
+    occ_cols = []
+    if occurrence is not None:
+        occ_cols = ["occurrence" if "occurrence" not in out else "flor_occurrence"]
+        out[occ_cols[0]] = occurrence
+    order = ["run_id", "version", *arg_cols, *loop_cols, *occ_cols, *cols]
     if len(set(order)) == len(order):
         return pd.DataFrame({c: out[c] for c in order}, copy=False)
     return pd.DataFrame(out, copy=False)[order]  # a log named like a loop: as it always was
@@ -922,11 +1062,50 @@ def _codes_from_rank(ranks, run_rank):
     return inv[ranks]
 
 
-_VALUE_VIEW = (
-    "CREATE OR REPLACE VIEW logs AS SELECT *, "
+_CTX = "name, loops, iter0, iter1, iter2, iter3, items"
+#: ``logs_all``: every row of every partition (kept-apart ones too) with a typed
+#: ``value``; ``logs``: recorded rows, and each replayed value once, the earliest
+#: task's of its identity (run, name, loop context, occurrence); ``replay_mismatch``:
+#: the rows of tasks that failed their fidelity check, next to the recorded values.
+_VALUE_VIEWS = (
+    "CREATE OR REPLACE VIEW logs_all AS SELECT *, "
     "CASE vtype WHEN 'float' THEN value_float WHEN 'int' THEN value_int::DOUBLE "
-    "WHEN 'bool' THEN value_int::DOUBLE END AS value FROM logs_arrow"
+    "WHEN 'bool' THEN value_int::DOUBLE END AS value FROM logs_arrow",
+    "CREATE OR REPLACE VIEW logs AS SELECT * FROM logs_all WHERE source = 'record' UNION ALL "
+    "SELECT * EXCLUDE (_occ, _pick) FROM (SELECT l.*, row_number() OVER ("
+    f"PARTITION BY l.run_id, {', '.join('l.' + c for c in _CTX.split(', '))}, l._occ "
+    "ORDER BY o.written NULLS LAST, l.task) AS _pick FROM ("
+    f"SELECT *, row_number() OVER (PARTITION BY run_id, task, {_CTX} ORDER BY seq) AS _occ "
+    "FROM logs_all WHERE source = 'replay') l LEFT JOIN flor_replay_order o ON o.task = l.task) WHERE _pick = 1",
+    "CREATE OR REPLACE VIEW replay_mismatch AS WITH "
+    f"m AS (SELECT *, row_number() OVER (PARTITION BY run_id, task, {_CTX} ORDER BY seq) AS _occ "
+    f"FROM logs_all WHERE source = '{MISMATCH_SOURCE}'), "
+    "r AS (SELECT run_id, name, loops, iter0, iter1, iter2, iter3, items, vtype, value_float, value_int, value_str, "
+    f"row_number() OVER (PARTITION BY run_id, {_CTX} ORDER BY seq) AS _occ FROM logs_all "
+    f"WHERE source = 'record' AND run_id IN (SELECT run_id FROM m)) "
+    "SELECT m.* EXCLUDE (_occ), r.value_float AS recorded_float, r.value_int AS recorded_int, "
+    "r.value_str AS recorded_str, (r.name IS NOT NULL AND (m.vtype IS DISTINCT FROM r.vtype "
+    "OR m.value_float IS DISTINCT FROM r.value_float OR m.value_int IS DISTINCT FROM r.value_int "
+    "OR m.value_str IS DISTINCT FROM r.value_str)) AS mismatched FROM m LEFT JOIN r ON m.run_id = r.run_id "
+    "AND m.name = r.name AND m._occ = r._occ AND "
+    + " AND ".join(f"m.{c} IS NOT DISTINCT FROM r.{c}" for c in _CTX.split(", ")[1:]),
 )
+
+
+def _create_views(con, listing: tuple) -> None:
+    """The views over ``logs_arrow``, and the order of the replay partitions in
+    ``listing`` that ``logs`` keeps the earliest of (the same as dataframe()'s)."""
+    stamps = {f: st for f, _, st in listing}
+    replays = sorted((f for f in stamps if "/source=replay/" in f), key=lambda f: (stamps[f][:1], f))
+    keys = [f.rsplit("/", 1)[-1][: -len(".parquet")].replace("'", "''") for f in replays]
+    rows = ", ".join(f"('{k}', {i})" for i, k in enumerate(keys))
+    con.execute("CREATE OR REPLACE TABLE flor_replay_order AS "
+                + (f"SELECT * FROM (VALUES {rows}) t(task, written)" if rows
+                   else "SELECT NULL::VARCHAR AS task, NULL::BIGINT AS written WHERE false"))
+    for view in _VALUE_VIEWS:
+        con.execute(view)
+
+
 #: a relation up to this many rows is read into memory (~300 bytes a row) when its
 #: tables are built, so that later queries do not open every file again
 SQL_MATERIALIZE_ROWS = 100_000
@@ -938,8 +1117,9 @@ _SQL_KEEP = 4  # stores whose connections are kept (least recently used dropped)
 def _sql_error(exc: Exception, runs) -> QueryError:
     return QueryError(
         f"SQL failed: {str(exc).splitlines()[0]}; tables: logs(run_id, source, version, file, "
-        "loops, iter0..iter3, items, name, vtype, value, value_float, value_int, value_str, seq, task) "
-        f"and runs({', '.join(runs.columns)})"
+        "loops, iter0..iter3, items, name, vtype, value, value_float, value_int, value_str, seq, task), "
+        "logs_all (every row, replayed values as often as tasks wrote them), replay_mismatch (rows kept apart "
+        f"by the fidelity check, with recorded_* and mismatched) and runs({', '.join(runs.columns)})"
     )
 
 
@@ -1015,7 +1195,7 @@ class _SqlConnection:
                 source = source.to_table()
         con.register("logs_arrow", source)
         self.logs_kind = "view" if files and not isinstance(source, pa.Table) else "table"
-        con.execute(_VALUE_VIEW)
+        _create_views(con, listing)
         self.logs_key = listing
 
 

@@ -183,7 +183,8 @@ def test_dataframe_orders_and_dedups_across_files(st):
     _run(st, "b-late", 2, lr=0.2)
     _run(st, "a-early", 1, lr=0.1)
     # flushes whose names do not follow the logging order, a context logged twice
-    # (the last value wins) and two replay tasks that both number their rows from 0
+    # (both values kept, in logging order) and two replay tasks that both number
+    # their rows from 0
     _flush(st, "a-early", "part-00000", [(1, 0, "loss", 10.0), (1, 1, "loss", 11.0), (1, None, "acc", 0.9)],
            seq_start=4)
     _flush(st, "a-early", "part-00001", [(0, 0, "loss", 0.0), (0, 1, "loss", 1.0), (0, 1, "loss", 1.5),
@@ -193,16 +194,18 @@ def test_dataframe_orders_and_dedups_across_files(st):
     _flush(st, "b-late", "part-00000", [(0, 0, "loss", 5.0), (0, None, "acc", 0.7)])
 
     df = flor_ray.dataframe("loss", store=st)
-    assert list(df.columns) == ["run_id", "version", "lr", "epoch", "step", "loss"]
-    assert [str(t) for t in df.dtypes] == ["str", "str", "float64", "Int64", "Int64", "float64"]
-    assert df["run_id"].tolist() == ["a-early"] * 4 + ["b-late"]  # runs in start order
-    assert df["epoch"].tolist() == [0, 0, 1, 1, 0] and df["step"].tolist() == [0, 1, 0, 1, 0]
-    assert df["loss"].tolist() == [0.0, 1.5, 10.0, 11.0, 5.0]
+    assert list(df.columns) == ["run_id", "version", "lr", "epoch", "step", "occurrence", "loss"]
+    assert [str(t) for t in df.dtypes] == ["str", "str", "float64", "Int64", "Int64", "int64", "float64"]
+    assert df["run_id"].tolist() == ["a-early"] * 5 + ["b-late"]  # runs in start order
+    assert df["epoch"].tolist() == [0, 0, 0, 1, 1, 0] and df["step"].tolist() == [0, 1, 1, 0, 1, 0]
+    assert df["occurrence"].tolist() == [0, 0, 1, 0, 0, 0]
+    assert df["loss"].tolist() == [0.0, 1.0, 1.5, 10.0, 11.0, 5.0]
 
     wide = flor_ray.dataframe("acc", "gnorm", "loss", store=st)
-    assert list(wide.columns) == ["run_id", "version", "lr", "epoch", "step", "acc", "gnorm", "loss"]
+    assert list(wide.columns) == ["run_id", "version", "lr", "epoch", "step", "occurrence", "acc", "gnorm", "loss"]
     a = wide[wide["run_id"] == "a-early"]
-    assert a["step"].isna().tolist() == [True, False, False, True, False, False]
+    assert a["step"].isna().tolist() == [True, False, False, False, True, False, False]
+    assert "occurrence" not in flor_ray.dataframe("acc", "gnorm", store=st)  # one value per context
     assert a["gnorm"].dropna().tolist() == [2.0, 3.0] and a["acc"].dropna().tolist() == [0.5, 0.9]
 
     only_b = flor_ray.dataframe("loss", where="lr > 0.15", store=st)

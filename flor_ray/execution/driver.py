@@ -13,7 +13,17 @@ from .task import ReplayProcessKilled, TaskResult, run_task
 if TYPE_CHECKING:  # pragma: no cover
     from ..planning.plan import DamagedCheckpoint, Plan, Refused
 
-__all__ = ["Report", "Fidelity", "run_plan", "ensure_ray", "compare_fidelity"]
+__all__ = ["Report", "Fidelity", "TaskFidelity", "Conflict", "run_plan", "ensure_ray", "compare_fidelity", "find_conflicts"]
+
+
+@dataclass(frozen=True)
+class TaskFidelity:
+    """One task's check: its recomputed recorded values against the recording."""
+
+    key: str
+    run_id: str
+    compared: int
+    mismatched: int
 
 
 @dataclass(frozen=True)
@@ -22,9 +32,14 @@ class Fidelity:
     mismatched: int = 0
     by_name: tuple[tuple[str, int, int], ...] = ()  # (name, compared, mismatched)
     examples: tuple[str, ...] = ()
+    by_task: tuple[TaskFidelity, ...] = ()
     #: (run_id, what of its recorded numerics a task could not reproduce), see flor_ray.numerics
     numerics: tuple[tuple[str, str], ...] = ()
-    mismatched_runs: tuple[str, ...] = ()
+
+    @property
+    def mismatched_runs(self) -> tuple[str, ...]:
+        """Runs with a task whose values are kept apart (SQL: replay_mismatch)."""
+        return tuple(sorted({t.run_id for t in self.by_task if t.mismatched}))
 
     def numerics_lines(self) -> list[str]:
         """The numerics differences, as the likely cause where that run's values mismatched."""
@@ -36,6 +51,18 @@ class Fidelity:
 
 
 @dataclass(frozen=True)
+class Conflict:
+    """Replay tasks that hold different values for one identity (run, name, loop
+    context, occurrence); queries show the earliest task's."""
+
+    run_id: str
+    name: str
+    context: str
+    values: tuple[Any, ...]  # per task, earliest first
+    tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Report:
     results: tuple[TaskResult, ...]
     skipped_runs: tuple[tuple[str, str], ...]
@@ -44,6 +71,7 @@ class Report:
     estimate_s: float
     refused: tuple["Refused", ...] = ()  # requested names left out, per version
     damaged: tuple["DamagedCheckpoint", ...] = ()  # checkpoints the plan routed around
+    conflicts: tuple[Conflict, ...] = ()
 
     @property
     def fallbacks(self) -> tuple[str, ...]:
@@ -52,7 +80,10 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return all(r.status != "failed" for r in self.results) and self.fidelity.mismatched == 0
+        """No task failed, every recomputed recorded value matched, no replayed value
+        disagrees with another replay of it."""
+        return (all(r.status != "failed" for r in self.results) and self.fidelity.mismatched == 0
+                and not self.conflicts)
 
     @property
     def failed(self) -> tuple[TaskResult, ...]:
@@ -89,6 +120,18 @@ class Report:
             lines.append(f"  {name}: {c} compared, {m} mismatched")
         lines.extend(f"  e.g. {e}" for e in f.examples)
         lines.extend(f.numerics_lines())
+        for t in f.by_task:
+            if t.mismatched:
+                lines.append(f"  kept apart: task {t.key[:8]} run={t.run_id} ({t.mismatched} of {t.compared} recorded "
+                             "values differ): its values are not back-filled; see SQL's replay_mismatch")
+        if f.mismatched_runs:
+            lines.append(f"  runs affected: {', '.join(f.mismatched_runs)}")
+        if self.conflicts:
+            lines.append(f"conflicts: {len(self.conflicts)} replayed value(s) differ from an earlier replay "
+                         "(queries show the earliest; SQL's logs_all has every row)")
+            for c in self.conflicts[:5]:
+                vals = ", ".join(f"{v!r} (task {k[:8]})" for v, k in zip(c.values, c.tasks))
+                lines.append(f"  {c.name} run={c.run_id} {c.context}: {vals}")
         return "\n".join(lines)
 
 
@@ -271,8 +314,62 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
 
         record_history(Store(plan.store_url, plan.storage_options), plan, results)
     fid = compare_fidelity(plan, [r for r in results if r.status in ("done", "skipped")])
+    _keep_apart(plan, fid)
+    conflicts = find_conflicts(plan, sorted({r.run_id for r in results if r.status in ("done", "skipped")}))
     return Report(tuple(results), tuple((s.run_id, s.reason) for s in plan.skipped), fid,
-                  round(time.time() - t0, 3), round(expected, 3), plan.refused, plan.damaged)
+                  round(time.time() - t0, 3), round(expected, 3), plan.refused, plan.damaged, conflicts)
+
+
+def _keep_apart(plan: "Plan", fid: Fidelity) -> None:
+    """Move the partitions of tasks that failed their fidelity check out of the
+    back-filled values (to ``source=replay_mismatch``): copied first, then removed."""
+    from ..relation import MISMATCH_SOURCE
+    from ..store import Store
+
+    st = Store(plan.store_url, plan.storage_options)
+    for t in fid.by_task:
+        if not t.mismatched:
+            continue
+        src = f"logs/run_id={t.run_id}/source=replay/{t.key}.parquet"
+        if not st.exists(src):
+            continue  # kept apart already (a rerun finds it done)
+        st.write_bytes(f"logs/run_id={t.run_id}/source={MISMATCH_SOURCE}/{t.key}.parquet", st.read_bytes(src))
+        st.delete(src)
+
+
+def find_conflicts(plan: "Plan", run_ids: Sequence[str]) -> tuple[Conflict, ...]:
+    """Identities of the plan's names in these runs whose replayed values differ
+    between tasks (trusted partitions only), tasks in the order queries rank them."""
+    from ..relation import ITER_COLS, _dataframe_files, _listing, read_logs
+    from ..store import Store
+
+    st = Store(plan.store_url, plan.storage_options)
+    if not run_ids:
+        return ()
+    t = read_logs(st, list(plan.names), run_ids, sources=("replay",))
+    if t.num_rows == 0:
+        return ()
+    d = t.to_pandas()
+    if d["task"].nunique() < 2:
+        return ()
+    files, order = _dataframe_files(_listing(st, "logs", ".parquet"), list(run_ids))
+    rank = {f.rsplit("/", 1)[-1][: -len(".parquet")]: int(o) for f, o in zip(files, order)}
+    ctx = ["run_id", "name", "loops", *ITER_COLS, "items"]
+    d = d.assign(_rank=d["task"].map(rank).fillna(len(rank))).sort_values(["_rank", "seq"], kind="stable")
+    d["_occ"] = d.groupby(ctx + ["task"], dropna=False).cumcount()
+    d = d[d.groupby(ctx + ["_occ"], dropna=False)["task"].transform("nunique") > 1]
+    out = []
+    for key, g in d.groupby(ctx + ["_occ"], dropna=False, sort=True):
+        g = g.drop_duplicates("task")
+        vals = [f if vt == "float" else (int(i) if vt == "int" else bool(i)) if vt in ("int", "bool") else s_
+                for vt, f, i, s_ in zip(g["vtype"], g["value_float"], g["value_int"], g["value_str"])]
+        if all(v == vals[0] or (v != v and vals[0] != vals[0]) for v in vals[1:]):
+            continue
+        rec = dict(zip(ctx + ["_occ"], key))
+        where = ", ".join(f"{n}={rec[ITER_COLS[i]]}" for i, n in enumerate(x for x in str(rec["loops"]).split("/") if x))
+        out.append(Conflict(rec["run_id"], rec["name"], where + (f" #{rec['_occ']}" if rec["_occ"] else ""),
+                            tuple(vals), tuple(g["task"])))
+    return tuple(out)
 
 
 def _collect(refs: dict, results: list, bar: _Progress, retries: int) -> None:
@@ -332,11 +429,13 @@ class _signals_interrupt:
 
 
 def compare_fidelity(plan: "Plan", results: Sequence[TaskResult], rtol: float | None = None) -> Fidelity:
-    """Compare every recomputed value that the run also recorded."""
-    import math
+    """Compare every recomputed value that the run also recorded, per task.
 
+    A value's identity is (run, name, loop context, occurrence): the k-th value a
+    task logged in a context is compared with the k-th one the run recorded there.
+    """
     from ..config import load_settings
-    from ..relation import ITER_COLS, read_logs
+    from ..relation import ITER_COLS, MISMATCH_SOURCE, read_logs
     from ..store import Store
 
     if rtol is None:
@@ -347,42 +446,47 @@ def compare_fidelity(plan: "Plan", results: Sequence[TaskResult], rtol: float | 
     if not run_ids:
         return Fidelity()
     st = Store(plan.store_url, plan.storage_options)
-    t = read_logs(st, None, run_ids).to_pandas()
+    t = read_logs(st, None, run_ids, sources=("record", "replay", MISMATCH_SOURCE)).to_pandas()
     if t.empty:
         return Fidelity(numerics=notes)
-    rep = t[(t["source"] == "replay") & (t["task"].isin(keys))]
+    rep = t[(t["source"] != "record") & (t["task"].isin(keys))]
     rec = t[t["source"] == "record"]
-    cols = ["run_id", "loops", *ITER_COLS, "name"]
-    rep = rep.assign(_k=rep.sort_values("seq").groupby(cols, dropna=False).cumcount())
+    cols = ["run_id", "loops", *ITER_COLS, "items", "name"]
+    rep = rep.assign(_k=rep.sort_values("seq").groupby(cols + ["task"], dropna=False).cumcount())
     rec = rec.assign(_k=rec.sort_values("seq").groupby(cols, dropna=False).cumcount())
-    rep = rep.drop_duplicates(cols + ["_k"])
     m = rep.merge(rec, on=cols + ["_k"], suffixes=("_rep", "_rec"))
     by: dict[str, list[int]] = {}
+    per_task: dict[tuple[str, str], list[int]] = {}
     examples = []
-    bad_runs: set[str] = set()
     for row in m.itertuples(index=False):
         d = row._asdict()
-        vt = d["vtype_rec"]
-        a = (d["value_float_rep"], d["value_int_rep"], d["value_str_rep"])
-        b = (d["value_float_rec"], d["value_int_rec"], d["value_str_rec"])
-        if vt == "float" and d["vtype_rep"] == "float":
-            x, y = a[0], b[0]
-            same = x == y or (math.isnan(x) and math.isnan(y)) or (rtol > 0 and abs(x - y) <= rtol * max(abs(x), abs(y)))
-        else:
-            same = d["vtype_rep"] == vt and all((p == q) or (p != p and q != q) for p, q in zip(a, b))
-        c = by.setdefault(d["name"], [0, 0])
-        c[0] += 1
-        if not same:
-            c[1] += 1
-            bad_runs.add(d["run_id"])
-            if len(examples) < 5:
-                ctx = ", ".join(f"{n}={d[ITER_COLS[i]]}" for i, n in enumerate(filter(None, str(d["loops"]).split("/"))))
-                examples.append(f"{d['name']} run={d['run_id']} {ctx}: recorded {b}, replayed {a}")
+        same = _same_value(d, rtol)
+        for acc in (by.setdefault(d["name"], [0, 0]), per_task.setdefault((d["task_rep"], d["run_id"]), [0, 0])):
+            acc[0] += 1
+            acc[1] += not same
+        if not same and len(examples) < 5:
+            ctx = ", ".join(f"{n}={d[ITER_COLS[i]]}" for i, n in enumerate(filter(None, str(d["loops"]).split("/"))))
+            a = (d["value_float_rep"], d["value_int_rep"], d["value_str_rep"])
+            b = (d["value_float_rec"], d["value_int_rec"], d["value_str_rec"])
+            examples.append(f"{d['name']} run={d['run_id']} {ctx}: recorded {b}, replayed {a}")
     return Fidelity(
         sum(c for c, _ in by.values()),
         sum(m_ for _, m_ in by.values()),
         tuple((n, c, m_) for n, (c, m_) in sorted(by.items())),
         tuple(examples),
+        tuple(TaskFidelity(k, r, c, m_) for (k, r), (c, m_) in sorted(per_task.items())),
         notes,
-        tuple(sorted(bad_runs)),
     )
+
+
+def _same_value(d: dict, rtol: float) -> bool:
+    """A replayed value equals the recorded one (floats: within ``rtol``, NaN = NaN)."""
+    import math
+
+    vt = d["vtype_rec"]
+    a = (d["value_float_rep"], d["value_int_rep"], d["value_str_rep"])
+    b = (d["value_float_rec"], d["value_int_rec"], d["value_str_rec"])
+    if vt == "float" and d["vtype_rep"] == "float":
+        x, y = a[0], b[0]
+        return x == y or (math.isnan(x) and math.isnan(y)) or (rtol > 0 and abs(x - y) <= rtol * max(abs(x), abs(y)))
+    return d["vtype_rep"] == vt and all((p == q) or (p != p and q != q) for p, q in zip(a, b))

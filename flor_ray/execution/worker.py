@@ -308,6 +308,20 @@ class ReplaySession(LoopRuntime):
 
         merge_rows(self._kept, rows, self.names)
 
+    def _footer(self) -> dict:
+        """What the partition holds, for the planner (never replay it again) and for
+        queries (the earliest task's value of an identity is the one shown)."""
+        from ..relation import TASK_META_KEY
+
+        spec = self.spec
+        its = spec.get("iterations")
+        if its is None:
+            its = sorted(self.checkpoints) if self.mode == "skip" else list(range(self.start, self.stop + 1))
+        doc = {"task": spec["task"], "patch": spec.get("patch") or "", "names": sorted(self.names or ()),
+               "iterations": [int(i) for i in its], "setup": bool(spec.get("setup")),
+               "after": bool(spec.get("after")), "written_at": time.time()}
+        return {TASK_META_KEY: json.dumps(doc).encode()}
+
     def finish(self) -> None:
         """Write the kept rows as the task's one partition (only on success)."""
         if self._written:
@@ -322,6 +336,7 @@ class ReplaySession(LoopRuntime):
         table = rows_to_table(
             version=self.spec["version"], file=self.spec["script"], seq_start=0, task=self.spec["task"], **self._kept
         )
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self._footer()})
         self.store.write_bytes(self.spec["output"], table_to_parquet_bytes(table))
         self._lap("write")
         done = self.spec.get("done_marker")

@@ -48,6 +48,7 @@ __all__ = [
     "Resources",
     "Task",
     "SkippedRun",
+    "ReplayedPart",
     "Refused",
     "DamagedCheckpoint",
     "Plan",
@@ -324,10 +325,18 @@ class Task:
     #: from the recorded timings alone)
     factor: float = 1.0
     carried: tuple[str, ...] = ()  # loop-carried names a restore writes back into the script
+    patch: str = ""  # the digest of the propagated code it runs
 
     @property
     def output(self) -> str:
         return f"logs/run_id={self.run_id}/source=replay/{self.key}.parquet"
+
+    @property
+    def iterations(self) -> tuple[int, ...]:
+        """The outer iterations whose rows the task keeps."""
+        if self.mode == "skip":
+            return tuple(c.iteration for c in self.checkpoints)
+        return tuple(range(self.start, self.stop + 1))
 
     def spec(self, store_url: str, storage_options: Mapping[str, Any], run: RunInfo) -> dict:
         return {
@@ -352,7 +361,26 @@ class Task:
             "output": self.output,
             "task": self.key,
             "carried": list(self.carried),
+            "patch": self.patch,
+            "iterations": list(self.iterations),
         }
+
+
+@dataclass(frozen=True)
+class ReplayedPart:
+    """A finished replay partition, from its footer: what it holds for its run.
+
+    The planner leaves out what these already hold for the same propagated code
+    (``patch``), so that no value is stored twice.
+    """
+
+    run_id: str
+    key: str
+    patch: str
+    names: frozenset[str]
+    iterations: frozenset[int]
+    setup: bool
+    after: bool
 
 
 @dataclass(frozen=True)
@@ -495,10 +523,12 @@ def make_plan(
     retries: int = 3,
     calibration: Calibration = Calibration(),
     damaged: Sequence[DamagedCheckpoint] = (),
+    replayed: Sequence[ReplayedPart] = (),
+    skipped_runs: Sequence[SkippedRun] = (),
 ) -> Plan:
     names = tuple(names)
     tasks: list[Task] = []
-    skipped: list[SkippedRun] = []
+    skipped: list[SkippedRun] = list(skipped_runs)
     statements: list[tuple[str, str, str]] = []
     refused: dict[tuple[str, str], Refused] = {}
     seen_versions: set[str] = set()
@@ -506,6 +536,9 @@ def make_plan(
     slots = max(1, int(cluster.num_cpus // max([c for c, _ in cpus.values()] or [1.0])))
     per_run_target = max(1, math.ceil(slots / max(1, len(runs))))
     runs = _without_damaged(runs, damaged)
+    parts_of: dict[str, list[ReplayedPart]] = {}
+    for part in replayed:
+        parts_of.setdefault(part.run_id, []).append(part)
 
     for run in runs:
         patch = patches.get(run.version)
@@ -537,99 +570,13 @@ def make_plan(
             continue
         if any(k == "after" for k in kinds.values()) and run.iterations - 1 not in want:
             want.append(run.iterations - 1)
-        if not want and all(k == "setup" for k in kinds.values()):
-            want = []
-        worst = max(kinds.values(), key=_RANK.__getitem__) if kinds else "setup"
-        need_after = any(k == "after" for k in kinds.values())
-        need_setup = any(k == "setup" for k in kinds.values())
-        gpus = resources.num_gpus if resources.num_gpus is not None else (1.0 if run.device == "cuda" else 0.0)
-        keep_reexec = sorted(set(run_names) | (set(patch.logged) & run.logged))
-        keep_skip = sorted(
-            set(run_names) | {n for n in patch.logged if n in run.logged and patch.need(n)[0] in ("setup", "outer", "after")}
-        )
-
-        # loop-carried state: what the requested names read (skip mode restores it where
-        # the inner loops end) and what re-executed training reads besides (reexec)
-        need_skip = frozenset(carried)
-        need_reexec = need_skip | frozenset(patch.training_carried)
-        restore_names = tuple(sorted(set(patch.loop_carried) | need_reexec))
-        blocked = _blocked(run.checkpoints, need_reexec)
-        suffix = f" (checkpoints without loop-carried {_fmt_blocked(blocked)} are not used)" if blocked else ""
-
-        def add(mode, start, stop, restore, ckpts, keep, setup, after, note=""):
-            if mode == "setup":
-                est = run.replay_setup_s
-            elif mode == "skip":
-                est = run.replay_setup_s + sum(_iter_cost(run, c.iteration, True) + _restore_cost(c) for c in ckpts)
-            else:
-                first = (restore.iteration if restore else -1)
-                est = run.replay_setup_s + _restore_cost(restore) + (
-                    _iter_cost(run, first, True) if restore else 0.0
-                ) + sum(_iter_cost(run, i, False) for i in range(first + 1, stop + 1))
-            car = restore_names if mode != "setup" else ()
-            key = task_key(run.run_id, run.version, patch.digest, mode, start, stop,
-                           restore.iteration if restore else None, keep, setup, after, car)
-            tasks.append(Task(key, run.run_id, run.version, run.script, mode, start, stop, restore, tuple(ckpts),
-                              tuple(keep), setup, after, cpus[run.run_id][0], gpus, resources.memory,
-                              round(est, 3), note, key in done_keys, carried=car))
-
-        ckpts_skip = {c.iteration: c for c in run.checkpoints if c.holds(need_skip)}
-        ckpts = {c.iteration: c for c in run.checkpoints if c.holds(need_reexec)}  # restore points of reexec
-        if worst == "setup" or not want:
-            add("setup", 0, -1, None, (), sorted(set(run_names)), True, False)
-            continue
-        if blocked and not ckpts and (worst == "inner" or not ckpts_skip):
-            add("reexec", min(want), max(want), None, (), keep_reexec, need_setup, need_after and max(want) == run.iterations - 1,
-                note=f"loop-carried {_fmt_blocked(blocked)} is in no checkpoint: replays from iteration 0")
-            continue
-        first_task = len(tasks)
-        if worst in ("outer", "after"):
-            with_ckpt = [i for i in want if i in ckpts_skip]
-            without = [i for i in want if i not in ckpts_skip]
-            if with_ckpt:
-                unit = lambda i: _iter_cost(run, i, True) + _restore_cost(ckpts_skip[i])  # noqa: E731
-                k = _worth_splitting(sum(unit(i) for i in with_ckpt), run.replay_setup_s,
-                                     min(per_run_target, len(with_ckpt)))
-                chunks = _split(with_ckpt, k, unit)
-                for ch in chunks:
-                    add("skip", ch[0], ch[-1], None, [ckpts_skip[i] for i in ch], keep_skip, False,
-                        need_after and ch[-1] == run.iterations - 1)
-            # iterations without a checkpoint re-execute from the nearest earlier one
-            for group in _group_by_restore(without, ckpts):
-                restore = group[0]
-                start, stop = group[1][0], group[1][-1]
-                note = (f"no checkpoint for iteration{'s' if len(group[1]) > 1 else ''} {_fmt_its(group[1])}: "
-                        + (f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0"))
-                add("reexec", start, stop, restore, (), keep_skip, False, need_after and stop == run.iterations - 1,
-                    note + suffix)
-        else:
-            lo, hi = min(want), max(want)
-            span = list(range(lo, hi + 1))
-            # split points: a segment may start at s when a checkpoint exists at s - 1
-            starts = [lo] + [i for i in span[1:] if (i - 1) in ckpts]
-            cost = {i: _iter_cost(run, i, False) for i in span}
-            pieces = []
-            for a, b in zip(starts, starts[1:] + [hi + 1]):
-                its = [i for i in range(a, b)]
-                pieces.append(its)
-            target = _worth_splitting(sum(cost.values()), run.replay_setup_s, min(per_run_target, len(pieces)))
-            merged = _merge(pieces, target, lambda p: sum(cost[i] for i in p) + run.replay_setup_s)
-            for seg in merged:
-                a, b = seg[0], seg[-1]
-                restore = _nearest(ckpts, a - 1)
-                note = ""
-                if a > 0 and (restore is None or restore.iteration != a - 1):
-                    note = (f"no checkpoint at iteration {a - 1}: " + (
-                        f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0")
-                        + suffix)
-                add("reexec", a, b, restore, (), keep_reexec, False, need_after and b == run.iterations - 1, note)
-        if need_setup or tasks[first_task:]:
-            # rows logged before the outer loop are kept by the run's first task only
-            t0 = min(tasks[first_task:], key=lambda t: t.start)
-            idx = tasks.index(t0)
-            key = task_key(run.run_id, run.version, patch.digest, t0.mode, t0.start, t0.stop,
-                           t0.restore.iteration if t0.restore else None, t0.names, True, t0.after, t0.carried)
-            tasks[idx] = _replace(t0, setup=True, key=key, done=key in done_keys)
+        ctx = _RunContext(run, patch, tuple(run_names), kinds, frozenset(carried), resources, per_run_target,
+                          done_keys, cpus[run.run_id][0])
+        run_tasks = _run_tasks(ctx, want)
+        own = [p for p in parts_of.get(run.run_id, ()) if p.patch == patch.digest]
+        if own:
+            run_tasks = _leave_out_replayed(ctx, run_tasks, own)
+        tasks.extend(run_tasks)
 
     # tasks that will share a node: the calibration's key
     n_pending = sum(not t.done for t in tasks)
@@ -706,6 +653,180 @@ def _task_cpus(run: RunInfo, resources: Resources, cluster: ClusterSnapshot) -> 
         return cap, (f"cpus={cap:g}: the recorded {n} threads capped to the largest node's {cap:g} CPUs; "
                      f"threads restored to {n}, oversubscribed (slower, same values)")
     return float(n), f"cpus={n} from the recorded threads"
+
+
+@dataclass(frozen=True)
+class _RunContext:
+    """What planning one run's tasks needs besides the iterations."""
+
+    run: RunInfo
+    patch: VersionPatch
+    names: tuple[str, ...]
+    kinds: Mapping[str, str]
+    carried: frozenset[str]
+    resources: Resources
+    per_run_target: int
+    done_keys: frozenset[str]
+    cpus: float  # per task: the run's recorded threads, capped (see _task_cpus)
+
+
+def _run_tasks(ctx: _RunContext, want: Sequence[int], edges: bool = True, need_after: bool = True) -> list[Task]:
+    """The tasks of one run that keep the rows of iterations ``want``.
+
+    ``edges``: the rows before the outer loop are still to be kept (by the first
+    task); ``need_after``: those after it. With ``edges`` False (iterations left
+    over by earlier replays) a gap in ``want`` is never re-executed to be kept.
+    """
+    run, patch, names, kinds, resources = ctx.run, ctx.patch, ctx.names, ctx.kinds, ctx.resources
+    tasks: list[Task] = []
+    worst = max(kinds.values(), key=_RANK.__getitem__) if kinds else "setup"
+    need_after = need_after and any(k == "after" for k in kinds.values())
+    need_setup = edges and any(k == "setup" for k in kinds.values())
+    gpus = resources.num_gpus if resources.num_gpus is not None else (1.0 if run.device == "cuda" else 0.0)
+    keep_reexec = sorted(set(names) | (set(patch.logged) & run.logged))
+    keep_skip = sorted(
+        set(names) | {n for n in patch.logged if n in run.logged and patch.need(n)[0] in ("setup", "outer", "after")}
+    )
+    # loop-carried state: what the requested names read (skip mode restores it where
+    # the inner loops end) and what re-executed training reads besides (reexec)
+    need_skip = ctx.carried
+    need_reexec = need_skip | frozenset(patch.training_carried)
+    restore_names = tuple(sorted(set(patch.loop_carried) | need_reexec))
+    blocked = _blocked(run.checkpoints, need_reexec)
+    suffix = f" (checkpoints without loop-carried {_fmt_blocked(blocked)} are not used)" if blocked else ""
+
+    def add(mode, start, stop, restore, ckpts, keep, setup, after, note=""):
+        if mode == "setup":
+            est = run.replay_setup_s
+        elif mode == "skip":
+            est = run.replay_setup_s + sum(_iter_cost(run, c.iteration, True) + _restore_cost(c) for c in ckpts)
+        else:
+            first = (restore.iteration if restore else -1)
+            est = run.replay_setup_s + _restore_cost(restore) + (
+                _iter_cost(run, first, True) if restore else 0.0
+            ) + sum(_iter_cost(run, i, False) for i in range(first + 1, stop + 1))
+        car = restore_names if mode != "setup" else ()
+        key = task_key(run.run_id, run.version, patch.digest, mode, start, stop,
+                       restore.iteration if restore else None, keep, setup, after, car)
+        tasks.append(Task(key, run.run_id, run.version, run.script, mode, start, stop, restore, tuple(ckpts),
+                          tuple(keep), setup, after, ctx.cpus, gpus, resources.memory,
+                          round(est, 3), note, key in ctx.done_keys, carried=car, patch=patch.digest))
+
+    ckpts_skip = {c.iteration: c for c in run.checkpoints if c.holds(need_skip)}
+    ckpts = {c.iteration: c for c in run.checkpoints if c.holds(need_reexec)}  # restore points of reexec
+    if worst == "setup" or not want:
+        if need_setup or worst != "setup":
+            add("setup", 0, -1, None, (), sorted(set(names)), True, False)
+        return tasks
+    if blocked and not ckpts and (worst == "inner" or not ckpts_skip):
+        for span in [list(want)] if edges else _spans(want):
+            add("reexec", min(span), max(span), None, (), keep_reexec, need_setup,
+                need_after and max(span) == run.iterations - 1,
+                note=f"loop-carried {_fmt_blocked(blocked)} is in no checkpoint: replays from iteration 0")
+        return tasks
+    if worst in ("outer", "after"):
+        with_ckpt = [i for i in want if i in ckpts_skip]
+        without = [i for i in want if i not in ckpts_skip]
+        if with_ckpt:
+            unit = lambda i: _iter_cost(run, i, True) + _restore_cost(ckpts_skip[i])  # noqa: E731
+            k = _worth_splitting(sum(unit(i) for i in with_ckpt), run.replay_setup_s,
+                                 min(ctx.per_run_target, len(with_ckpt)))
+            for ch in _split(with_ckpt, k, unit):
+                add("skip", ch[0], ch[-1], None, [ckpts_skip[i] for i in ch], keep_skip, False,
+                    need_after and ch[-1] == run.iterations - 1)
+        # iterations without a checkpoint re-execute from the nearest earlier one
+        for group in _group_by_restore(without, ckpts):
+            restore = group[0]
+            start, stop = group[1][0], group[1][-1]
+            note = (f"no checkpoint for iteration{'s' if len(group[1]) > 1 else ''} {_fmt_its(group[1])}: "
+                    + (f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0"))
+            add("reexec", start, stop, restore, (), keep_skip, False, need_after and stop == run.iterations - 1,
+                note + suffix)
+    else:
+        for seg in _reexec_segments(ctx, ckpts, [list(range(min(want), max(want) + 1))] if edges else _spans(want)):
+            a, b = seg[0], seg[-1]
+            restore = _nearest(ckpts, a - 1)
+            note = ""
+            if a > 0 and (restore is None or restore.iteration != a - 1):
+                note = (f"no checkpoint at iteration {a - 1}: " + (
+                    f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0")
+                    + suffix)
+            add("reexec", a, b, restore, (), keep_reexec, False, need_after and b == run.iterations - 1, note)
+    if edges and tasks:
+        # rows logged before the outer loop are kept by the run's first task only
+        t0 = min(tasks, key=lambda t: t.start)
+        idx = tasks.index(t0)
+        key = task_key(run.run_id, run.version, patch.digest, t0.mode, t0.start, t0.stop,
+                       t0.restore.iteration if t0.restore else None, t0.names, True, t0.after, t0.carried)
+        tasks[idx] = _replace(t0, setup=True, key=key, done=key in ctx.done_keys)
+    return tasks
+
+
+def _spans(its: Sequence[int]) -> list[list[int]]:
+    """``its`` as runs of consecutive iterations."""
+    spans: list[list[int]] = []
+    for i in sorted(set(its)):
+        if spans and spans[-1][-1] == i - 1:
+            spans[-1].append(i)
+        else:
+            spans.append([i])
+    return spans
+
+
+def _reexec_segments(ctx: _RunContext, ckpts: Mapping[int, CheckpointRef],
+                     spans: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each span cut where a checkpoint (of ``ckpts``, the restore points) lets a
+    segment start, merged to the number of segments its work is worth."""
+    run = ctx.run
+    cost = {i: _iter_cost(run, i, False) for span in spans for i in span}
+    out: list[list[int]] = []
+    for span in spans:
+        # split points: a segment may start at s when a checkpoint exists at s - 1
+        starts = [span[0]] + [i for i in span[1:] if (i - 1) in ckpts]
+        pieces = [list(range(a, b)) for a, b in zip(starts, starts[1:] + [span[-1] + 1])]
+        target = _worth_splitting(sum(cost[i] for i in span), run.replay_setup_s,
+                                  min(ctx.per_run_target, len(pieces)))
+        out += _merge(pieces, target, lambda p: sum(cost[i] for i in p) + run.replay_setup_s)
+    return out
+
+
+def _leave_out_replayed(ctx: _RunContext, tasks: list[Task], parts: Sequence[ReplayedPart]) -> list[Task]:
+    """The run's tasks without what finished partitions of the same code hold.
+
+    A pending task whose iterations (and rows before / after the loop) they hold for
+    every requested name is marked done; one they hold in part is planned again for
+    the rest only. Tasks of the same query stay as they are (a rerun finds them done).
+    """
+    names = set(ctx.names)
+    held = {i for i in range(ctx.run.iterations)
+            if names <= set().union(*(p.names for p in parts if i in p.iterations))}
+    setup_held = names <= set().union(*(p.names for p in parts if p.setup))
+    after_held = names <= set().union(*(p.names for p in parts if p.after))
+    out: list[Task] = []
+    redo: set[int] = set()
+    left_out: set[int] = set()
+    by = ", ".join(sorted(p.key[:8] for p in parts))
+    for t in tasks:
+        its = set(t.iterations)
+        edges_held = (not t.setup or setup_held) and (not t.after or after_held)
+        if t.done or not (its & held) and not (t.mode == "setup" and setup_held):
+            if not t.done and t.setup and t.mode != "setup" and setup_held:
+                # the rows before the outer loop are held already: not kept again
+                key = task_key(t.run_id, t.version, t.patch, t.mode, t.start, t.stop,
+                               t.restore.iteration if t.restore else None, t.names, False, t.after, t.carried)
+                t = _replace(t, setup=False, key=key, done=key in ctx.done_keys)
+            out.append(t)
+        elif its <= held and edges_held:
+            out.append(_replace(t, done=True, note=f"held already by task {by}"))
+        else:
+            redo |= its - held
+            left_out |= its & held
+    if redo:
+        # an iteration held already splits a re-executed segment: each span replays apart
+        said = f"iteration{'s' if len(left_out) > 1 else ''} {_fmt_its(sorted(left_out))} held already by task {by}"
+        out += [_replace(t, note=f"{t.note}; {said}" if t.note else said)
+                for t in _run_tasks(ctx, sorted(redo), edges=False, need_after=not after_held)]
+    return out
 
 
 def _replace(task: Task, **kw: Any) -> Task:

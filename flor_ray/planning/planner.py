@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import PlanningError, QueryError, RepositoryError
-from .plan import ClusterSnapshot, DamagedCheckpoint, Plan, Refused, Resources, RunInfo, VersionPatch, make_plan
+from .plan import (ClusterSnapshot, DamagedCheckpoint, Plan, Refused, ReplayedPart, Resources, RunInfo, SkippedRun,
+                   VersionPatch, make_plan)
 
 __all__ = ["plan_replay", "cluster_snapshot", "propagate_versions", "damaged_checkpoints"]
 
@@ -71,6 +73,52 @@ def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
         if src == "record":
             out.setdefault(rid, set()).add(name)
     return {k: frozenset(v) for k, v in out.items()}
+
+
+def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple[ReplayedPart, ...]]:
+    """The keys of the runs' finished replay partitions (kept apart ones too), and
+    what each trusted one holds, read from its footer (in parallel: one small read
+    per partition, a round trip each on object stores).
+
+    A partition without that footer (an older task) or with an unreadable one holds
+    nothing as far as the planner knows: its values are de-duplicated at query time,
+    and the query names a damaged file.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from ..relation import MISMATCH_SOURCE, TASK_META_KEY
+
+    fs, root = store.arrow_fs()
+    keys: set[str] = set()
+    trusted: list[tuple[str, str]] = []
+    for rid in run_ids:
+        for source in ("replay", MISMATCH_SOURCE):
+            for rel in store.find(f"logs/run_id={rid}/source={source}", ".parquet"):
+                keys.add(rel.rsplit("/", 1)[-1][: -len(".parquet")])
+                if source == "replay":
+                    trusted.append((rid, rel))
+
+    def footer(item: tuple[str, str]) -> "ReplayedPart | None":
+        rid, rel = item
+        try:
+            with fs.open_input_file(f"{root}/{rel}") as fh:
+                meta = (pq.read_metadata(fh).metadata or {}).get(TASK_META_KEY)
+            d = json.loads(meta) if meta else None
+        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+            return None
+        if not d:
+            return None
+        return ReplayedPart(rid, d["task"], d.get("patch") or "", frozenset(d.get("names") or ()),
+                            frozenset(d.get("iterations") or ()), bool(d.get("setup")), bool(d.get("after")))
+
+    if len(trusted) < 2:
+        found = [footer(t) for t in trusted]
+    else:
+        with ThreadPoolExecutor(min(len(trusted), 16)) as pool:
+            found = list(pool.map(footer, trusted))
+    return frozenset(keys), tuple(p for p in found if p is not None)
 
 
 #: a module's statement may run anywhere the script calls into it (a model's forward
@@ -244,7 +292,14 @@ def plan_replay(
     store: Any = None,
     resources: Resources | Mapping[str, Any] | None = None,
     cluster: ClusterSnapshot | None = None,
+    include_running: bool = False,
 ) -> Plan:
+    """Plan a replay; see :func:`flor_ray.replay`.
+
+    A run that is still recording is left out with the reason unless
+    ``include_running``: its last iterations are not there yet, and what is replayed
+    now is not replayed again once it has finished.
+    """
     from ..api import resolve_store
     from ..config import load_settings
     from ..relation import load_runs, select_runs
@@ -308,15 +363,13 @@ def plan_replay(
                 f"its repository; add flor.log({unknown[0]!r}, ...) first (they log: "
                 f"{', '.join(today_names) or 'nothing'})"
             )
+    running = [] if include_running else [m for m in metas if m.get("status") == "running"]
+    metas = [m for m in metas if m not in running]
     modules = {p: t for p, t in modules.items() if set(_names_of({p: t}, names))}
     runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
     versions = {r.version: r.script for r in runs}
     patches = propagate_versions(st, today, versions, names, modules)
-    done = frozenset(
-        p.rsplit("/", 1)[-1][: -len(".parquet")]
-        for r in runs
-        for p in st.find(f"logs/run_id={r.run_id}/source=replay", ".parquet")
-    )
+    done, replayed = replayed_parts(st, [r.run_id for r in runs])
     cluster = cluster or cluster_snapshot()
     plan = make_plan(
         names=names,
@@ -332,6 +385,10 @@ def plan_replay(
         retries=settings.max_retries,
         calibration=load_calibration(st),
         damaged=damaged_checkpoints(st, runs),
+        replayed=replayed,
+        skipped_runs=[SkippedRun(m["run_id"], m["version"],
+                                 f"still recording (pid {m.get('pid')} on {m.get('host')}): replay it once it has "
+                                 "finished, or pass include_running=True (--include-running)") for m in running],
     )
     check_fits(plan, cluster)
     if not plan.tasks and plan.skipped and all("selects none of its iterations" in s.reason for s in plan.skipped):
