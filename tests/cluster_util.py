@@ -54,6 +54,9 @@ class Cluster:
         self.env = dict(env)
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
         self.env["RAY_AUTH_MODE"] = "token"
+        # a two-node cluster: the local Ray of the other tests may have set it to 0 in
+        # this process's environment, and a worker node then refuses to join
+        self.env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         self.s3_endpoint = f"http://{HEAD_IP}:{S3_PORT}"
         self.env.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
                         AWS_ENDPOINT_URL=self.s3_endpoint)
