@@ -322,12 +322,18 @@ def test_explain_shows_threads_and_cpus(history):
         assert f"the recorded {n} threads capped to the largest node's {n - 1} CPUs" in capped
 
 
-def test_plain_process_replay_restores_numerics(history):
+def test_plain_process_replay_restores_numerics(history, tmp_path):
     """FLOR_REPLAY_FORK=0: the task runs ``python train.py`` under Ray's OMP_NUM_THREADS=1;
     the recorded thread variables and torch settings still reach it."""
-    from flor_ray.execution.driver import compare_fidelity
+    import shutil
 
-    repo, store, hand = history
+    from flor_ray.execution.driver import compare_fidelity
+    from flor_ray.store import Store
+
+    repo, shared, hand = history
+    # a copy without the other tests' replays, which already hold these values
+    shutil.copytree(shared.root, tmp_path / "store", ignore=shutil.ignore_patterns("source=replay", "replays"))
+    store = Store(str(tmp_path / "store"))
     rid = _run_ids(store)[0.02]
     plan = flor_ray.plan_replay(["gnorm"], where="lr = 0.02", iterations="last", store=store,
                                 script=repo / "train.py", resources={"num_cpus": 1})

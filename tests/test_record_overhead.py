@@ -155,7 +155,7 @@ def _items_and_ranges(rt):
         for w in rt.loop("word", ["x", "yy", "x"]):
             rt.log("w", w)
         for i in rt.loop("i", range(3)):
-            rt.log("i", i)
+            rt.log("i_value", i)
 
 
 @pytest.mark.parametrize("body", [_nested, _flat_floats, _flat_ints, _outside_loops, _items_and_ranges])

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -464,15 +465,38 @@ def test_twenty_thousand_untracked_files_are_capped(repo, tmp_path):
 
 
 # ------------------------------------------------------------ no orphans
-def test_a_run_that_fails_to_start_leaves_no_ref(repo):
+def test_a_run_that_fails_to_start_leaves_no_ref(repo, tmp_path):
+    """Ctrl-C between the snapshot and the run's first metadata write: no ref stays.
+    (A store that cannot be written no longer stops a start: the run spools.)"""
     _light(repo)
     st, meta, _ = _record(repo)
     refs = git(repo, "for-each-ref", "refs/flor")
+    interrupted = textwrap.dedent('''
+        import runpy, sys
+        from flor_ray.record.session import RecordSession
+
+        def interrupt(self):  # the user's Ctrl-C, right after the snapshot was taken
+            raise KeyboardInterrupt
+        RecordSession._write_meta = interrupt
+        sys.argv = ["train.py"]
+        runpy.run_path("train.py", run_name="__main__")
+    ''')
+    proc = subprocess.run([sys.executable, "-c", interrupted], cwd=repo, env=clean_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert git(repo, "for-each-ref", "refs/flor") == refs
+
+
+def test_a_store_that_cannot_be_written_at_start_still_records_with_its_ref(repo, tmp_path):
+    _light(repo)
+    _record(repo)
+    before = len(git(repo, "for-each-ref", "refs/flor").splitlines())
     shutil.rmtree(repo / ".flor" / "runs")
     (repo / ".flor" / "runs").write_text("not a directory\n")  # the run's metadata cannot be written
-    proc = run_script(repo, check=False)
-    assert proc.returncode != 0 and "flor_ray.errors" in proc.stderr and "runs/" in proc.stderr
-    assert git(repo, "for-each-ref", "refs/flor") == refs
+    proc = run_script(repo, env=clean_env(FLOR_SPOOL=str(tmp_path / "spool")))
+    assert "spool" in proc.stderr
+    assert len(git(repo, "for-each-ref", "refs/flor").splitlines()) == before + 1  # the run's own snapshot
+    assert list((tmp_path / "spool").iterdir())  # its metadata and rows, for `flor-ray spool upload`
 
 
 def test_snapshot_to_a_taken_ref_leaves_it_alone(repo):
