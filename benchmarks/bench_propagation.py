@@ -174,6 +174,7 @@ def field(mirror: str) -> None:
     print(f"\nplaced wrong: {result['placed_wrong']} (target 0); placed right where the old version computes "
           f"the value: {share:.1%} (target >= 90%); alone vs together differ: {result['alone_differs']}")
     out = RESULTS_DIR / "propagation_field.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     import subprocess
 
     head = subprocess.run(["git", "--git-dir", mirror, "rev-parse", "HEAD"], capture_output=True, text=True).stdout

@@ -11,16 +11,16 @@ own matching:
 
 * *placed right*: the output parses, keeps every line of the target in order, and
   the statement sits in the function of today's name (when the target has it), under
-  as many loops as today, after every statement of its block that binds or changes
-  a name it reads, with no later statement of that block changing such a name
-  unless today's block changes it after the statement too (``lr /= 4`` after a
-  logged ``lr``), and with every name it reads bound earlier in its scope;
+  as many loops as today (at least as many where today's function was inlined at its
+  call site), right after the statement a careful engineer would put it after (each
+  probe's ``expect``: ``val_loss = evaluate(...)`` however the old version spells it);
 * *placed wrong*: any of those fails;
 * *refused*: a PropagationError that names the probe.
 
-"The old version computes the value" means that every name the probe reads is bound
-in the target function of today's name (or the module). The targets: no statement
-placed wrong; at least 90% placed right where the old version computes the value.
+"The old version computes the value" means that it has the ``expect`` statement and
+binds every name the probe reads in the function of today's name (or the module).
+The targets: no statement placed wrong; at least 90% placed right where the old
+version computes the value.
 """
 
 from __future__ import annotations
@@ -151,27 +151,26 @@ class Site:
     loops: int  # enclosing for/while statements within that function
     block: list  # the statements of its block
     index: int  # its position there
-    scope: ast.AST  # the def (or module) node
     reads: set = field(default_factory=set)
 
 
 def find_site(tree: ast.Module, name: str) -> Site | None:
-    def walk(body: list, function: str, scope: ast.AST, loops: int) -> Site | None:
+    def walk(body: list, function: str, loops: int) -> Site | None:
         for i, stmt in enumerate(body):
             if isinstance(stmt, ast.Expr) and _logs(stmt) == name:
                 reads = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)} - {"flor"} - _BUILTINS
-                return Site(function, loops, body, i, scope, reads)
+                return Site(function, loops, body, i, reads)
             if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                inner = (stmt.name, stmt, 0)
+                inner = (stmt.name, 0)
             else:
-                inner = (function, scope, loops + isinstance(stmt, (ast.For, ast.AsyncFor, ast.While)))
+                inner = (function, loops + isinstance(stmt, (ast.For, ast.AsyncFor, ast.While)))
             for block in _blocks(stmt):
                 found = walk(block, *inner)
                 if found:
                     return found
         return None
 
-    return walk(tree.body, "<module>", tree, 0)
+    return walk(tree.body, "<module>", 0)
 
 
 def _blocks(stmt: ast.stmt) -> list[list]:

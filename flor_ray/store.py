@@ -77,6 +77,27 @@ def _bounded_waits(protocol: str, options: dict) -> None:
         options.setdefault("timeout", s.read_timeout_s)
 
 
+def write_local(path: str, data: bytes, durable: bool = False) -> None:
+    """Write a local file atomically: a ``.``-prefixed temporary renamed into place
+    (``durable``: fsync'ed first); a failure (disk full, read-only) leaves no temporary."""
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 class Store:
     """A store at an fsspec URL. Cheap to build; picklable (holds the URL only)."""
 
@@ -200,22 +221,7 @@ class Store:
         path = self.path(rel)
         try:
             if self.is_local:
-                d = os.path.dirname(path)
-                os.makedirs(d, exist_ok=True)
-                tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        if durable:
-                            f.flush()
-                            os.fsync(f.fileno())
-                    os.replace(tmp, path)
-                except BaseException:  # disk full, read-only: no temporary left behind
-                    try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
-                    raise
+                write_local(path, data, durable)
             else:
                 self.fs.pipe_file(path, data)
         except OSError as exc:

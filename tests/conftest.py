@@ -110,3 +110,44 @@ def ray_local():
     ensure_ray()
     yield ray
     ray.shutdown()
+
+
+class S3:
+    """A moto S3 server on 127.0.0.1 that can be stopped and started again on one port
+    (its buckets kept), for stores that fail and come back."""
+
+    def __init__(self):
+        import socket
+
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self._cls = ThreadedMotoServer
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.start()
+
+    def start(self):
+        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+
+    def env(self, **extra) -> dict:
+        return clean_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                         AWS_ENDPOINT_URL=self.endpoint, **extra)
+
+    def store(self, url: str):
+        from flor_ray.store import Store
+
+        return Store(url, {"key": "test", "secret": "test",
+                           "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}})
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test",
+                            aws_secret_access_key="test", region_name="us-east-1")

@@ -36,7 +36,7 @@ from flor_ray.planning.plan import ClusterSnapshot
 from flor_ray.relation import read_logs
 from flor_ray.store import Store
 
-from conftest import REPO_ROOT, clean_env, git, run_script, write
+from conftest import REPO_ROOT, S3, clean_env, git, run_script, write
 
 EPOCHS = 6
 KS = (1, 2)  # one run per value of the arg k
@@ -395,42 +395,6 @@ def test_two_recordings_write_one_local_store_at_once(proj):
 
 
 # ------------------------------------------------------------------------ S3
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3:
-    """A moto S3 server on 127.0.0.1 that can be stopped and started on one port (state kept)."""
-
-    def __init__(self):
-        from moto.server import ThreadedMotoServer
-
-        self._cls = ThreadedMotoServer
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.server = None
-        self.start()
-
-    def start(self):
-        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self):
-        self.server.stop()
-
-    def env(self, **extra) -> dict:
-        return clean_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-                         AWS_ENDPOINT_URL=self.endpoint, **extra)
-
-    def store(self, url: str) -> Store:
-        return Store(url, {"key": "test", "secret": "test",
-                           "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}})
-
-
 @pytest.fixture(scope="module")
 def s3():
     pytest.importorskip("s3fs")

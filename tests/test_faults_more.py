@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import flor_ray
-from conftest import clean_env, git, write
+from conftest import S3, clean_env, git, write
 
 EPOCHS = 6
 
@@ -197,43 +197,10 @@ def test_store_turns_read_only_mid_run(train_repo, tmpfs, tmp_path, reference):
     _upload_and_compare(tmpfs, spool, reference, lambda: _remount(tmpfs, "rw"))
 
 
-class _S3:
-    """A moto S3 server on 127.0.0.1 that can be stopped and started again on one port (state kept)."""
-
-    def __init__(self):
-        import socket
-
-        from moto.server import ThreadedMotoServer
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self._cls = ThreadedMotoServer
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.start()
-
-    def start(self):
-        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self):
-        self.server.stop()
-
-    def env(self, **extra) -> dict:
-        return clean_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-                         AWS_ENDPOINT_URL=self.endpoint, **extra)
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test",
-                            aws_secret_access_key="test", region_name="us-east-1")
-
-
 def test_s3_server_stopped_mid_run_training_finishes_and_spool_uploads(train_repo, tmp_path, reference):
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
-    s3 = _S3()
+    s3 = S3()
     try:
         s3.client().create_bucket(Bucket="flor-down")
         spool = tmp_path / "spool"
@@ -255,10 +222,7 @@ def test_s3_server_stopped_mid_run_training_finishes_and_spool_uploads(train_rep
         up = subprocess.run([sys.executable, "-m", "flor_ray.cli", "spool", "upload"], env=s3.env(FLOR_SPOOL=str(spool)),
                             capture_output=True, text=True)
         assert up.returncode == 0, up.stderr
-        from flor_ray.store import Store
-
-        st = Store("s3://flor-down/p", {"key": "test", "secret": "test",
-                                        "client_kwargs": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}})
+        st = s3.store("s3://flor-down/p")
         assert _values(st).equals(reference)
         (run,) = flor_ray.runs(store=st).to_dict("records")
         assert run["status"] == "finished" and run["iterations"] == EPOCHS

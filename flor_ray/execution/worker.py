@@ -267,22 +267,18 @@ class ReplaySession(LoopRuntime):
             raise SegmentDone(0)
 
     def _restore(self, entry: Mapping[str, Any]) -> None:
+        from ..past_checkpoints import read_verified
         from ..record.checkpoint import deserialize, restore
 
         self._lap("loop")
         where = self.store.full_url(entry["path"])
         try:
-            snapshot = deserialize(self._checkpoint_bytes(entry), where)
+            snapshot = deserialize(read_verified(self.store, entry), where)
         except CheckpointError as exc:  # damaged: the task retries around it (see the module doc)
             self._report_damage(entry, exc)
             raise
         restore(self._objects or {}, snapshot, where, self._scope_frame, self.carried)
         self._lap("restore")
-
-    def _checkpoint_bytes(self, entry: Mapping[str, Any]) -> bytes:
-        from ..past_checkpoints import read_verified
-
-        return read_verified(self.store, entry)
 
     def _report_damage(self, entry: Mapping[str, Any], exc: CheckpointError) -> None:
         self._failed = True  # even if the script catches the error: its state is not the recording's

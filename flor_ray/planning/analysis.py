@@ -1056,7 +1056,7 @@ class _Analyzer:
                 if ckpt and not start_inner and self._before_restore(u):
                     res.stale.append((n, u))
                 defs, carried = self._reaching(n, u)
-                if carried and not ckpt and n not in self.drv.outer_targets and n in self._bound_here:
+                if carried and not ckpt and n not in self.drv.outer_targets and n not in self._aliases_only:
                     res.carried.add(n)
                 for d in defs:
                     if self.inner[d.pos]:
@@ -1086,11 +1086,10 @@ class _Analyzer:
         return frozenset(p for p, args in bound.items() if args and args <= self.ckpt_names)
 
     @functools.cached_property
-    def _bound_here(self) -> frozenset[str]:
-        """Names the scope that runs the outer loop can hold as loop-carried values:
-        everything but the parameters that only alias a checkpointed object."""
-        here = frozenset().union(*(u.strong for u in self.units))
-        return _Everything(self._checkpointed_aliases - here)
+    def _aliases_only(self) -> frozenset[str]:
+        """Names that cannot be loop-carried values of the scope that runs the outer
+        loop: parameters aliasing a checkpointed object that this scope never binds."""
+        return self._checkpointed_aliases - frozenset().union(*(u.strong for u in self.units))
 
     def _loop_carried(self) -> tuple[str, ...]:
         out: set[str] = set()
@@ -1099,7 +1098,7 @@ class _Analyzer:
                 continue
             for n in u.uses:
                 if not self._relevant(n) or n in self.ckpt_names or n in self.drv.outer_targets \
-                        or n not in self._bound_here:
+                        or n in self._aliases_only:
                     continue
                 if self._reaching(n, u)[1]:
                     out.add(n)
@@ -1234,13 +1233,6 @@ class _Analyzer:
                     for p in self._paths(caller, visiting | {fname}):
                         out |= {p + q for q in local}
         return out
-
-
-class _Everything(frozenset):
-    """Every name but the given ones (``in`` answers for the complement)."""
-
-    def __contains__(self, name: object) -> bool:
-        return not frozenset.__contains__(self, name)
 
 
 def _iter_calls(module: cst.Module, fname: str):

@@ -126,10 +126,10 @@ def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple
 _MODULE_NEED = "inner"
 
 
-def today_modules(script: Path, names: Sequence[str] | None = None) -> dict[str, str]:
-    """The Python files of today's repository around ``script`` that log a flor name
-    (``names``: one of those), as ``path relative to the repository -> text``;
-    the script itself is not among them. Empty outside a git repository."""
+def today_modules(script: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The Python files of today's repository around ``script`` that log a flor name,
+    as ``path relative to the repository -> (text, the names it logs)``; the script
+    itself is not among them. Empty outside a git repository."""
     from ..propagation.project import logged_names
     from ..versions import find_repo_root
 
@@ -137,7 +137,6 @@ def today_modules(script: Path, names: Sequence[str] | None = None) -> dict[str,
         root = Path(find_repo_root(script.parent))
     except RepositoryError:
         return {}
-    wanted = None if names is None else set(names)
     out = {}
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
@@ -148,12 +147,13 @@ def today_modules(script: Path, names: Sequence[str] | None = None) -> dict[str,
             text = path.read_text()
         except (UnicodeDecodeError, OSError):
             continue  # not source: nothing to propagate from it
-        if any(wanted is None or n in wanted for n in logged_names(text)):
-            out[rel.as_posix()] = text
+        logged = logged_names(text)
+        if logged:
+            out[rel.as_posix()] = (text, logged)
     return out
 
 
-def _module_patches(store, version: str, script: str, modules: Mapping[str, str],
+def _module_patches(store, version: str, modules: Mapping[str, tuple[str, tuple[str, ...]]],
                     names: Sequence[str] | None) -> tuple[tuple, tuple, tuple, tuple]:
     """Today's other modules propagated into one version: (files, placements, needs, refused)."""
     from ..propagation.project import propagate_project
@@ -163,7 +163,8 @@ def _module_patches(store, version: str, script: str, modules: Mapping[str, str]
         return (), (), (), ()
     old = VersionFiles(store, version)
     files, placements, needs, refused = [], [], [], []
-    for fp in propagate_project(modules, old, names):
+    texts = {p: text for p, (text, _) in modules.items()}
+    for fp in propagate_project(texts, old, names, logged={p: ns for p, (_, ns) in modules.items()}):
         where = fp.target or fp.path
         if fp.refused:
             refused.extend(Refused(version, n, f"in {fp.path}: {fp.refused}") for n in fp.new_names)
@@ -185,7 +186,7 @@ def _module_patches(store, version: str, script: str, modules: Mapping[str, str]
 
 
 def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None,
-                       modules: Mapping[str, str] | None = None) -> dict[str, VersionPatch]:
+                       modules: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> dict[str, VersionPatch]:
     """Propagate today's statements of ``names`` (None: all new ones) into each
     version's script, and those of today's other ``modules`` into their counterparts;
     analyse the result. A statement that cannot be placed refuses its names in that
@@ -216,7 +217,7 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
         why = res.refused_names
         refused = tuple(Refused(version, n, why[n]) for n in (names if names is not None else why) if n in why)
         try:
-            files, m_places, m_needs, m_refused = _module_patches(store, version, script, modules or {}, names)
+            files, m_places, m_needs, m_refused = _module_patches(store, version, modules or {}, names)
         except Exception as exc:  # noqa: BLE001 - the version's modules unreadable: their names refused
             files, m_places, m_needs = (), (), ()
             m_refused = tuple(Refused(version, n, f"cannot read this version's modules: {exc}")
@@ -229,10 +230,8 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
     return patches
 
 
-def _names_of(modules: Mapping[str, str], names: Sequence[str] | None) -> list[str]:
-    from ..propagation.project import logged_names
-
-    found = dict.fromkeys(n for text in modules.values() for n in logged_names(text))
+def _names_of(modules: Mapping[str, tuple[str, tuple[str, ...]]], names: Sequence[str] | None) -> list[str]:
+    found = dict.fromkeys(n for _, logged in modules.values() for n in logged)
     return [n for n in found if names is None or n in names]
 
 
@@ -365,7 +364,7 @@ def plan_replay(
             )
     running = [] if include_running else [m for m in metas if m.get("status") == "running"]
     metas = [m for m in metas if m not in running]
-    modules = {p: t for p, t in modules.items() if set(_names_of({p: t}, names))}
+    modules = {p: m for p, m in modules.items() if set(m[1]) & set(names)}
     runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
     versions = {r.version: r.script for r in runs}
     patches = propagate_versions(st, today, versions, names, modules)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 import difflib
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from flor_ray.errors import PropagationError
 
@@ -81,15 +81,19 @@ def pair_files(today: Mapping[str, str], old: Mapping[str, str], paths: Iterable
     return out
 
 
-def propagate_project(today: Mapping[str, str], old: Mapping[str, str],
-                      names: Iterable[str] | None = None) -> tuple[FilePatch, ...]:
-    """Propagate every file of ``today`` holding new statements into its counterpart."""
+def propagate_project(today: Mapping[str, str], old: Mapping[str, str], names: Iterable[str] | None = None,
+                      logged: Mapping[str, Sequence[str]] | None = None) -> tuple[FilePatch, ...]:
+    """Propagate every file of ``today`` holding new statements into its counterpart.
+
+    ``logged``: the names each of today's files logs, where the caller has them
+    already (the planner propagates the same files into every version)."""
     wanted = None if names is None else set(names)
     candidates: dict[str, tuple[str, ...]] = {}
     for path, code in sorted(today.items()):
         if not path.endswith(".py"):
             continue
-        mine = [n for n in logged_names(code) if wanted is None or n in wanted]
+        mine = [n for n in (logged[path] if logged is not None else logged_names(code))
+                if wanted is None or n in wanted]
         if mine:
             candidates[path] = tuple(mine)
     pairs = pair_files(today, old, candidates)

@@ -18,12 +18,12 @@ import shutil
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import StoreError
+from ..store import write_local
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..store import Store
@@ -40,23 +40,6 @@ PROBE_EVERY_S = 10.0
 def default_spool_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "flor_ray", "spool")
-
-
-def _write_local(path: str, data: bytes) -> None:
-    """Atomic local write (temporary + rename); the temporary never outlives a failure."""
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 @dataclass(frozen=True)
@@ -141,8 +124,8 @@ class SpoolingWriter:
     def _spill(self, rel: str, data: bytes) -> None:
         info = os.path.join(self.folder, _INFO)
         if not os.path.exists(info):
-            _write_local(info, json.dumps({"store": self.store.url, "run_id": self.run_id}).encode())
-        _write_local(os.path.join(self.folder, rel), data)
+            write_local(info, json.dumps({"store": self.store.url, "run_id": self.run_id}).encode())
+        write_local(os.path.join(self.folder, rel), data)
         with self._lock:
             self._spooled.add(rel)
 
