@@ -38,6 +38,7 @@ import gc
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from flor_ray.analysis.calls import FlorCalls, literal_first_arg
 from flor_ray.errors import PropagationError
 
 from . import _flow, _inject
@@ -45,7 +46,7 @@ from ._inject import Edits, Respelling
 from ._match import Matching
 from ._result import Placement, PropagationResult, Refusal
 from ._scope import Visibility, free_reads
-from ._syntax import LogSyntax, literal_first_arg, parse_ast, parse_cst
+from ._syntax import parse_ast, parse_cst
 from ._tree import FUNCS, SNode, Tree, build, resolve_scope
 
 
@@ -92,8 +93,8 @@ def propagate_detailed(source: str, target: str, names: Iterable[str] | None = N
 def _propagate(source: str, target: str, wanted: frozenset[str] | None, partial: bool) -> PropagationResult:
     src_ast = parse_ast(source, "source")
     tgt_ast = parse_ast(target, "target")
-    src = build(src_ast, LogSyntax.of(src_ast), grouped=False)
-    tgt = build(tgt_ast, LogSyntax.of(tgt_ast))
+    src = build(src_ast, FlorCalls.of(src_ast), grouped=False)
+    tgt = build(tgt_ast, FlorCalls.of(tgt_ast))
     old_names = {n for n in tgt.log_names if n is not None}
     skipped = tuple(dict.fromkeys(n for n in src.log_names if n is not None and n in old_names
                                   and (wanted is None or n in wanted)))
@@ -588,7 +589,7 @@ def _first_position(owner: SNode, key: str) -> int:
     return i
 
 
-def _lines_of(code: str, module: Any, syntax: LogSyntax, wanted: set[int]) -> dict[int, int]:
+def _lines_of(code: str, module: Any, syntax: FlorCalls, wanted: set[int]) -> dict[int, int]:
     """1-based line of each wanted libcst statement in the rendered code."""
     tree: Tree = build(ast.parse(code), syntax, module, light=True)
     return {id(n.cst): n.line for n in tree.nodes[1:] if id(n.cst) in wanted}
