@@ -295,7 +295,7 @@ def test_function_locals_cells_and_scalars_round_trip_through_a_checkpoint(tmp_p
 
 
 def test_analysis_names_what_the_training_code_carries():
-    from flor_ray.planning.analysis import analyze
+    from flor_ray.analysis import analyze
 
     anneal = analyze(_fill("anneal", True))
     assert {"lr", "best_val_loss"} <= set(anneal.training_carried)

@@ -193,7 +193,7 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
     version only; today's other statements are not injected."""
     from ..propagation import PropagationError, propagate_detailed
     from ..versions import read_file
-    from .analysis import analyze
+    from ..analysis import analyze
 
     patches: dict[str, VersionPatch] = {}
     for version, script in versions.items():
@@ -302,7 +302,7 @@ def plan_replay(
     from ..api import resolve_store
     from ..config import load_settings
     from ..relation import load_runs, select_runs
-    from .analysis import analyze
+    from ..analysis import analyze
     from .history import load_calibration
 
     st = resolve_store(store).check()
