@@ -19,7 +19,17 @@ from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "DEFAULTS_DOC", "ENV_VARS"]
+__all__ = ["Settings", "load_settings", "DEFAULTS_DOC", "ENV_VARS", "MAX_NAME_LEN", "TRACEBACK_KEPT_CHARS"]
+
+# ------------------------------------------------------------------ fixed limits
+# Numbers that are not settings: changing them changes what a store holds.
+
+#: Longest log, loop or arg name: names become column headers in ``dataframe`` and the
+#: command line's tables, where 200 characters is already several lines.
+MAX_NAME_LEN = 200
+#: Characters of a failed run's traceback kept in its metadata (the end, where the
+#: error is): enough for ~100 frames, small enough to keep the runs table light.
+TRACEBACK_KEPT_CHARS = 8000
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,6 @@ ENV_VARS = {
     "read_timeout_s": "FLOR_READ_TIMEOUT",
     "ray_connect_timeout_s": "FLOR_RAY_CONNECT_TIMEOUT",
 }
-_ENV = ENV_VARS  # old name
 
 # The valid range of each number, as (test, what a valid value is).
 _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {

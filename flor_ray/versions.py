@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 from .codetree import TamperedFile, blob_id, write_files
+from .config import Settings
 from .errors import RepositoryError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -192,9 +193,9 @@ def snapshot(
     ref: str,
     *,
     exclude: Iterable[str] = (),
-    max_untracked_bytes: int = 10 * 1024 * 1024,
-    max_untracked_files: int = 1000,
-    max_untracked_total_bytes: int = 64 * 1024 * 1024,
+    max_untracked_bytes: int = Settings.snapshot_max_file_bytes,
+    max_untracked_files: int = Settings.snapshot_max_untracked_files,
+    max_untracked_total_bytes: int = Settings.snapshot_max_untracked_total_bytes,
     message: str = "flor_ray snapshot",
     list_files: bool = True,
 ) -> Snapshot:

@@ -15,7 +15,8 @@ import pytest
 
 from flor_ray.config import Settings
 from flor_ray.record.rows import rows_to_table
-from flor_ray.record.session import LoopRuntime, RecordSession
+from flor_ray.record.loops import LoopRuntime
+from flor_ray.record.session import RecordSession
 from flor_ray.relation import ITER_COLS, _vtype_of, schema
 from flor_ray.store import Store
 from flor_ray.versions import find_repo_root, snapshot, tree_files
@@ -169,7 +170,7 @@ def test_rows_table_matches_relation(body, task):
 def test_rows_table_imports_neither_pandas_nor_compute():
     code = (
         "import sys\n"
-        "from flor_ray.record.session import LoopRuntime\n"
+        "from flor_ray.record.loops import LoopRuntime\n"
         "from flor_ray.record.rows import rows_to_table\n"
         "from flor_ray.relation import table_to_parquet_bytes\n"
         "rt = LoopRuntime()\n"
