@@ -333,7 +333,6 @@ def _command_adder(sub: Any) -> Callable[..., argparse.ArgumentParser]:
 
 
 def _add_query_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """runs, df, sql: what the store holds."""
     sp = add("runs", cmd_runs, "list the recorded runs: id, version, status, timings, one column per flor.arg",
              'flor-ray runs --where "lr > 0.05" --format csv', fmt=True)
     sp.add_argument("--where", help="one SQL boolean expression over the runs table's columns, e.g. \"lr > 0.01\"")
@@ -352,7 +351,6 @@ def _add_query_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _add_replay_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """replay, checkpoints, propagate, plot: back-filling new statements, and what it needs and gives."""
     sp = add("replay", cmd_replay, "back-fill new log statements of today's script into past runs, on Ray",
              "flor-ray replay wnorm --where \"lr > 0.05\" --dry-run")
     sp.add_argument("names", nargs="*", metavar="NAME",
@@ -395,7 +393,6 @@ def _add_replay_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _add_tool_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """ui, check, spool, demo."""
     sp = add("ui", cmd_ui, "serve a local web page over the store: runs, charts, run and replay pages",
              "flor-ray ui --port 8765")
     sp.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: a free one)")
