@@ -41,7 +41,7 @@ __version__ = "0.1.0"
 
 _KWARGS: dict[str, str] = {}
 if any(a == "--kwargs" or a.startswith("--kwargs=") for a in _sys.argv):
-    from .record.session import take_kwargs as _take_kwargs
+    from .record.args import take_kwargs as _take_kwargs
 
     _KWARGS = _take_kwargs(_sys.argv)
 
@@ -49,7 +49,8 @@ _SESSION: Any = None
 
 
 def _session():
-    """The process's session, made on first use: replay mode when FLOR_REPLAY is set."""
+    """The process's session, made on first use: replay mode when FLOR_REPLAY is set,
+    profiled (its calls timed, see flor_ray.record.profile) when FLOR_PROFILE is."""
     global _SESSION
     if _SESSION is None:
         from .config import load_settings
@@ -60,9 +61,10 @@ def _session():
 
             _SESSION = ReplaySession.from_spec_file(spec)
         else:
+            from .record.profile import hooks_from_environment
             from .record.session import RecordSession
 
-            _SESSION = RecordSession(load_settings(), _KWARGS)
+            _SESSION = RecordSession(load_settings(), _KWARGS, hooks=hooks_from_environment())
     return _SESSION
 
 

@@ -467,7 +467,7 @@ def test_twenty_thousand_untracked_files_are_capped(repo, tmp_path):
 # ------------------------------------------------------------ no orphans
 def test_a_run_that_fails_to_start_leaves_no_ref(repo, tmp_path):
     """Ctrl-C between the snapshot and the run's first metadata write: no ref stays.
-    (A store that cannot be written no longer stops a start: the run spools.)"""
+    (A store that cannot be written does not stop a start: the run spools, see the next test.)"""
     _light(repo)
     st, meta, _ = _record(repo)
     refs = git(repo, "for-each-ref", "refs/flor")

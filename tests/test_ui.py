@@ -309,6 +309,7 @@ def browser():
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_page_runs_table_run_page_and_chart(browser, ui, history, tmp_path):  # a missing browser fails first
     from selenium.webdriver.common.by import By
 
@@ -356,6 +357,7 @@ def test_page_runs_table_run_page_and_chart(browser, ui, history, tmp_path):  # 
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_page_replay_history_and_a_replay_planned_then_started(browser, ui, history):
     from selenium.webdriver.common.by import By
 
@@ -411,6 +413,7 @@ for epoch in flor.loop("epoch", range(flor.arg("epochs", 3))):
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_page_follows_a_run_recorded_while_it_is_open(browser, history, tmp_path):
     """A copy of the store; a run recorded while the page is open appears without a reload."""
     from selenium.webdriver.common.by import By

@@ -37,7 +37,8 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
 
 from ..errors import CheckpointError, CheckpointingError
-from ..record.session import LoopRuntime, check_name
+from ..record.loops import LoopRuntime
+from ..record.names import check_name
 
 __all__ = ["ReplaySession", "SegmentDone"]
 
