@@ -229,7 +229,7 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
     import flor_ray
 
     from .api import resolve_store
-    from .relation import load_runs
+    from .store.runs import load_runs
 
     _say("2. the runs (`flor-ray runs`)")
     runs = flor_ray.runs(store=store)
@@ -282,7 +282,7 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
           + (";\n   acc__replay: acc recomputed by the replay, compared with the recording (fidelity)"
              if "acc__replay" in table else ""))
 
-    from .plot import plot_metric
+    from .query.plot import plot_metric
 
     pngs = [plot_metric(flor_ray.dataframe("wnorm", store=store), "wnorm", repo / "wnorm.png")]
     if gnorm:

@@ -35,8 +35,9 @@ from ..errors import (
     LoopError,
     RepositoryError,
 )
-from ..relation import MAX_LOOP_DEPTH
-from ..values import INT64_MAX, INT64_MIN, convert
+from ..store import layout
+from ..store.logs import MAX_LOOP_DEPTH
+from ..store.values import INT64_MAX, INT64_MIN, convert
 from .writer import BackgroundWriter
 
 __all__ = ["LoopRuntime", "RecordSession", "take_kwargs", "cast_arg", "process_start_time"]
@@ -169,7 +170,7 @@ def check_name(kind: str, name: Any) -> str:
 def _warm_imports() -> None:
     import pyarrow.parquet  # noqa: F401
 
-    from .. import relation  # noqa: F401
+    from ..store import logs  # noqa: F401
     from . import rows  # noqa: F401
 
 
@@ -759,7 +760,7 @@ class RecordSession(LoopRuntime):
             return
         from .checkpoint import serialize
 
-        rel = f"checkpoints/{self.run_id}/{snap['iteration']:06d}.pt"
+        rel = layout.checkpoint(self.run_id, snap["iteration"])
 
         def write(snap=snap, rel=rel):
             import hashlib
@@ -879,12 +880,12 @@ class RecordSession(LoopRuntime):
     def _flush_rows_only(self) -> None:
         rows = self.take_rows()
         if rows is not None:
-            rel = f"logs/run_id={self.run_id}/source=record/part-{self._flushes:05d}.parquet"
+            rel = layout.record_part(self.run_id, self._flushes)
             self._flushes += 1
             self._write_rows(rows, rel)
 
     def _write_rows(self, rows: dict, rel: str) -> None:
-        from ..relation import table_to_parquet_bytes
+        from ..store.logs import table_to_parquet_bytes
         from .rows import rows_to_table  # never imports pandas / pyarrow.compute
 
         table = rows_to_table(version=self.version, file=self.script, **rows)

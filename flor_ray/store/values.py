@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from .errors import UnsupportedValueError
+from ..errors import UnsupportedValueError
 
 __all__ = ["JsonValue", "convert", "VTYPES", "MAX_JSON_BYTES", "INT64_MIN", "INT64_MAX"]
 
