@@ -111,16 +111,16 @@ def dataframe(*names: str, where: str | None = None, store: Any = None) -> "pd.D
     """One row per (run, loop context), a column per loop, log name and arg.
 
     A name logged several times in one context adds an ``occurrence`` column (one
-    row per value, in logging order); see :func:`flor_ray.relation.dataframe`.
+    row per value, in logging order); see :func:`flor_ray.query.dataframe.dataframe`.
     """
-    from .relation import dataframe as _df
+    from .query.dataframe import dataframe as _df
 
     return _df(_store(store), names, where)
 
 
 def runs(where: str | None = None, store: Any = None) -> "pd.DataFrame":
     """The runs table (one row per run, a column per arg)."""
-    from .relation import runs_frame, select_runs
+    from .query.runs import runs_frame, select_runs
 
     st = _store(store).check()
     df = runs_frame(st)
@@ -132,14 +132,14 @@ def runs(where: str | None = None, store: Any = None) -> "pd.DataFrame":
 
 def sql(query: str, store: Any = None) -> "pd.DataFrame":
     """DuckDB SQL over tables ``logs`` (long relation) and ``runs``."""
-    from .relation import sql as _sql
+    from .query.sql import sql as _sql
 
     return _sql(_store(store), query)
 
 
 def checkpoints(run_id: str, store: Any = None) -> "pd.DataFrame":
     """A run's checkpoints: iteration, bytes, time written, verified, path."""
-    from .past_checkpoints import checkpoint_table
+    from .query.checkpoints import checkpoint_table
 
     return checkpoint_table(_store(store).check(), run_id)
 
@@ -152,7 +152,7 @@ def load_checkpoint(run_id: str, iteration: Any = "last", *, store: Any = None, 
     the run gave ``flor.checkpointing``; ``iteration`` is a number or ``"last"``;
     ``rng=True`` also restores the python/numpy/torch RNG states.
     """
-    from .past_checkpoints import load_checkpoint as _load
+    from .query.checkpoints import load_checkpoint as _load
 
     return _load(_store(store).check(), run_id, iteration, objects, rng=rng)
 

@@ -223,7 +223,7 @@ def _propagate_trees(a, source, target) -> int:
 def cmd_plot(a) -> int:
     import flor_ray
 
-    from .plot import plot_metric
+    from .query.plot import plot_metric
 
     df = flor_ray.dataframe(a.name, where=a.where, store=a.store)
     out = a.output or f"{a.name}.png"
@@ -249,7 +249,7 @@ def cmd_demo(a) -> int:
 
 def cmd_check(a) -> int:
     from .api import resolve_store
-    from .damage import QUARANTINE, quarantine, scan
+    from .store.damage import QUARANTINE, quarantine, scan
 
     st = resolve_store(a.store).check()
     damages = scan(st)

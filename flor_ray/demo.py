@@ -251,7 +251,7 @@ def _show_runs(store: str, budget: float) -> None:
     import flor_ray
 
     from .api import resolve_store
-    from .relation import load_runs
+    from .store.runs import load_runs
 
     _say("2. the runs (`flor-ray runs`)")
     runs = flor_ray.runs(store=store)
@@ -310,7 +310,7 @@ def _backfill(repo: Path, store: str, gnorm: bool) -> list:
 def _show_results(repo: Path, store: str, gnorm: bool) -> None:
     import flor_ray
 
-    from .plot import plot_metric
+    from .query.plot import plot_metric
 
     _say("5. recorded and hindsight values side by side, per run and epoch (`flor-ray df acc wnorm`)")
     table = _side_by_side(store, gnorm)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 from .codetree import TamperedFile, blob_id, write_files
 from .config import SNAPSHOT_LEFT_OUT_LISTED, SNAPSHOT_MAX_SUBMODULE_DEPTH, Settings
 from .errors import RepositoryError, StoreError
+from .store import layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import Store
@@ -371,14 +372,14 @@ def _read_blobs(repo_root: str, shas: list[str]) -> Iterator[tuple[str, bytes]]:
 
 def upload(store: "Store", snap: Snapshot) -> None:
     """Write the snapshot's files (missing blobs only) and its manifest to the store."""
-    rel = f"code/versions/{snap.tree}.json"
+    rel = layout.code_version(snap.tree)
     if store.exists(rel):
         return
     listing = list_version(snap.repo_root, snap.tree)
-    have = set(store.listdir("code/objects"))
+    have = set(store.listdir(layout.CODE_OBJECTS))
     for root, shas in listing.sources.items():
         for sha, data in _read_blobs(root, sorted(shas - have)):
-            store.write_bytes(f"code/objects/{sha}", data)
+            store.write_bytes(layout.code_object(sha), data)
             have.add(sha)
     store.write_json(rel, listing.manifest(snap.tree, snap.commit))
 
@@ -388,7 +389,7 @@ def read_version(store: "Store", version: str) -> dict:
 
     safe_component("version", version)
     try:
-        return store.read_json(f"code/versions/{version}.json")
+        return store.read_json(layout.code_version(version))
     except FileNotFoundError as exc:
         raise StoreError(
             f"code version {version} is not in the store {store.url!r} (its upload did not finish); "
@@ -402,7 +403,7 @@ def _store_blob(store: "Store", version: str, path: str, sha: str) -> bytes:
         raise StoreError(f"code version {version} in the store {store.url!r} names file {path!r} by {sha!r}, "
                          "not a git blob id: its manifest is corrupted; re-record the run")
     try:
-        data = store.read_bytes(f"code/objects/{sha}")
+        data = store.read_bytes(layout.code_object(sha))
     except FileNotFoundError as exc:
         raise StoreError(f"file {path!r} of code version {version} is missing from the store {store.url!r} "
                          f"(code/objects/{sha}); its upload did not finish: re-record the run") from exc

@@ -16,7 +16,7 @@ import pytest
 
 import flor_ray
 from flor_ray.planning.plan import ClusterSnapshot
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, write

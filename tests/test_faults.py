@@ -33,7 +33,7 @@ import pytest
 import flor_ray
 from flor_ray.errors import DamagedFileWarning, QueryError, StoreError
 from flor_ray.planning.plan import ClusterSnapshot
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import REPO_ROOT, S3, clean_env, git, run_script, write

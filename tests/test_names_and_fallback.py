@@ -27,7 +27,7 @@ from flor_ray.planning.plan import (
     make_plan,
 )
 from flor_ray.propagation import PropagationError, propagate_detailed
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, write

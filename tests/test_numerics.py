@@ -13,7 +13,8 @@ import pytest
 import flor_ray
 from flor_ray import numerics
 from flor_ray.planning.plan import ClusterSnapshot, Resources
-from flor_ray.relation import load_runs, read_logs
+from flor_ray.store.logs import read_logs
+from flor_ray.store.runs import load_runs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, run_script, write

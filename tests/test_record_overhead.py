@@ -17,7 +17,8 @@ from flor_ray.config import Settings
 from flor_ray.record.rows import rows_to_table
 from flor_ray.record.loops import LoopRuntime
 from flor_ray.record.session import RecordSession
-from flor_ray.relation import ITER_COLS, _vtype_of, schema
+from flor_ray.store.logs import ITER_COLS, schema
+from flor_ray.store.logs import vtype_of as _vtype_of
 from flor_ray.store import Store
 from flor_ray.versions import find_repo_root, snapshot, tree_files
 
@@ -118,7 +119,7 @@ def _rows_of(body) -> dict:
 
 
 def _nested(rt):
-    from flor_ray.values import JsonValue  # noqa: F401  # dicts become JSON values
+    from flor_ray.store.values import JsonValue  # noqa: F401  # dicts become JSON values
 
     rt.log("setup", 1)
     rt.log("ünï", "çødé")
@@ -172,7 +173,7 @@ def test_rows_table_imports_neither_pandas_nor_compute():
         "import sys\n"
         "from flor_ray.record.loops import LoopRuntime\n"
         "from flor_ray.record.rows import rows_to_table\n"
-        "from flor_ray.relation import table_to_parquet_bytes\n"
+        "from flor_ray.store.logs import table_to_parquet_bytes\n"
         "rt = LoopRuntime()\n"
         "for e in rt.loop('e', range(2)):\n"
         "    for s in rt.loop('s', ['a', 'b']):\n"

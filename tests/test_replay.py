@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 import flor_ray
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, run_script, write

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 import flor_ray
-from flor_ray.relation import load_runs, read_logs
+from flor_ray.store.logs import read_logs
+from flor_ray.store.runs import load_runs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, write

@@ -26,7 +26,7 @@ import flor_ray
 from flor_ray.errors import ConfigError
 from flor_ray.execution.cache import cache_root, checked_copy
 from flor_ray.execution.driver import run_plan
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 from flor_ray.versions import TamperedFile, blob_id, materialize, read_file, read_version
 

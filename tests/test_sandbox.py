@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import flor_ray
-from flor_ray.credentials import redact, without_secrets
+from flor_ray.store.credentials import redact, without_secrets
 from flor_ray.errors import QueryError
 from flor_ray.store import Store
 
@@ -336,7 +336,7 @@ def test_replay_on_s3_keeps_secrets_out_of_plan_spec_and_store(tmp_path, s3_endp
 
 def test_task_reads_secret_options_from_its_own_config(tmp_path, monkeypatch):
     """A worker whose FLOR_CONFIG names the store gets its secret options from there."""
-    from flor_ray.credentials import task_options
+    from flor_ray.store.credentials import task_options
 
     cfg = tmp_path / "flor.yaml"
     cfg.write_text(f"store: s3://bucket/p\nstorage_options:\n  key: {KEY}\n  secret: {SECRET}\n"

@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 
 import flor_ray
-from flor_ray.relation import ConflictWarning, read_logs
+from flor_ray.query.dataframe import ConflictWarning
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, write

@@ -323,25 +323,25 @@ def run_plan(plan: "Plan", *, progress: bool = True, ray_address: str | None = N
 def _keep_apart(plan: "Plan", fid: Fidelity) -> None:
     """Move the partitions of tasks that failed their fidelity check out of the
     back-filled values (to ``source=replay_mismatch``): copied first, then removed."""
-    from ..relation import MISMATCH_SOURCE
-    from ..store import Store
+    from ..store import Store, layout
+    from ..store.logs import MISMATCH_SOURCE
 
     st = Store(plan.store_url, plan.storage_options)
     for t in fid.by_task:
         if not t.mismatched:
             continue
-        src = f"logs/run_id={t.run_id}/source=replay/{t.key}.parquet"
+        src = layout.replay_part(t.run_id, t.key)
         if not st.exists(src):
             continue  # kept apart already (a rerun finds it done)
-        st.write_bytes(f"logs/run_id={t.run_id}/source={MISMATCH_SOURCE}/{t.key}.parquet", st.read_bytes(src))
+        st.write_bytes(layout.replay_part(t.run_id, t.key, MISMATCH_SOURCE), st.read_bytes(src))
         st.delete(src)
 
 
 def find_conflicts(plan: "Plan", run_ids: Sequence[str]) -> tuple[Conflict, ...]:
     """Identities of the plan's names in these runs whose replayed values differ
     between tasks (trusted partitions only), tasks in the order queries rank them."""
-    from ..relation import ITER_COLS, _dataframe_files, _listing, read_logs
-    from ..store import Store
+    from ..store import Store, layout
+    from ..store.logs import ITER_COLS, log_parts, parts_in_order, read_logs
 
     st = Store(plan.store_url, plan.storage_options)
     if not run_ids:
@@ -352,8 +352,8 @@ def find_conflicts(plan: "Plan", run_ids: Sequence[str]) -> tuple[Conflict, ...]
     d = t.to_pandas()
     if d["task"].nunique() < 2:
         return ()
-    files, order = _dataframe_files(_listing(st, "logs", ".parquet"), list(run_ids))
-    rank = {f.rsplit("/", 1)[-1][: -len(".parquet")]: int(o) for f, o in zip(files, order)}
+    files, order = parts_in_order(log_parts(st), list(run_ids))
+    rank = {layout.part_task(f): int(o) for f, o in zip(files, order)}
     ctx = ["run_id", "name", "loops", *ITER_COLS, "items"]
     d = d.assign(_rank=d["task"].map(rank).fillna(len(rank))).sort_values(["_rank", "seq"], kind="stable")
     d["_occ"] = d.groupby(ctx + ["task"], dropna=False).cumcount()
@@ -435,7 +435,7 @@ def compare_fidelity(plan: "Plan", results: Sequence[TaskResult], rtol: float | 
     task logged in a context is compared with the k-th one the run recorded there.
     """
     from ..config import load_settings
-    from ..relation import ITER_COLS, MISMATCH_SOURCE, read_logs
+    from ..store.logs import ITER_COLS, MISMATCH_SOURCE, read_logs
     from ..store import Store
 
     if rtol is None:

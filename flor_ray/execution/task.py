@@ -130,7 +130,7 @@ def run_task(spec: Mapping[str, Any], files: Mapping[str, str], argv: list[str],
     the script, and modules holding injected statements) written over it."""
     import socket
 
-    from ..credentials import task_options
+    from ..store.credentials import task_options
     from ..store import Store
     from .cache import checked_copy
 

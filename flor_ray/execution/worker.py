@@ -57,7 +57,7 @@ class ReplaySession(LoopRuntime):
         self.phases: dict[str, float] = {"start": max(now - t_start, 0.0), "setup": 0.0, "restore": 0.0,
                                          "loop": 0.0, "after": 0.0, "write": 0.0}
         self._t_mark = now
-        from ..credentials import task_options
+        from ..store.credentials import task_options
         from ..store import Store
 
         self.spec = dict(spec)
@@ -82,7 +82,7 @@ class ReplaySession(LoopRuntime):
         self._phase = "setup"  # setup -> loop -> after
         self._cur_iter = -1
         self._keep_iter = False
-        from ..relation import empty_rows
+        from ..store.logs import empty_rows
 
         self._kept: dict[str, list] = empty_rows()
         self._written = False
@@ -268,7 +268,7 @@ class ReplaySession(LoopRuntime):
             raise SegmentDone(0)
 
     def _restore(self, entry: Mapping[str, Any]) -> None:
-        from ..past_checkpoints import read_verified
+        from ..store.checkpoints import read_verified
         from ..record.checkpoint import deserialize, restore
 
         self._lap("loop")
@@ -301,14 +301,14 @@ class ReplaySession(LoopRuntime):
         )
         if not keep_phase:
             return
-        from ..relation import merge_rows
+        from ..store.logs import merge_rows
 
         merge_rows(self._kept, rows, self.names)
 
     def _footer(self) -> dict:
         """What the partition holds, for the planner (never replay it again) and for
         queries (the earliest task's value of an identity is the one shown)."""
-        from ..relation import TASK_META_KEY
+        from ..store.logs import TASK_META_KEY
 
         spec = self.spec
         its = spec.get("iterations")
@@ -328,7 +328,8 @@ class ReplaySession(LoopRuntime):
             return
         self._move_rows()
         self._lap(self._phase)
-        from ..relation import rows_to_table, table_to_parquet_bytes
+        from ..record.rows import rows_to_table
+        from ..store.logs import table_to_parquet_bytes
 
         table = rows_to_table(
             version=self.spec["version"], file=self.spec["script"], seq_start=0, task=self.spec["task"], **self._kept

@@ -14,6 +14,7 @@ import uuid
 import warnings
 from typing import TYPE_CHECKING, Sequence
 
+from ..store import layout
 from .plan import Calibration
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["HISTORY_DIR", "KEEP_REPLAYS", "load_calibration", "record_history", "concurrency"]
 
-HISTORY_DIR = "replays"
+HISTORY_DIR = layout.REPLAYS
 #: the planner learns from this many latest replays: recent enough to describe the
 #: cluster as it is, enough to cover each mode and concurrency that recurs
 KEEP_REPLAYS = 20
@@ -57,7 +58,7 @@ def record_history(store: "Store", plan: "Plan", results: Sequence["TaskResult"]
                         "actual_s": round(max(r.wall_s - cold, 0.0), 4)})
     if not samples:
         return None
-    rel = f"{HISTORY_DIR}/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.json"
+    rel = layout.replay_history(f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.json")
     try:
         store.write_json(rel, {"version": 1, "at": time.time(), "tasks": samples})
     except Exception as exc:  # noqa: BLE001 - the replay's rows are written; only the next estimate loses
@@ -72,7 +73,7 @@ def load_calibration(store: "Store", keep: int = KEEP_REPLAYS) -> Calibration:
     names = [n for n in store.listdir(HISTORY_DIR) if n.endswith(".json")][-keep:]
     samples = []
     for name in names:
-        rel = f"{HISTORY_DIR}/{name}"
+        rel = layout.replay_history(name)
         try:
             doc = store.read_json(rel)
             for s in doc["tasks"]:

@@ -36,7 +36,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..credentials import StorageOptions, without_secrets
+from ..store import layout
+from ..store.credentials import StorageOptions, without_secrets
 from ..errors import PlanningError
 
 __all__ = [
@@ -329,7 +330,7 @@ class Task:
 
     @property
     def output(self) -> str:
-        return f"logs/run_id={self.run_id}/source=replay/{self.key}.parquet"
+        return layout.replay_part(self.run_id, self.key)
 
     @property
     def iterations(self) -> tuple[int, ...]:
@@ -479,7 +480,7 @@ def iteration_set(spec: Any, n: int) -> list[int]:
 
 def task_key(run_id: str, version: str, patch: str, mode: str, start: int, stop: int,
              restore: int | None, names: Sequence[str], setup: bool, after: bool, carried: Sequence[str] = ()) -> str:
-    from ..relation import SCHEMA_VERSION
+    from ..store.logs import SCHEMA_VERSION
 
     parts = [run_id, version, patch, mode, start, stop, restore, sorted(names), setup, after, SCHEMA_VERSION]
     if carried:  # a restore that writes carried state back computes other values than one that does not

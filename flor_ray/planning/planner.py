@@ -61,7 +61,7 @@ def check_fits(plan, cluster: ClusterSnapshot) -> None:
 
 def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
     """Names each run already has (recorded or replayed), from the relation's names only."""
-    from ..relation import read_logs
+    from ..store.logs import read_logs
 
     out: dict[str, set[str]] = {r: set() for r in run_ids}
     if not run_ids:
@@ -88,15 +88,16 @@ def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple
 
     import pyarrow.parquet as pq
 
-    from ..relation import MISMATCH_SOURCE, TASK_META_KEY
+    from ..store import layout
+    from ..store.logs import MISMATCH_SOURCE, TASK_META_KEY
 
     fs, root = store.arrow_fs()
     keys: set[str] = set()
     trusted: list[tuple[str, str]] = []
     for rid in run_ids:
         for source in ("replay", MISMATCH_SOURCE):
-            for rel in store.find(f"logs/run_id={rid}/source={source}", ".parquet"):
-                keys.add(rel.rsplit("/", 1)[-1][: -len(".parquet")])
+            for rel in store.find(layout.log_folder(rid, source), ".parquet"):
+                keys.add(layout.part_task(rel))
                 if source == "replay":
                     trusted.append((rid, rel))
 
@@ -301,8 +302,9 @@ def plan_replay(
     """
     from ..api import resolve_store
     from ..config import load_settings
-    from ..relation import load_runs, select_runs
     from ..analysis import analyze
+    from ..query.runs import select_runs
+    from ..store.runs import load_runs
     from .history import load_calibration
 
     st = resolve_store(store).check()

@@ -15,8 +15,8 @@ import time
 from typing import Any, Iterable, Iterator
 
 from ..errors import InvalidNameError, LoopError
-from ..relation import MAX_LOOP_DEPTH
-from ..values import INT64_MAX, INT64_MIN, convert
+from ..store.logs import MAX_LOOP_DEPTH
+from ..store.values import INT64_MAX, INT64_MIN, convert
 from .names import check_name
 
 __all__ = ["LoopRuntime"]

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import MAX_NAME_LEN
 from ..errors import InvalidNameError
-from ..relation import MAX_LOOP_DEPTH
+from ..store.logs import MAX_LOOP_DEPTH
 
 __all__ = ["RESERVED_NAMES", "check_name"]
 

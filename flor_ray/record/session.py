@@ -20,7 +20,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from ..config import Settings
 from ..errors import CheckpointingError, FlorError
-from ..values import convert
+from ..store import layout
+from ..store.values import convert
 from .args import arg_default, cast_arg
 from .checkpoint import checkpoint_period
 from .loops import LoopRuntime
@@ -46,7 +47,7 @@ HOOKED_STEPS = (
 def _warm_imports() -> None:
     import pyarrow.parquet  # noqa: F401
 
-    from .. import relation  # noqa: F401
+    from ..store import logs  # noqa: F401
     from . import rows  # noqa: F401
 
 
@@ -336,7 +337,7 @@ class RecordSession(LoopRuntime):
             return
         from .checkpoint import manifest_entry, serialize
 
-        rel = f"checkpoints/{self.run_id}/{snap['iteration']:06d}.pt"
+        rel = layout.checkpoint(self.run_id, snap["iteration"])
 
         def write(snap=snap, rel=rel):
             cpu = time.thread_time()
@@ -450,12 +451,12 @@ class RecordSession(LoopRuntime):
     def _flush_rows_only(self) -> None:
         rows = self.take_rows()
         if rows is not None:
-            rel = f"logs/run_id={self.run_id}/source=record/part-{self._flushes:05d}.parquet"
+            rel = layout.record_part(self.run_id, self._flushes)
             self._flushes += 1
             self._write_rows(rows, rel)
 
     def _write_rows(self, rows: dict, rel: str) -> None:
-        from ..relation import table_to_parquet_bytes
+        from ..store.logs import table_to_parquet_bytes
         from .rows import rows_to_table  # never imports pandas / pyarrow.compute
 
         table = rows_to_table(version=self.version, file=self.script, **rows)
