@@ -163,5 +163,7 @@ def plan_replay(names=None, **kwargs: Any):
 
 
 def replay(names=None, **kwargs: Any):
-    """Plan and run a hindsight-logging query; returns the report."""
-    return plan_replay(names, **kwargs).run()
+    """Plan and run a hindsight-logging query (see :func:`flor_ray.api.replay`); returns the report."""
+    from .api import replay as _replay
+
+    return _replay(names, **kwargs)

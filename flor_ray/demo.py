@@ -229,6 +229,7 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
     import flor_ray
 
     from .api import resolve_store
+    from .execution.driver import run_plan
     from .relation import load_runs
 
     _say("2. the runs (`flor-ray runs`)")
@@ -267,7 +268,7 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
                  f"the plan (`flor-ray replay {name} --dry-run`), then the run")
             plan = flor_ray.plan_replay([name], store=store, script=repo / "train.py")
             print(plan.explain(), flush=True)
-            report = plan.run()
+            report = run_plan(plan)
             print(report, flush=True)
             reports.append(report)
     finally:

@@ -2,7 +2,7 @@
 
 After each replay the driver writes one small JSON file, ``replays/<time>-<id>.json``,
 with a sample per finished task; the planner reads the latest files back as a
-:class:`~flor_ray.planning.plan.Calibration` (see there for the model). The history
+:class:`~flor_ray.planning.cost.Calibration` (see there for the model). The history
 only tunes estimates: a file that cannot be read is skipped with a warning, and a
 history that cannot be written costs the next plan its calibration, never a replay.
 """
@@ -12,12 +12,11 @@ from __future__ import annotations
 import time
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .plan import Calibration
+from .cost import Calibration, CalibrationSample
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..execution.task import TaskResult
     from ..store import Store
     from .plan import Plan
 
@@ -29,7 +28,7 @@ HISTORY_DIR = "replays"
 KEEP_REPLAYS = 20
 
 
-def concurrency(results: Sequence["TaskResult"]) -> dict[str, float]:
+def concurrency(results: Sequence[Any]) -> dict[str, float]:
     """Per task key: how many replay tasks ran on its node on average over its time
     (itself included), from the tasks' start times and walls."""
     spans = [(r.key, r.node, r.started_at, r.started_at + r.wall_s) for r in results
@@ -41,7 +40,7 @@ def concurrency(results: Sequence["TaskResult"]) -> dict[str, float]:
     return out
 
 
-def record_history(store: "Store", plan: "Plan", results: Sequence["TaskResult"]) -> str | None:
+def record_history(store: "Store", plan: "Plan", results: Sequence[Any]) -> str | None:
     """Write the samples of this replay's finished tasks; the file's store path, or
     None when no task ran (a warning when the store refuses the write)."""
     by_key = {t.key: t for t in plan.tasks}
@@ -76,8 +75,8 @@ def load_calibration(store: "Store", keep: int = KEEP_REPLAYS) -> Calibration:
         try:
             doc = store.read_json(rel)
             for s in doc["tasks"]:
-                samples.append((str(s["run_id"]), str(s["script"]), str(s["mode"]), int(s["per_node"]),
-                                float(s["base_s"]), float(s["actual_s"])))
+                samples.append(CalibrationSample(str(s["run_id"]), str(s["script"]), str(s["mode"]),
+                                                 int(s["per_node"]), float(s["base_s"]), float(s["actual_s"])))
         except FileNotFoundError:
             continue
         except Exception as exc:  # noqa: BLE001 - a damaged hint is dropped, loudly
