@@ -233,6 +233,7 @@ DRIVER = textwrap.dedent(
     """
     import sys
     import flor_ray
+    from flor_ray.execution.driver import ray_runner, run_plan
     from flor_ray.planning.plan import ClusterSnapshot
     from flor_ray.store import Store
 

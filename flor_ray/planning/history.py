@@ -27,6 +27,11 @@ HISTORY_DIR = "replays"
 #: cluster as it is, enough to cover each mode and concurrency that recurs
 KEEP_REPLAYS = 20
 
+#: ``results`` below are the executor's task results
+#: (:class:`flor_ray.execution.task.TaskResult`: ``key``, ``run_id``, ``status``,
+#: ``node``, ``started_at``, ``wall_s``, ``phases``, ``notes``), read by attribute:
+#: planning owns the history's format and imports nothing of the execution
+
 
 def concurrency(results: Sequence[Any]) -> dict[str, float]:
     """Per task key: how many replay tasks ran on its node on average over its time

@@ -2,10 +2,10 @@
 them and :func:`flor_ray.execution.driver.run_plan` runs them; a plan has no
 behaviour of its own beyond describing itself.
 
-:func:`~flor_ray.planning.make.make_plan` reads no clock, cluster or store: the runs, their checkpoint
-manifests, the propagated code, the cluster snapshot, the done partitions and the
-calibration from earlier replays all come in as arguments, so a plan is
-reproducible and ``explain()`` can be asserted.
+:func:`~flor_ray.planning.make.make_plan` reads no clock, cluster or store: the
+runs, their checkpoint manifests, the propagated code, the cluster snapshot, the
+done partitions and the calibration from earlier replays all come in as
+arguments, so a plan is reproducible and ``explain()`` can be asserted.
 
 Per run, the most demanding need of the requested names decides the mode:
 
