@@ -31,6 +31,7 @@ __all__ = [
     "runs",
     "sql",
     "plan_replay",
+    "run_plan",
     "replay",
     "checkpoints",
     "load_checkpoint",
@@ -160,6 +161,14 @@ def plan_replay(names=None, **kwargs: Any):
     from .api import plan_replay as _plan
 
     return _plan(names, **kwargs)
+
+
+def run_plan(plan, **kwargs: Any):
+    """Run a plan from :func:`plan_replay` (on Ray unless ``runner=`` says otherwise,
+    see :func:`flor_ray.execution.driver.run_plan`); returns the report."""
+    from .execution.driver import run_plan as _run
+
+    return _run(plan, **kwargs)
 
 
 def replay(names=None, **kwargs: Any):
