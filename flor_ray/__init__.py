@@ -31,6 +31,7 @@ __all__ = [
     "runs",
     "sql",
     "plan_replay",
+    "run_plan",
     "replay",
     "checkpoints",
     "load_checkpoint",
@@ -164,6 +165,16 @@ def plan_replay(names=None, **kwargs: Any):
     return _plan(names, **kwargs)
 
 
+def run_plan(plan, **kwargs: Any):
+    """Run a plan from :func:`plan_replay` (on Ray unless ``runner=`` says otherwise,
+    see :func:`flor_ray.execution.driver.run_plan`); returns the report."""
+    from .execution.driver import run_plan as _run
+
+    return _run(plan, **kwargs)
+
+
 def replay(names=None, **kwargs: Any):
-    """Plan and run a hindsight-logging query; returns the report."""
-    return plan_replay(names, **kwargs).run()
+    """Plan and run a hindsight-logging query (see :func:`flor_ray.api.replay`); returns the report."""
+    from .api import replay as _replay
+
+    return _replay(names, **kwargs)

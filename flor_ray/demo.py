@@ -278,6 +278,7 @@ def _backfill(repo: Path, store: str, gnorm: bool) -> list:
     import flor_ray
 
     from .errors import FlorError
+    from .execution.driver import run_plan
 
     started_ray = False
     if not ray.is_initialized():
@@ -298,7 +299,7 @@ def _backfill(repo: Path, store: str, gnorm: bool) -> list:
                  f"the plan (`flor-ray replay {name} --dry-run`), then the run")
             plan = flor_ray.plan_replay([name], store=store, script=repo / "train.py")
             print(plan.explain(), flush=True)
-            report = plan.run()
+            report = run_plan(plan)
             print(report, flush=True)
             reports.append(report)
     finally:

@@ -18,7 +18,7 @@ import pytest
 
 import flor_ray
 from conftest import TRAIN_SCRIPT, clean_env, git, run_script, write
-from flor_ray.execution.driver import run_plan
+from flor_ray.execution.driver import LocalRunner, run_plan
 from flor_ray.planning.plan import ClusterSnapshot
 from flor_ray.store import Store
 from flor_ray.ui.server import make_server
@@ -52,7 +52,7 @@ def history(tmp_path_factory):
     write(repo, "train.py", _today(TRAIN_SCRIPT.replace("nn.Dropout(0.2)", "nn.Dropout(0.1)")))
     store = Store(str(repo / ".flor"))
     plan = flor_ray.plan_replay(["wnorm"], store=store, script=repo / "train.py", cluster=ClusterSnapshot(1))
-    report = run_plan(plan, progress=False, inline=True)
+    report = run_plan(plan, progress=False, runner=LocalRunner())
     assert not report.failed, str(report)
     return repo, store
 

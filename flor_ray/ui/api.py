@@ -347,7 +347,6 @@ def replays(store: "Store") -> dict:
 
 
 def replay_detail(store: "Store", replay_id: str) -> dict:
-    from ..planning.history import HISTORY_DIR
     from ..store import safe_component
 
     safe_component("replay id", replay_id)
