@@ -38,6 +38,7 @@ PRELOAD = (
     "flor_ray.store.logs",
     "flor_ray.record.rows",
     "flor_ray.record.session",
+    "flor_ray.record.loops",
     "flor_ray.record.checkpoint",
     "flor_ray.execution.worker",
 )

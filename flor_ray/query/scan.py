@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..store import Store
 
-#: the columns dataframe() reads from each file (the same ones as ever: a corrupted
-#: page in any of them is reported), and those read dictionary-encoded
+#: the columns dataframe() reads from each file (a corrupted page in any of them is
+#: reported), and those read dictionary-encoded
 _DF_COLS = ("loops", *ITER_COLS, "name", "vtype", "value_float", "value_int", "value_str", "seq")
 _DF_DICT_COLS = ("loops", "name", "vtype")
 NO_ITER = -(2 ** 31)  # a null iteration in the sort keys: before every real iteration
@@ -168,7 +168,7 @@ def scan_parts(store: "Store", files: Sequence[str], names: Sequence[str] | None
 
     vtype, vtype_vals = _dict_codes(t.column("vtype"))
     vtype = rows(vtype)
-    if (vtype < 0).any():  # no type recorded: read as the string column, as ever
+    if (vtype < 0).any():  # no type recorded: read as the string column
         vtype = np.where(vtype < 0, len(vtype_vals), vtype).astype(np.int32)
         vtype_vals = [*vtype_vals, None]
     loops, loop_vals = _dict_codes(t.column("loops"))
