@@ -342,3 +342,61 @@ def test_a_package_re_export_resolves_to_the_class():
     files = {"main.py": script, "models/__init__.py": "from .net import Net\n", "models/net.py": model}
     need = dict(module_needs(script, "main.py", files, ["models/net.py"]))["built"]
     assert need.kind == "setup", need.reason
+
+
+def test_a_transparent_decorator_keeps_skip_and_a_registering_one_re_executes():
+    wrapped = METRICS.replace("def score(model):", "@torch.no_grad()\ndef score(model):").replace(
+        "import flor_ray as flor", "import flor_ray as flor\nimport torch")
+    assert _need("import metrics", "metrics.score(net)", metrics=wrapped).kind == "outer"
+    registered = METRICS.replace("def score(model):", "@HOOKS.append\ndef score(model):").replace(
+        "CALLS = 0", "CALLS = 0\nHOOKS = []")
+    need = _need("import metrics", "metrics.score(net)", metrics=registered)
+    assert need.kind == "inner" and "decorated" in need.reason, need.reason
+
+
+def test_a_generator_re_executes():
+    gen = METRICS.replace('    flor.log("score", s)\n    return s', '    flor.log("score", s)\n    yield s')
+    need = _need("import metrics", "list(metrics.score(net))", metrics=gen)
+    assert need.kind == "inner" and "generator" in need.reason, need.reason
+
+
+def test_a_module_list_that_training_appends_to_re_executes():
+    hist = METRICS + "\n\nHIST = []\n\n\ndef note(x):\n    HIST.append(x)\n\n\ndef last():\n" \
+                     "    flor.log('last', len(HIST))\n"
+    need = _need("import metrics", "metrics.last()", name="last", metrics=hist)
+    assert need.kind == "inner" and "'HIST'" in need.reason, need.reason
+
+
+def test_a_script_callback_that_applies_the_model_re_executes():
+    model = "import flor_ray as flor\nimport torch\n\n\nclass Net(torch.nn.Module):\n" \
+            "    def __init__(self):\n        super().__init__()\n        self.fc = torch.nn.Linear(2, 2)\n\n" \
+            "    def forward(self, x):\n        flor.log('fwd', 1)\n        return self.fc(x)\n"
+    script = ("import flor_ray as flor\nimport torch\nfrom model import Net\n\nmodel = Net()\n\n\n"
+              "def probe():\n    return model(torch.ones(2))\n\n\nhooks = {'probe': probe}\n"
+              "with flor.checkpointing(model=model):\n    for e in flor.loop('epoch', range(2)):\n"
+              "        pass\n")
+    need = dict(module_needs(script, "main.py", {"main.py": script, "model.py": model}, ["model.py"]))["fwd"]
+    assert need.kind == "inner" and "probe()" in need.reason, need.reason
+
+
+def test_a_namespace_package_resolves():
+    helper = "import flor_ray as flor\n\n\ndef report(m):\n    flor.log('w', float(m.weight.sum()))\n"
+    script = textwrap.dedent(SCRIPT).format(imports="import lib.metrics", setup="",
+                                            after=" " * 8 + "lib.metrics.report(net)")
+    files = {"main.py": script, "lib/metrics.py": helper}
+    need = dict(module_needs(script, "main.py", files, ["lib/metrics.py"]))["w"]
+    assert need.kind == "outer", need.reason
+
+
+def test_state_a_module_training_loop_fills_makes_the_reader_re_execute():
+    helpers = ("import flor_ray as flor\n\n\ndef fit(model, loader, stats):\n"
+               "    for x in flor.loop('step', loader):\n        stats['n'] = stats.get('n', 0) + 1\n\n\n"
+               "def report(model, stats):\n    flor.log('seen', stats['n'])\n\n\n"
+               "def weights(model):\n    flor.log('w', float(model.weight.sum()))\n")
+    script = ("import torch\nimport flor_ray as flor\nimport helpers\n\nnet = torch.nn.Linear(2, 2)\n"
+              "stats = {}\nwith flor.checkpointing(net=net):\n    for e in flor.loop('epoch', range(2)):\n"
+              "        helpers.fit(net, [1, 2], stats)\n        helpers.report(net, stats)\n"
+              "        helpers.weights(net)\n")
+    found = dict(module_needs(script, "main.py", {"main.py": script, "helpers.py": helpers}, ["helpers.py"]))
+    assert found["seen"].kind == "inner" and "'stats'" in found["seen"].reason, found["seen"].reason
+    assert found["w"].kind == "outer", found["w"].reason  # the model is restored where fit's loop exits

@@ -89,8 +89,8 @@ class Declarations(cst.CSTVisitor):
 class Analyzer(Needs, Slicing):
     """One analysis of one module: summaries, the driver walk, regions, then the needs."""
 
-    def __init__(self, module: cst.Module, filename: str,
-                 loop_calls: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, module: cst.Module, filename: str, loop_calls: Callable[[str], bool] | None = None,
+                 project_calls: Callable[[str], Summary | None] | None = None) -> None:
         # The module was parsed here and is never mutated: skipping the defensive deep
         # copy halves the cost of metadata resolution on a typical script.
         self.wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
@@ -109,6 +109,9 @@ class Analyzer(Needs, Slicing):
         self._walks: dict[int, Walker] = {}
         #: whether a dotted callee outside the script (``utils.train``) runs a flor.loop
         self.loop_calls = loop_calls
+        #: what calling a dotted callee outside the script does to its arguments, when it is a
+        #: def of the project's other modules (None: it is not)
+        self.project_calls = project_calls
 
     # -- helpers
     def line(self, node: cst.CSTNode) -> int:

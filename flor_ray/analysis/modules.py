@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .calls import FlorCalls, literal_first_arg
+from .scan import MUTATORS
 
-__all__ = ["FileScan", "Project", "Ref", "Use", "ModuleSite", "scan_file"]
+__all__ = ["FileScan", "ModuleSite", "Params", "Project", "Ref", "Use", "scan_file"]
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,22 @@ class FileScan:
     globals_written: set[str] = field(default_factory=set)  # names some def declares ``global``
     self_written: dict[str, set[str]] = field(default_factory=dict)  # class -> attrs set outside __init__
     self_read: dict[str, set[str]] = field(default_factory=dict)  # owner -> attrs of self it reads
-    decorated: set[str] = field(default_factory=set)  # bare names of decorated defs
+    #: decorators that may do more than wrap the call (register the def, make it a property):
+    #: by the def's qualname and by its bare name
+    opaque: set[str] = field(default_factory=set)
+    generators: set[str] = field(default_factory=set)  # defs that yield: their bodies run when iterated
+    module_level: set[str] = field(default_factory=set)  # names the module's top level assigns
+    mutated: set[str] = field(default_factory=set)  # names defs mutate (x.append(...), x[k] = v)
     loops: list[tuple[str | None, int]] = field(default_factory=list)  # flor.loop calls: (owner, line)
+    #: per def: (its parameters, whether it takes *args/**kwargs, the ones it may mutate itself,
+    #: (callee, parameter) for each parameter it passes on to a call)
+    params: dict[str, "Params"] = field(default_factory=dict)
     stars: list[tuple[str, int, int]] = field(default_factory=list)  # ``from m import *``: (module, level, line)
+
+
+#: decorators that only wrap the call: the body still runs where the def is called
+TRANSPARENT = frozenset({"no_grad", "inference_mode", "enable_grad", "set_grad_enabled", "autocast", "wraps",
+                         "staticmethod", "classmethod", "cache", "lru_cache"})
 
 
 def _chain(node: ast.AST) -> tuple[str, ...] | None:
@@ -134,14 +148,19 @@ class _Scanner(ast.NodeVisitor):
     def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         for d in node.decorator_list:
             self.visit(d)
-        if node.decorator_list:
-            self.scan.decorated.add(node.name)
         self.visit(node.args)
         if node.returns is not None:
             self.visit(node.returns)
         owner, nested = self._owner()
+        qual = ".".join([n for _, n in self.stack] + [node.name])
         if owner is None and not nested:
-            self.scan.defs.add(".".join([n for _, n in self.stack] + [node.name]))
+            self.scan.defs.add(qual)
+            self.scan.params[qual] = _params(node)
+        chains = [_chain(d.func if isinstance(d, ast.Call) else d) for d in node.decorator_list]
+        if any(c is None or c[-1] not in TRANSPARENT for c in chains):
+            self.scan.opaque |= {qual, node.name}
+        if any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in _own_nodes(node)):
+            self.scan.generators |= {qual, node.name}
         self.stack.append(("def", node.name))
         loops, self.loops = self.loops, 0
         for stmt in node.body:
@@ -167,6 +186,18 @@ class _Scanner(ast.NodeVisitor):
     visit_For = visit_While = visit_AsyncFor = _loop
 
     # -- names
+    def visit_Assign(self, node: ast.Assign) -> None:
+        if not self.stack:
+            for t in node.targets:
+                self.scan.module_level |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif any(k == "def" for k, _ in self.stack):
+            for t in node.targets:
+                if isinstance(t, (ast.Subscript, ast.Attribute)):
+                    root = _chain(t.value) if isinstance(t, ast.Subscript) else _chain(t)
+                    if root:
+                        self.scan.mutated.add(root[0])
+        self.generic_visit(node)
+
     def visit_Global(self, node: ast.Global) -> None:
         self.scan.globals_written.update(node.names)
 
@@ -192,6 +223,8 @@ class _Scanner(ast.NodeVisitor):
         if self.calls.is_loop_call(node):
             self.scan.loops.append((self._owner()[0], node.lineno))
         parts = _chain(node.func)
+        if parts is not None and len(parts) > 1 and parts[-1] in MUTATORS and any(k == "def" for k, _ in self.stack):
+            self.scan.mutated.add(parts[0])
         if parts is not None:
             self._use(parts, node, True)
         else:
@@ -216,6 +249,74 @@ class _Scanner(ast.NodeVisitor):
             self._use((node.id,), node, False)
 
 
+@dataclass(frozen=True)
+class Params:
+    """What a def may do to its arguments, as far as its own body says."""
+
+    names: tuple[str, ...]
+    star: bool
+    mutated: frozenset[str]
+    passed: tuple[tuple[tuple[str, ...], str], ...]  # (callee chain, parameter it is given)
+
+
+def _params(fdef: ast.FunctionDef | ast.AsyncFunctionDef) -> Params:
+    """The parameters a def mutates by the analysis' rules for unread callees: a mutating or
+    statement-level method call (``p.append(x)``, ``p.step()``), a store into it (``p[k] = v``),
+    an in-place function (``f_(p)``); a local bound from a parameter counts as that parameter."""
+    a = fdef.args
+    names = tuple(x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs))
+    alias = {n: n for n in names}
+    mutated: set[str] = set()
+    passed: list[tuple[tuple[str, ...], str]] = []
+    nodes = sorted(_all_nodes(fdef), key=lambda n: (getattr(n, "lineno", 0), getattr(n, "col_offset", 0)))
+    statement_calls = {id(n.value) for n in nodes if isinstance(n, ast.Expr)}
+    for node in nodes:
+        if isinstance(node, ast.Assign):
+            root = _root(node.value)
+            for t in node.targets:
+                if isinstance(t, ast.Name) and root in alias:
+                    alias[t.id] = alias[root]
+                elif isinstance(t, (ast.Subscript, ast.Attribute)) and _root(t) in alias:
+                    mutated.add(alias[_root(t)])
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and isinstance(node.target, (ast.Subscript, ast.Attribute)):
+            if _root(node.target) in alias:
+                mutated.add(alias[_root(node.target)])
+        elif isinstance(node, ast.Call):
+            chain = _chain(node.func)
+            if isinstance(node.func, ast.Attribute) and _root(node.func.value) in alias and (
+                    node.func.attr in MUTATORS or node.func.attr.endswith("_") or id(node) in statement_calls):
+                mutated.add(alias[_root(node.func.value)])
+            for arg in (*node.args, *(k.value for k in node.keywords)):
+                if _root(arg) in alias and chain is not None:
+                    passed.append((chain, alias[_root(arg)]))
+    star = a.vararg is not None or a.kwarg is not None
+    return Params(names, star, frozenset(mutated), tuple(passed))
+
+
+def _root(node: ast.AST) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Starred)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _all_nodes(node: ast.AST):
+    todo = list(ast.iter_child_nodes(node))
+    while todo:
+        sub = todo.pop()
+        yield sub
+        todo.extend(ast.iter_child_nodes(sub))
+
+
+def _own_nodes(fdef: ast.AST):
+    """The nodes of a def's body, not those of the defs, lambdas and classes nested in it."""
+    todo = list(ast.iter_child_nodes(fdef))
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            todo.extend(ast.iter_child_nodes(node))
+
+
 def scan_file(path: str, text: str) -> FileScan | None:
     """The scan of one file; None when it does not parse (nothing of it can be followed)."""
     try:
@@ -236,6 +337,10 @@ def _dotted(path: str, base: str) -> str | None:
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts) if parts and all(p.isidentifier() for p in parts) else None
+
+
+#: the path of a namespace package (a folder of modules without ``__init__.py``)
+NAMESPACE = "<namespace>:"
 
 
 class Project:
@@ -264,6 +369,8 @@ class Project:
                     if base == "":
                         self.root_name[path] = name
         self._bindings: dict[str, dict[str, Ref]] = {}
+        self._resolved: dict[tuple, Ref | None] = {}
+        self._targets: dict[str, list[tuple[Use, Ref]]] = {}
 
     def module(self, name: str) -> str | None:
         return self.by_name.get(name)
@@ -289,6 +396,8 @@ class Project:
                 target = self.module(base)
                 if target is not None:
                     out[bound] = Ref(target)
+                elif any(n.startswith(base + ".") for n in self.by_name):  # a namespace package
+                    out[bound] = Ref(NAMESPACE + base)
                 continue
             sub = self.module(f"{base}.{name}" if base else name)
             target = self.module(base)
@@ -314,6 +423,12 @@ class Project:
         return self.canonical(again, depth + 1)
 
     def member(self, ref: Ref, attr: str, depth: int = 0) -> Ref | None:
+        if ref.path.startswith(NAMESPACE):
+            name = f"{ref.path[len(NAMESPACE):]}.{attr}"
+            sub = self.module(name)
+            if sub is not None:
+                return Ref(sub)
+            return Ref(NAMESPACE + name) if any(n.startswith(name + ".") for n in self.by_name) else None
         if ref.qual is None:
             name = self.root_name.get(ref.path)
             sub = self.module(f"{name}.{attr}") if name else None
@@ -324,8 +439,21 @@ class Project:
             return Ref(ref.path, f"{ref.qual}.{attr}")
         return None
 
+    def targets(self, path: str) -> list[tuple[Use, Ref]]:
+        """The references of ``path`` that name the project's modules and defs, with what they name."""
+        if path not in self._targets:
+            found = ((use, self.resolve(path, use)) for use in self.scans[path].uses)
+            self._targets[path] = [(use, ref) for use, ref in found if ref is not None]
+        return self._targets[path]
+
     def resolve(self, path: str, use: Use) -> Ref | None:
         """The module or def a reference in ``path`` names, when it is the project's."""
+        key = (path, use.parts, use.owner if use.parts[0] == "self" else None)
+        if key not in self._resolved:
+            self._resolved[key] = self._resolve(path, use)
+        return self._resolved[key]
+
+    def _resolve(self, path: str, use: Use) -> Ref | None:
         parts = use.parts
         if parts[0] == "self" and use.owner and "." in use.owner and len(parts) > 1:
             ref: Ref | None = Ref(path, f"{use.owner.rsplit('.', 1)[0]}.{parts[1]}")
@@ -362,3 +490,24 @@ class Project:
 
     def is_class(self, ref: Ref) -> bool:
         return ref.qual is not None and ref.qual in self.scans[ref.path].classes
+
+    def mutated_params(self, ref: Ref) -> Params | None:
+        """What calling the def ``ref`` may mutate of its arguments (None: not a def of the project).
+
+        A class: every argument (its methods may keep and change them). A parameter passed on
+        to a def of the project or to an in-place function counts as mutated."""
+        scan = self.scans.get(ref.path)
+        if scan is None or ref.qual is None or ref.qual not in scan.defs:
+            return None
+        if ref.qual in scan.classes:
+            return Params((), True, frozenset(), ())
+        own = scan.params[ref.qual]
+        more = {p for callee, p in own.passed if callee[-1].endswith("_") or self._is_def(ref, callee)}
+        return Params(own.names, own.star, own.mutated | more, own.passed)
+
+    def _is_def(self, ref: Ref, callee: tuple[str, ...]) -> bool:
+        target = self.resolve(ref.path, Use(callee, 0, True, ref.qual, None, False, False))
+        return target is not None and target.qual is not None
+
+    def scan_of(self, ref: Ref) -> FileScan | None:
+        return self.scans.get(ref.path)

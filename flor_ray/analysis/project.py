@@ -37,6 +37,7 @@ from .analyzer import Analyzer
 from .calls import imported_cst
 from .modules import ModuleSite, Project, Ref, Use
 from .results import Need, carried_note, combine
+from .units import Summary
 
 __all__ = ["module_needs", "project_files"]
 
@@ -72,7 +73,16 @@ def module_needs(source: str, script: str, files: Mapping[str, str], patched: It
     Python files are ``files`` (``path -> text``, the patched ones included)."""
     project = Project({**files, script: source}, script)
     loops = _loop_defs(project)
-    an = Analyzer(cst.parse_module(source), filename or script,
+    def project_def(dotted: str) -> Summary | None:
+        ref = project.resolve(script, _call_use(dotted))
+        params = project.mutated_params(ref) if ref is not None else None
+        if params is None:
+            return None
+        if not params.names and params.star:  # a class: any argument
+            return Summary(star_params=True, mutated_params=frozenset({"*"}))
+        return Summary(params=params.names, star_params=params.star, mutated_params=params.mutated)
+
+    an = Analyzer(cst.parse_module(source), filename or script, project_calls=project_def,
                   loop_calls=lambda dotted: project.resolve(script, _call_use(dotted)) in loops)
     an.run()
     wanted = None if names is None else set(names)
@@ -96,12 +106,11 @@ def _loop_defs(project: Project) -> set[Ref]:
     grew = bool(out)
     while grew:
         grew = False
-        for path, scan in project.scans.items():
+        for path in project.scans:
             if path == project.script:
                 continue
-            for use in scan.uses:
-                if use.call and use.owner is not None and Ref(path, use.owner) not in out \
-                        and project.resolve(path, use) in out:
+            for use, target in project.targets(path):
+                if use.call and use.owner is not None and target in out and Ref(path, use.owner) not in out:
                     out.add(Ref(path, use.owner))
                     grew = True
     return out
@@ -176,19 +185,22 @@ def _reach(project: Project, site: ModuleSite) -> Reach:
     grew = True
     while grew:
         grew = False
-        for path, scan in project.scans.items():
+        for path in project.scans:
             if path == project.script:
                 continue
-            for use in scan.uses:
-                if (path, use) in seen:
-                    continue
-                target = project.resolve(path, use)
-                if target is None or not (target in reach.refs or target in reach.classes):
+            for use, target in project.targets(path):
+                if (path, use) in seen or not (target in reach.refs or target in reach.classes):
                     continue
                 seen.add((path, use))
                 grew |= _caller_reached(project, path, use, target, reach)
             grew |= _imports_reached(project, path, reach)
     _stars(project, reach)
+    for ref in sorted((r for r in reach.refs if r.qual is not None), key=lambda r: (r.path, r.qual)):
+        scan = project.scan_of(ref)
+        if scan is not None and ref.qual in scan.opaque:
+            reach.unknown.append(f"{ref.show()} is decorated, and a decorator may register it to be called elsewhere")
+        if scan is not None and ref.qual in scan.generators:
+            reach.unknown.append(f"{ref.show()} is a generator: its body runs where it is iterated, not called")
     return reach
 
 
@@ -245,7 +257,6 @@ def _stars(project: Project, reach: Reach) -> None:
 def _script_sites(an: Analyzer, project: Project, reach: Reach) -> tuple[list, list[str]]:
     """The driver units of the script that may run a reached def, and what cannot be followed."""
     script = project.script
-    unknown = _script_unknowns(project, reach)
     hits = reach.refs | reach.classes
 
     def resolves(dotted: str, into: set[Ref]) -> bool:
@@ -263,6 +274,7 @@ def _script_sites(an: Analyzer, project: Project, reach: Reach) -> tuple[list, l
                 tainted |= (u.strong | u.weak) - an.flor_names
     if reach.classes:
         sites |= {u.pos for u in an.units if u.uses & tainted}
+    unknown = _script_unknowns(project, reach, {f for f, summ in an.summaries.items() if summ.free_reads & tainted})
     return [u for u in an.units if u.pos in sites], unknown
 
 
@@ -279,14 +291,16 @@ def _imports_into(project: Project, u, reach: Reach) -> bool:
     return False
 
 
-def _script_unknowns(project: Project, reach: Reach) -> list[str]:
-    """Where the script's references into ``reach`` cannot be followed by its analysis."""
+def _script_unknowns(project: Project, reach: Reach, readers: set[str]) -> list[str]:
+    """Where the script's references into ``reach`` cannot be followed by its analysis.
+
+    ``readers``: the script's functions that read an instance whose methods are reached.
+    """
     scan = project.scans[project.script]
     out: list[str] = []
-    hit_functions: set[str] = set()
-    for use in scan.uses:
-        target = project.resolve(project.script, use)
-        if target is None or not (target in reach.refs or target in reach.classes):
+    hit_functions: set[str] = set(readers)
+    for use, target in project.targets(project.script):
+        if not (target in reach.refs or target in reach.classes):
             continue
         instance_class = target in reach.classes and target not in reach.refs
         if use.lazy:
@@ -311,25 +325,46 @@ def _script_unknowns(project: Project, reach: Reach) -> list[str]:
             out.append(f"the script's {use.parts[0]}(), which calls into it, is used as a value at line {use.line}, "
                        "so flor_ray cannot see where it is called")
     out += [f"the script's {f}() calls into it and is decorated, so flor_ray cannot see where it is called"
-            for f in sorted(hit_functions & scan.decorated)]
+            for f in sorted(hit_functions & scan.opaque)]
+    out += [f"the script's {f}() calls into it and is a generator, whose body runs where it is iterated"
+            for f in sorted(hit_functions & scan.generators)]
     return out
 
 
 def _state_outside_checkpoints(project: Project, site: ModuleSite, reach: Reach) -> list[str]:
-    """Module globals and instance attributes that calls rebind: skipping those calls would leave them stale."""
+    """Module globals and instance attributes that calls rebind or mutate: skipping those
+    calls would leave them stale, and checkpoints do not hold them."""
     if site.owner is None:
         return []
-    scan = project.scans[site.path]
-    reads = {u.parts[0] for u in scan.uses if u.owner == site.owner}
-    stale = sorted(reads & scan.globals_written)
-    out = [f"it reads the module global {stale[0]!r}, which a function of {site.path} rebinds (global "
-           "statement); checkpoints do not hold module globals"] if stale else []
+    out = []
+    for ref in sorted(_callees(project, Ref(site.path, site.owner)), key=lambda r: (r.path, r.qual or "")):
+        scan = project.scans[ref.path]
+        reads = {u.parts[0] for u in scan.uses if u.owner == ref.qual}
+        stale = sorted(reads & (scan.globals_written | (scan.mutated & scan.module_level)))
+        if stale:
+            out.append(f"{ref.show()} reads the module global {stale[0]!r}, which a function of {ref.path} "
+                       "rebinds or mutates; checkpoints do not hold module globals")
     if "." in site.owner:
         written = set()
         for cls in reach.classes:
             written |= project.scans[cls.path].self_written.get(cls.qual, set())
-        attrs = sorted(scan.self_read.get(site.owner, set()) & written)
+        attrs = sorted(project.scans[site.path].self_read.get(site.owner, set()) & written)
         if attrs:
             out.append(f"it reads self.{attrs[0]}, which a method other than __init__ assigns; checkpoints hold "
                        "state_dicts, not such attributes")
+    return out
+
+
+def _callees(project: Project, start: Ref) -> set[Ref]:
+    """``start`` and the project's defs it calls, transitively (the values it computes flow from them)."""
+    out, todo = {start}, [start]
+    while todo:
+        ref = todo.pop()
+        for use, target in project.targets(ref.path) if ref.path in project.scans else ():
+            if use.owner != ref.qual or not use.call:
+                continue
+            if target.qual is not None and target.path in project.scans \
+                    and target.path != project.script and target not in out:
+                out.add(target)
+                todo.append(target)
     return out

@@ -370,6 +370,9 @@ class Walker:
             dotted = dotted_name(func)
             if dotted is not None:
                 fx.ext.add(dotted)
+                summ = an.project_calls(dotted) if an.project_calls is not None else None
+                if summ is not None:  # a def of the project's other modules
+                    fx.weak |= mutated_args(call, summ)
         fname = last_name(func)
         if fname and fname.endswith("_") and not fname.startswith("__") and call.args:
             first = root_of(call.args[0].value)
@@ -437,6 +440,8 @@ def mutated_args(call: cst.Call, summ: Summary) -> set[str]:
             continue
         if arg.keyword is not None:
             param = arg.keyword.value
+            if param not in summ.params and summ.star_params and root:  # into **kwargs
+                out.add(root)
         else:
             param = summ.params[positional] if positional < len(summ.params) else None
             positional += 1
