@@ -10,6 +10,7 @@ later than its def (a lambda, a generator expression, a nested def).
 from __future__ import annotations
 
 import ast
+import functools
 import posixpath
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -72,14 +73,19 @@ class FileScan:
     #: decorators that may do more than wrap the call (register the def, make it a property):
     #: by the def's qualname and by its bare name
     opaque: set[str] = field(default_factory=set)
-    generators: set[str] = field(default_factory=set)  # defs that yield: their bodies run when iterated
+    fdefs: dict[str, ast.AST] = field(default_factory=dict)  # every def by its qualname, and by its bare name
     module_level: set[str] = field(default_factory=set)  # names the module's top level assigns
     mutated: set[str] = field(default_factory=set)  # names defs mutate (x.append(...), x[k] = v)
     loops: list[tuple[str | None, int]] = field(default_factory=list)  # flor.loop calls: (owner, line)
-    #: per def: (its parameters, whether it takes *args/**kwargs, the ones it may mutate itself,
-    #: (callee, parameter) for each parameter it passes on to a call)
-    params: dict[str, "Params"] = field(default_factory=dict)
     stars: list[tuple[str, int, int]] = field(default_factory=list)  # ``from m import *``: (module, level, line)
+
+    def is_generator(self, name: str) -> bool:
+        """Whether the def ``name`` yields: its body runs where it is iterated, not where it is called."""
+        fdef = self.fdefs.get(name)
+        return fdef is not None and any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in _own_nodes(fdef))
+
+    def params(self, qual: str) -> "Params":
+        return _params(self.fdefs[qual])
 
 
 #: decorators that only wrap the call: the body still runs where the def is called
@@ -155,12 +161,11 @@ class _Scanner(ast.NodeVisitor):
         qual = ".".join([n for _, n in self.stack] + [node.name])
         if owner is None and not nested:
             self.scan.defs.add(qual)
-            self.scan.params[qual] = _params(node)
+            self.scan.fdefs[qual] = node
+        self.scan.fdefs.setdefault(node.name, node)
         chains = [_chain(d.func if isinstance(d, ast.Call) else d) for d in node.decorator_list]
         if any(c is None or c[-1] not in TRANSPARENT for c in chains):
             self.scan.opaque |= {qual, node.name}
-        if any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in _own_nodes(node)):
-            self.scan.generators |= {qual, node.name}
         self.stack.append(("def", node.name))
         loops, self.loops = self.loops, 0
         for stmt in node.body:
@@ -317,6 +322,7 @@ def _own_nodes(fdef: ast.AST):
             todo.extend(ast.iter_child_nodes(node))
 
 
+@functools.lru_cache(maxsize=512)  # a file is the same in many versions; scans are never changed
 def scan_file(path: str, text: str) -> FileScan | None:
     """The scan of one file; None when it does not parse (nothing of it can be followed)."""
     try:
@@ -501,7 +507,7 @@ class Project:
             return None
         if ref.qual in scan.classes:
             return Params((), True, frozenset(), ())
-        own = scan.params[ref.qual]
+        own = scan.params(ref.qual)
         more = {p for callee, p in own.passed if callee[-1].endswith("_") or self._is_def(ref, callee)}
         return Params(own.names, own.star, own.mutated | more, own.passed)
 

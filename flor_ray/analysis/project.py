@@ -199,7 +199,7 @@ def _reach(project: Project, site: ModuleSite) -> Reach:
         scan = project.scan_of(ref)
         if scan is not None and ref.qual in scan.opaque:
             reach.unknown.append(f"{ref.show()} is decorated, and a decorator may register it to be called elsewhere")
-        if scan is not None and ref.qual in scan.generators:
+        if scan is not None and scan.is_generator(ref.qual):
             reach.unknown.append(f"{ref.show()} is a generator: its body runs where it is iterated, not called")
     return reach
 
@@ -327,7 +327,7 @@ def _script_unknowns(project: Project, reach: Reach, readers: set[str]) -> list[
     out += [f"the script's {f}() calls into it and is decorated, so flor_ray cannot see where it is called"
             for f in sorted(hit_functions & scan.opaque)]
     out += [f"the script's {f}() calls into it and is a generator, whose body runs where it is iterated"
-            for f in sorted(hit_functions & scan.generators)]
+            for f in sorted(hit_functions) if scan.is_generator(f)]
     return out
 
 
