@@ -400,3 +400,20 @@ def test_state_a_module_training_loop_fills_makes_the_reader_re_execute():
     found = dict(module_needs(script, "main.py", {"main.py": script, "helpers.py": helpers}, ["helpers.py"]))
     assert found["seen"].kind == "inner" and "'stats'" in found["seen"].reason, found["seen"].reason
     assert found["w"].kind == "outer", found["w"].reason  # the model is restored where fit's loop exits
+
+
+def test_a_module_used_as_a_value_re_executes():
+    need = _need("import metrics", "getattr(metrics, 'score')(net)")
+    assert need.kind == "inner" and "as a value" in need.reason, need.reason
+
+
+def test_a_dataset_method_runs_where_the_loader_is_iterated():
+    data = ("import flor_ray as flor\nimport torch\n\n\nclass Squares(torch.utils.data.Dataset):\n"
+            "    def __len__(self):\n        return 4\n\n    def __getitem__(self, i):\n"
+            "        flor.log('item', i)\n        return torch.ones(2) * i\n")
+    script = ("import torch\nimport flor_ray as flor\nfrom data import Squares\n\nnet = torch.nn.Linear(2, 2)\n"
+              "loader = torch.utils.data.DataLoader(Squares(), batch_size=2)\n"
+              "with flor.checkpointing(net=net):\n    for e in flor.loop('epoch', range(2)):\n"
+              "        for x in flor.loop('step', loader):\n            net(x).sum().backward()\n")
+    need = dict(module_needs(script, "main.py", {"main.py": script, "data.py": data}, ["data.py"]))["item"]
+    assert need.kind == "inner", need.reason

@@ -142,7 +142,11 @@ def _site_need(an: Analyzer, project: Project, site: ModuleSite, loops: set[Ref]
         return Need("inner", f"{what}: flor_ray finds no call of it on the script's path (a callback, an indirect "
                              "call, or a module the script does not import), so the inner loops re-execute.")
     parts = []
+    headers = {loop.start: loop for loop in an.drv.loops.values()}
     for u in units:
+        loop = headers.get(u.pos)
+        if loop is not None and (loop.id, "loop") not in u.chain and u.pos + 1 < len(an.units):
+            u = an.units[u.pos + 1]  # iterating runs in the loop (a dataset's __getitem__, an iterator's __next__)
         label = f"{what}, reached from line {u.line} of the script ({an.code(u.node)})"
         need = an._need_at(u, u.uses, site.name, site.line, label=label)
         if need.kind == "outer" and site.in_loop:
@@ -244,8 +248,14 @@ def _imports_reached(project: Project, path: str, reach: Reach) -> bool:
 
 
 def _stars(project: Project, reach: Reach) -> None:
-    """``from m import *`` of a module holding a reached def hides its uses by name."""
+    """``from m import *`` of a module holding a reached def, or the module used as a value
+    (``getattr(utils, name)``, ``vars(utils)``), hides its uses by name."""
     holders = {r.path for r in reach.refs | reach.classes if r.qual is not None}
+    for path in project.scans:
+        for use, target in project.targets(path):
+            if target.qual is None and target.path in holders and not use.call:
+                reach.unknown.append(f"{path} uses the module {target.path} as a value (line {use.line}), so "
+                                     "flor_ray cannot follow calls of its names")
     for path, scan in project.scans.items():
         for module, level, line in scan.stars:
             target = project.module(project._import_base(path, module, level))
