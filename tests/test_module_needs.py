@@ -330,7 +330,8 @@ def test_a_module_function_never_called_re_executes():
 
 
 def test_a_script_function_used_as_a_callback_re_executes():
-    need = _need("import metrics", "run(report)", setup="def report():\n    metrics.score(net)\n\n\ndef run(f):\n    f()\n")
+    callback = "def report():\n    metrics.score(net)\n\n\ndef run(f):\n    f()\n"
+    need = _need("import metrics", "run(report)", setup=callback)
     assert need.kind == "inner" and "report()" in need.reason, need.reason
 
 
@@ -417,3 +418,15 @@ def test_a_dataset_method_runs_where_the_loader_is_iterated():
               "        for x in flor.loop('step', loader):\n            net(x).sum().backward()\n")
     need = dict(module_needs(script, "main.py", {"main.py": script, "data.py": data}, ["data.py"]))["item"]
     assert need.kind == "inner", need.reason
+
+
+def test_a_script_class_applying_the_model_re_executes():
+    model = "import flor_ray as flor\nimport torch\n\n\nclass Net(torch.nn.Module):\n" \
+            "    def __init__(self):\n        super().__init__()\n        self.fc = torch.nn.Linear(2, 2)\n\n" \
+            "    def forward(self, x):\n        flor.log('fwd', 1)\n        return self.fc(x)\n"
+    script = ("import flor_ray as flor\nimport torch\nfrom model import Net\n\nmodel = Net()\n\n\n"
+              "class Probe:\n    def run(self):\n        return model(torch.ones(2))\n\n\nprobe = Probe()\n"
+              "with flor.checkpointing(model=model):\n    for e in flor.loop('epoch', range(2)):\n"
+              "        probe.run()\n")
+    need = dict(module_needs(script, "main.py", {"main.py": script, "model.py": model}, ["model.py"]))["fwd"]
+    assert need.kind == "inner" and "run()" in need.reason, need.reason

@@ -283,7 +283,8 @@ def _params(fdef: ast.FunctionDef | ast.AsyncFunctionDef) -> Params:
                     alias[t.id] = alias[root]
                 elif isinstance(t, (ast.Subscript, ast.Attribute)) and _root(t) in alias:
                     mutated.add(alias[_root(t)])
-        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and isinstance(node.target, (ast.Subscript, ast.Attribute)):
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and isinstance(node.target, (ast.Subscript,
+                                                                                          ast.Attribute)):
             if _root(node.target) in alias:
                 mutated.add(alias[_root(node.target)])
         elif isinstance(node, ast.Call):

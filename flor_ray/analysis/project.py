@@ -285,6 +285,9 @@ def _script_sites(an: Analyzer, project: Project, reach: Reach) -> tuple[list, l
     if reach.classes:
         sites |= {u.pos for u in an.units if u.uses & tainted}
     unknown = _script_unknowns(project, reach, {f for f, summ in an.summaries.items() if summ.free_reads & tainted})
+    unknown += [f"the script's method {use.inner}() uses {use.parts[0]!r} (line {use.line}), which holds an instance "
+                "whose methods are reached, and flor_ray does not follow the calls of methods"
+                for use in project.scans[script].uses if use.method and use.parts[0] in tainted][:1]
     return [u for u in an.units if u.pos in sites], unknown
 
 
