@@ -217,9 +217,11 @@ def _exact(store, hands, runs, names, counts):
 
 def test_eval_statement_skips_and_init_statement_is_setup(history):
     repo, store, hands, runs = history
-    plan = _plan(repo, store, ["vloss", "nparams"])
+    plan = _plan(repo, store, ["vloss", "nparams", "acc"])
     text = plan.explain()
-    assert _needs(plan) == {"vloss": {"outer"}, "nparams": {"setup"}}, text
+    # acc, logged by the script after evaluate(): train_epoch() runs the step loop in train.py,
+    # and skip mode restores the model where that loop exits
+    assert _needs(plan) == {"vloss": {"outer"}, "nparams": {"setup"}, "acc": {"outer"}}, text
     assert "model.py: +nparams" in text and "in __init__()" in text and "train.py: +vloss" in text
     assert "reached from line" in text and "acc = evaluate(net, test_loader)" in text
     assert plan.tasks and all(t.mode == "skip" for t in plan.tasks), text
@@ -228,6 +230,9 @@ def test_eval_statement_skips_and_init_statement_is_setup(history):
     assert report.ok, str(report)
     assert report.fidelity.mismatched == 0
     _exact(store, hands, runs, ["vloss", "nparams"], {"vloss": 3, "nparams": 1})
+    for rid in runs.values():
+        recorded = _values(store, "acc", "record", rid)
+        assert len(recorded) == 3 and _values(store, "acc", "replay", rid) == recorded
     alone = _plan(repo, store, ["nparams"])  # values logged while the model is built: no iteration runs
     assert alone.tasks and all(t.mode == "setup" for t in alone.tasks), alone.explain()
 

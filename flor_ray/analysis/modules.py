@@ -13,12 +13,12 @@ import ast
 import functools
 import posixpath
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from .calls import FlorCalls, literal_first_arg
 from .scan import MUTATORS
 
-__all__ = ["FileScan", "ModuleSite", "Params", "Project", "Ref", "Use", "scan_file"]
+__all__ = ["FileScan", "ModuleIndex", "ModuleSite", "Params", "Project", "Ref", "Use", "scan_file"]
 
 
 @dataclass(frozen=True)
@@ -350,34 +350,23 @@ def _dotted(path: str, base: str) -> str | None:
 NAMESPACE = "<namespace>:"
 
 
-class Project:
-    """The project's files, and the resolution of names across them.
+class ModuleIndex:
+    """Module names of a tree's paths: an import resolves against the script's directory
+    (what ``python train.py`` puts on ``sys.path``) and against the repository root;
+    relative imports against the importing file's package."""
 
-    An import resolves against the script's directory (what ``python train.py`` puts
-    on ``sys.path``) and against the repository root; relative imports against the
-    importing file's package.
-    """
-
-    def __init__(self, texts: Mapping[str, str], script: str) -> None:
+    def __init__(self, paths: Iterable[str], script: str) -> None:
         self.script = script
-        self.scans: dict[str, FileScan] = {}
-        for path, text in texts.items():
-            scan = scan_file(path, text)
-            if scan is not None:
-                self.scans[path] = scan
-        self.unparsed = sorted(set(texts) - set(self.scans))
         self.by_name: dict[str, str] = {}
         self.root_name: dict[str, str] = {}
+        paths = list(paths)
         for base in (posixpath.dirname(script), ""):
-            for path in self.scans:
+            for path in paths:
                 name = _dotted(path, base)
                 if name:
                     self.by_name.setdefault(name, path)
                     if base == "":
                         self.root_name[path] = name
-        self._bindings: dict[str, dict[str, Ref]] = {}
-        self._resolved: dict[tuple, Ref | None] = {}
-        self._targets: dict[str, list[tuple[Use, Ref]]] = {}
 
     def module(self, name: str) -> str | None:
         return self.by_name.get(name)
@@ -390,6 +379,33 @@ class Project:
             pkg = pkg[:-1]
         pkg = pkg[: len(pkg) - (level - 1)] if level > 1 else pkg
         return ".".join([p for p in pkg if p] + ([module] if module else []))
+
+    def imported(self, path: str, scan: FileScan) -> set[str]:
+        """The paths of the project's modules that the imports of ``path`` load (packages too)."""
+        out: set[str] = set()
+        wanted = [(m, n, lv) for _, m, n, lv in scan.imports] + [(m, None, lv) for m, lv, _ in scan.stars]
+        for module, name, level in wanted:
+            base = self._import_base(path, module, level)
+            parts = base.split(".") if base else []
+            names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            names += [f"{base}.{name}" if base else name] if name else []
+            out |= {p for p in map(self.module, names) if p is not None}
+        return out
+
+
+class Project(ModuleIndex):
+    """The project's files, and the resolution of names across them."""
+
+    def __init__(self, texts: Mapping[str, str], script: str) -> None:
+        self.scans: dict[str, FileScan] = {}
+        for path, text in texts.items():
+            scan = scan_file(path, text)
+            if scan is not None:
+                self.scans[path] = scan
+        super().__init__(self.scans, script)
+        self._bindings: dict[str, dict[str, Ref]] = {}
+        self._resolved: dict[tuple, Ref | None] = {}
+        self._targets: dict[str, list[tuple[Use, Ref]]] = {}
 
     def bindings(self, path: str) -> dict[str, Ref]:
         """Names bound at the top of ``path`` to the project's modules and defs."""

@@ -35,11 +35,11 @@ import libcst as cst
 
 from .analyzer import Analyzer
 from .calls import imported_cst
-from .modules import ModuleSite, Project, Ref, Use
-from .results import Need, carried_note, combine
+from .modules import ModuleIndex, ModuleSite, Project, Ref, Use, scan_file
+from .results import Need, ScriptAnalysis, carried_note, combine
 from .units import Summary
 
-__all__ = ["module_needs", "project_files"]
+__all__ = ["analyze_in_project", "module_needs", "project_files"]
 
 
 @dataclass
@@ -56,13 +56,24 @@ class Reach:
 _NOT_PROJECT = ("__pycache__", "venv", "node_modules", "site-packages")
 
 
-def project_files(tree: Mapping[str, str], patched: Mapping[str, str]) -> dict[str, str]:
-    """The Python files of a version's ``tree`` that calls may reach, ``patched`` ones substituted."""
-    out = {}
-    for path in tree:
-        parts = path.split("/")
-        if path.endswith(".py") and not any(p.startswith(".") or p in _NOT_PROJECT for p in parts[:-1]):
-            out[path] = patched[path] if path in patched else tree[path]
+def project_files(tree: Mapping[str, str], script: str, source: str,
+                  patched: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The files of a version's ``tree`` (``path -> text``, read lazily) that the script at
+    ``script`` (text ``source``) imports, directly or through each other: only what it
+    loads can run. ``patched`` files are substituted, and kept even when nothing imports them."""
+    patched = dict(patched or {})
+    paths = [p for p in tree if p.endswith(".py")
+             and not any(part.startswith(".") or part in _NOT_PROJECT for part in p.split("/")[:-1])]
+    index = ModuleIndex(paths, script)
+    out = {script: source}
+    todo = [script]
+    while todo:
+        path = todo.pop()
+        scan = scan_file(path, out[path])
+        for found in sorted(index.imported(path, scan)) if scan is not None else ():
+            if found not in out:
+                out[found] = patched[found] if found in patched else tree[found]
+                todo.append(found)
     return {**out, **patched}
 
 
@@ -73,17 +84,7 @@ def module_needs(source: str, script: str, files: Mapping[str, str], patched: It
     Python files are ``files`` (``path -> text``, the patched ones included)."""
     project = Project({**files, script: source}, script)
     loops = _loop_defs(project)
-    def project_def(dotted: str) -> Summary | None:
-        ref = project.resolve(script, _call_use(dotted))
-        params = project.mutated_params(ref) if ref is not None else None
-        if params is None:
-            return None
-        if not params.names and params.star:  # a class: any argument
-            return Summary(star_params=True, mutated_params=frozenset({"*"}))
-        return Summary(params=params.names, star_params=params.star, mutated_params=params.mutated)
-
-    an = Analyzer(cst.parse_module(source), filename or script, project_calls=project_def,
-                  loop_calls=lambda dotted: project.resolve(script, _call_use(dotted)) in loops)
+    an = _analyzer(project, source, loops, filename)
     an.run()
     wanted = None if names is None else set(names)
     per_name: dict[str, list[tuple[Need, int]]] = defaultdict(list)
@@ -93,6 +94,32 @@ def module_needs(source: str, script: str, files: Mapping[str, str], patched: It
             if wanted is None or site.name in wanted:
                 per_name[site.name].append((_site_need(an, project, site, loops), site.line))
     return tuple((n, combine(n, sites, merge_reason=len(sites) > 1)) for n, sites in per_name.items())
+
+
+def analyze_in_project(source: str, script: str, files: Mapping[str, str], *,
+                       filename: str | None = None) -> ScriptAnalysis:
+    """:func:`~flor_ray.analysis.analyze` of the script at path ``script`` of a tree whose
+    Python files are ``files``, following its calls into the project's modules: a call of a
+    module def that runs a flor.loop is an inner loop, and a module def mutates the
+    arguments its body mutates."""
+    project = Project({**files, script: source}, script)
+    return _analyzer(project, source, _loop_defs(project), filename).run()
+
+
+def _analyzer(project: Project, source: str, loops: set[Ref], filename: str | None) -> Analyzer:
+    script = project.script
+
+    def project_def(dotted: str) -> Summary | None:
+        ref = project.resolve(script, _call_use(dotted))
+        params = project.mutated_params(ref) if ref is not None else None
+        if params is None:
+            return None
+        if not params.names and params.star:  # a class: any argument
+            return Summary(star_params=True, mutated_params=frozenset({"*"}))
+        return Summary(params=params.names, star_params=params.star, mutated_params=params.mutated)
+
+    return Analyzer(cst.parse_module(source), filename or script, project_calls=project_def,
+                    loop_calls=lambda dotted: project.resolve(script, _call_use(dotted)) in loops)
 
 
 def _call_use(dotted: str) -> Use:

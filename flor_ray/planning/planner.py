@@ -149,15 +149,13 @@ def today_modules(script: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
 
 
 def _module_patches(store, version: str, modules: Mapping[str, tuple[str, tuple[str, ...]]],
-                    names: Sequence[str] | None) -> tuple[tuple, tuple, tuple, tuple, dict[str, str]]:
-    """Today's other modules propagated into one version: (files, placements, the names
-    placed, refused, the version's project files with the patched ones)."""
-    from ..analysis.project import project_files
+                    names: Sequence[str] | None) -> tuple[tuple, tuple, tuple, tuple]:
+    """Today's other modules propagated into one version: (files, placements, the names placed, refused)."""
     from ..propagation.project import propagate_project
     from ..versions import VersionFiles
 
     if not modules:
-        return (), (), (), (), {}
+        return (), (), (), ()
     old = VersionFiles(store, version)
     files, placements, placed, refused = [], [], [], []
     texts = {p: text for p, (text, _) in modules.items()}
@@ -176,8 +174,21 @@ def _module_patches(store, version: str, modules: Mapping[str, tuple[str, tuple[
             placements.append(f"{where}: +{','.join(p.names)} at line {p.line}"
                               + (f" in {p.function}()" if p.function else ""))
             placed.extend(p.names)
-    tree = project_files(old, dict(files)) if files else {}
-    return tuple(files), tuple(placements), tuple(dict.fromkeys(placed)), tuple(refused), tree
+    return tuple(files), tuple(placements), tuple(dict.fromkeys(placed)), tuple(refused)
+
+
+def _project_tree(store, version: str, script: str, code: str, files: tuple) -> dict[str, str]:
+    """The version's files that its patched script imports, directly or through each other
+    (the patched modules substituted); empty when they cannot be read (the script is then
+    analysed alone, and the task that materialises the version reports the damage)."""
+    from ..analysis.project import project_files
+    from ..errors import FlorError
+    from ..versions import VersionFiles
+
+    try:
+        return project_files(VersionFiles(store, version), script, code, dict(files))
+    except (FlorError, OSError):
+        return {}
 
 
 def _module_needs(code: str, script: str, version: str, files: tuple, placed: tuple, tree: Mapping[str, str],
@@ -187,7 +198,8 @@ def _module_needs(code: str, script: str, version: str, files: tuple, placed: tu
 
     if not placed:
         return ()
-    found = module_needs(code, script, tree, [p for p, _ in files], placed, filename=f"{script}@{version[:8]}")
+    found = module_needs(code, script, tree or dict(files), [p for p, _ in files], placed,
+                         filename=f"{script}@{version[:8]}")
     # re-executed training reads what the script's training reads, whatever the statement reads
     return tuple((n, nd.kind, nd.reason, tuple(sorted(set(nd.carried) | (set(training_carried)
                                                                           if nd.kind == "inner" else set()))))
@@ -203,6 +215,7 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
     from ..propagation import PropagationError, propagate_detailed
     from ..versions import read_file
     from ..analysis import analyze
+    from ..analysis.project import analyze_in_project
 
     patches: dict[str, VersionPatch] = {}
     for version, script in versions.items():
@@ -222,15 +235,18 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
             + (f" renamed {', '.join(f'{a}->{b}' for a, b in p.renames)}" if p.renames else "")
             for p in res.placements
         )
-        needs = tuple((n, nd.kind, nd.reason, tuple(nd.carried)) for n, nd in an.needs)
         why = res.refused_names
         refused = tuple(Refused(version, n, why[n]) for n in (names if names is not None else why) if n in why)
         try:
-            files, m_places, placed, m_refused, tree = _module_patches(store, version, modules or {}, names)
+            files, m_places, placed, m_refused = _module_patches(store, version, modules or {}, names)
         except Exception as exc:  # noqa: BLE001 - the version's modules unreadable: their names refused
-            files, m_places, placed, tree = (), (), (), {}
+            files, m_places, placed = (), (), ()
             m_refused = tuple(Refused(version, n, f"cannot read this version's modules: {exc}")
                               for n in _names_of(modules or {}, names))
+        tree = _project_tree(store, version, script, res.code, files)
+        if len(tree) > 1:  # the script's calls into its modules followed (a train_epoch() running the step loop)
+            an = analyze_in_project(res.code, script, tree, filename=f"{script}@{version[:8]}")
+        needs = tuple((n, nd.kind, nd.reason, tuple(nd.carried)) for n, nd in an.needs)
         m_needs = _module_needs(res.code, script, version, files, placed, tree, an.training_carried)
         patches[version] = VersionPatch(version, res.code, None, placements + m_places, needs + m_needs,
                                         tuple(an.logged_names) + tuple(n for n, *_ in m_needs),
