@@ -20,7 +20,7 @@ import textwrap
 import pytest
 
 import flor_ray
-from flor_ray.analysis.project import module_needs
+from flor_ray.analysis.project import module_needs, project_files
 from flor_ray.relation import load_runs, read_logs
 from flor_ray.store import Store
 
@@ -435,3 +435,25 @@ def test_a_script_class_applying_the_model_re_executes():
               "        probe.run()\n")
     need = dict(module_needs(script, "main.py", {"main.py": script, "model.py": model}, ["model.py"]))["fwd"]
     assert need.kind == "inner" and "run()" in need.reason, need.reason
+
+
+class _Tree(dict):
+    """A version's files that records which ones were read."""
+
+    def __init__(self, files):
+        super().__init__(files)
+        self.read: set[str] = set()
+
+    def __getitem__(self, path):
+        self.read.add(path)
+        return super().__getitem__(path)
+
+
+def test_only_the_files_the_script_imports_are_read():
+    script = "import flor_ray as flor\nfrom pkg.model import Net\nimport helpers\n"
+    tree = _Tree({"main.py": script, "pkg/__init__.py": "", "pkg/model.py": "from . import layers\n",
+                  "pkg/layers.py": "import torch\n", "helpers.py": "X = 1\n", "tools/plot.py": "import helpers\n",
+                  ".venv/lib/helpers.py": "", "notes.txt": "x"})
+    files = project_files(tree, "main.py", script, {"tools/plot.py": "import helpers\n"})
+    assert set(files) == {"main.py", "pkg/__init__.py", "pkg/model.py", "pkg/layers.py", "helpers.py", "tools/plot.py"}
+    assert tree.read == {"pkg/__init__.py", "pkg/model.py", "pkg/layers.py", "helpers.py"}
