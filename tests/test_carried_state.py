@@ -15,8 +15,9 @@ import sys
 import pytest
 
 import flor_ray
+from flor_ray.execution.driver import run_plan
 from flor_ray.planning.plan import ClusterSnapshot
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, write
@@ -209,7 +210,7 @@ def _replay(recorded, case, name, iterations):
     repo, store, hand = recorded[case]
     plan = flor_ray.plan_replay([name], store=store, script=repo / "train.py", iterations=iterations,
                                 cluster=ClusterSnapshot(2))
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert not report.failed, str(report)
     return plan, report, store, hand
 
