@@ -21,8 +21,10 @@ import pytest
 
 import flor_ray
 from flor_ray.analysis.project import module_needs, project_files
-from flor_ray.relation import load_runs, read_logs
+from flor_ray.execution.driver import run_plan
 from flor_ray.store import Store
+from flor_ray.store.logs import read_logs
+from flor_ray.store.runs import load_runs
 
 from conftest import clean_env, git, write
 
@@ -226,7 +228,7 @@ def test_eval_statement_skips_and_init_statement_is_setup(history):
     assert "reached from line" in text and "acc = evaluate(net, test_loader)" in text
     assert plan.tasks and all(t.mode == "skip" for t in plan.tasks), text
     assert any(t.setup for t in plan.tasks), text  # the model is built before the loop: setup runs
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert report.ok, str(report)
     assert report.fidelity.mismatched == 0
     _exact(store, hands, runs, ["vloss", "nparams"], {"vloss": 3, "nparams": 1})
@@ -244,7 +246,7 @@ def test_forward_and_shared_helper_re_execute(history):
     assert _needs(plan) == {"hnorm": {"inner"}, "errors": {"inner"}}, text
     assert "in Net.forward()" in text and "runs an inner flor.loop" in text
     assert plan.tasks and all(t.mode == "reexec" for t in plan.tasks), text
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert report.ok, str(report)
     assert report.fidelity.mismatched == 0
     # 3 epochs x 4 training batches; forward and the helper run in each evaluation's 2 batches too
