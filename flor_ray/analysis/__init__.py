@@ -39,7 +39,9 @@ expression reads and calls), :mod:`.units` (the linearised statements),
 :mod:`.summaries` (what calling a script function does), :mod:`.slicing`
 (reaching definitions, loop-carried values), :mod:`.needs` (skip or re-execute,
 and why), :mod:`.analyzer` (the composition) and :mod:`.results` (the values
-returned).
+returned). Statements in the project's other modules: :mod:`.modules` (what each
+file defines, imports and references) and :mod:`.project` (the script's calls
+followed into them: such a statement needs what its call sites in the script need).
 """
 
 from .analyzer import analyze

@@ -8,6 +8,7 @@ classifies its units into regions and computes the need of every log site.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
@@ -88,7 +89,8 @@ class Declarations(cst.CSTVisitor):
 class Analyzer(Needs, Slicing):
     """One analysis of one module: summaries, the driver walk, regions, then the needs."""
 
-    def __init__(self, module: cst.Module, filename: str) -> None:
+    def __init__(self, module: cst.Module, filename: str, loop_calls: Callable[[str], bool] | None = None,
+                 project_calls: Callable[[str], Summary | None] | None = None) -> None:
         # The module was parsed here and is never mutated: skipping the defensive deep
         # copy halves the cost of metadata resolution on a typical script.
         self.wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
@@ -105,6 +107,11 @@ class Analyzer(Needs, Slicing):
         self.withs = found.withs
         self.summaries: dict[str, Summary] = {}
         self._walks: dict[int, Walker] = {}
+        #: whether a dotted callee outside the script (``utils.train``) runs a flor.loop
+        self.loop_calls = loop_calls
+        #: what calling a dotted callee outside the script does to its arguments, when it is a
+        #: def of the project's other modules (None: it is not)
+        self.project_calls = project_calls
 
     # -- helpers
     def line(self, node: cst.CSTNode) -> int:
@@ -136,6 +143,9 @@ class Analyzer(Needs, Slicing):
         drv.walk(self.module.body, (), (), (), None, ())
         self.drv = drv
         self.units = drv.units
+        if self.loop_calls is not None:
+            for u in self.units:
+                u.calls_loop = u.calls_loop or any(self.loop_calls(d) for d in sorted(u.ext_calls))
         self.outer = drv.outer
         self.checkpointed = self._checkpointed()
         self.ckpt_names = frozenset(c for c in self.checkpointed if c.isidentifier())

@@ -108,6 +108,9 @@ class FlorCalls:
     def is_log_call(self, node: ast.AST) -> bool:
         return self._is_call_to(node, "log", self.log_functions)
 
+    def is_loop_call(self, node: ast.AST) -> bool:
+        return self._is_call_to(node, "loop", self.loop_functions)
+
     def loop_name(self, node: ast.AST) -> str | None:
         """The name of a ``flor.loop("name", ...)`` call found in a for-loop's iterable."""
         for sub in ast.walk(node):

@@ -22,6 +22,8 @@ class Needs:
     def _where(self, d: Unit) -> str:
         if d.calls_loop:
             loops = sorted(c for c in d.all_callees if self.summaries.get(c, Summary()).has_loop)
+            if not loops and self.loop_calls is not None:
+                loops = sorted(c for c in d.ext_calls if self.loop_calls(c))
             return f"in a call of {loops[0] if loops else 'a function'}(), which runs an inner flor.loop"
         names = [self.drv.loops[c].name or "?" for c, br in d.chain if br == "loop" and self.drv.loops[c].flor and self.outer and c != self.outer.id]
         return f"inside the inner loop {names[-1]!r}" if names else "inside an inner loop"

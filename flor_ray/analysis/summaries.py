@@ -42,6 +42,7 @@ def summarize(an: Analyzer, fdef: cst.FunctionDef) -> Summary:
     strong: set[str] = set()
     grad = has_loop = backward = False
     callees: set[str] = set()
+    ext: set[str] = set()
     for u in walker.units:
         backward |= u.backward
         uses |= u.uses
@@ -50,6 +51,7 @@ def summarize(an: Analyzer, fdef: cst.FunctionDef) -> Summary:
         grad |= u.grad
         has_loop |= u.calls_loop or u.flor_loop_call
         callees |= u.all_callees
+        ext |= u.ext_calls
     has_loop |= any(loop.flor for loop in walker.loops.values())
     return Summary(
         params=params,
@@ -61,6 +63,7 @@ def summarize(an: Analyzer, fdef: cst.FunctionDef) -> Summary:
         has_loop=has_loop,
         callees=frozenset(callees),
         backward=backward,
+        ext_calls=frozenset(ext),
     )
 
 
@@ -78,7 +81,7 @@ def fixpoint(an: Analyzer) -> dict[str, Summary]:
                     merged.free_reads | p.free_reads, merged.mutated_params | p.mutated_params,
                     merged.mutated_free | p.mutated_free, merged.reads_grad or p.reads_grad,
                     merged.has_loop or p.has_loop, merged.callees | p.callees,
-                    merged.backward or p.backward,
+                    merged.backward or p.backward, merged.ext_calls | p.ext_calls,
                 )
             new[name] = merged
         if new == an.summaries:

@@ -32,6 +32,8 @@ class Summary:
     has_loop: bool = False
     callees: frozenset[str] = frozenset()
     backward: bool = False
+    #: dotted callees outside the script (``utils.evaluate``, ``Net``), transitively
+    ext_calls: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -55,6 +57,9 @@ class Unit:
     backward: bool = False  # calls .backward(): writes the gradients of every checkpointed model
     node: cst.CSTNode | None = None  # rendered lazily, only for the reasons that quote it
     logs: tuple[tuple[str | None, int, frozenset[str]], ...] = ()
+    #: dotted names of the calls of functions the script does not define (``utils.evaluate``,
+    #: ``Net``, ``model``), its callees' included: what :mod:`.project` resolves into modules
+    ext_calls: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -322,6 +327,7 @@ class Walker:
         unit.all_callees = frozenset(fx.all_callees)
         unit.calls_loop = fx.calls_loop
         unit.logs = tuple(fx.logs)
+        unit.ext_calls = frozenset(fx.ext)
         self.units.append(unit)
         return pos
 
@@ -353,12 +359,20 @@ class Walker:
             fx.calls_loop |= summ.has_loop
             fx.backward |= summ.backward
             fx.weak |= mutated_args(call, summ)
+            fx.ext |= summ.ext_calls
         elif isinstance(func, cst.Name) and func.value == "next" and call.args:
             first = root_of(call.args[0].value)  # next(it) advances the iterator
             if first is not None and not an.is_module(first):
                 fx.weak.add(first)
         elif isinstance(func, cst.Attribute):
             self._method_call(call, func, is_stmt, fx)
+        if not (isinstance(func, cst.Name) and func.value in an.summaries):
+            dotted = dotted_name(func)
+            if dotted is not None:
+                fx.ext.add(dotted)
+                summ = an.project_calls(dotted) if an.project_calls is not None else None
+                if summ is not None:  # a def of the project's other modules
+                    fx.weak |= mutated_args(call, summ)
         fname = last_name(func)
         if fname and fname.endswith("_") and not fname.startswith("__") and call.args:
             first = root_of(call.args[0].value)
@@ -397,6 +411,19 @@ class _Effects:
     calls_loop: bool = False
     backward: bool = False
     logs: list[tuple[str | None, int, frozenset[str]]] = field(default_factory=list)
+    ext: set[str] = field(default_factory=set)
+
+
+def dotted_name(node: cst.BaseExpression) -> str | None:
+    """``a.b.c`` for a chain of attributes of a name; None for any other callee."""
+    parts: list[str] = []
+    while isinstance(node, cst.Attribute):
+        parts.append(node.attr.value)
+        node = node.value
+    if not isinstance(node, cst.Name):
+        return None
+    parts.append(node.value)
+    return ".".join(reversed(parts))
 
 
 def mutated_args(call: cst.Call, summ: Summary) -> set[str]:
@@ -413,6 +440,8 @@ def mutated_args(call: cst.Call, summ: Summary) -> set[str]:
             continue
         if arg.keyword is not None:
             param = arg.keyword.value
+            if param not in summ.params and summ.star_params and root:  # into **kwargs
+                out.add(root)
         else:
             param = summ.params[positional] if positional < len(summ.params) else None
             positional += 1

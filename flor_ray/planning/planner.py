@@ -125,11 +125,6 @@ def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple
     return frozenset(keys), tuple(p for p in found if p is not None)
 
 
-#: a module's statement may run anywhere the script calls into it (a model's forward
-#: inside the step loop): its values are replayed by re-executing training
-_MODULE_NEED = "inner"
-
-
 def today_modules(script: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
     """The Python files of today's repository around ``script`` that log a flor name,
     as ``path relative to the repository -> (text, the names it logs)``; the script
@@ -159,14 +154,14 @@ def today_modules(script: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
 
 def _module_patches(store, version: str, modules: Mapping[str, tuple[str, tuple[str, ...]]],
                     names: Sequence[str] | None) -> tuple[tuple, tuple, tuple, tuple]:
-    """Today's other modules propagated into one version: (files, placements, needs, refused)."""
+    """Today's other modules propagated into one version: (files, placements, the names placed, refused)."""
     from ..propagation.project import propagate_project
     from ..versions import VersionFiles
 
     if not modules:
         return (), (), (), ()
     old = VersionFiles(store, version)
-    files, placements, needs, refused = [], [], [], []
+    files, placements, placed, refused = [], [], [], []
     texts = {p: text for p, (text, _) in modules.items()}
     for fp in propagate_project(texts, old, names, logged={p: ns for p, (_, ns) in modules.items()}):
         where = fp.target or fp.path
@@ -182,11 +177,37 @@ def _module_patches(store, version: str, modules: Mapping[str, tuple[str, tuple[
         for p in res.placements:
             placements.append(f"{where}: +{','.join(p.names)} at line {p.line}"
                               + (f" in {p.function}()" if p.function else ""))
-            needs.extend((n, _MODULE_NEED, f"{n!r} is logged in {where}"
-                          + (f" ({p.function})" if p.function else "") + ", code another module runs wherever the "
-                          "script calls it: training re-executes from the checkpoint before the segment", ())
-                         for n in p.names)
-    return tuple(files), tuple(placements), tuple(needs), tuple(refused)
+            placed.extend(p.names)
+    return tuple(files), tuple(placements), tuple(dict.fromkeys(placed)), tuple(refused)
+
+
+def _project_tree(store, version: str, script: str, code: str, files: tuple) -> dict[str, str]:
+    """The version's files that its patched script imports, directly or through each other
+    (the patched modules substituted); empty when they cannot be read (the script is then
+    analysed alone, and the task that materialises the version reports the damage)."""
+    from ..analysis.project import project_files
+    from ..errors import FlorError
+    from ..versions import VersionFiles
+
+    try:
+        return project_files(VersionFiles(store, version), script, code, dict(files))
+    except (FlorError, OSError):
+        return {}
+
+
+def _module_needs(code: str, script: str, version: str, files: tuple, placed: tuple, tree: Mapping[str, str],
+                  training_carried: Sequence[str]) -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
+    """The needs of the statements placed in modules: those of their call sites in the script."""
+    from ..analysis.project import module_needs
+
+    if not placed:
+        return ()
+    found = module_needs(code, script, tree or dict(files), [p for p, _ in files], placed,
+                         filename=f"{script}@{version[:8]}")
+    # re-executed training reads what the script's training reads, whatever the statement reads
+    return tuple((n, nd.kind, nd.reason, tuple(sorted(set(nd.carried) | (set(training_carried)
+                                                                          if nd.kind == "inner" else set()))))
+                 for n, nd in found)
 
 
 def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None,
@@ -198,6 +219,7 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
     from ..propagation import PropagationError, propagate_detailed
     from ..versions import read_file
     from ..analysis import analyze
+    from ..analysis.project import analyze_in_project
 
     patches: dict[str, VersionPatch] = {}
     for version, script in versions.items():
@@ -217,16 +239,19 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
             + (f" renamed {', '.join(f'{a}->{b}' for a, b in p.renames)}" if p.renames else "")
             for p in res.placements
         )
-        needs = tuple((n, nd.kind, nd.reason, tuple(nd.carried)) for n, nd in an.needs)
         why = res.refused_names
         refused = tuple(Refused(version, n, why[n]) for n in (names if names is not None else why) if n in why)
         try:
-            files, m_places, m_needs, m_refused = _module_patches(store, version, modules or {}, names)
+            files, m_places, placed, m_refused = _module_patches(store, version, modules or {}, names)
         except Exception as exc:  # noqa: BLE001 - the version's modules unreadable: their names refused
-            files, m_places, m_needs = (), (), ()
+            files, m_places, placed = (), (), ()
             m_refused = tuple(Refused(version, n, f"cannot read this version's modules: {exc}")
                               for n in _names_of(modules or {}, names))
-        m_needs = tuple((n, k, r, tuple(an.training_carried)) for n, k, r, _ in m_needs)
+        tree = _project_tree(store, version, script, res.code, files)
+        if len(tree) > 1:  # the script's calls into its modules followed (a train_epoch() running the step loop)
+            an = analyze_in_project(res.code, script, tree, filename=f"{script}@{version[:8]}")
+        needs = tuple((n, nd.kind, nd.reason, tuple(nd.carried)) for n, nd in an.needs)
+        m_needs = _module_needs(res.code, script, version, files, placed, tree, an.training_carried)
         patches[version] = VersionPatch(version, res.code, None, placements + m_places, needs + m_needs,
                                         tuple(an.logged_names) + tuple(n for n, *_ in m_needs),
                                         tuple(an.loop_carried), tuple(an.training_carried), refused + m_refused,
