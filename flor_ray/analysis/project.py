@@ -35,7 +35,8 @@ import libcst as cst
 
 from .analyzer import Analyzer
 from .calls import imported_cst
-from .modules import ModuleIndex, ModuleSite, Project, Ref, Use, scan_file
+from .index import ModuleIndex, Project
+from .modules import ModuleSite, Ref, Use, scan_file
 from .results import Need, ScriptAnalysis, carried_note, combine
 from .units import Summary
 
