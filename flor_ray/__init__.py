@@ -30,6 +30,7 @@ __all__ = [
     "dataframe",
     "runs",
     "sql",
+    "query",
     "plan_replay",
     "replay",
     "checkpoints",
@@ -94,7 +95,10 @@ def checkpointing(**objects: Any):
 
 
 def commit() -> None:
-    """Flush buffered rows to the store now (they are also flushed per outer iteration)."""
+    """Flush buffered rows to the store now (they are also flushed per outer iteration).
+
+    FlorDB's ``flor.commit()`` flushes and makes a git commit; flor_ray snapshots the
+    code when a run starts, so here it only flushes."""
     if _SESSION is not None:
         _SESSION.commit()
 
@@ -133,6 +137,11 @@ def sql(query: str, store: Any = None) -> "pd.DataFrame":
     from .relation import sql as _sql
 
     return _sql(_store(store), query)
+
+
+def query(sql_query: str, store: Any = None) -> "pd.DataFrame":
+    """FlorDB's name for :func:`sql`: DuckDB SQL over ``logs`` and ``runs``."""
+    return sql(sql_query, store=store)
 
 
 def checkpoints(run_id: str, store: Any = None) -> "pd.DataFrame":

@@ -284,6 +284,22 @@ def cmd_spool(a) -> int:
 
 
 # ----------------------------------------------------------------- parser
+def cmd_import_flordb(a) -> int:
+    from .flordb_import import import_flordb
+
+    print(import_flordb(a.path, store=a.store))
+    return 0
+
+
+def add_import_flordb(add) -> None:
+    """The ``import-flordb`` command, added through build_parser's ``add``."""
+    sp = add("import-flordb", cmd_import_flordb, "import a FlorDB project's history (its runs' logged values and "
+             "args, the code of its auto-commits, the files its runs saved) into the store; importing again "
+             "adds only new runs", "flor-ray import-flordb ~/my-flordb-project")
+    sp.add_argument("path", nargs="?", default=".", metavar="PATH",
+                    help="the FlorDB project: its git repository, holding .flor/runs/ (default: .)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -399,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: ./flor-ray-demo)")
     sp.add_argument("--skip-gnorm", action="store_true",
                     help="back-fill only the epoch-level wnorm, not the step-level gnorm (faster)")
+    add_import_flordb(add)
     return p
 
 

@@ -363,7 +363,8 @@ def plan_replay(
                 f"{', '.join(today_names) or 'nothing'})"
             )
     running = [] if include_running else [m for m in metas if m.get("status") == "running"]
-    metas = [m for m in metas if m not in running]
+    refused = [m for m in metas if m.get("replay_refused") and m not in running]  # e.g. imported without code
+    metas = [m for m in metas if m not in running and m not in refused]
     modules = {p: m for p, m in modules.items() if set(m[1]) & set(names)}
     runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
     versions = {r.version: r.script for r in runs}
@@ -387,7 +388,9 @@ def plan_replay(
         replayed=replayed,
         skipped_runs=[SkippedRun(m["run_id"], m["version"],
                                  f"still recording (pid {m.get('pid')} on {m.get('host')}): replay it once it has "
-                                 "finished, or pass include_running=True (--include-running)") for m in running],
+                                 "finished, or pass include_running=True (--include-running)") for m in running]
+                     + [SkippedRun(m["run_id"], m["version"], f"cannot be replayed: {m['replay_refused']}")
+                        for m in refused],
     )
     check_fits(plan, cluster)
     if not plan.tasks and plan.skipped and all("selects none of its iterations" in s.reason for s in plan.skipped):
