@@ -3,9 +3,9 @@
 FlorDB 4.0.1 commits the working tree when a run ends (``git add -A`` on its shadow
 branch ``flor.branch``...), with the subject ``FLOR::Auto-commit::<tstamp>`` and a
 ``k=v`` line per ``flor.arg`` in the body. A flor_ray version of such a commit holds
-its files without ``.flor/`` (FlorDB's own records), the files the project's runs
-saved with ``torch.save`` (outputs, not code) and files over the snapshot size
-limit, and with ``import flordb`` made ``import flor_ray`` in its Python files
+its files without ``.flor/`` and ``.<branch>.cmd`` (FlorDB's own records), the
+files the project's runs saved with ``torch.save`` (outputs, not code) and files over
+the snapshot size limit, and with ``import flordb`` made ``import flor_ray`` in its Python files
 (libcst: everything else kept byte for byte), so that a replay runs the old code
 under flor_ray. Its id is the git tree id of what it holds, as for recorded runs.
 """
@@ -149,7 +149,7 @@ def import_version(root: Path, ac: AutoCommit, leave_out: frozenset[str], max_by
     subs = tuple(listing.submodules)
     files, dropped = {}, []
     for path, sha in listing.files.items():
-        if path.startswith(".flor/") or path in leave_out:
+        if path.startswith(".flor/") or path in leave_out or _launcher(path):
             dropped.append(path)
         else:
             files[path] = sha
@@ -182,6 +182,12 @@ def import_version(root: Path, ac: AutoCommit, leave_out: frozenset[str], max_by
                                   "rewritten": sorted(changed), "left_out": sorted(dropped)}}
     read_from = {sha: root_of[sha] for sha in files.values() if sha not in rewritten}
     return Version(vid, manifest, rewritten, read_from)
+
+
+def _launcher(path: str) -> bool:
+    """FlorDB's ``.<branch>.cmd`` at the root: the latest run's command line, which
+    every run rewrites (in a version it would make each run a version of its own)."""
+    return "/" not in path and path.startswith(".") and path.endswith(".cmd")
 
 
 def _blob_sizes(root_of: Mapping[str, str], shas) -> dict[str, int]:
