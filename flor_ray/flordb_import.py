@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import FlorDBImportError, FlorError, StoreError
+from .store import MARKER
 from .flordb_code import (AUTO_COMMIT, AutoCommit, Version, git_out, argv_of, auto_commits, import_version,
                           locate_script, write_version)
 
@@ -397,7 +398,13 @@ def import_flordb(path: str | os.PathLike = ".", store: Any = None) -> ImportRep
             versions[ac.tree] = import_version(root, ac, outputs, max_bytes)
         planned.append(plan_run(root, r, ac, versions.get(ac.tree) if ac else None, saved[r.tstamp][:2]))
     if planned:
+        fresh = st.is_local and not st.exists(MARKER)
         st.ensure()
+        if fresh and Path(st.root).resolve() == (root / ".flor").resolve():
+            # the store shares FlorDB's .flor/: its own files stay out of git, FlorDB's run files
+            # stay in (FlorDB commits them; "*" alone would hide them from its `git add -A`)
+            st.write_bytes(".gitignore", b"# written by flor_ray: the store is not source code; FlorDB's "
+                                         b"runs/*.jsonl are FlorDB's\n*\n!runs/\nruns/*\n!runs/*.jsonl\n")
         have = set(st.listdir("code/objects"))
         for p in planned:
             write_run(st, p, have)

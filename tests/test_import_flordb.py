@@ -253,6 +253,38 @@ def test_saved_files_are_kept_and_the_ids_are_deterministic(history):
     assert run_id_for("proj", tstamps[0]) == run_id_for("proj", tstamps[0]) != run_id_for("other", tstamps[0])
 
 
+def test_the_store_shares_flordbs_directory(history):
+    """FlorDB's files in .flor/ are not the store's damage, and FlorDB's run files stay
+    in git while the store's own files stay out."""
+    from flor_ray.cli import main
+
+    repo, store, tstamps, _ = history
+    assert main(["check", "--store", store.url]) == 0
+    flordb_file = subprocess.run(["git", "check-ignore", "-q", ".flor/runs/2099-01-01T00:00:00.jsonl"], cwd=repo)
+    store_file = subprocess.run(["git", "check-ignore", "-q", f".flor/runs/{run_id_for('proj', tstamps[0])}.json"],
+                                cwd=repo)
+    assert (flordb_file.returncode, store_file.returncode) == (1, 0)
+
+
+def test_records_flor_ray_cannot_hold_are_left_out_with_the_reason():
+    """A FlorDB run is data: a name that is a column of the relation, a loop nested
+    deeper than the relation keeps, loop items that were strings."""
+    from flor_ray.flordb_import import FlorDBRun, build_rows
+
+    def rec(name, value, ctx=None):
+        return {"projid": "p", "tstamp": "t", "filename": "f.py", "ctx": ctx, "name": name, "value": value, "type": 1}
+
+    deep = [{"name": f"l{d}", "iteration": 0, "value": "0"} for d in range(5)]
+    files = [{"name": "shard", "iteration": 1, "value": "b.csv"}]
+    run = FlorDBRun("p", "t", "f.py", "x.jsonl", (rec("lr", 0.1), rec("value", 1), rec("deep", 2.0, deep),
+                                                   rec("rows", 7, files), rec("lr", 0.2)))
+    rows, args, notes = build_rows(run, ["lr"], "v", "f.py")
+    assert args == {"lr": 0.1} and rows["names"] == ["rows", "lr"] and rows["values"] == [7, 0.2]
+    assert rows["items"] == [(0, "b.csv")] and rows["lasts"] == [1, None]
+    assert [n.split(":")[0] for n in notes] == ["'value' left out", "'deep' left out"]
+    assert "is a column of the log relation" in notes[0] and "nested 5 loops deep" in notes[1]
+
+
 def _files(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
