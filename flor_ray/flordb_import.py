@@ -40,7 +40,7 @@ from .store import MARKER
 from .flordb_code import (AUTO_COMMIT, AutoCommit, Version, git_out, argv_of, auto_commits, import_version,
                           locate_script, write_version)
 
-__all__ = ["import_flordb", "run_id_for", "rewrite_imports", "ImportReport"]
+__all__ = ["import_flordb", "run_id_for", "ImportReport"]
 
 LOG, IO, TIME, START = 1, 2, 3, 4
 _RECORD_KEYS = ("projid", "tstamp", "filename", "ctx", "name", "value", "type")
@@ -124,7 +124,8 @@ def read_runs(root: Path) -> list[FlorDBRun]:
 
 
 def _record(line: str, where: str) -> dict:
-    fix = "repair or remove that line (FlorDB rebuilds nothing from it), then import again"
+    fix = ("repair that line, or move the file out of .flor/runs/ (keep a copy: it is the run's only record), "
+           "then import again")
     try:
         rec = json.loads(line)
     except ValueError as exc:
@@ -212,8 +213,20 @@ def build_rows(run: FlorDBRun, arg_names: Sequence[str], version: str, script: s
     return {**rows, "version": version, "file": script, "seq_start": 0}, args, notes
 
 
-def timings(run: FlorDBRun) -> tuple[dict, str | None, int]:
-    """flor_ray's timings from FlorDB's time rows, the outer loop's name, its iterations."""
+def failure(run: FlorDBRun) -> dict | None:
+    """The uncaught exception that ended the run, from the traceback FlorDB captured on stderr."""
+    err = [r["value"] for r in run.records if r["type"] == IO and r["name"] == "io::stderr" and isinstance(r["value"], str)]
+    starts = [i for i, line in enumerate(err) if line.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return None
+    tb = err[starts[-1]:]
+    kind, _, message = tb[-1].partition(": ")
+    return {"type": kind.strip() or "Exception", "message": message, "traceback": "\n".join(tb)[-8000:]}
+
+
+def timings(run: FlorDBRun, failed: bool = False) -> tuple[dict, str | None, int]:
+    """flor_ray's timings from FlorDB's time rows, the outer loop's name, its completed
+    iterations (a failed run's last one did not complete, unless its loop had ended)."""
     outer = next((r["ctx"][0]["name"] for r in run.records if r["type"] in (LOG, TIME) and r["ctx"]), None)
     top = {r["name"]: r["value"] for r in run.records if r["type"] == TIME and not r["ctx"]}
     inner: dict[int, float] = {}
@@ -224,7 +237,9 @@ def timings(run: FlorDBRun) -> tuple[dict, str | None, int]:
             seen.add(ctx[0]["iteration"])
             if r["type"] == TIME and len(ctx) == 1 and r["name"] == "time::loop":
                 inner[ctx[0]["iteration"]] = inner.get(ctx[0]["iteration"], 0.0) + float(r["value"])
-    n = max(seen) + 1 if seen else 0
+    n = max(seen) + (0 if failed else 1) if seen else 0
+    if isinstance(top.get("time::iter::n"), int) and outer is not None:  # written when the outer loop ended
+        n = top["time::iter::n"]
     mean = top.get("time::iter") if outer is not None else None
     t = {"setup_s": _num(top.get("time::setup")), "start_s": None, "setup_imports_s": 0.0,
          "outer_s": [float(mean)] * n if _num(mean) is not None else [],
@@ -302,7 +317,8 @@ def plan_run(root: Path, run: FlorDBRun, ac: AutoCommit | None, version: Version
     for k, text in (ac.args if ac else {}).items():
         args.setdefault(k, _arg_value(text))
     args = {k: args[k] for k in arg_names}
-    t, outer, n = timings(run)
+    error = failure(run)
+    t, outer, n = timings(run, failed=error is not None)
     started = _iso(run.tstamp)
     ended = None
     if started and t["script_s"] is not None:
@@ -312,7 +328,7 @@ def plan_run(root: Path, run: FlorDBRun, ac: AutoCommit | None, version: Version
         "run_id": run_id, "project": run.projid, "script": script, "version": version.version if version else "",
         "commit": ac.commit if ac else None, "ref": None, "left_out_of_snapshot": [],
         "left_out_of_snapshot_count": 0, "argv": argv_of(root, ac, run.tstamp) if ac else [], "cwd": None,
-        "status": "finished", "started_at": started, "ended_at": ended, "host": None, "pid": None,
+        "status": "failed" if error else "finished", "started_at": started, "ended_at": ended, "host": None, "pid": None,
         "env": {"device": "cpu"}, "store_format": 1, "args": args, "outer_loop": outer, "iterations": n,
         "timings": t, "checkpoints": [], "checkpoint_period": None, "flushes": 1 if rows else 0,
         "saved_files": saved[0], "updated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
@@ -322,6 +338,8 @@ def plan_run(root: Path, run: FlorDBRun, ac: AutoCommit | None, version: Version
     }
     if refused:
         meta["replay_refused"] = refused
+    if error:
+        meta["error"] = error
     return PlannedRun(run_id, run.tstamp, meta, rows, tuple(saved[1]), version)
 
 

@@ -285,6 +285,23 @@ def test_records_flor_ray_cannot_hold_are_left_out_with_the_reason():
     assert "is a column of the log relation" in notes[0] and "nested 5 loops deep" in notes[1]
 
 
+def test_a_run_that_raised_is_imported_as_failed():
+    """FlorDB keeps no status; the traceback it captured on stderr says the run failed
+    (in its second epoch here, which did not complete)."""
+    from flor_ray.flordb_import import FlorDBRun, failure, timings
+
+    def rec(name, value, kind, epoch):
+        ctx = [{"name": "epoch", "iteration": epoch, "value": str(epoch)}]
+        return {"projid": "p", "tstamp": "t", "filename": "t.py", "ctx": ctx, "name": name, "value": value, "type": kind}
+
+    lines = ["Traceback (most recent call last):", '  File "t.py", line 5, in <module>', "ValueError: boom"]
+    run = FlorDBRun("p", "t", "t.py", "x.jsonl", (rec("x", 0, 1, 0), rec("x", 1, 1, 1),
+                                                 *(rec("io::stderr", line, 2, 1) for line in lines)))
+    error = failure(run)
+    assert (error["type"], error["message"], error["traceback"]) == ("ValueError", "boom", "\n".join(lines))
+    assert timings(run, failed=True)[1:] == ("epoch", 1) and timings(run)[1:] == ("epoch", 2)
+
+
 def _files(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
