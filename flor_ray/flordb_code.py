@@ -2,12 +2,13 @@
 
 FlorDB 4.0.1 commits the working tree when a run ends (``git add -A`` on its shadow
 branch ``flor.branch``...), with the subject ``FLOR::Auto-commit::<tstamp>`` and a
-``k=v`` line per ``flor.arg`` in the body. A flor_ray version of such a commit holds
-its files without ``.flor/`` and ``.<branch>.cmd`` (FlorDB's own records), the
-files the project's runs saved with ``torch.save`` (outputs, not code) and files over
-the snapshot size limit, and with ``import flordb`` made ``import flor_ray`` in its Python files
-(libcst: everything else kept byte for byte), so that a replay runs the old code
-under flor_ray. Its id is the git tree id of what it holds, as for recorded runs.
+``k=v`` line per ``flor.arg`` in the body. The flor_ray version of such a commit
+holds its files except ``.flor/`` and ``.<branch>.cmd`` (FlorDB's own records), the
+files the project's runs saved with ``torch.save`` (outputs, not code) and files
+over the snapshot size limit. In its Python files ``import flordb`` is made
+``import flor_ray`` (libcst: everything else kept byte for byte), so that a replay
+runs the old code under flor_ray. Its id is the git tree id of what it holds, as
+for recorded runs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ class AutoCommit:
     args: Mapping[str, str]
 
 
-
 @dataclass(frozen=True)
 class Version:
     """An imported code version: its manifest and the blobs the store may lack."""
@@ -46,15 +46,14 @@ class Version:
     read_from: Mapping[str, str]  # blob id -> repository root to read it from
 
 
-
 def git_out(cwd: Path, *args: str) -> str | None:
+    """``git args`` in ``cwd``: its stdout, or None where git fails (not a repository...)."""
     try:
         proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, encoding="utf-8",
                               errors="surrogateescape")
     except OSError:
         return None
     return proc.stdout if proc.returncode == 0 else None
-
 
 
 def auto_commits(root: Path) -> dict[str, AutoCommit]:
@@ -75,32 +74,29 @@ def auto_commits(root: Path) -> dict[str, AutoCommit]:
     return found
 
 
+def _transformer():
+    """A libcst transformer that makes ``flordb`` imports ``flor_ray`` ones (built on
+    first use: libcst is not imported with flor_ray)."""
+    import libcst as cst
 
-class _Rewrite:
-    """libcst transformer (built lazily): ``flordb`` imports become ``flor_ray`` ones."""
+    class FlorRayImports(cst.CSTTransformer):
+        def leave_Import(self, orig, node):
+            names = []
+            for a in node.names:
+                if isinstance(a.name, cst.Name) and a.name.value == "flordb":
+                    asname = a.asname or cst.AsName(name=cst.Name("flordb"),
+                                                    whitespace_before_as=cst.SimpleWhitespace(" "),
+                                                    whitespace_after_as=cst.SimpleWhitespace(" "))
+                    a = a.with_changes(name=cst.Name("flor_ray"), asname=asname)
+                names.append(a)
+            return node.with_changes(names=names)
 
-    @staticmethod
-    def make():
-        import libcst as cst
+        def leave_ImportFrom(self, orig, node):
+            if not node.relative and isinstance(node.module, cst.Name) and node.module.value == "flordb":
+                return node.with_changes(module=cst.Name("flor_ray"))
+            return node
 
-        class T(cst.CSTTransformer):
-            def leave_Import(self, orig, node):
-                names = []
-                for a in node.names:
-                    if isinstance(a.name, cst.Name) and a.name.value == "flordb":
-                        asname = a.asname or cst.AsName(name=cst.Name("flordb"),
-                                                        whitespace_before_as=cst.SimpleWhitespace(" "),
-                                                        whitespace_after_as=cst.SimpleWhitespace(" "))
-                        a = a.with_changes(name=cst.Name("flor_ray"), asname=asname)
-                    names.append(a)
-                return node.with_changes(names=names)
-
-            def leave_ImportFrom(self, orig, node):
-                if not node.relative and isinstance(node.module, cst.Name) and node.module.value == "flordb":
-                    return node.with_changes(module=cst.Name("flor_ray"))
-                return node
-
-        return T()
+    return FlorRayImports()
 
 
 def rewrite_imports(source: bytes) -> bytes:
@@ -114,7 +110,7 @@ def rewrite_imports(source: bytes) -> bytes:
         module = cst.parse_module(source)
     except (cst.ParserSyntaxError, UnicodeDecodeError, ValueError):
         return source
-    return module.visit(_Rewrite.make()).bytes
+    return module.visit(_transformer()).bytes
 
 
 def _tree_id(entries: Mapping[str, tuple[str, str]]) -> str:
@@ -157,7 +153,11 @@ def import_version(root: Path, ac: AutoCommit, leave_out: frozenset[str], max_by
     for path in [p for p, sha in files.items() if sizes.get(sha, 0) > max_bytes]:
         dropped.append(path)
         del files[path]
-    py = {p: sha for p, sha in files.items() if p.endswith(".py") and listing.modes.get(p, "100644") != "120000"}
+    def in_submodule(p: str) -> bool:  # recorded by its commit: its files are as that commit has them
+        return any(p.startswith(s + "/") for s in subs)
+
+    py = {p: sha for p, sha in files.items()
+          if p.endswith(".py") and listing.modes.get(p) != "120000" and not in_submodule(p)}
     rewritten: dict[str, bytes] = {}
     by_root: dict[str, list[str]] = {}
     for sha in set(py.values()):
@@ -171,8 +171,7 @@ def import_version(root: Path, ac: AutoCommit, leave_out: frozenset[str], max_by
             rewritten[files[path]] = new
             changed.append(path)
     modes = {p: m for p, m in listing.modes.items() if p in files}
-    top = {p: (modes.get(p, "100644"), sha) for p, sha in files.items()
-           if not any(p.startswith(s + "/") for s in subs)}
+    top = {p: (modes.get(p, "100644"), sha) for p, sha in files.items() if not in_submodule(p)}
     top.update({s: ("160000", str(info["commit"])) for s, info in listing.submodules.items()})
     vid = _tree_id(top)
     manifest = {"tree": vid, "commit": ac.commit, "files": files, "modes": modes,
@@ -191,6 +190,7 @@ def _launcher(path: str) -> bool:
 
 
 def _blob_sizes(root_of: Mapping[str, str], shas) -> dict[str, int]:
+    """Blob id -> size, one ``git cat-file --batch-check`` per repository (no content read)."""
     by_root: dict[str, list[str]] = {}
     for sha in set(shas):
         by_root.setdefault(root_of[sha], []).append(sha)
@@ -239,8 +239,6 @@ def argv_of(root: Path, ac: AutoCommit, tstamp: str) -> list[str]:
                 return []
             return words
     return []
-
-
 
 
 def write_version(store, v: Version, have: set[str]) -> None:
