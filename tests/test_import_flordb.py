@@ -385,7 +385,7 @@ def test_bad_input_leaves_the_store_as_it_was(history, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flor_ray.cli", "import-flordb", str(broken)], env=clean_env(),
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("flor-ray import-flordb: .flor/runs/2099-01-01T")
-    assert "repair or remove that line" in proc.stderr and _files(broken / ".flor") == before
+    assert "repair that line, or move the file out of .flor/runs/" in proc.stderr and _files(broken / ".flor") == before
 
 
 def test_rewrite_imports_keeps_everything_else():
