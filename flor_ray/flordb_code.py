@@ -4,8 +4,9 @@ FlorDB 4.0.1 commits the working tree when a run ends (``git add -A`` on its sha
 branch ``flor.branch``...), with the subject ``FLOR::Auto-commit::<tstamp>`` and a
 ``k=v`` line per ``flor.arg`` in the body. The flor_ray version of such a commit
 holds its files except ``.flor/`` and ``.<branch>.cmd`` (FlorDB's own records), the
-files the project's runs saved with ``torch.save`` (outputs, not code) and files
-over the snapshot size limit. In its Python files ``import flordb`` is made
+files the project's runs saved with ``torch.save`` (outputs, not code: FlorDB's
+``obj_store`` indexes name them, where the project has them) and files over the
+snapshot size limit. In its Python files ``import flordb`` is made
 ``import flor_ray`` (libcst: everything else kept byte for byte), so that a replay
 runs the old code under flor_ray. Its id is the git tree id of what it holds, as
 for recorded runs.

@@ -5,7 +5,9 @@ What FlorDB 4.0.1 keeps in the git repository of a project, and what becomes of 
 - ``.flor/runs/<tstamp>.jsonl``: one JSON record per value, ``{projid, tstamp,
   filename, ctx: [{name, iteration, value}], name, value, type}``; type 1 is
   ``flor.log`` and ``flor.arg``, 2 captured output, 3 ``time::*`` profiling, 4
-  ``flor::start`` (the earlier run's checkpoint a run started from). Type 1 rows
+  ``flor::start`` (the earlier run's checkpoint a run started from). FlorDB commits
+  these files too: a run missing from the working tree (recorded on another branch,
+  or a clone) is read from its commit. Type 1 rows
   become the run's recorded rows, typed as JSON kept them; its ``flor.arg`` values
   become the run's args; the time rows become its timings (for replay estimates).
 - a commit per run on the shadow branch (``flor.branch``...), subject
@@ -51,7 +53,7 @@ class FlorDBRun:
     projid: str
     tstamp: str
     filename: str
-    source: str  # the JSONL file, relative to the project root
+    source: str  # the JSONL file, relative to the project root, or <commit>:<path> where git holds it
     records: tuple[Mapping[str, Any], ...]
 
 
@@ -84,43 +86,56 @@ class ImportReport:
 
 # ------------------------------------------------------------------ reading
 def find_project(path: str | os.PathLike) -> Path:
-    """The root of the FlorDB project holding ``path`` (its git repository's root)."""
+    """The root of the FlorDB project holding ``path``: its git repository's root, where
+    ``.flor/runs/*.jsonl`` or FlorDB's auto-commits are."""
     p = Path(path).resolve()
     if not p.is_dir():
         raise FlorDBImportError(f"{str(p)!r} is not a directory; pass the directory of a FlorDB project")
-    root = p
     top = git_out(p, "rev-parse", "--show-toplevel")
-    if top is not None and top.strip():
-        root = Path(top.strip()).resolve()
+    root = Path(top.strip()).resolve() if top and top.strip() else p
     for candidate in dict.fromkeys([p, root]):
         if any((candidate / ".flor" / "runs").glob("*.jsonl")):
             return candidate
+    if top and auto_commits(root):
+        return root
     raise FlorDBImportError(
-        f"{str(p)!r} is not a FlorDB project: there is no .flor/runs/*.jsonl under {str(root)!r}; pass the "
-        "directory where FlorDB recorded (the git repository of the scripts that imported flordb)")
+        f"{str(p)!r} is not a FlorDB project: there is no .flor/runs/*.jsonl under {str(root)!r} and no "
+        f"'{AUTO_COMMIT}' commit in its repository; pass the directory where FlorDB recorded (the git "
+        "repository of the scripts that imported flordb)")
 
 
-def read_runs(root: Path) -> list[FlorDBRun]:
-    """Every run of ``.flor/runs/``, each record checked."""
+def read_runs(root: Path, commits: Mapping[str, AutoCommit]) -> list[FlorDBRun]:
+    """Every run of ``.flor/runs/``, then those that only FlorDB's commits hold (a run of
+    another branch, a clone), each record checked."""
     runs = []
     for path in sorted((root / ".flor" / "runs").glob("*.jsonl")):
         rel = path.relative_to(root).as_posix()
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise FlorDBImportError(f"cannot read the FlorDB run file {rel}: {exc}; fix its permissions or "
                                     "move it out of .flor/runs/, then import again") from exc
-        records = [_record(line, f"{rel}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
-        if not records:
-            continue
-        first = records[0]
-        for n, r in enumerate(records, 1):
-            if (r["projid"], r["tstamp"]) != (first["projid"], first["tstamp"]):
-                raise FlorDBImportError(
-                    f"{rel} mixes runs: record {n} is of run {r['projid']}/{r['tstamp']}, the first of "
-                    f"{first['projid']}/{first['tstamp']}; a FlorDB run file holds one run: split or remove it")
-        runs.append(FlorDBRun(first["projid"], first["tstamp"], first["filename"], rel, tuple(records)))
+        runs.extend(_parse_run(text, rel))
+    have = {r.tstamp for r in runs}
+    for tstamp, ac in sorted(commits.items()):
+        rel = f".flor/runs/{tstamp}.jsonl"
+        text = None if tstamp in have else git_out(root, "show", f"{ac.commit}:{rel}")
+        if text is not None:
+            runs.extend(_parse_run(text, f"{ac.commit[:10]}:{rel}"))
     return runs
+
+
+def _parse_run(text: str, rel: str) -> list[FlorDBRun]:
+    records = [_record(line, f"{rel}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not records:
+        return []
+    first = records[0]
+    for n, r in enumerate(records, 1):
+        if (r["projid"], r["tstamp"]) != (first["projid"], first["tstamp"]):
+            raise FlorDBImportError(
+                f"{rel} mixes runs: record {n} is of run {r['projid']}/{r['tstamp']}, the first of "
+                f"{first['projid']}/{first['tstamp']}; a FlorDB run file holds one run: split or remove it")
+    return [FlorDBRun(first["projid"], first["tstamp"], first["filename"], rel, tuple(records))]
 
 
 def _record(line: str, where: str) -> dict:
@@ -398,11 +413,11 @@ def import_flordb(path: str | os.PathLike = ".", store: Any = None) -> ImportRep
     from .config import load_settings
 
     root = find_project(path)
-    runs = read_runs(root)
-    if not runs:
-        raise FlorDBImportError(f"the FlorDB project {str(root)!r} has no records in .flor/runs/*.jsonl; "
-                                "record a run with FlorDB first, or pass another directory")
     commits = auto_commits(root)
+    runs = read_runs(root, commits)
+    if not runs:
+        raise FlorDBImportError(f"the FlorDB project {str(root)!r} has no records in .flor/runs/*.jsonl or its "
+                                "commits; record a run with FlorDB first, or pass another directory")
     st = resolve_store(store, cwd=root)
     max_bytes = load_settings().snapshot_max_file_bytes
     todo = [r for r in runs if not _already(st, run_id_for(r.projid, r.tstamp), r)]

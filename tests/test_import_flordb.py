@@ -365,6 +365,29 @@ def test_a_run_whose_commit_is_gone_is_imported_and_explained(history, tmp_path)
         plan.explain()
 
 
+def test_a_clone_without_flordbs_branch_checked_out_imports_the_same_runs(history, tmp_path):
+    """FlorDB commits its run files: a clone on main (no .flor/ in its tree) has the
+    runs in the shadow branch's commits, and they arrive as from the original."""
+    repo, store, tstamps, _ = history
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--branch", "main", str(repo), str(clone)], check=True)
+    assert not (clone / ".flor").exists()
+    other = Store(str(tmp_path / "store"))
+    report = import_flordb(clone, store=other)
+    ids = sorted(run_id_for("proj", t) for t in tstamps)
+    assert sorted(report.imported) == ids and not report.not_replayable
+    query = "SELECT run_id, name, loops, iter0, iter1, value, seq FROM logs ORDER BY run_id, seq"
+    assert flor_ray.sql(query, store=other).equals(flor_ray.sql(query, store=store).query("run_id in @ids"))
+    cols = ["run_id", "lr", "epochs", "hidden", "iterations"]
+    mine, theirs = flor_ray.runs(store=other), flor_ray.runs(store=store)
+    assert mine[cols].equals(theirs[cols])
+    # the code too; without FlorDB's obj_store/ the file the runs saved is not known as an output, and stays
+    for a, b in zip(mine["version"], theirs["version"]):
+        va, vb = other.read_json(f"code/versions/{a}.json"), store.read_json(f"code/versions/{b}.json")
+        assert va["files"]["train.py"] == vb["files"]["train.py"] and va["files"]["data.py"] == vb["files"]["data.py"]
+        assert set(va["files"]) - set(vb["files"]) == {"ckpt.pt"}
+
+
 def test_bad_input_leaves_the_store_as_it_was(history, tmp_path):
     repo, store, tstamps, _ = history
     nothing = tmp_path / "empty"
