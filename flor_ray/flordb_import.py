@@ -46,6 +46,7 @@ __all__ = ["import_flordb", "run_id_for", "ImportReport"]
 
 LOG, IO, TIME, START = 1, 2, 3, 4
 _RECORD_KEYS = ("projid", "tstamp", "filename", "ctx", "name", "value", "type")
+_FLOAT = re.compile(r"-?(\d+\.\d*|\.\d+|\d+)(e[-+]?\d+)?|nan|-?inf")
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def _item(seg: Mapping[str, Any]) -> Any:
         return None
     if re.fullmatch(r"-?\d+", v):
         return int(v) if int(v) != i else None
-    if v in ("True", "False", "None") or v[:1] in "[{(" or re.fullmatch(r"-?(\d+\.\d*|\.\d+|\d+)(e-?\d+)?|nan|-?inf", v):
+    if v in ("True", "False", "None") or v[:1] in "[{(" or _FLOAT.fullmatch(v):
         return None
     return v
 
@@ -230,7 +231,8 @@ def build_rows(run: FlorDBRun, arg_names: Sequence[str], version: str, script: s
 
 def failure(run: FlorDBRun) -> dict | None:
     """The uncaught exception that ended the run, from the traceback FlorDB captured on stderr."""
-    err = [r["value"] for r in run.records if r["type"] == IO and r["name"] == "io::stderr" and isinstance(r["value"], str)]
+    err = [r["value"] for r in run.records
+           if r["type"] == IO and r["name"] == "io::stderr" and isinstance(r["value"], str)]
     starts = [i for i, line in enumerate(err) if line.startswith("Traceback (most recent call last)")]
     if not starts:
         return None
@@ -343,7 +345,8 @@ def plan_run(root: Path, run: FlorDBRun, ac: AutoCommit | None, version: Version
         "run_id": run_id, "project": run.projid, "script": script, "version": version.version if version else "",
         "commit": ac.commit if ac else None, "ref": None, "left_out_of_snapshot": [],
         "left_out_of_snapshot_count": 0, "argv": argv_of(root, ac, run.tstamp) if ac else [], "cwd": None,
-        "status": "failed" if error else "finished", "started_at": started, "ended_at": ended, "host": None, "pid": None,
+        "status": "failed" if error else "finished", "started_at": started, "ended_at": ended, "host": None,
+        "pid": None,
         "env": {"device": "cpu"}, "store_format": 1, "args": args, "outer_loop": outer, "iterations": n,
         "timings": t, "checkpoints": [], "checkpoint_period": None, "flushes": 1 if rows else 0,
         "saved_files": saved[0], "updated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),

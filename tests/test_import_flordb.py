@@ -292,7 +292,8 @@ def test_a_run_that_raised_is_imported_as_failed():
 
     def rec(name, value, kind, epoch):
         ctx = [{"name": "epoch", "iteration": epoch, "value": str(epoch)}]
-        return {"projid": "p", "tstamp": "t", "filename": "t.py", "ctx": ctx, "name": name, "value": value, "type": kind}
+        return {"projid": "p", "tstamp": "t", "filename": "t.py", "ctx": ctx, "name": name, "value": value,
+                "type": kind}
 
     lines = ["Traceback (most recent call last):", '  File "t.py", line 5, in <module>', "ValueError: boom"]
     run = FlorDBRun("p", "t", "t.py", "x.jsonl", (rec("x", 0, 1, 0), rec("x", 1, 1, 1),
