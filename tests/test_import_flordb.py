@@ -30,6 +30,8 @@ from flor_ray.store import Store
 from conftest import clean_env, git, write
 
 FLORDB = "flordb==4.0.1"
+#: the tests on the recorded history: a virtualenv with FlorDB from the registry, six FlorDB runs, a replay
+slow = pytest.mark.slow
 
 DATA = '''
 import torch
@@ -205,6 +207,7 @@ def history(tmp_path_factory, flordb_python):
     return repo, Store(str(repo / ".flor")), runs, proc.stdout
 
 
+@slow
 def test_values_args_and_code_versions_arrive(history):
     repo, store, tstamps, out = history
     ids = [run_id_for("proj", t) for t in tstamps]
@@ -241,6 +244,7 @@ def test_values_args_and_code_versions_arrive(history):
     assert runs.loc[ids[0], "version"] == runs.loc[ids[1], "version"] != runs.loc[ids[2], "version"]
 
 
+@slow
 def test_saved_files_are_kept_and_the_ids_are_deterministic(history):
     repo, store, tstamps, _ = history
     for t in tstamps:
@@ -253,6 +257,7 @@ def test_saved_files_are_kept_and_the_ids_are_deterministic(history):
     assert run_id_for("proj", tstamps[0]) == run_id_for("proj", tstamps[0]) != run_id_for("other", tstamps[0])
 
 
+@slow
 def test_the_store_shares_flordbs_directory(history):
     """FlorDB's files in .flor/ are not the store's damage, and FlorDB's run files stay
     in git while the store's own files stay out."""
@@ -308,6 +313,7 @@ def _files(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@slow
 def test_importing_twice_adds_nothing(history):
     repo, store, tstamps, _ = history
     before = _files(repo / ".flor")
@@ -316,6 +322,7 @@ def test_importing_twice_adds_nothing(history):
     assert _files(repo / ".flor") == before
 
 
+@slow
 def test_backfill_into_imported_runs_equals_flordb_rerun_with_the_statements(history, flordb_python, ray_local,
                                                                             tmp_path):
     repo, store, tstamps, _ = history
@@ -347,6 +354,7 @@ def test_backfill_into_imported_runs_equals_flordb_rerun_with_the_statements(his
         assert len(want) == 7 * (2 if "epochs=2" in args else 3)  # 6 steps and 1 epoch-level value per epoch
 
 
+@slow
 def test_a_run_whose_commit_is_gone_is_imported_and_explained(history, tmp_path):
     """A project whose .flor/runs was copied from the machine that trained, without
     the branch: the values arrive; a replay says why it cannot run the run."""
@@ -366,6 +374,7 @@ def test_a_run_whose_commit_is_gone_is_imported_and_explained(history, tmp_path)
         plan.explain()
 
 
+@slow
 def test_a_clone_without_flordbs_branch_checked_out_imports_the_same_runs(history, tmp_path):
     """FlorDB commits its run files: a clone on main (no .flor/ in its tree) has the
     runs in the shadow branch's commits, and they arrive as from the original."""
@@ -390,6 +399,7 @@ def test_a_clone_without_flordbs_branch_checked_out_imports_the_same_runs(histor
         assert set(va["files"]) - set(vb["files"]) == {"ckpt.pt"}
 
 
+@slow
 def test_bad_input_leaves_the_store_as_it_was(history, tmp_path):
     repo, store, tstamps, _ = history
     nothing = tmp_path / "empty"
