@@ -227,7 +227,7 @@ def test_values_args_and_code_versions_arrive(history):
         assert {k: str(v) for k, v in logged_args.items()} == args
         assert {k: runs.loc[rid, k] for k in args} == logged_args
         # values: every other flor.log record, in order, with its loop context
-        want = [(r["name"], "/".join(s["name"] for s in r["ctx"] or ()), *(s["iteration"] for s in r["ctx"]),
+        want = [(r["name"], "/".join(s["name"] for s in r["ctx"] or ()), *(s["iteration"] for s in r["ctx"] or ()),
                  r["value"]) for r in records if r["type"] == 1 and r["name"] not in args]
         mine = logs[logs.run_id == rid]
         got = [(n, lp, *([int(i0)] if lp else []), *([int(i1)] if lp.count("/") else []), v)
