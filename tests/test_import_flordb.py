@@ -400,6 +400,36 @@ def test_a_clone_without_flordbs_branch_checked_out_imports_the_same_runs(histor
 
 
 @slow
+def test_import_into_an_s3_store_and_again(history):
+    """The store on object storage (a moto S3 server on 127.0.0.1): the same runs, rows
+    and code as in the local store, and a second import adds nothing."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from conftest import S3
+
+    repo, local, tstamps, _ = history
+    server = S3()
+    try:
+        server.client().create_bucket(Bucket="flordb")
+        remote = server.store("s3://flordb/imported")
+        first, second = import_flordb(repo, store=remote), import_flordb(repo, store=remote)
+        ids = sorted(run_id_for("proj", t) for t in tstamps)
+        assert sorted(first.imported) == ids and second.imported == () and sorted(second.already) == ids
+        query = ("SELECT run_id, name, loops, iter0, iter1, value, seq FROM logs WHERE source = 'record' "
+                 "ORDER BY run_id, seq")
+        assert flor_ray.sql(query, store=remote).equals(flor_ray.sql(query, store=local))
+        cols = ["run_id", "version", "lr", "epochs", "hidden", "iterations"]
+        assert flor_ray.runs(store=remote)[cols].equals(flor_ray.runs(store=local)[cols])
+        for v in set(flor_ray.runs(store=local)["version"]):
+            manifest = local.read_json(f"code/versions/{v}.json")
+            assert remote.read_json(f"code/versions/{v}.json") == manifest
+            assert all(remote.read_bytes(f"code/objects/{b}") == local.read_bytes(f"code/objects/{b}")
+                       for b in manifest["files"].values())
+    finally:
+        server.stop()
+
+
+@slow
 def test_bad_input_leaves_the_store_as_it_was(history, tmp_path):
     repo, store, tstamps, _ = history
     nothing = tmp_path / "empty"
