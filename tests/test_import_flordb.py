@@ -9,6 +9,7 @@ new statements typed in by hand, run again in full by FlorDB with the run's args
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -23,8 +24,8 @@ import pytest
 
 import flor_ray
 from flor_ray.errors import FlorDBImportError
-from flor_ray.flordb_code import rewrite_imports
-from flor_ray.flordb_import import import_flordb, run_id_for
+from flor_ray.flordb.code import rewrite_imports
+from flor_ray.flordb.importer import import_flordb, run_id_for
 from flor_ray.store import Store
 
 from conftest import clean_env, git, write
@@ -274,7 +275,7 @@ def test_the_store_shares_flordbs_directory(history):
 def test_records_flor_ray_cannot_hold_are_left_out_with_the_reason():
     """A FlorDB run is data: a name that is a column of the relation, a loop nested
     deeper than the relation keeps, loop items that were strings."""
-    from flor_ray.flordb_import import FlorDBRun, build_rows
+    from flor_ray.flordb.importer import FlorDBRun, build_rows
 
     def rec(name, value, ctx=None):
         return {"projid": "p", "tstamp": "t", "filename": "f.py", "ctx": ctx, "name": name, "value": value, "type": 1}
@@ -293,7 +294,7 @@ def test_records_flor_ray_cannot_hold_are_left_out_with_the_reason():
 def test_a_run_that_raised_is_imported_as_failed():
     """FlorDB keeps no status; the traceback it captured on stderr says the run failed
     (in its second epoch here, which did not complete)."""
-    from flor_ray.flordb_import import FlorDBRun, failure, timings
+    from flor_ray.flordb.importer import FlorDBRun, failure, timings
 
     def rec(name, value, kind, epoch):
         ctx = [{"name": "epoch", "iteration": epoch, "value": str(epoch)}]
@@ -329,7 +330,7 @@ def test_backfill_into_imported_runs_equals_flordb_rerun_with_the_statements(his
     plan = flor_ray.plan_replay(["wnorm", "gnorm"], store=store, script=repo.parent / "today.py")
     text = plan.explain()
     assert not plan.skipped and len(plan.tasks) == 3, text
-    report = plan.run(progress=False)
+    report = flor_ray.run_plan(plan, progress=False)
     assert not report.failed, str(report)
     assert report.fidelity.compared > 0 and report.fidelity.mismatched == 0, str(report)
     got = flor_ray.sql("SELECT run_id, name, iter0, iter1, value FROM logs WHERE name IN ('wnorm', 'gnorm') "
@@ -489,3 +490,6 @@ def test_flordb_verbs_commit_and_query_under_flor_ray(repo):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0", "1", "True"]
     assert "query" in flor_ray.__all__
+    importlib.import_module("flor_ray.query.sql")  # the package of that name: still the verb
+
+    assert callable(flor_ray.query) and flor_ray.query.sql.__name__ == "flor_ray.query.sql"

@@ -15,12 +15,17 @@ for recorded runs.
 from __future__ import annotations
 
 import hashlib
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import FlorError
+from ..codetree import blob_id
+from ..errors import FlorError
+from ..record.args import take_kwargs
+from ..store import layout
+from ..versions import _read_blobs, list_version
 
 __all__ = ["AutoCommit", "Version", "AUTO_COMMIT", "auto_commits", "git_out", "rewrite_imports", "import_version",
            "write_version", "locate_script", "argv_of"]
@@ -138,9 +143,6 @@ def _tree_id(entries: Mapping[str, tuple[str, str]]) -> str:
 def import_version(root: Path, ac: AutoCommit, leave_out: frozenset[str], max_bytes: int) -> Version:
     """The flor_ray version of FlorDB's commit: its files without ``.flor/``, the runs'
     saved outputs and files over ``max_bytes``, flordb imports rewritten."""
-    from .codetree import blob_id
-    from .versions import _read_blobs, list_version
-
     listing = list_version(str(root), ac.tree)
     root_of = {sha: r for r, shas in listing.sources.items() for sha in shas}
     subs = tuple(listing.submodules)
@@ -222,10 +224,6 @@ def locate_script(version: Version, filename: str) -> tuple[str, str | None]:
 def argv_of(root: Path, ac: AutoCommit, tstamp: str) -> list[str]:
     """The run's command-line words after the script, without ``--kwargs``, from the
     ``.<branch>.cmd`` file FlorDB committed with it (when that file is this run's)."""
-    import shlex
-
-    from .record.session import take_kwargs
-
     listed = git_out(root, "ls-tree", "--name-only", ac.commit) or ""
     for name in listed.splitlines():
         if not (name.startswith(".") and name.endswith(".cmd")):
@@ -243,14 +241,13 @@ def argv_of(root: Path, ac: AutoCommit, tstamp: str) -> list[str]:
 
 
 def write_version(store, v: Version, have: set[str]) -> None:
-    from .versions import _read_blobs
-
-    rel = f"code/versions/{v.version}.json"
+    """Write the version's missing blobs (``have``: those the store holds), then its manifest."""
+    rel = layout.code_version(v.version)
     if store.exists(rel):
         return
     for sha, data in v.rewritten.items():
         if sha not in have:
-            store.write_bytes(f"code/objects/{sha}", data)
+            store.write_bytes(layout.code_object(sha), data)
             have.add(sha)
     by_root: dict[str, list[str]] = {}
     for sha, r in v.read_from.items():
@@ -258,6 +255,6 @@ def write_version(store, v: Version, have: set[str]) -> None:
             by_root.setdefault(r, []).append(sha)
     for r, shas in by_root.items():
         for sha, data in _read_blobs(r, sorted(set(shas))):
-            store.write_bytes(f"code/objects/{sha}", data)
+            store.write_bytes(layout.code_object(sha), data)
             have.add(sha)
     store.write_json(rel, v.manifest)

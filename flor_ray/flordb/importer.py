@@ -12,7 +12,7 @@ What FlorDB 4.0.1 keeps in the git repository of a project, and what becomes of 
   become the run's args; the time rows become its timings (for replay estimates).
 - a commit per run on the shadow branch (``flor.branch``...), subject
   ``FLOR::Auto-commit::<tstamp>``, ``k=v`` per ``flor.arg`` in its body: the run's
-  code version (see :mod:`flor_ray.flordb_code`) and the names of its args. A run
+  code version (see :mod:`flor_ray.flordb.code`) and the names of its args. A run
   without one is imported with its values, and a replay says why it cannot run it.
 - ``.flor/obj_store/<tstamp>/``: copies of the files the run saved, copied into the
   store and listed in the run's ``saved_files``. They hold no RNG states, so they are
@@ -37,12 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import FlorDBImportError, FlorError, StoreError
-from .store import MARKER
-from .flordb_code import (AUTO_COMMIT, AutoCommit, Version, git_out, argv_of, auto_commits, import_version,
-                          locate_script, write_version)
+from ..api import resolve_store
+from ..config import load_settings
+from ..errors import FlorDBImportError, FlorError, StoreError
+from ..record.names import check_name
+from ..record.rows import rows_to_table
+from ..store import layout
+from ..store.logs import MAX_LOOP_DEPTH, table_to_parquet_bytes
+from ..store.values import convert
+from .code import (AUTO_COMMIT, AutoCommit, Version, git_out, argv_of, auto_commits, import_version,
+                   locate_script, write_version)
 
-__all__ = ["import_flordb", "run_id_for", "ImportReport"]
+__all__ = ["import_flordb", "run_id_for", "ImportReport", "FlorDBRun", "build_rows", "failure", "timings"]
 
 LOG, IO, TIME, START = 1, 2, 3, 4
 _RECORD_KEYS = ("projid", "tstamp", "filename", "ctx", "name", "value", "type")
@@ -186,10 +192,6 @@ def _item(seg: Mapping[str, Any]) -> Any:
 
 def build_rows(run: FlorDBRun, arg_names: Sequence[str], version: str, script: str):
     """(rows for rows_to_table or None, args, notes) of one run's type-1 records."""
-    from .record.session import check_name
-    from .relation import MAX_LOOP_DEPTH
-    from .values import convert
-
     args: dict[str, Any] = {}
     rows: dict[str, Any] = {"prefixes": [], "pids": [], "lasts": [], "items": [], "names": [], "values": []}
     pids: dict[tuple, int] = {}
@@ -306,7 +308,7 @@ def saved_files(root: Path, tstamp: str, run_id: str) -> tuple[list[dict], list[
             continue
         data = f.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        rel = f"checkpoints/{run_id}/saved/{digest[:16]}{f.suffix if re.fullmatch(r'[.][a-z]{1,8}', f.suffix) else ''}"
+        rel = layout.saved_file(run_id, digest[:16] + (f.suffix if re.fullmatch(r"[.][a-z]{1,8}", f.suffix) else ""))
         entries.append({"name": name, "kind": kind, "backend": backend, "path": rel, "bytes": len(data),
                         "sha256": digest})
         copies.append((str(f), rel))
@@ -372,8 +374,6 @@ def _iso(tstamp: str) -> str | None:
 # ------------------------------------------------------------------ writing
 def write_run(store, p: PlannedRun, have: set[str]) -> None:
     """Write one planned run; its metadata last, so the run appears whole or not at all."""
-    from .relation import rows_to_table, table_to_parquet_bytes
-
     try:
         if p.version is not None:
             write_version(store, p.version, have)
@@ -381,11 +381,11 @@ def write_run(store, p: PlannedRun, have: set[str]) -> None:
             store.write_bytes(rel, Path(local).read_bytes(), durable=True)
         if p.rows is not None:
             table = rows_to_table(**p.rows)
-            store.write_bytes(f"logs/run_id={p.run_id}/source=record/part-00000.parquet",
-                              table_to_parquet_bytes(table))
+            store.write_bytes(layout.record_part(p.run_id, 0), table_to_parquet_bytes(table))
         store.write_json(store.runs_rel(p.run_id), dict(p.meta))
     except BaseException:
-        for rel in (f"logs/run_id={p.run_id}", f"checkpoints/{p.run_id}"):  # code objects are shared: kept
+        # its rows and saved files; code objects are shared by content with other runs: kept
+        for rel in (layout.log_folder(p.run_id, "record"), layout.checkpoint_folder(p.run_id)):
             try:
                 store.delete(rel)
             except Exception:  # noqa: BLE001 - best effort; the original error is raised
@@ -412,9 +412,6 @@ def _already(store, run_id: str, run: FlorDBRun) -> bool:
 def import_flordb(path: str | os.PathLike = ".", store: Any = None) -> ImportReport:
     """Import the FlorDB project at ``path`` into ``store`` (resolved as every command
     does, from the project's directory); runs already imported are left as they are."""
-    from .api import resolve_store
-    from .config import load_settings
-
     root = find_project(path)
     commits = auto_commits(root)
     runs = read_runs(root, commits)
@@ -434,14 +431,14 @@ def import_flordb(path: str | os.PathLike = ".", store: Any = None) -> ImportRep
             versions[ac.tree] = import_version(root, ac, outputs, max_bytes)
         planned.append(plan_run(root, r, ac, versions.get(ac.tree) if ac else None, saved[r.tstamp][:2]))
     if planned:
-        fresh = st.is_local and not st.exists(MARKER)
+        fresh = st.is_local and not st.exists(layout.MARKER)
         st.ensure()
         if fresh and Path(st.root).resolve() == (root / ".flor").resolve():
             # the store shares FlorDB's .flor/: its own files stay out of git, FlorDB's run files
             # stay in (FlorDB commits them; "*" alone would hide them from its `git add -A`)
             st.write_bytes(".gitignore", b"# written by flor_ray: the store is not source code; FlorDB's "
                                          b"runs/*.jsonl are FlorDB's\n*\n!runs/\nruns/*\n!runs/*.jsonl\n")
-        have = set(st.listdir("code/objects"))
+        have = set(st.listdir(layout.CODE_OBJECTS))
         for p in planned:
             write_run(st, p, have)
     return ImportReport(
