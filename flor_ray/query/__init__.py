@@ -10,6 +10,8 @@ import types as _types
 
 
 class _CallablePackage(_types.ModuleType):
+    """This package's module type: a module that can be called."""
+
     def __call__(self, sql_query: str, store=None):
         """``flor.query(sql, store=None)``: :func:`flor_ray.sql` (the facade, already imported)."""
         return _sys.modules["flor_ray"].sql(sql_query, store=store)
