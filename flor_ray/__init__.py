@@ -30,6 +30,7 @@ __all__ = [
     "dataframe",
     "runs",
     "sql",
+    "query",
     "plan_replay",
     "run_plan",
     "replay",
@@ -97,7 +98,10 @@ def checkpointing(**objects: Any):
 
 
 def commit() -> None:
-    """Flush buffered rows to the store now (they are also flushed per outer iteration)."""
+    """Flush buffered rows to the store now (they are also flushed per outer iteration).
+
+    FlorDB's ``flor.commit()`` flushes and makes a git commit; flor_ray snapshots the
+    code when a run starts, so here it only flushes."""
     if _SESSION is not None:
         _SESSION.commit()
 
@@ -136,6 +140,17 @@ def sql(query: str, store: Any = None) -> "pd.DataFrame":
     from .query.sql import sql as _sql
 
     return _sql(_store(store), query)
+
+
+def __getattr__(name: str) -> Any:
+    """``flor.query``: FlorDB's name for :func:`sql`. It is also the name of the package
+    :mod:`flor_ray.query`, which Python binds to this attribute once it is imported, so
+    the package itself takes the call (see its ``__init__``); imported here on first use."""
+    if name == "query":
+        import importlib
+
+        return importlib.import_module(".query", __name__)
+    raise AttributeError(f"module 'flor_ray' has no attribute {name!r}")
 
 
 def checkpoints(run_id: str, store: Any = None) -> "pd.DataFrame":

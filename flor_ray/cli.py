@@ -16,6 +16,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from .errors import FlorError
+from .flordb import add_command as _add_flordb_commands
 
 __all__ = ["main", "build_parser"]
 
@@ -288,9 +289,8 @@ def cmd_spool(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _root_parser()
     add = _command_adder(p.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    _add_query_commands(add)
-    _add_replay_commands(add)
-    _add_tool_commands(add)
+    for group in (_add_query_commands, _add_replay_commands, _add_tool_commands, _add_flordb_commands):
+        group(add)
     return p
 
 

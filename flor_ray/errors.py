@@ -30,6 +30,7 @@ __all__ = [
     "ClusterError",
     "KwargsError",
     "ArgDefaultError",
+    "FlorDBImportError",
 ]
 
 
@@ -162,3 +163,7 @@ class ArgDefaultError(FlorError, TypeError):
             f"flor.arg({name!r}, default) got a default of type {type(default).__name__} ({default!r:.60}); "
             "give an int, float, bool, str or None default (e.g. float(x)), which --kwargs can override"
         )
+
+
+class FlorDBImportError(FlorError, ValueError):
+    """A FlorDB project that cannot be imported: not one, or records that cannot be read."""

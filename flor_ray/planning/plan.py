@@ -315,6 +315,7 @@ class SkipKind(str, Enum):
     NO_ITERATIONS = "no iterations"  # it completed no outer iteration
     OUT_OF_RANGE = "out of range"  # the requested iterations select none of its own
     RUNNING = "running"  # still recording
+    NOT_REPLAYABLE = "not replayable"  # its metadata says why (a run imported without its code...)
 
 
 @dataclass(frozen=True)

@@ -343,7 +343,8 @@ def plan_replay(
     logged = _logged_per_run(store, [m["run_id"] for m in metas])
     names = _requested(names, today_names, logged, metas, path)
     running = [] if include_running else [m for m in metas if m.get("status") == "running"]
-    metas = [m for m in metas if m not in running]
+    refused = [m for m in metas if m.get("replay_refused") and m not in running]  # e.g. imported without its code
+    metas = [m for m in metas if m not in running and m not in refused]
     modules = {p: m for p, m in modules.items() if set(m[1]) & set(names)}
     runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
     patches = propagate_versions(store, today, {r.version: r.script for r in runs}, names, modules)
@@ -357,7 +358,9 @@ def plan_replay(
         skipped_runs=[SkippedRun(m["run_id"], m["version"],
                                  f"still recording (pid {m.get('pid')} on {m.get('host')}): replay it once it has "
                                  "finished, or pass include_running=True (--include-running)", SkipKind.RUNNING)
-                      for m in running],
+                      for m in running]
+        + [SkippedRun(m["run_id"], m["version"], f"cannot be replayed: {m['replay_refused']}",
+                      SkipKind.NOT_REPLAYABLE) for m in refused],
     )
     check_fits(plan, cluster)
     if not plan.tasks and plan.skipped and all(s.kind is SkipKind.OUT_OF_RANGE for s in plan.skipped):

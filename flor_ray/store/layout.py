@@ -124,6 +124,11 @@ def checkpoint(run_id: str, iteration: int) -> str:
     return f"{checkpoint_folder(run_id)}/{iteration:06d}.pt"
 
 
+def saved_file(run_id: str, name: str) -> str:
+    """A file a run saved itself (FlorDB's copies, imported): kept with the run, not a checkpoint."""
+    return f"{checkpoint_folder(run_id)}/saved/{safe_component('saved file', name)}"
+
+
 # -------------------------------------------------------------------- code
 def code_version(tree: str) -> str:
     """The manifest of a code version ({path: blob id})."""
