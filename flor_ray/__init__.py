@@ -25,6 +25,7 @@ __all__ = [
     "log",
     "arg",
     "loop",
+    "iteration",
     "checkpointing",
     "commit",
     "dataframe",
@@ -86,6 +87,17 @@ def arg(name: str, default: Any) -> Any:
 def loop(name: str, iterable: Iterable[Any]) -> Iterator[Any]:
     """Iterate ``iterable`` as loop ``name``; the outermost loop sets checkpoints."""
     return (_SESSION or _session()).loop(name, iterable)
+
+
+def iteration(name: str, idx: int | None = None, value: Any = None):
+    """Context manager around one iteration of a loop the script drives itself.
+
+    ``with flor.iteration("step", iter_num):`` in a ``while`` loop (FlorDB's name and
+    signature): logs inside get the context ``step=<n>``; at the top level each block
+    is an outer iteration (counted, checkpointed by the adaptive policy, replayed
+    from the nearest checkpoint). See :mod:`flor_ray.record.steps`.
+    """
+    return (_SESSION or _session()).iteration(name, idx, value)
 
 
 def checkpointing(**objects: Any):

@@ -81,6 +81,7 @@ class ReplaySession(LoopRuntime):
         self._phase = "setup"  # setup -> loop -> after
         self._cur_iter = -1
         self._keep_iter = False
+        self._past_stop = False
         from ..relation import empty_rows
 
         self._kept: dict[str, list] = empty_rows()
@@ -187,6 +188,10 @@ class ReplaySession(LoopRuntime):
         self._suppress_saves()
         return LoopRuntime.loop(self, name, iterable)
 
+    def iteration(self, name: str, idx: Any = None, value: Any = None):
+        self._suppress_saves()
+        return LoopRuntime.iteration(self, name, idx, value)
+
     @contextmanager
     def checkpointing(self, **objects: Any):
         if self._in_ckpt:
@@ -216,6 +221,9 @@ class ReplaySession(LoopRuntime):
         self._cur_iter = i
         self._exits = 0
         self._restore_at = None
+        if self._past_stop:  # a step loop going on after the segment's last step
+            self._keep_iter = False
+            return False
         if self.mode == "setup":  # only the code before the outer loop was needed
             self._phase = "setup"
             self.finish()
@@ -265,6 +273,19 @@ class ReplaySession(LoopRuntime):
         if normal and not self.spec.get("after"):
             self.finish()  # write the partition now, not at interpreter exit
             raise SegmentDone(0)
+
+    def _iteration_done(self, i: int, completed: bool) -> None:
+        """After a step of a ``flor.iteration`` loop: the rows logged outside any step
+        from here on are the code after the loop's (until the next step begins); the
+        segment ends with its last step, unless the code after the loop is wanted."""
+        self._move_rows()
+        self._phase = "after"
+        if completed and i >= self.stop:
+            self._past_stop = True
+            if not self.spec.get("after"):
+                self._lap("loop")
+                self.finish()
+                raise SegmentDone(0)
 
     def _restore(self, entry: Mapping[str, Any]) -> None:
         from ..past_checkpoints import read_verified

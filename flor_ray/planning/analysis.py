@@ -455,6 +455,7 @@ class _Walker:
         self.loops: dict[int, _Loop] = {}
         self.outer: _Loop | None = None
         self.outer_targets: frozenset[str] = frozenset()
+        self.loop_targets: dict[int, frozenset[str]] = {}  # a for loop's target names (a step loop's outer)
         self.inlined: set[str] = set()
         self._ids = itertools.count()
         #: names bound to a part of another object (``g`` in ``for g in opt.param_groups``,
@@ -522,6 +523,7 @@ class _Walker:
                 stmt.target, body_chain, guards + (it,), inner_path, function,
                 uses=frozenset(scan.loads), strong=frozenset(_target_names(stmt.target)), node_for_line=stmt,
             )
+            self.loop_targets[cid] = self.units[tgt].strong
             if is_outer:
                 self.outer_targets = self.units[tgt].strong
             self._bind_alias(stmt.target, stmt.iter)
@@ -540,11 +542,17 @@ class _Walker:
             if stmt.orelse is not None:
                 self.walk(self._block(stmt.orelse.body), chain + ((cid, "else"),), guards + (test,), path, function, stack)
         elif isinstance(stmt, cst.With):
+            step: cst.Call | None = None
             for item in stmt.items:
                 scan = _scan(item.item)
                 strong = frozenset(_target_names(item.asname.name)) if item.asname else frozenset()
                 self._add(item.item, chain, guards, path, function, scan=scan, strong=strong, node_for_line=stmt)
-            self.walk(self._block(stmt.body), chain, guards, path, function, stack)
+                if isinstance(item.item, cst.Call) and an.api(item.item.func) == "iteration":
+                    step = item.item
+            if step is not None:
+                self._iteration(stmt, step, chain, guards, path, function, stack)
+            else:
+                self.walk(self._block(stmt.body), chain, guards, path, function, stack)
         elif isinstance(stmt, (cst.Try, cst.TryStar)):
             self.walk(self._block(stmt.body), chain, guards, path, function, stack)
             cid = next(self._ids)
@@ -562,6 +570,37 @@ class _Walker:
         else:  # match statements and anything newer: one opaque unit, reads and may mutate all it names
             scan = _scan(stmt)
             self._add(stmt, chain, guards, path, function, scan=scan, weak=frozenset(scan.loads), node_for_line=stmt)
+
+    def _iteration(self, stmt: cst.With, call: cst.Call, chain, guards, path, function, stack) -> None:
+        """``with flor.iteration(name, ...):``: one iteration of a loop the script drives.
+
+        Outside any flor loop, the loop that repeats the block (the innermost enclosing
+        ``while``/``for``) is the outer loop, named after the iteration: its back edges
+        carry the values from step to step, and the code of its body outside the block
+        runs in every iteration of a replay, skipped or not. A block that no loop
+        repeats (one training step in a function the script calls per step) is a loop
+        of its own. Nested in a flor loop, the block only names its logs' context: a
+        replay runs its body like any plain loop's."""
+        arg = _first_arg(call)
+        name = (_str_literal(arg) if arg is not None else None) or "?"
+        body_chain = chain
+        if not path:  # no flor loop around it
+            enclosing = [cid for cid, br in chain if br == "loop"]
+            if enclosing:
+                loop = self.loops[enclosing[-1]]
+            else:
+                cid = next(self._ids)
+                start = len(self.units)
+                loop = _Loop(cid, False, None, start, start, self.an.line(stmt))
+                self.loops[cid] = loop
+                body_chain = chain + ((cid, "loop"),)
+            loop.flor, loop.name = True, name
+            if self.driver and self.outer is None:
+                self.outer = loop
+                self.outer_targets = self.loop_targets.get(loop.id, frozenset())
+        self.walk(self._block(stmt.body), body_chain, guards, path + (name,), function, stack)
+        if body_chain is not chain:
+            self.loops[body_chain[-1][0]].end = len(self.units) - 1
 
     def _inline_target(self, small: cst.BaseSmallStatement, stack: tuple[str, ...]) -> str | None:
         if not self.driver or self.outer is not None:
