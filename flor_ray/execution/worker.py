@@ -36,7 +36,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
 
-from ..errors import CheckpointError, CheckpointingError
+from ..errors import CheckpointError, CheckpointingError, LoopError
 from ..record.session import LoopRuntime, check_name
 
 __all__ = ["ReplaySession", "SegmentDone"]
@@ -221,9 +221,12 @@ class ReplaySession(LoopRuntime):
         self._cur_iter = i
         self._exits = 0
         self._restore_at = None
-        if self._past_stop:  # a step loop going on after the segment's last step
-            self._keep_iter = False
-            return False
+        if self._past_stop:  # only a segment with the code after the loop, which ends at the run's last step
+            raise LoopError(
+                f"the replay of run {self.spec['run_id']} went on to step {i} of its flor.iteration loop, "
+                f"past the last recorded step {self.stop}: the loop's end depends on code in the steps' "
+                "bodies, which a replay skips; end the loop from code outside the `with flor.iteration` "
+                "block (e.g. `if iter_num > max_iters: break` after it)")
         if self.mode == "setup":  # only the code before the outer loop was needed
             self._phase = "setup"
             self.finish()
@@ -280,7 +283,7 @@ class ReplaySession(LoopRuntime):
         segment ends with its last step, unless the code after the loop is wanted."""
         self._move_rows()
         self._phase = "after"
-        if completed and i >= self.stop:
+        if i >= self.stop:  # ran or skipped: no later step is wanted
             self._past_stop = True
             if not self.spec.get("after"):
                 self._lap("loop")

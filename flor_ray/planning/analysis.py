@@ -542,17 +542,7 @@ class _Walker:
             if stmt.orelse is not None:
                 self.walk(self._block(stmt.orelse.body), chain + ((cid, "else"),), guards + (test,), path, function, stack)
         elif isinstance(stmt, cst.With):
-            step: cst.Call | None = None
-            for item in stmt.items:
-                scan = _scan(item.item)
-                strong = frozenset(_target_names(item.asname.name)) if item.asname else frozenset()
-                self._add(item.item, chain, guards, path, function, scan=scan, strong=strong, node_for_line=stmt)
-                if isinstance(item.item, cst.Call) and an.api(item.item.func) == "iteration":
-                    step = item.item
-            if step is not None:
-                self._iteration(stmt, step, chain, guards, path, function, stack)
-            else:
-                self.walk(self._block(stmt.body), chain, guards, path, function, stack)
+            self._with(stmt, chain, guards, path, function, stack)
         elif isinstance(stmt, (cst.Try, cst.TryStar)):
             self.walk(self._block(stmt.body), chain, guards, path, function, stack)
             cid = next(self._ids)
@@ -570,6 +560,19 @@ class _Walker:
         else:  # match statements and anything newer: one opaque unit, reads and may mutate all it names
             scan = _scan(stmt)
             self._add(stmt, chain, guards, path, function, scan=scan, weak=frozenset(scan.loads), node_for_line=stmt)
+
+    def _with(self, stmt: cst.With, chain, guards, path, function, stack) -> None:
+        step: cst.Call | None = None
+        for item in stmt.items:
+            scan = _scan(item.item)
+            strong = frozenset(_target_names(item.asname.name)) if item.asname else frozenset()
+            self._add(item.item, chain, guards, path, function, scan=scan, strong=strong, node_for_line=stmt)
+            if isinstance(item.item, cst.Call) and self.an.api(item.item.func) == "iteration":
+                step = item.item
+        if step is not None:
+            self._iteration(stmt, step, chain, guards, path, function, stack)
+        else:
+            self.walk(self._block(stmt.body), chain, guards, path, function, stack)
 
     def _iteration(self, stmt: cst.With, call: cst.Call, chain, guards, path, function, stack) -> None:
         """``with flor.iteration(name, ...):``: one iteration of a loop the script drives.

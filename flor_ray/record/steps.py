@@ -37,7 +37,7 @@ at the one that raised.
 
 from __future__ import annotations
 
-import dis
+import opcode
 import sys
 import time
 import types
@@ -45,7 +45,7 @@ from typing import Any
 
 __all__ = ["Iteration", "SkipBody", "ended_by_exit", "skip_body"]
 
-_POP_TOP = dis.opmap["POP_TOP"]
+_POP_TOP = opcode.opmap["POP_TOP"]
 
 
 class SkipBody(Exception):
