@@ -190,6 +190,7 @@ def test_gpt_last_step_replays_from_a_mid_run_checkpoint(history, gpt_replay):
     (task,) = last.tasks
     assert task.restore is not None and task.restore.iteration > 0, last.explain()
     assert task.restore.iteration in {c["iteration"] for c in _meta(store, run)["checkpoints"]}
+    assert f"re-execute {GPT_ITERS} restore@{task.restore.iteration}" in last.explain(), last.explain()
     assert not report.failed, str(report)
     assert report.fidelity.compared > 0 and report.fidelity.mismatched == 0, str(report)
 
@@ -335,3 +336,39 @@ def test_iteration_is_a_flor_error_for_a_name_of_a_logged_value(repo):
     with pytest.raises(FlorError, match="name of a logged value"):
         with rt.iteration("step", 0):
             pass
+
+
+def test_a_replay_skips_the_bodies_of_the_steps_it_does_not_run():
+    """The mechanism ReplaySession uses: a step whose ``_outer_begin`` says no does not
+    run its body, the code around the block does, and a tracer already set stays set."""
+    from flor_ray.record.session import LoopRuntime
+
+    class EveryOther(LoopRuntime):
+        def _outer_begin(self, i: int, length) -> bool:
+            return i % 2 == 1
+
+    def tracer(frame, event, arg):
+        return None
+
+    rt, ran, around = EveryOther(), [], []
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        step = 0
+        while step < 6:
+            with rt.iteration("step", step):
+                ran.append(step)
+                rt.log("v", step)
+            around.append(step)
+            step += 1
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(previous)
+    assert ran == [1, 3, 5] and around == list(range(6))
+    rows = rt.take_rows()
+    assert rows["names"] == ["v"] * 3 and rows["values"] == [1, 3, 5]
+
+    rt, ran = EveryOther(), []
+    for step in range(4):
+        with rt.iteration("step", step): ran.append(step)  # noqa: E701 - a body on the with's own line
+    assert ran == [1, 3]
