@@ -129,7 +129,8 @@ def test_flor_iteration_records_the_steps_of_a_gpt_loop(history):
     meta = _meta(store, run)
     assert meta["status"] == "finished" and meta["outer_loop"] == "step"
     assert meta["iterations"] == GPT_ITERS + 1  # iter_num 0..max_iters, then `iter_num > max_iters: break`
-    assert 0 < len(meta["checkpoints"]) < GPT_ITERS
+    # steps of ~10 ms against a checkpoint of a few: the budget may allow one at most steps
+    assert meta["checkpoints"] and {c["iteration"] for c in meta["checkpoints"]} <= set(range(GPT_ITERS + 1))
     assert sorted(_values(store, "loss", "record", "gpt_train.py")) == list(range(GPT_ITERS + 1))
     evals = list(range(0, GPT_ITERS + 1, GPT_EVAL))
     assert sorted(_values(store, "val_loss", "record", "gpt_train.py")) == evals
