@@ -4,7 +4,7 @@ For each size n (full: 10^4, 10^5, 10^6, 10^7 log rows; quick: 10^4 .. 10^6) the
 history is written for both tools without running any training: 10 runs, each
 logging ``loss`` at every (epoch, step) of 10 epochs, n/10 rows per run.
 
-* flor_ray: the relation is built in ``flor_ray.relation.schema()`` and written with
+* flor_ray: the relation is built in ``flor_ray.store.logs.schema()`` and written with
   ``table_to_parquet_bytes`` + ``Store.write_bytes`` (one Parquet file per run and epoch, as a recording
   flushes per outer iteration), plus one ``runs/<id>.json`` per run.
 * FlorDB: the same rows are inserted into its sqlite ``logs`` table (TEXT values,
@@ -52,14 +52,14 @@ SQL = "SELECT run_id, avg(value) AS mean_loss, count(*) AS n FROM logs WHERE nam
 def _epoch_table(run: int, e: int, steps: int):
     """One flush of a recording: the rows of one epoch, in flor_ray's relation schema.
 
-    Built column by column against ``flor_ray.relation.schema()`` (any column this
+    Built column by column against ``flor_ray.store.logs.schema()`` (any column this
     benchmark does not know is left null), so it survives changes to the buffering
     helpers of the recorder; the values are those a recording would write.
     """
     import numpy as np
     import pyarrow as pa
 
-    from flor_ray.relation import schema
+    from flor_ray.store.logs import schema
 
     sch = schema()
     s = np.arange(steps, dtype=np.int64)
@@ -80,7 +80,7 @@ def _epoch_table(run: int, e: int, steps: int):
 
 def write_flor_ray(path: Path, n: int) -> float:
     """A flor_ray store with n rows; returns seconds spent writing."""
-    from flor_ray.relation import table_to_parquet_bytes
+    from flor_ray.store.logs import table_to_parquet_bytes
     from flor_ray.store import Store
 
     t = time.perf_counter()

@@ -7,7 +7,7 @@ each run E epochs, recorded as fresh ``python train.py`` processes in a temporar
 repository. Today's script is v3 plus two hindsight statements. Then:
 
 (a) outer-level statement (reads only the model, logged after validation): flor_ray
-    replays it in skip mode from checkpoints; replay wall (planning + ``plan.run()``
+    replays it in skip mode from checkpoints; replay wall (planning + ``run_plan(plan)``
     on a local Ray with 2 CPUs, already started) / the original recording wall (sum
     over runs). Measured twice: on cold workers (each first starts its zygote, the
     imports of torch) and on warm ones (a cluster that has replayed before).
@@ -119,6 +119,7 @@ def _clear_replay(store) -> int:
 def _plan_and_run(repo: Path, name: str, slots: int):
     """Plan ``name`` for ``slots`` concurrent tasks on the 2-CPU Ray, run it; timings and report."""
     import flor_ray
+    from flor_ray.execution.driver import run_plan
     from flor_ray.planning.plan import ClusterSnapshot, Resources
 
     store = str(repo / ".flor")
@@ -126,7 +127,7 @@ def _plan_and_run(repo: Path, name: str, slots: int):
     plan = flor_ray.plan_replay([name], store=store, script=repo / "train.py", cluster=ClusterSnapshot(2.0),
                                 resources=Resources(num_cpus=2.0 / slots))
     plan_s = time.perf_counter() - t0
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     total = time.perf_counter() - t0
     modes = sorted({t.mode for t in plan.tasks})
     res = {

@@ -3,7 +3,7 @@
 This measures scheduling, not training. A synthetic history of N runs (>= 1,000)
 with known per-epoch costs (seeded log-normal, a few long runs among many short
 ones, like a real sweep) is planned with flor_ray's own planner
-(``flor_ray.planning.plan.make_plan``, one re-execution task per run) for W worker
+(``flor_ray.planning.make.make_plan``, one re-execution task per run) for W worker
 slots, W = 1, 2, 4, ... 64. Each planned task is then run on Ray as a
 ``time.sleep`` of exactly its estimated cost, instead of a replay process (so W can
 exceed this machine's cores: sleeps need none). The tasks are submitted in plan
@@ -54,7 +54,8 @@ def synthetic_runs(n: int, total_s: float, seed: int = 0):
 
 def make(runs, w: int):
     import flor_ray.planning.plan as plan_mod
-    from flor_ray.planning.plan import ClusterSnapshot, Resources, VersionPatch, make_plan
+    from flor_ray.planning.make import make_plan
+    from flor_ray.planning.plan import ClusterSnapshot, Resources, VersionPatch
 
     # a sleep task has no replay process to fork and no partition to write: its
     # estimate is exactly its synthetic work

@@ -32,6 +32,7 @@ __all__ = [
     "runs",
     "sql",
     "plan_replay",
+    "run_plan",
     "replay",
     "checkpoints",
     "load_checkpoint",
@@ -42,7 +43,7 @@ __version__ = "0.1.0"
 
 _KWARGS: dict[str, str] = {}
 if any(a == "--kwargs" or a.startswith("--kwargs=") for a in _sys.argv):
-    from .record.session import take_kwargs as _take_kwargs
+    from .record.args import take_kwargs as _take_kwargs
 
     _KWARGS = _take_kwargs(_sys.argv)
 
@@ -50,7 +51,8 @@ _SESSION: Any = None
 
 
 def _session():
-    """The process's session, made on first use: replay mode when FLOR_REPLAY is set."""
+    """The process's session, made on first use: replay mode when FLOR_REPLAY is set,
+    profiled (its calls timed, see flor_ray.record.profile) when FLOR_PROFILE is."""
     global _SESSION
     if _SESSION is None:
         from .config import load_settings
@@ -61,9 +63,10 @@ def _session():
 
             _SESSION = ReplaySession.from_spec_file(spec)
         else:
+            from .record.profile import hooks_from_environment
             from .record.session import RecordSession
 
-            _SESSION = RecordSession(load_settings(), _KWARGS)
+            _SESSION = RecordSession(load_settings(), _KWARGS, hooks=hooks_from_environment())
     return _SESSION
 
 
@@ -106,7 +109,7 @@ def checkpointing(**objects: Any):
 
 
 def commit() -> None:
-    """Flush buffered rows to the store now (they are also flushed per outer iteration)."""
+    """Flush buffered rows to the store now (they are also flushed at outer-iteration ends)."""
     if _SESSION is not None:
         _SESSION.commit()
 
@@ -121,16 +124,16 @@ def dataframe(*names: str, where: str | None = None, store: Any = None) -> "pd.D
     """One row per (run, loop context), a column per loop, log name and arg.
 
     A name logged several times in one context adds an ``occurrence`` column (one
-    row per value, in logging order); see :func:`flor_ray.relation.dataframe`.
+    row per value, in logging order); see :func:`flor_ray.query.dataframe.dataframe`.
     """
-    from .relation import dataframe as _df
+    from .query.dataframe import dataframe as _df
 
     return _df(_store(store), names, where)
 
 
 def runs(where: str | None = None, store: Any = None) -> "pd.DataFrame":
     """The runs table (one row per run, a column per arg)."""
-    from .relation import runs_frame, select_runs
+    from .query.runs import runs_frame, select_runs
 
     st = _store(store).check()
     df = runs_frame(st)
@@ -142,14 +145,14 @@ def runs(where: str | None = None, store: Any = None) -> "pd.DataFrame":
 
 def sql(query: str, store: Any = None) -> "pd.DataFrame":
     """DuckDB SQL over tables ``logs`` (long relation) and ``runs``."""
-    from .relation import sql as _sql
+    from .query.sql import sql as _sql
 
     return _sql(_store(store), query)
 
 
 def checkpoints(run_id: str, store: Any = None) -> "pd.DataFrame":
     """A run's checkpoints: iteration, bytes, time written, verified, path."""
-    from .past_checkpoints import checkpoint_table
+    from .query.checkpoints import checkpoint_table
 
     return checkpoint_table(_store(store).check(), run_id)
 
@@ -162,7 +165,7 @@ def load_checkpoint(run_id: str, iteration: Any = "last", *, store: Any = None, 
     the run gave ``flor.checkpointing``; ``iteration`` is a number or ``"last"``;
     ``rng=True`` also restores the python/numpy/torch RNG states.
     """
-    from .past_checkpoints import load_checkpoint as _load
+    from .query.checkpoints import load_checkpoint as _load
 
     return _load(_store(store).check(), run_id, iteration, objects, rng=rng)
 
@@ -174,6 +177,16 @@ def plan_replay(names=None, **kwargs: Any):
     return _plan(names, **kwargs)
 
 
+def run_plan(plan, **kwargs: Any):
+    """Run a plan from :func:`plan_replay` (on Ray unless ``runner=`` says otherwise,
+    see :func:`flor_ray.execution.driver.run_plan`); returns the report."""
+    from .execution.driver import run_plan as _run
+
+    return _run(plan, **kwargs)
+
+
 def replay(names=None, **kwargs: Any):
-    """Plan and run a hindsight-logging query; returns the report."""
-    return plan_replay(names, **kwargs).run()
+    """Plan and run a hindsight-logging query (see :func:`flor_ray.api.replay`); returns the report."""
+    from .api import replay as _replay
+
+    return _replay(names, **kwargs)

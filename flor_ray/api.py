@@ -1,16 +1,22 @@
-"""Entry points that need the store or the repository (kept out of ``__init__``)."""
+"""Entry points that need the store or the repository (kept out of ``__init__``):
+resolve the store, plan over it, hand the plan to the executor."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import load_settings
 from .errors import RepositoryError
 from .store import Store
 
-__all__ = ["resolve_store", "plan_replay"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .execution.driver import Runner
+    from .execution.report import Report
+    from .planning.plan import Plan
+
+__all__ = ["resolve_store", "plan_replay", "replay"]
 
 
 def resolve_store(store: Any = None, cwd: str | os.PathLike | None = None,
@@ -36,7 +42,17 @@ def resolve_store(store: Any = None, cwd: str | os.PathLike | None = None,
     return Store(os.path.join(root, ".flor"), settings.storage_options)
 
 
-def plan_replay(names=None, **kwargs: Any):
+def plan_replay(names=None, *, store: Any = None, **kwargs: Any) -> "Plan":
+    """The plan of a replay over the resolved store (see
+    :func:`flor_ray.planning.planner.plan_replay` for the arguments); runs nothing."""
     from .planning.planner import plan_replay as _plan
 
-    return _plan(names, **kwargs)
+    return _plan(names, store=resolve_store(store).check(), **kwargs)
+
+
+def replay(names=None, *, runner: "Runner | None" = None, progress: bool = True, **kwargs: Any) -> "Report":
+    """Plan a replay and hand the plan to the executor: ``runner`` (None: Ray, see
+    :func:`flor_ray.execution.driver.ray_runner`); the report."""
+    from .execution.driver import run_plan
+
+    return run_plan(plan_replay(names, **kwargs), runner=runner, progress=progress)

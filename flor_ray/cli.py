@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import FlorError
 
@@ -119,6 +119,7 @@ def cmd_sql(a) -> int:
 
 def cmd_replay(a) -> int:
     import flor_ray
+    from .execution.driver import ray_runner, run_plan
 
     resources = {}
     if a.num_cpus is not None:
@@ -135,7 +136,7 @@ def cmd_replay(a) -> int:
     print(plan.explain(), flush=True)
     if a.dry_run:
         return 0
-    report = plan.run(progress=not a.quiet, ray_address=a.address)
+    report = run_plan(plan, runner=ray_runner(a.address), progress=not a.quiet)
     print(report)
     return 0 if report.ok else 1
 
@@ -223,7 +224,7 @@ def _propagate_trees(a, source, target) -> int:
 def cmd_plot(a) -> int:
     import flor_ray
 
-    from .plot import plot_metric
+    from .query.plot import plot_metric
 
     df = flor_ray.dataframe(a.name, where=a.where, store=a.store)
     out = a.output or f"{a.name}.png"
@@ -249,7 +250,7 @@ def cmd_demo(a) -> int:
 
 def cmd_check(a) -> int:
     from .api import resolve_store
-    from .damage import QUARANTINE, quarantine, scan
+    from .store.damage import QUARANTINE, quarantine, scan
 
     st = resolve_store(a.store).check()
     damages = scan(st)
@@ -285,6 +286,15 @@ def cmd_spool(a) -> int:
 
 # ----------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    p = _root_parser()
+    add = _command_adder(p.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    _add_query_commands(add)
+    _add_replay_commands(add)
+    _add_tool_commands(add)
+    return p
+
+
+def _root_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(
@@ -297,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML settings file (see configs/local.yaml); same as FLOR_CONFIG=FILE. "
                         "Precedence: defaults < file < FLOR_* environment < command-line options")
     p.add_argument("--version", action="version", version=f"flor-ray {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    return p
+
+
+def _command_adder(sub: Any) -> Callable[..., argparse.ArgumentParser]:
+    """``add(name, fn, help, example, store=True, fmt=False)``: a sub-command with the shared options."""
 
     def add(name, fn, help, example, store=True, fmt=False):
         sp = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
@@ -316,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
+    return add
+
+
+def _add_query_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp = add("runs", cmd_runs, "list the recorded runs: id, version, status, timings, one column per flor.arg",
              'flor-ray runs --where "lr > 0.05" --format csv', fmt=True)
     sp.add_argument("--where", help="one SQL boolean expression over the runs table's columns, e.g. \"lr > 0.01\"")
@@ -332,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
              "flor-ray sql \"SELECT run_id, max(value) FROM logs WHERE name = 'acc' GROUP BY run_id\"", fmt=True)
     sp.add_argument("query", help="a SELECT over logs and runs")
 
+
+def _add_replay_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp = add("replay", cmd_replay, "back-fill new log statements of today's script into past runs, on Ray",
              "flor-ray replay wnorm --where \"lr > 0.05\" --dry-run")
     sp.add_argument("names", nargs="*", metavar="NAME",
@@ -372,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--where", help="SQL predicate over the runs table")
     sp.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: NAME.png)")
 
+
+def _add_tool_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp = add("ui", cmd_ui, "serve a local web page over the store: runs, charts, run and replay pages",
              "flor-ray ui --port 8765")
     sp.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: a free one)")
@@ -399,7 +421,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: ./flor-ray-demo)")
     sp.add_argument("--skip-gnorm", action="store_true",
                     help="back-fill only the epoch-level wnorm, not the step-level gnorm (faster)")
-    return p
 
 
 def _describe(exc: BaseException) -> str:

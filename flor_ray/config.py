@@ -19,7 +19,37 @@ from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "DEFAULTS_DOC", "ENV_VARS"]
+__all__ = ["Settings", "load_settings", "DEFAULTS_DOC", "ENV_VARS", "MAX_NAME_LEN", "TRACEBACK_KEPT_CHARS",
+           "SNAPSHOT_LEFT_OUT_LISTED", "SNAPSHOT_MAX_SUBMODULE_DEPTH", "CARRIED_MAX_ELEMENTS", "CARRIED_MAX_DEPTH",
+           "CARRIED_MAX_OBJECTS", "CARRIED_MAX_REASONS"]
+
+# ------------------------------------------------------------------ fixed limits
+# Numbers that are not settings: changing them changes what a store holds.
+
+#: Longest log, loop or arg name: names become column headers in ``dataframe`` and the
+#: command line's tables, where 200 characters is already several lines.
+MAX_NAME_LEN = 200
+#: Characters of a failed run's traceback kept in its metadata (the end, where the
+#: error is): enough for ~100 frames, small enough to keep the runs table light.
+TRACEBACK_KEPT_CHARS = 8000
+#: How many left-out paths a run's metadata lists (the count is always exact): a
+#: forgotten dataset of 20,000 files would otherwise make every metadata write slow.
+SNAPSHOT_LEFT_OUT_LISTED = 100
+#: Submodules nested deeper than this are not copied into the store: real projects nest
+#: one or two levels, and a submodule that contains itself would otherwise never end.
+SNAPSHOT_MAX_SUBMODULE_DEPTH = 8
+#: Loop-carried state a checkpoint captures (record/carried.py), per name of the scope:
+#: at most this many plain elements (a list of floats grows by one per epoch: 100,000
+#: epochs is more than any run, and a few MB at most) ...
+CARRIED_MAX_ELEMENTS = 100_000
+#: ... attribute levels walked below the name (a config object holding a namespace of
+#: settings is 2-3 deep; deeper is a model or data, which checkpointing's objects hold) ...
+CARRIED_MAX_DEPTH = 4
+#: ... and objects walked below it, so that a capture stays a memory copy of plain values.
+CARRIED_MAX_OBJECTS = 200
+#: Names a checkpoint lists as not captured, with the reason: enough to explain a replay,
+#: few enough to keep the run's metadata small in a scope with thousands of names.
+CARRIED_MAX_REASONS = 64
 
 
 @dataclass(frozen=True)
@@ -105,7 +135,6 @@ ENV_VARS = {
     "read_timeout_s": "FLOR_READ_TIMEOUT",
     "ray_connect_timeout_s": "FLOR_RAY_CONNECT_TIMEOUT",
 }
-_ENV = ENV_VARS  # old name
 
 # The valid range of each number, as (test, what a valid value is).
 _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {

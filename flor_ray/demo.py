@@ -186,9 +186,26 @@ def _checkpoint_note(meta: dict, budget: float) -> str:
 
 def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True) -> Path:
     """Build the demo repository in ``directory`` (new or empty) and walk through it."""
+    t0 = time.time()
+    repo = _new_demo_repo(directory)
+    # the demo's runs go to the repository's own .flor/, whatever FLOR_STORE or a config file say;
+    # the other FLOR_* settings (FLOR_CHECKPOINT_BUDGET...) apply to its recordings as to any
+    env = {k: v for k, v in os.environ.items() if k not in ("FLOR_STORE", "FLOR_CONFIG", "FLOR_REPLAY")}
+    store = str(repo / ".flor")
+    budget = _checkpoint_budget(env)
+    _record_history(repo, env)
+    _show_runs(store, budget)
+    _write_today(repo)
+    reports = _backfill(repo, store, gnorm)
+    _show_results(repo, store, gnorm)
+    _conclude(repo, reports, time.time() - t0)
+    return repo
+
+
+def _new_demo_repo(directory: str | os.PathLike) -> Path:
+    """``directory`` as a new git repository, refused where it would hold the user's own files."""
     from .errors import FlorError
 
-    t0 = time.time()
     repo = Path(directory).expanduser().resolve()
     if shutil.which("git") is None:
         raise FlorError("the demo needs git (flor_ray snapshots each run's code in git); install git and rerun")
@@ -208,15 +225,10 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
     _git(repo, "init", "-q")
     _git(repo, "symbolic-ref", "HEAD", "refs/heads/main")
     (repo / ".gitignore").write_text(f"__pycache__/\n*.png\n{MARKER}\n")
-    # the demo's runs go to the repository's own .flor/, whatever FLOR_STORE or a config file say;
-    # the other FLOR_* settings (FLOR_CHECKPOINT_BUDGET...) apply to its recordings as to any
-    env = {k: v for k, v in os.environ.items() if k not in ("FLOR_STORE", "FLOR_CONFIG", "FLOR_REPLAY")}
-    store = str(repo / ".flor")
+    return repo
 
-    from .config import ENV_VARS, Settings, _coerce
 
-    raw = env.get(ENV_VARS["checkpoint_budget"])
-    budget = _coerce("checkpoint_budget", raw, "environment") if raw else Settings().checkpoint_budget
+def _record_history(repo: Path, env: dict[str, str]) -> None:
     _say("1. record three versions of train.py, each with `python train.py --kwargs lr=...`")
     for title, src, lr in HISTORY:
         (repo / "train.py").write_text(plain(src))
@@ -226,10 +238,20 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
         secs = _record(repo, env, lr)
         print(f"   recorded in {secs:.1f}s", flush=True)
 
+
+def _checkpoint_budget(env: dict[str, str]) -> float:
+    """The budget the recordings will use, to say why they checkpoint where they do."""
+    from .config import ENV_VARS, Settings, _coerce
+
+    raw = env.get(ENV_VARS["checkpoint_budget"])
+    return _coerce("checkpoint_budget", raw, "environment") if raw else Settings().checkpoint_budget
+
+
+def _show_runs(store: str, budget: float) -> None:
     import flor_ray
 
     from .api import resolve_store
-    from .relation import load_runs
+    from .store.runs import load_runs
 
     _say("2. the runs (`flor-ray runs`)")
     runs = flor_ray.runs(store=store)
@@ -238,6 +260,8 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
     for meta in load_runs(resolve_store(store)):
         print(f"   {meta['run_id']}: {_checkpoint_note(meta, budget)}")
 
+
+def _write_today(repo: Path) -> None:
     today = with_statements(V3)
     (repo / "train.py").write_text(today)
     _say("3. months later, today's train.py (not committed) logs two values nobody recorded:")
@@ -246,7 +270,15 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
             where = "epoch level" if "wnorm" in line else "inside the train step, every step"
             print(f"    {line.strip()}    # {where}")
 
+
+def _backfill(repo: Path, store: str, gnorm: bool) -> list:
+    """Plan, explain and run the back-fill of wnorm (and gnorm) on a Ray this demo starts if none is up."""
     import ray
+
+    import flor_ray
+
+    from .errors import FlorError
+    from .execution.driver import run_plan
 
     started_ray = False
     if not ray.is_initialized():
@@ -267,12 +299,19 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
                  f"the plan (`flor-ray replay {name} --dry-run`), then the run")
             plan = flor_ray.plan_replay([name], store=store, script=repo / "train.py")
             print(plan.explain(), flush=True)
-            report = plan.run()
+            report = run_plan(plan)
             print(report, flush=True)
             reports.append(report)
     finally:
         if started_ray:
             ray.shutdown()
+    return reports
+
+
+def _show_results(repo: Path, store: str, gnorm: bool) -> None:
+    import flor_ray
+
+    from .query.plot import plot_metric
 
     _say("5. recorded and hindsight values side by side, per run and epoch (`flor-ray df acc wnorm`)")
     table = _side_by_side(store, gnorm)
@@ -281,18 +320,20 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
           + (", gnorm_mean" if gnorm else "")
           + (";\n   acc__replay: acc recomputed by the replay, compared with the recording (fidelity)"
              if "acc__replay" in table else ""))
-
-    from .plot import plot_metric
-
     pngs = [plot_metric(flor_ray.dataframe("wnorm", store=store), "wnorm", repo / "wnorm.png")]
     if gnorm:
         pngs.append(plot_metric(flor_ray.dataframe("gnorm", store=store), "gnorm", repo / "gnorm.png", by="version"))
     _say("6. plots: " + ", ".join(pngs))
 
+
+def _conclude(repo: Path, reports: list, seconds: float) -> None:
+    """The summary and what to try next; a failed replay task fails the demo."""
+    from .errors import FlorError
+
     failed = sum(len(r.failed) for r in reports)
     mism = sum(r.fidelity.mismatched for r in reports)
     status = "all tasks done" if not failed else f"{failed} task(s) FAILED (see the reports above)"
-    print(f"\ndone in {time.time() - t0:.0f}s: {status}; {mism} fidelity mismatches.\n"
+    print(f"\ndone in {seconds:.0f}s: {status}; {mism} fidelity mismatches.\n"
           f"The repository stays in {repo}. Try, there:\n"
           "  flor-ray runs\n"
           "  flor-ray df acc wnorm\n"
@@ -302,7 +343,6 @@ def run_demo(directory: str | os.PathLike = "flor-ray-demo", gnorm: bool = True)
           "  git log --oneline; git show-ref | grep refs/flor   # your history, and the runs' snapshots")
     if failed:
         raise FlorError(f"the demo's replay had {failed} failed task(s); the reports above say why")
-    return repo
 
 
 def _start_ray() -> str:

@@ -3,8 +3,9 @@
 One root class, :class:`FlorError`; every subclass keeps the offending values on the
 instance and builds a message that says what is wrong and what to do. Where callers
 already catch a builtin (``ValueError``, ``KeyError``...), the subclass inherits it too.
-A failure inside the user's training code (:class:`UserCodeError`) is kept apart
-from a bug or limit of the engine.
+Only bad input and unusable surroundings raise these; an exception of the user's
+training code propagates as itself, and a bug of flor_ray as a plain Python error
+with its traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ __all__ = [
     "UnknownRunError",
     "PlanningError",
     "PropagationError",
-    "UserCodeError",
     "ConfigError",
     "DamagedFileWarning",
     "ClusterError",
@@ -129,10 +129,6 @@ class PlanningError(FlorError, ValueError):
 
 class PropagationError(FlorError, ValueError):
     """A new log statement that cannot be placed in an old version with confidence."""
-
-
-class UserCodeError(FlorError, RuntimeError):
-    """An exception raised by the user's training script (not by flor_ray)."""
 
 
 class ConfigError(FlorError, ValueError):

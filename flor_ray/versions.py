@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 from .codetree import TamperedFile, blob_id, write_files
+from .config import SNAPSHOT_LEFT_OUT_LISTED, SNAPSHOT_MAX_SUBMODULE_DEPTH, Settings
 from .errors import RepositoryError, StoreError
+from .store import layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import Store
@@ -46,9 +48,6 @@ _IDENTITY = {
     "GIT_COMMITTER_NAME": "flor_ray",
     "GIT_COMMITTER_EMAIL": "flor_ray@localhost",
 }
-#: How many left-out paths a run's metadata lists (the count is always exact): a
-#: forgotten dataset of 20,000 files would otherwise make every metadata write slow.
-LEFT_OUT_LISTED = 100
 #: Kept first when the untracked files are capped: the code and configs a script
 #: imports or reads, before data files that happen to sit in the tree.
 _CODE_SUFFIXES = frozenset(".py .pyi .pyx .pxd .c .h .cc .cpp .hpp .cu .cuh .sh .yaml .yml .toml .cfg .ini".split())
@@ -62,7 +61,7 @@ class Snapshot:
     tree: str
     ref: str
     files: Mapping[str, str] = field(default_factory=dict)  # path -> blob id
-    left_out: tuple[str, ...] = ()  # the first LEFT_OUT_LISTED untracked files left out
+    left_out: tuple[str, ...] = ()  # the first SNAPSHOT_LEFT_OUT_LISTED untracked files left out
     left_out_count: int = 0  # all of them
     left_out_bytes: int = 0
 
@@ -192,9 +191,9 @@ def snapshot(
     ref: str,
     *,
     exclude: Iterable[str] = (),
-    max_untracked_bytes: int = 10 * 1024 * 1024,
-    max_untracked_files: int = 1000,
-    max_untracked_total_bytes: int = 64 * 1024 * 1024,
+    max_untracked_bytes: int = Settings.snapshot_max_file_bytes,
+    max_untracked_files: int = Settings.snapshot_max_untracked_files,
+    max_untracked_total_bytes: int = Settings.snapshot_max_untracked_total_bytes,
     message: str = "flor_ray snapshot",
     list_files: bool = True,
 ) -> Snapshot:
@@ -252,8 +251,8 @@ def snapshot(
             os.unlink(tmp_index)
     _warn_left_out(chosen, {"snapshot_max_untracked_files": max_untracked_files,
                             "snapshot_max_untracked_total_bytes": max_untracked_total_bytes})
-    return Snapshot(repo_root, commit, tree, ref, files, chosen.left_out[:LEFT_OUT_LISTED], len(chosen.left_out),
-                    chosen.left_out_bytes)
+    return Snapshot(repo_root, commit, tree, ref, files, chosen.left_out[:SNAPSHOT_LEFT_OUT_LISTED],
+                    len(chosen.left_out), chosen.left_out_bytes)
 
 
 def _drop_ref(repo_root: str, ref: str, commit: str) -> None:
@@ -298,9 +297,6 @@ class Listing:
                 "links": dict(self.links), "submodules": {k: dict(v) for k, v in self.submodules.items()}}
 
 
-_MAX_SUBMODULE_DEPTH = 8
-
-
 def list_version(repo_root: str, tree: str) -> Listing:
     """The files of ``tree``, with those of its submodules' recorded commits."""
     files: dict[str, str] = {}
@@ -322,8 +318,8 @@ def list_version(repo_root: str, tree: str) -> Listing:
             elif kind == "commit":  # a gitlink: take the files of that commit from the checkout
                 sub = os.path.join(root, path)
                 why = ""
-                if depth >= _MAX_SUBMODULE_DEPTH:
-                    why = f"submodules nested deeper than {_MAX_SUBMODULE_DEPTH}"
+                if depth >= SNAPSHOT_MAX_SUBMODULE_DEPTH:
+                    why = f"submodules nested deeper than {SNAPSHOT_MAX_SUBMODULE_DEPTH}"
                 elif not os.path.exists(os.path.join(sub, ".git")):
                     why = "not checked out (git submodule update --init)"
                 else:
@@ -376,14 +372,14 @@ def _read_blobs(repo_root: str, shas: list[str]) -> Iterator[tuple[str, bytes]]:
 
 def upload(store: "Store", snap: Snapshot) -> None:
     """Write the snapshot's files (missing blobs only) and its manifest to the store."""
-    rel = f"code/versions/{snap.tree}.json"
+    rel = layout.code_version(snap.tree)
     if store.exists(rel):
         return
     listing = list_version(snap.repo_root, snap.tree)
-    have = set(store.listdir("code/objects"))
+    have = set(store.listdir(layout.CODE_OBJECTS))
     for root, shas in listing.sources.items():
         for sha, data in _read_blobs(root, sorted(shas - have)):
-            store.write_bytes(f"code/objects/{sha}", data)
+            store.write_bytes(layout.code_object(sha), data)
             have.add(sha)
     store.write_json(rel, listing.manifest(snap.tree, snap.commit))
 
@@ -393,7 +389,7 @@ def read_version(store: "Store", version: str) -> dict:
 
     safe_component("version", version)
     try:
-        return store.read_json(f"code/versions/{version}.json")
+        return store.read_json(layout.code_version(version))
     except FileNotFoundError as exc:
         raise StoreError(
             f"code version {version} is not in the store {store.url!r} (its upload did not finish); "
@@ -407,7 +403,7 @@ def _store_blob(store: "Store", version: str, path: str, sha: str) -> bytes:
         raise StoreError(f"code version {version} in the store {store.url!r} names file {path!r} by {sha!r}, "
                          "not a git blob id: its manifest is corrupted; re-record the run")
     try:
-        data = store.read_bytes(f"code/objects/{sha}")
+        data = store.read_bytes(layout.code_object(sha))
     except FileNotFoundError as exc:
         raise StoreError(f"file {path!r} of code version {version} is missing from the store {store.url!r} "
                          f"(code/objects/{sha}); its upload did not finish: re-record the run") from exc

@@ -151,3 +151,50 @@ class S3:
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test",
                             aws_secret_access_key="test", region_name="us-east-1")
+
+
+# ------------------------------------------------------------- the checkout stays as it was
+# A test writes under tmp_path, never into the checkout: the session fails when a file
+# that git does not ignore appeared or changed in it during the run. Source files
+# (.py and the project's text files) are left out of the check: a developer may edit
+# them while the suite runs.
+_EDITED_BY_HAND = {".py", ".md", ".toml", ".cfg", ".txt", ".yaml", ".yml", ".html", ".js", ".css"}
+
+
+def _checkout_status() -> set[str] | None:
+    """``git status``'s entries (untracked or modified, not ignored); None outside a git checkout."""
+    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "-z"], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    return set(filter(None, proc.stdout.split("\0"))) if proc.returncode == 0 else None
+
+
+def _checkout_changes(before: set[str], since: float) -> list[str]:
+    """The entries of ``git status`` that the run added, for files written since ``since``."""
+    out = []
+    for entry in sorted((_checkout_status() or set()) - before):
+        path = REPO_ROOT / entry[3:]
+        try:
+            written = path.stat().st_mtime
+        except OSError:  # deleted: a test removed a file of the checkout
+            out.append(entry)
+            continue
+        if written >= since and path.suffix not in _EDITED_BY_HAND:
+            out.append(entry)
+    return out
+
+
+def pytest_sessionstart(session):
+    import time
+
+    session.config._flor_checkout = (_checkout_status(), time.time())  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before, started = getattr(session.config, "_flor_checkout", (None, 0.0))
+    if before is None:  # not a git checkout (an unpacked archive): nothing to compare
+        return
+    changed = _checkout_changes(before, started)
+    if changed:
+        sys.stderr.write("\ntests wrote into the checkout (write under tmp_path instead):\n  "
+                         + "\n  ".join(changed) + "\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flor_ray.errors import FlorError, PlanningError, QueryError
-from flor_ray.planning.analysis import LogSite, Need, ScriptAnalysis, UnknownLogNameError, analyze
+from flor_ray.analysis import LogSite, Need, ScriptAnalysis, UnknownLogNameError, analyze
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CASES = SHARED / "cases" / "propagation"

@@ -6,6 +6,7 @@ otherwise record why FlorDB was not run; the FlorDB assertions below apply only
 where it ran (the replay benchmark's FlorDB side only with ``BENCH_FLORDB=1``).
 Each script writes the ``quick`` entry of its ``<name>.json`` into a temporary folder
 (``BENCH_RESULTS_DIR``): a test run never rewrites the checkout's ``benchmarks/results``.
+The quick modes take minutes: they are marked ``slow`` (``pytest -m 'not slow'`` leaves them out).
 """
 
 from __future__ import annotations
@@ -38,16 +39,20 @@ def _run(script: str, *args: str, timeout: float = 240) -> dict:
 
 
 def _flordb_ok(res: dict, skipped: bool = False) -> bool:
-    """Whether FlorDB ran; it must have wherever its virtualenv exists and it was not skipped."""
+    """Whether FlorDB ran. It must have wherever its virtualenv exists and it was not
+    skipped; otherwise the benchmark must say which of the two kept it out."""
     f = res["flordb"]
     assert set(f) >= {"available", "reason"}
-    if FLORDB_VENV.exists() and not skipped:
+    if skipped:
+        assert not f["available"] and f["reason"] == "skipped (--flordb skip)", f
+    elif FLORDB_VENV.exists():
         assert f["available"], f"FlorDB is installed in {FLORDB_VENV} but did not run: {f['reason']}"
     else:
-        assert f["available"] or f["reason"], "FlorDB's absence must be explained"
+        assert not f["available"] and f["reason"].startswith(f"FlorDB not installed: no virtualenv at {FLORDB_VENV}"), f
     return f["available"]
 
 
+@pytest.mark.slow
 def test_bench_replay_quick():
     # FlorDB's side of the replay benchmark records and replays a second history
     # (~1 minute more on 2 cores); opt in with BENCH_FLORDB=1
@@ -74,6 +79,7 @@ def test_bench_replay_quick():
     assert Path(res["png"]).exists()
 
 
+@pytest.mark.slow
 def test_bench_query_quick():
     res = _run("bench_query.py", "--sizes", "1e4,1e5", timeout=180)
     assert [e["rows"] for e in res["sizes"]] == [10_000, 100_000]
@@ -87,6 +93,7 @@ def test_bench_query_quick():
     assert Path(res["png"]).exists()
 
 
+@pytest.mark.slow
 def test_bench_scaling_quick():
     res = _run("bench_scaling.py", "--work", "4", "--max-w", "8", timeout=180)
     assert res["tasks"] >= 1000

@@ -15,8 +15,9 @@ import sys
 import pytest
 
 import flor_ray
+from flor_ray.execution.driver import run_plan
 from flor_ray.planning.plan import ClusterSnapshot
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, write
@@ -209,7 +210,7 @@ def _replay(recorded, case, name, iterations):
     repo, store, hand = recorded[case]
     plan = flor_ray.plan_replay([name], store=store, script=repo / "train.py", iterations=iterations,
                                 cluster=ClusterSnapshot(2))
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert not report.failed, str(report)
     return plan, report, store, hand
 
@@ -295,7 +296,7 @@ def test_function_locals_cells_and_scalars_round_trip_through_a_checkpoint(tmp_p
 
 
 def test_analysis_names_what_the_training_code_carries():
-    from flor_ray.planning.analysis import analyze
+    from flor_ray.analysis import analyze
 
     anneal = analyze(_fill("anneal", True))
     assert {"lr", "best_val_loss"} <= set(anneal.training_carried)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import flor_ray
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import TRAIN_SCRIPT, clean_env, run_script, write

@@ -23,13 +23,13 @@ DRIVER = """
 import json, sys
 import ray
 import flor_ray
-from flor_ray.execution.driver import ensure_ray
+from flor_ray.execution.driver import ensure_ray, run_plan
 from flor_ray.planning.plan import ClusterSnapshot
 
 ensure_ray()  # RAY_ADDRESS from the environment
 plan = flor_ray.plan_replay(["n2"], script=sys.argv[1], cluster=ClusterSnapshot(8.0),  # store: FLOR_STORE
                             resources={"num_cpus": 1})  # one CPU per task, whatever threads the runs had
-report = plan.run(progress=False)
+report = run_plan(plan, progress=False)
 from ray.util.state import list_tasks
 ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
 where = {}

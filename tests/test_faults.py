@@ -32,8 +32,9 @@ import pytest
 
 import flor_ray
 from flor_ray.errors import DamagedFileWarning, QueryError, StoreError
+from flor_ray.execution.driver import ray_runner, run_plan
 from flor_ray.planning.plan import ClusterSnapshot
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import REPO_ROOT, S3, clean_env, git, run_script, write
@@ -212,7 +213,7 @@ def test_ray_worker_killed_mid_task_is_retried(proj, faults_dir, ray_local):
     arm(faults_dir, "kill_worker", 2)
     p = plan(proj, 4)  # 2 tasks per run: epochs 0..2 and 3..5
     assert len(p.pending) == 4
-    report = p.run(progress=False)
+    report = run_plan(p, progress=False)
     assert (faults_dir / "kill_worker.fired").exists(), "the fault did not fire"
     assert not report.failed and {r.status for r in report.results} == {"done"}, str(report)
     assert_rows_once(store_of(proj), [t.key for t in p.tasks])
@@ -221,7 +222,7 @@ def test_ray_worker_killed_mid_task_is_retried(proj, faults_dir, ray_local):
 def test_replayed_script_killed_by_a_signal_is_retried(proj, faults_dir, ray_local):
     arm(faults_dir, "kill_script", 4)
     p = plan(proj, 4)
-    report = p.run(progress=False)
+    report = run_plan(p, progress=False)
     assert (faults_dir / "kill_script.fired").exists(), "the fault did not fire"
     assert not report.failed and {r.status for r in report.results} == {"done"}, str(report)
     assert_rows_once(store_of(proj), [t.key for t in p.tasks])
@@ -232,6 +233,7 @@ DRIVER = textwrap.dedent(
     """
     import sys
     import flor_ray
+    from flor_ray.execution.driver import ray_runner, run_plan
     from flor_ray.planning.plan import ClusterSnapshot
     from flor_ray.store import Store
 
@@ -239,7 +241,7 @@ DRIVER = textwrap.dedent(
     plan = flor_ray.plan_replay(["n2"], store=Store(store), script=script, cluster=ClusterSnapshot(6.0),
                                 resources={"num_cpus": 1})  # the split of plan(repo, 6)
     print("planned", len(plan.pending), flush=True)
-    plan.run(progress=False, ray_address=address)
+    run_plan(plan, runner=ray_runner(address), progress=False)
     print("finished", flush=True)
     """
 )
@@ -297,7 +299,7 @@ def test_driver_killed_mid_replay_rerun_runs_only_missing_tasks(proj, faults_dir
     assert [t.key for t in again.tasks] == keys  # same query, same keys
     assert sorted(t.key for t in again.pending) == sorted(set(keys) - set(done))
     assert f"({6 - len(done)} to run)" in again.explain()
-    report = again.run(progress=False)
+    report = run_plan(again, progress=False)
     assert not report.failed and len([r for r in report.results if r.status == "done"]) == 6 - len(done), str(report)
     assert_rows_once(st, keys)
 
@@ -323,7 +325,7 @@ def test_truncated_and_corrupted_checkpoints_are_routed_around(proj, ray_local):
     assert trunc_msg in p.explain()
     assert all(trunc not in {c.path for c in t.checkpoints} for t in p.tasks)
     assert any(corrupt in {c.path for c in t.checkpoints} for t in p.tasks)
-    report = p.run(progress=False)
+    report = run_plan(p, progress=False)
     assert report.ok, str(report)
     (note,) = report.fallbacks
     assert note.startswith(f"run {by_k[2]} epoch 4: checkpoint ") and "corrupted (sha256 differs" in note
@@ -331,7 +333,7 @@ def test_truncated_and_corrupted_checkpoints_are_routed_around(proj, ray_local):
     assert_rows_once(st, [t.key for t in p.tasks])
     # a rerun does not fail again: the tasks are done
     again = plan(proj, 6)
-    assert not again.pending and again.run(progress=False).ok
+    assert not again.pending and run_plan(again, progress=False).ok
 
 
 # ------------------------------------------------------------------- parquet
@@ -433,7 +435,7 @@ def test_s3_stopped_during_replay_then_resumed(recorded_repo, tmp_path, faults_d
 
     def drive():
         try:
-            out["report"] = p.run(progress=False)
+            out["report"] = run_plan(p, progress=False)
         except Exception as exc:  # noqa: BLE001 - examined below
             out["error"] = exc
 
@@ -461,7 +463,7 @@ def test_s3_stopped_during_replay_then_resumed(recorded_repo, tmp_path, faults_d
     read_logs(st, ["n2"], sources=("replay",))  # every visible partition is whole
     again = plan(repo, 6, store=st)
     assert sorted(t.key for t in again.pending) == sorted(set(keys) - set(done))
-    report = again.run(progress=False)
+    report = run_plan(again, progress=False)
     assert not report.failed, str(report)
     assert_rows_once(st, keys)
 
@@ -482,6 +484,6 @@ def test_s3_replay_without_checkpoint_writes_its_partition(tmp_path, s3, ray_loc
     url = "s3://flor-faults/plain"
     run_script(repo, env=s3.env(FLOR_STORE=url))
     write(repo, "train.py", PLAIN + '    flor.log("b", epoch * 2)\n')
-    report = flor_ray.plan_replay(["b"], store=s3.store(url), script=repo / "train.py").run(progress=False)
+    report = run_plan(flor_ray.plan_replay(["b"], store=s3.store(url), script=repo / "train.py"), progress=False)
     assert not report.failed, str(report)
     assert sorted(flor_ray.dataframe("b", store=s3.store(url))["b"]) == [0, 2, 4]

@@ -14,7 +14,9 @@ import sys
 import pytest
 
 from flor_ray.errors import InvalidNameError, KwargsError, LoopError, StoreError
-from flor_ray.record.session import LoopRuntime, check_name, take_kwargs
+from flor_ray.record.args import take_kwargs
+from flor_ray.record.loops import LoopRuntime
+from flor_ray.record.names import check_name
 from flor_ray.store import Store
 
 from conftest import clean_env, git, run_script, write

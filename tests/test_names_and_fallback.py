@@ -17,6 +17,8 @@ import sys
 import pytest
 
 import flor_ray
+from flor_ray.execution.driver import run_plan
+from flor_ray.execution.spec import TaskSpec
 from flor_ray.planning.plan import (
     CheckpointRef,
     ClusterSnapshot,
@@ -24,10 +26,10 @@ from flor_ray.planning.plan import (
     Refused,
     RunInfo,
     VersionPatch,
-    make_plan,
 )
+from flor_ray.planning.make import make_plan
 from flor_ray.propagation import PropagationError, propagate_detailed
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, write
@@ -268,8 +270,8 @@ def test_plan_replays_each_versions_placed_names_and_lists_the_refused_pairs():
     # run c re-executes around its missing checkpoint: no task restores it, and its fallbacks leave it out
     (c,) = [t for t in p.tasks if t.run_id == "c"]
     assert c.restore is None or c.restore.iteration != 2
-    spec = c.spec("memory://s", {}, p.run_info("c"))
-    assert [e["iteration"] for e in spec["fallbacks"]] == [i for i in (0, 1, 3) if i < c.stop]
+    spec = TaskSpec.of(p, c)
+    assert [e["iteration"] for e in spec.fallbacks] == [i for i in (0, 1, 3) if i < c.stop]
 
 
 def test_damaged_checkpoints_found_by_one_listing_per_run():
@@ -299,7 +301,7 @@ def test_requested_names_replay_in_every_version(history):
     assert not plan.skipped and not plan.refused and "train_loss" not in text, text
     assert len([ln for ln in text.splitlines() if ln.startswith("  Propagate[")]) == 3
     assert all("train_loss" not in p.code for p in plan.patches)  # not asked for: not injected
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert report.ok, str(report)
     for name in ("grad_norm", "weight_norm"):
         assert replayed(store, plan, name) == by_hand(hands, name)
@@ -318,7 +320,7 @@ def test_every_name_replays_where_it_can_and_the_refused_are_reported(history):
     assert v1.runs == 2 and "`epoch_loss`, which is not defined in the target" in v1.reason
     text = plan.explain()
     assert f"  Skip[name=train_loss version={v1.version[:8]} runs=2] " in text and not plan.skipped, text
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert report.ok, str(report)
     assert f"  skipped train_loss in version {v1.version[:8]} (2 runs): flor.log('train_loss')" in str(report)
     for name in ("grad_norm", "weight_norm", "train_loss"):
@@ -373,7 +375,7 @@ def test_dry_run_finds_missing_and_truncated_checkpoints_and_plans_around_them(d
 def test_replay_falls_back_around_damaged_checkpoints_bit_for_bit(damaged):
     repo, st, run, hands = damaged
     plan = flor_ray.plan_replay(["weight_norm"], store=st, script=repo / "train.py", cluster=ClusterSnapshot(2))
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert report.ok, str(report)
     assert replayed(st, plan, "weight_norm") == by_hand(hands, "weight_norm")
     v1, v3 = run[("v1", 0.05)], run[("v3", 0.1)]
@@ -385,7 +387,7 @@ def test_replay_falls_back_around_damaged_checkpoints_bit_for_bit(damaged):
     assert f"checkpoints/{run[('v2', 0.05)]}/000002.pt is missing; planned around it" in text
     assert notes.splitlines()[0] in text and report.fidelity.mismatched == 0
     again = flor_ray.plan_replay(["weight_norm"], store=st, script=repo / "train.py", cluster=ClusterSnapshot(2))
-    assert not again.pending and again.run(progress=False).ok
+    assert not again.pending and run_plan(again, progress=False).ok
 
     # a re-executing query over the same damage, restoring epoch 1 in v1's runs:
     # lr=0.05 falls back to epoch 0's checkpoint; lr=0.1 finds epoch 0's damaged
@@ -397,7 +399,7 @@ def test_replay_falls_back_around_damaged_checkpoints_bit_for_bit(damaged):
     v1b, v2 = run[("v1", 0.1)], run[("v2", 0.05)]
     assert {t.run_id: t.restore.iteration for t in plan.tasks if t.restore} == {v1: 1, v1b: 1, v2: 1, v3: 0}, \
         plan.explain()
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert report.ok, str(report)
     assert replayed(st, plan, "grad_norm") == by_hand(hands, "grad_norm", iterations=(2, 3))
     notes = sorted(report.fallbacks)

@@ -11,9 +11,11 @@ import textwrap
 import pytest
 
 import flor_ray
+from flor_ray.execution.driver import run_plan
 from flor_ray import numerics
 from flor_ray.planning.plan import ClusterSnapshot, Resources
-from flor_ray.relation import load_runs, read_logs
+from flor_ray.store.logs import read_logs
+from flor_ray.store.runs import load_runs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, run_script, write
@@ -207,7 +209,8 @@ def test_plan_sizes_task_cpus_from_recorded_threads():
     """Pure planning: 4 recorded threads ask for 4 CPUs, at most a node's; resources win."""
     import dataclasses
 
-    from flor_ray.planning.plan import CheckpointRef, RunInfo, VersionPatch, make_plan
+    from flor_ray.planning.make import make_plan
+    from flor_ray.planning.plan import CheckpointRef, RunInfo, VersionPatch
 
     base = RunInfo(run_id="r1", version="v1", script="train.py", args=(), argv=(), cwd=".", iterations=4,
                    checkpoints=tuple(CheckpointRef(i, 1, f"c/{i}.pt", 1000, "x") for i in range(4)),
@@ -284,7 +287,7 @@ def test_replayed_gnorm_equals_hand_typed_rerun_bit_for_bit(history):
     plan = flor_ray.plan_replay(["gnorm"], where="lr = 0.02", store=store, script=repo / "train.py",
                                 resources={"num_cpus": 1})
     assert all(t.mode == "reexec" for t in plan.tasks) and plan.tasks
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert not report.failed, report
     assert report.fidelity.compared >= 12 and report.fidelity.mismatched == 0, report
     assert not report.fidelity.numerics, report
@@ -294,7 +297,7 @@ def test_replayed_gnorm_equals_hand_typed_rerun_bit_for_bit(history):
 def test_unrestorable_thread_setting_is_named_as_the_likely_cause(history):
     repo, store, _ = history
     plan = flor_ray.plan_replay(["gnorm"], where="lr = 0.01", store=store, script=repo / "train_pinned.py")
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert not report.failed, report
     text = str(report)
     rid = _run_ids(store)[0.01]
@@ -327,7 +330,8 @@ def test_plain_process_replay_restores_numerics(history, tmp_path):
     the recorded thread variables and torch settings still reach it."""
     import shutil
 
-    from flor_ray.execution.driver import compare_fidelity
+    from flor_ray.execution.fidelity import compare_fidelity
+    from flor_ray.execution.spec import TaskSpec
     from flor_ray.store import Store
 
     repo, shared, hand = history
@@ -339,13 +343,15 @@ def test_plain_process_replay_restores_numerics(history, tmp_path):
                                 script=repo / "train.py", resources={"num_cpus": 1})
     (task,) = plan.pending
     run = plan.run_info(rid)
-    args = [task.spec(plan.store_url, plan.storage_options, run), plan.patch(task.version).files(run.script),
+    args = [TaskSpec.of(plan, task).to_json(), plan.patch(task.version).files(run.script),
             list(run.argv), run.cwd, task.estimate_s]
     code = f'''
         import json, sys
-        from flor_ray.execution.task import FORK, run_task
-        assert not FORK
-        r = run_task(*json.loads(sys.stdin.read()))
+        from flor_ray.execution.spec import TaskSpec
+        from flor_ray.execution.task import fork_enabled, run_task
+        assert not fork_enabled()
+        spec, *rest = json.loads(sys.stdin.read())
+        r = run_task(TaskSpec.from_json(spec), *rest)
         print(json.dumps([r.status, r.error, r.traceback, list(r.numerics)]))
     '''
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], input=json.dumps(args),

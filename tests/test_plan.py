@@ -14,8 +14,8 @@ from flor_ray.planning.plan import (
     RunInfo,
     VersionPatch,
     iteration_set,
-    make_plan,
 )
+from flor_ray.planning.make import make_plan
 
 
 def run(rid, ckpts, n=6, device="cpu", version="v1"):
@@ -60,7 +60,7 @@ def test_estimates_leave_out_the_recordings_checkpoint_capture():
     # the checkpoint, which a replay never does (it restores one instead)
     import dataclasses
 
-    from flor_ray.planning.plan import _restore_cost
+    from flor_ray.planning.cost import restore_cost
 
     base = run("r1", range(6))
     captured = dataclasses.replace(base, checkpoint_s=(0.5,) * 6)
@@ -69,7 +69,7 @@ def test_estimates_leave_out_the_recordings_checkpoint_capture():
         assert len(a) == len(b) == 1
         iters = b[0].stop - b[0].start + 1
         assert a[0].estimate_s - b[0].estimate_s == pytest.approx(0.5 * iters, abs=2e-3)
-        restore = sum(_restore_cost(c) for c in b[0].checkpoints)
+        restore = sum(restore_cost(c) for c in b[0].checkpoints)
         assert b[0].estimate_s == pytest.approx(base.replay_setup_s + restore + per_iter * iters, abs=2e-3)
 
 
@@ -128,16 +128,16 @@ def test_bad_iteration_spec():
 
 
 def test_calibration_scales_estimates_by_mode_concurrency_and_run():
-    from flor_ray.planning.plan import Calibration
+    from flor_ray.planning.cost import Calibration, CalibrationSample as S
 
     runs = [run("r1", range(6)), run("r2", range(6))]
     base = plan(["gnorm"], runs, cpus=2)
     assert base.per_node == 2 and not base.calibrated
     cal = Calibration((
-        ("r1", "train.py", "reexec", 2, 10.0, 13.0),   # r1's own history: x1.3
-        ("old", "train.py", "reexec", 2, 20.0, 22.0),  # same script: r2 gets (13 + 22) / (10 + 20)
-        ("r2", "train.py", "reexec", 1, 10.0, 30.0),   # r2 alone on a node: not comparable
-        ("r2", "train.py", "skip", 2, 10.0, 30.0),     # another mode: not comparable
+        S("r1", "train.py", "reexec", 2, 10.0, 13.0),   # r1's own history: x1.3
+        S("old", "train.py", "reexec", 2, 20.0, 22.0),  # same script: r2 gets (13 + 22) / (10 + 20)
+        S("r2", "train.py", "reexec", 1, 10.0, 30.0),   # r2 alone on a node: not comparable
+        S("r2", "train.py", "skip", 2, 10.0, 30.0),     # another mode: not comparable
     ))
     p = plan(["gnorm"], runs, cpus=2, calibration=cal)
     want = {"r1": 1.3, "r2": 35 / 30}
@@ -149,7 +149,7 @@ def test_calibration_scales_estimates_by_mode_concurrency_and_run():
     mean = sum(want[t.run_id] for t in p.tasks) / len(p.tasks)
     assert p.explain().splitlines()[0].endswith(f"; reexec x{mean:.2f} from 2 earlier tasks at 2/node]")
     # one odd replay cannot wreck the next plan: the factor is bounded
-    wild = plan(["gnorm"], runs, cpus=2, calibration=Calibration((("r1", "train.py", "reexec", 2, 1.0, 100.0),)))
+    wild = plan(["gnorm"], runs, cpus=2, calibration=Calibration((S("r1", "train.py", "reexec", 2, 1.0, 100.0),)))
     assert {t.factor for t in wild.tasks if t.run_id == "r1"} == {3.0}
     # one worker: tasks run alone, so only the sample taken alone applies (r1 has
     # none of its own and takes its script's)

@@ -13,7 +13,7 @@ import pytest
 
 from flor_ray.errors import FlorError
 from flor_ray.propagation import (
-    Placement,
+    Placed,
     PropagationError,
     PropagationResult,
     format_placements,
@@ -152,7 +152,7 @@ def test_placement_details_line_loops_function():
 def test_result_is_frozen_and_picklable():
     new = with_lines(OLD, "opt.step()", '            flor.log("loss", loss.item())')
     res = propagate_detailed(new, OLD)
-    assert isinstance(res, PropagationResult) and isinstance(res.placements[0], Placement)
+    assert isinstance(res, PropagationResult) and isinstance(res.placements[0], Placed)
     assert pickle.loads(pickle.dumps(res)) == res
     with pytest.raises(AttributeError):
         res.code = ""  # type: ignore[misc]

@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 import flor_ray
-from flor_ray import relation
+from flor_ray.query import sql as query_sql
 from flor_ray.errors import QueryError
-from flor_ray.relation import rows_to_table, table_to_parquet_bytes
+from flor_ray.record.rows import rows_to_table
+from flor_ray.store.logs import table_to_parquet_bytes
 from flor_ray.store import Store
 
 from conftest import REPO_ROOT, clean_env
@@ -58,12 +59,12 @@ def _count(st: Store, where: str = "TRUE") -> int:
 @pytest.mark.parametrize("in_memory", [True, False], ids=["small-in-memory", "read-from-files"])
 def test_sql_sees_every_change(st, monkeypatch, in_memory):
     if not in_memory:
-        monkeypatch.setattr(relation, "SQL_MATERIALIZE_ROWS", 0)
+        monkeypatch.setattr(query_sql, "SQL_MATERIALIZE_ROWS", 0)
     _run(st, "r1", 1, status="running", lr=0.1)
     _flush(st, "r1", "part-00000", [(0, s, "loss", float(s)) for s in range(3)])
     assert _count(st) == 3
-    con = relation._sql_connection(st).con
-    assert _count(st) == 3 and relation._sql_connection(st).con is con  # unchanged: reused
+    con = query_sql.connection(st).con
+    assert _count(st) == 3 and query_sql.connection(st).con is con  # unchanged: reused
 
     _flush(st, "r1", "part-00001", [(1, s, "loss", 10.0 + s) for s in range(3)], seq_start=3)  # a new flush
     assert _count(st) == 6
@@ -84,7 +85,7 @@ def test_sql_sees_every_change(st, monkeypatch, in_memory):
 
     os.remove(st.path("logs/run_id=r1/source=record/part-00000.parquet"))  # a file deleted
     assert _count(st) == 3 + 2 + 1
-    assert relation._sql_connection(st).logs_kind == ("table" if in_memory else "view")
+    assert query_sql.connection(st).logs_kind == ("table" if in_memory else "view")
 
 
 def test_sql_sees_a_recorded_run(repo):
@@ -171,7 +172,7 @@ def test_sql_names_a_file_broken_after_a_cached_query(st):
 
 
 def test_import_stays_light():
-    code = ("import sys, flor_ray, flor_ray.relation; "
+    code = ("import sys, flor_ray, flor_ray.store.logs, flor_ray.query.sql, flor_ray.query.dataframe; "
             "print(sorted(m for m in ('duckdb', 'pyarrow', 'pandas', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=clean_env(), cwd=REPO_ROOT, capture_output=True,
                          text=True, check=True)

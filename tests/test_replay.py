@@ -14,7 +14,8 @@ import textwrap
 import pytest
 
 import flor_ray
-from flor_ray.relation import read_logs
+from flor_ray.execution.driver import run_plan
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, run_script, write
@@ -93,7 +94,7 @@ def test_outer_level_statement_skips_inner_loops(history):
     assert "Need[wnorm -> outer:" in text
     assert all(t.mode in ("skip", "reexec") for t in plan.tasks) and any(t.mode == "skip" for t in plan.tasks)
     assert not plan.skipped, text
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert not report.failed, str(report)
     assert _values(store, "wnorm", "replay") == _hand_values(hand, "wnorm")
     assert report.fidelity.compared > 0 and report.fidelity.mismatched == 0
@@ -108,7 +109,7 @@ def test_inner_level_statement_reexecutes_bit_for_bit(history):
     text = plan.explain()
     assert "Need[gnorm -> inner:" in text and not plan.skipped, text
     assert all(t.mode == "reexec" for t in plan.tasks)
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert not report.failed, str(report)
     assert _values(store, "gnorm", "replay") == _hand_values(hand, "gnorm")
     assert report.fidelity.mismatched == 0 and dict((n, c) for n, c, _ in report.fidelity.by_name)["loss"] == 6 * 4 * 6

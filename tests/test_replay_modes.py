@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import flor_ray
-from flor_ray.execution.driver import PLAN_OVERHEAD_S, run_plan
+from flor_ray.execution.driver import PLAN_OVERHEAD_S, LocalRunner, run_plan
 from flor_ray.planning.plan import ClusterSnapshot
-from flor_ray.relation import read_logs
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, run_script, write
@@ -85,7 +85,7 @@ def test_statement_kinds_replay_exactly(recorded, name, kind, mode):
         # the checkpoints hold the loop-carried `best`: no task needs to start from iteration 0
         assert all(t.checkpoints or t.restore is not None for t in plan.tasks), text
         assert all("best" in t.carried for t in plan.tasks)
-    report = run_plan(plan, progress=False, inline=True)
+    report = run_plan(plan, progress=False, runner=LocalRunner())
     assert not report.failed, str(report)
     assert _vals(store, name, "replay") == _vals(hand, name, "record")
     assert report.fidelity.mismatched == 0
@@ -93,14 +93,16 @@ def test_statement_kinds_replay_exactly(recorded, name, kind, mode):
 
 def test_task_phases_account_for_the_wall_and_a_warm_zygote_skips_the_cold_start(recorded):
     repo, store, hand = recorded
-    for _ in range(2):  # the second run finds this process's zygote warm
-        for f in store.find("logs", ".parquet"):
-            if "/source=replay/" in f:
-                store.delete(f)
-        plan = flor_ray.plan_replay(["final_bias"], store=store, script=repo / "train.py", cluster=ClusterSnapshot(2))
-        assert plan.startup_s > 0 and "cold start=" in plan.explain().splitlines()[0]
-        report = run_plan(plan, progress=False, inline=True)
-        assert not report.failed, str(report)
+    with LocalRunner() as runner:
+        for _ in range(2):  # the second run finds the runner's zygote warm
+            for f in store.find("logs", ".parquet"):
+                if "/source=replay/" in f:
+                    store.delete(f)
+            plan = flor_ray.plan_replay(["final_bias"], store=store, script=repo / "train.py",
+                                        cluster=ClusterSnapshot(2))
+            assert plan.startup_s > 0 and "cold start=" in plan.explain().splitlines()[0]
+            report = run_plan(plan, progress=False, runner=runner)
+            assert not report.failed, str(report)
     for r in report.results:
         phases = dict(r.phases)
         assert {"prepare", "process", "start", "setup", "restore", "loop", "write"} <= set(phases), phases
@@ -132,7 +134,7 @@ def test_replay_history_calibrates_the_next_plans_estimates(recorded):
 
     first = fresh_plan()
     assert first.per_node == 1 and not first.calibrated and all(t.factor == 1.0 for t in first.tasks)
-    report = run_plan(first, progress=False, inline=True)
+    report = run_plan(first, progress=False, runner=LocalRunner())
     assert not report.failed, str(report)
     files = store.find(HISTORY_DIR, ".json")
     assert len(files) == 1

@@ -10,7 +10,9 @@ import sys
 import pytest
 
 import flor_ray
-from flor_ray.relation import load_runs, read_logs
+from flor_ray.execution.driver import run_plan
+from flor_ray.store.logs import read_logs
+from flor_ray.store.runs import load_runs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, write
@@ -163,7 +165,7 @@ def test_statements_in_other_modules_replay_exactly(project):
     text = plan.explain()
     assert "model.py: +hnorm" in text and "in forward()" in text
     assert "datautil.py: +xmean" in text and "data.py: +xmean" in text  # v1's name for the file
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert report.ok, str(report)
     assert report.fidelity.mismatched == 0
     metas = sorted(load_runs(store), key=lambda m: m["started_at"])  # v1's run, then v2's

@@ -25,8 +25,8 @@ import pytest
 import flor_ray
 from flor_ray.errors import ConfigError
 from flor_ray.execution.cache import cache_root, checked_copy
-from flor_ray.execution.driver import run_plan
-from flor_ray.relation import read_logs
+from flor_ray.execution.driver import LocalRunner, run_plan
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 from flor_ray.versions import TamperedFile, blob_id, materialize, read_file, read_version
 
@@ -223,7 +223,7 @@ def test_planted_cache_directory_never_runs(recorded, tmp_path, monkeypatch):
     planted = materialize(st, version, tmp_path / "cache" / version)
     (planted / "helpers.py").write_text(f"open({str(marker)!r}, 'w').close()\n" + HELPERS)
     os.chmod(tmp_path / "cache", 0o700)
-    _replay(repo, "train.py", "bnorm", inline=True)
+    _replay(repo, "train.py", "bnorm", runner=LocalRunner())
     assert not marker.exists()
     assert (planted / "helpers.py").read_bytes() == read_file(st, version, "helpers.py")  # rebuilt
     assert _by_cwd(st, "bnorm", "replay") == _by_cwd(Store(str(hand / ".flor")), "bnorm", "record")
@@ -295,7 +295,7 @@ def test_tampered_blob_in_the_store_is_a_clear_error(recorded, tmp_path, monkeyp
         read_file(st, version, "helpers.py")
     monkeypatch.setenv("FLOR_CACHE_DIR", str(tmp_path / "cache"))
     plan = flor_ray.plan_replay(["bnorm"], store=st, script=repo / "train.py")
-    report = run_plan(plan, progress=False, inline=True)
+    report = run_plan(plan, progress=False, runner=LocalRunner())
     assert report.failed and all("TamperedFile" in r.error and "helpers.py" in r.error for r in report.failed)
     assert not marker.exists() and os.listdir(tmp_path / "cache") == []
 
@@ -467,7 +467,7 @@ def test_twenty_thousand_untracked_files_are_capped(repo, tmp_path):
 # ------------------------------------------------------------ no orphans
 def test_a_run_that_fails_to_start_leaves_no_ref(repo, tmp_path):
     """Ctrl-C between the snapshot and the run's first metadata write: no ref stays.
-    (A store that cannot be written no longer stops a start: the run spools.)"""
+    (A store that cannot be written does not stop a start: the run spools, see the next test.)"""
     _light(repo)
     st, meta, _ = _record(repo)
     refs = git(repo, "for-each-ref", "refs/flor")

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import flor_ray
-from flor_ray.credentials import redact, without_secrets
+from flor_ray.store.credentials import redact, without_secrets
 from flor_ray.errors import QueryError
 from flor_ray.store import Store
 
@@ -293,7 +293,7 @@ def s3_endpoint():
 
 
 def test_replay_on_s3_keeps_secrets_out_of_plan_spec_and_store(tmp_path, s3_endpoint, monkeypatch):
-    from flor_ray.execution.driver import run_plan
+    from flor_ray.execution.driver import LocalRunner, run_plan
     from flor_ray.planning.history import HISTORY_DIR
 
     creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -319,7 +319,7 @@ def test_replay_on_s3_keeps_secrets_out_of_plan_spec_and_store(tmp_path, s3_endp
         assert KEY not in text and SECRET not in text
     for k, v in creds.items():  # the task's own credentials: its environment
         monkeypatch.setenv(k, v)
-    report = run_plan(plan, progress=False, inline=True)
+    report = run_plan(plan, progress=False, runner=LocalRunner())
     assert not report.failed, str(report)
     spec = spec_copy.read_text()
     assert KEY not in spec and SECRET not in spec and s3_endpoint in spec
@@ -336,7 +336,7 @@ def test_replay_on_s3_keeps_secrets_out_of_plan_spec_and_store(tmp_path, s3_endp
 
 def test_task_reads_secret_options_from_its_own_config(tmp_path, monkeypatch):
     """A worker whose FLOR_CONFIG names the store gets its secret options from there."""
-    from flor_ray.credentials import task_options
+    from flor_ray.store.credentials import task_options
 
     cfg = tmp_path / "flor.yaml"
     cfg.write_text(f"store: s3://bucket/p\nstorage_options:\n  key: {KEY}\n  secret: {SECRET}\n"

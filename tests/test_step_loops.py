@@ -20,9 +20,10 @@ import pytest
 
 import flor_ray
 from flor_ray.errors import FlorError
-from flor_ray.planning.analysis import analyze
-from flor_ray.relation import read_logs
-from flor_ray.store import Store
+from flor_ray.analysis import analyze
+from flor_ray.execution.driver import run_plan
+from flor_ray.store.logs import read_logs
+from flor_ray.store import Store, layout
 
 from conftest import clean_env, git, run_script, write
 
@@ -88,7 +89,7 @@ def history(tmp_path_factory):
 
 
 def _meta(store: Store, run_id: str) -> dict:
-    return json.loads(store.read_bytes(f"runs/{run_id}.json"))
+    return json.loads(store.read_bytes(layout.run_meta(run_id)))
 
 
 def _values(store: Store, name: str, source: str, file: str) -> dict[int, float]:
@@ -119,7 +120,7 @@ def test_tiny_steps_are_checkpointed_every_k_steps_not_every_step(history):
     # the adaptive policy, bounded by checkpoint_max_period (16): about one in 16
     assert 0 < len(its) <= COUNT_STEPS // 8, len(its)
     assert its == sorted(its) and its[0] == 0 and max(b - a for a, b in zip(its, its[1:])) <= 16
-    assert len(list(store.fs.ls(store.path(f"checkpoints/{run}")))) == len(its)
+    assert len(list(store.fs.ls(store.path(layout.checkpoint_folder(run))))) == len(its)
     # rows are flushed every flush_interval_s, not once per step
     assert meta["flushes"] < COUNT_STEPS // 10, meta["flushes"]
 
@@ -145,7 +146,7 @@ def test_flor_iteration_records_the_steps_of_a_gpt_loop(history):
 def count_last(history, ray_local):
     repo, store = history["count_train.py"]["repo"], history["count_train.py"]["store"]
     plan = flor_ray.plan_replay(["wnorm"], store=store, script=repo / "count_train.py", iterations="last")
-    return plan, plan.run(progress=False)
+    return plan, run_plan(plan, progress=False)
 
 
 def test_replay_of_the_step_that_hit_break_starts_from_the_nearest_checkpoint(history, count_last):
@@ -166,7 +167,7 @@ def test_a_statement_under_an_eval_interval_backfills_only_where_it_ran(history,
     repo, store = history["count_train.py"]["repo"], history["count_train.py"]["store"]
     plan = flor_ray.plan_replay(["val_l1"], store=store, script=repo / "count_train.py")
     assert "Need[val_l1 -> inner:" in plan.explain()
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert not report.failed, str(report)
     got = _values(store, "val_l1", "replay", "count_train.py")
     assert sorted(got) == list(range(0, COUNT_STEPS, EVAL_EVERY))
@@ -180,9 +181,9 @@ def gpt_replay(history, ray_local):
     repo, store = history["gpt_train.py"]["repo"], history["gpt_train.py"]["store"]
     (history["out"] / "ckpt.pt").unlink()
     last = flor_ray.plan_replay(["grad_norm"], store=store, script=repo / "gpt_train.py", iterations="last")
-    last_report = last.run(progress=False)
+    last_report = run_plan(last, progress=False)
     full = flor_ray.plan_replay(["grad_norm", "train_loss_eval"], store=store, script=repo / "gpt_train.py")
-    return last, last_report, full, full.run(progress=False)
+    return last, last_report, full, run_plan(full, progress=False)
 
 
 def test_gpt_last_step_replays_from_a_mid_run_checkpoint(history, gpt_replay):
@@ -330,7 +331,7 @@ def test_an_exception_inside_a_step_is_not_counted(repo):
 
 
 def test_iteration_is_a_flor_error_for_a_name_of_a_logged_value(repo):
-    from flor_ray.record.session import LoopRuntime
+    from flor_ray.record.loops import LoopRuntime
 
     rt = LoopRuntime()
     rt.log("step", 1.0)
@@ -342,7 +343,7 @@ def test_iteration_is_a_flor_error_for_a_name_of_a_logged_value(repo):
 def test_a_replay_skips_the_bodies_of_the_steps_it_does_not_run():
     """The mechanism ReplaySession uses: a step whose ``_outer_begin`` says no does not
     run its body, the code around the block does, and a tracer already set stays set."""
-    from flor_ray.record.session import LoopRuntime
+    from flor_ray.record.loops import LoopRuntime
 
     class EveryOther(LoopRuntime):
         def _outer_begin(self, i: int, length) -> bool:

@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-import socket
+import os
+import pickle
 import uuid
 
 import pytest
 
 from flor_ray.errors import InvalidNameError, StoreError, StoreNotFoundError
-from flor_ray.relation import dataframe, read_logs, rows_to_table, sql, table_to_parquet_bytes
-from flor_ray.store import Store, safe_component
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from flor_ray.query.dataframe import dataframe
+from flor_ray.query.sql import sql
+from flor_ray.record.rows import rows_to_table
+from flor_ray.store.logs import read_logs, table_to_parquet_bytes
+from flor_ray.store import Store, layout, safe_component, write_local
 
 
 @pytest.fixture(scope="module")
 def s3_server():
     pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    import boto3
+    pytest.importorskip("moto.server")
+    from conftest import S3
 
-    boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
-    ).create_bucket(Bucket="flor-test")
-    yield endpoint
+    server = S3()
+    server.client().create_bucket(Bucket="flor-test")
+    yield server.endpoint
     server.stop()
 
 
@@ -95,3 +88,115 @@ class TestStoreSuite:
         assert df["acc"].tolist()[0] == 0.5 and df["loss"].dropna().tolist() == [2]
         res = sql(store, "SELECT count(*) AS n FROM logs JOIN runs USING (run_id) WHERE lr = 0.1")
         assert res["n"].tolist() == [4]
+
+    # ---------------------------------------------------------- every other operation
+    def test_url_repr_root_and_paths(self, store):
+        assert repr(store) == f"Store({store.url!r})"
+        assert not store.url.endswith("/") and Store(store.url + "/", store.storage_options).url == store.url
+        assert store.path("a", "b.json") == f"{store.root}/a/b.json"
+        assert store.full_url("a/b.json") == f"{store.url}/a/b.json"
+        assert store.is_local == (not store.url.startswith(("memory://", "s3://")))
+        with pytest.raises(StoreError, match="escapes"):
+            store.path("/abs")
+
+    def test_endpoint_names_where_requests_go(self, store):
+        if store.url.startswith("s3://"):
+            assert store.endpoint() == store.storage_options["client_kwargs"]["endpoint_url"]
+        else:
+            assert store.endpoint() == store.url
+
+    def test_pickled_store_reads_what_the_original_wrote(self, store):
+        store.ensure()
+        store.write_json("a/x.json", {"k": 1})
+        copy = pickle.loads(pickle.dumps(store))
+        assert copy.url == store.url and dict(copy.storage_options) == dict(store.storage_options)
+        assert copy.read_json("a/x.json") == {"k": 1} and copy.check() is copy
+
+    def test_durable_write_overwrite_and_delete(self, store):
+        store.ensure()
+        store.write_bytes("d/one.pt", b"x" * 10, durable=True)
+        store.write_bytes("d/one.pt", b"y", durable=True)
+        store.write_bytes("d/sub/two.pt", b"z")
+        assert store.read_bytes("d/one.pt") == b"y"
+        store.delete("d/one.pt")
+        assert not store.exists("d/one.pt") and store.exists("d/sub/two.pt")
+        store.delete("d")  # a folder, recursively
+        assert not store.exists("d/sub/two.pt") and store.find("d") == []
+        store.delete("d/never-there")  # deleting what is gone is not an error
+
+    def test_read_json_of_a_damaged_file_says_so(self, store):
+        store.ensure()
+        store.write_bytes("bad.json", b'{"run_id": "r1", "trunc')
+        with pytest.raises(StoreError, match="bad.json is not valid JSON"):
+            store.read_json("bad.json")
+        with pytest.raises(FileNotFoundError):
+            store.read_json("missing.json")
+
+    def test_listings_leave_out_temporaries_and_folders(self, store):
+        store.ensure()
+        store.write_bytes("a/b/one.bin", b"1" * 7)
+        store.write_bytes("a/b/two.txt", b"22")
+        store.write_bytes("a/b/.tmp-123", b"partial")
+        store.write_bytes("a/b/_SUCCESS", b"")
+        store.write_bytes("a/b/c/three.bin", b"333")
+        assert store.listdir("a/b") == ["c", "one.bin", "two.txt"]
+        assert store.sizes("a/b") == {"a/b/one.bin": 7, "a/b/two.txt": 2}
+        assert store.find("a", ".bin") == ["a/b/c/three.bin", "a/b/one.bin"]
+        assert store.find("a") == ["a/b/c/three.bin", "a/b/one.bin", "a/b/two.txt"]
+        assert store.listdir("nowhere") == [] and store.sizes("nowhere") == {} and store.find("nowhere") == []
+
+    def test_ensure_writes_marker_and_gitignore_for_local_stores(self, store):
+        assert not store.exists(layout.MARKER)
+        store.ensure()
+        assert store.read_json(layout.MARKER)["tool"] == "flor_ray"
+        assert store.exists(".gitignore") == store.is_local  # a local store inside a repository ignores itself
+
+    def test_runs_rel_and_run_ids(self, store):
+        store.ensure()
+        for rid in ("r2", "r1"):
+            store.write_json(store.runs_rel(rid), {"run_id": rid})
+        store.write_bytes("runs/notes.txt", b"not a run")
+        store.write_bytes("runs/.tmp-r3", b"{}")
+        assert store.runs_rel("r1") == "runs/r1.json" == layout.run_meta("r1")
+        assert sorted(store.iter_run_ids()) == ["r1", "r2"]
+
+    def test_arrow_fs_reads_the_stores_files(self, store):
+        store.ensure()
+        store.write_bytes("a/blob.bin", b"arrow sees this")
+        fs, root = store.arrow_fs()
+        with fs.open_input_file(f"{root}/a/blob.bin") as f:
+            assert f.read() == b"arrow sees this"
+
+    def test_layout_paths_parse_back(self, store):
+        """The paths the writers use are the ones the readers take apart."""
+        store.ensure()
+        rec, rep = layout.record_part("r1", 3), layout.replay_part("r1", "task-k")
+        store.write_bytes(rec, b"r")
+        store.write_bytes(rep, b"p")
+        found = store.find(layout.LOGS, ".parquet")
+        assert found == sorted([rec, rep])
+        assert [layout.part_run_id(f) for f in found] == ["r1", "r1"]
+        assert sorted(layout.part_source(f) for f in found) == ["record", "replay"]
+        assert layout.part_task(rep) == "task-k" and layout.part_run_folder(rep) == "logs/run_id=r1"
+        assert store.find(layout.log_folder("r1", "replay"), ".parquet") == [rep]
+        assert store.find(layout.checkpoint_folder("r1")) == []
+        store.write_bytes(layout.checkpoint("r1", 4), b"ck")
+        assert store.find(layout.checkpoint_folder("r1")) == ["checkpoints/r1/000004.pt"]
+
+
+def test_store_url_must_be_a_url_or_a_folder(tmp_path, monkeypatch):
+    with pytest.raises(StoreError, match="non-empty string"):
+        Store("  ")
+    with pytest.raises(StoreError, match="needs '://'"):
+        Store("s3:/bucket/flor")
+    monkeypatch.chdir(tmp_path)
+    assert Store("rel/store").url == str(tmp_path / "rel" / "store")
+
+
+def test_write_local_leaves_no_temporary_on_failure(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OSError):
+        write_local(str(tmp_path / "file" / "x.bin"), b"data")  # its folder is a file
+    target = tmp_path / "d" / "x.bin"
+    write_local(str(target), b"data", durable=True)
+    assert target.read_bytes() == b"data" and os.listdir(tmp_path / "d") == ["x.bin"]

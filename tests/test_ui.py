@@ -18,7 +18,7 @@ import pytest
 
 import flor_ray
 from conftest import TRAIN_SCRIPT, clean_env, git, run_script, write
-from flor_ray.execution.driver import run_plan
+from flor_ray.execution.driver import LocalRunner, run_plan
 from flor_ray.planning.plan import ClusterSnapshot
 from flor_ray.store import Store
 from flor_ray.ui.server import make_server
@@ -52,7 +52,7 @@ def history(tmp_path_factory):
     write(repo, "train.py", _today(TRAIN_SCRIPT.replace("nn.Dropout(0.2)", "nn.Dropout(0.1)")))
     store = Store(str(repo / ".flor"))
     plan = flor_ray.plan_replay(["wnorm"], store=store, script=repo / "train.py", cluster=ClusterSnapshot(1))
-    report = run_plan(plan, progress=False, inline=True)
+    report = run_plan(plan, progress=False, runner=LocalRunner())
     assert not report.failed, str(report)
     return repo, store
 
@@ -309,6 +309,7 @@ def browser():
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_page_runs_table_run_page_and_chart(browser, ui, history, tmp_path):  # a missing browser fails first
     from selenium.webdriver.common.by import By
 
@@ -356,6 +357,7 @@ def test_page_runs_table_run_page_and_chart(browser, ui, history, tmp_path):  # 
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_page_replay_history_and_a_replay_planned_then_started(browser, ui, history):
     from selenium.webdriver.common.by import By
 
@@ -411,6 +413,7 @@ for epoch in flor.loop("epoch", range(flor.arg("epochs", 3))):
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_page_follows_a_run_recorded_while_it_is_open(browser, history, tmp_path):
     """A copy of the store; a run recorded while the page is open appears without a reload."""
     from selenium.webdriver.common.by import By

@@ -19,7 +19,9 @@ import pandas as pd
 import pytest
 
 import flor_ray
-from flor_ray.relation import ConflictWarning, read_logs
+from flor_ray.execution.driver import run_plan
+from flor_ray.query.dataframe import ConflictWarning
+from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
 from conftest import clean_env, git, write
@@ -168,13 +170,13 @@ def test_last_then_all_holds_each_value_once(history):
     where = "jitter = 0"
     first = flor_ray.plan_replay(["wnorm"], where=where, iterations="last", store=store, script=repo / "train.py")
     assert all(t.iterations == (EPOCHS - 1,) for t in first.pending), first.explain()
-    assert first.run(progress=False).ok
+    assert run_plan(first, progress=False).ok
     plan = flor_ray.plan_replay(["wnorm"], where=where, store=store, script=repo / "train.py")
     text = plan.explain()
     # only what the store does not hold yet: epochs 0..2 of each run
     assert sorted(i for t in plan.pending for i in t.iterations) == [0, 0, 1, 1, 2, 2], text
     assert "held already by task" in text
-    report = plan.run(progress=False)
+    report = run_plan(plan, progress=False)
     assert report.ok, str(report)
 
     df = flor_ray.dataframe("wnorm", where=where, store=store)
@@ -192,7 +194,7 @@ def test_last_then_all_holds_each_value_once(history):
 def test_closure_values_all_kept_in_order(history):
     repo, store, hands = history
     where = "jitter = 0"
-    report = flor_ray.plan_replay(["gnorm"], where=where, store=store, script=repo / "train.py").run(progress=False)
+    report = run_plan(flor_ray.plan_replay(["gnorm"], where=where, store=store, script=repo / "train.py"), progress=False)
     assert not report.failed and report.fidelity.mismatched == 0, str(report)
     assert dict((n, c) for n, c, _ in report.fidelity.by_name)["closure_loss"] > len(LRS) * EPOCHS * 4
 
@@ -210,10 +212,10 @@ def test_closure_values_all_kept_in_order(history):
 def test_disagreeing_replays_are_surfaced(history, tmp_path, capsys):
     repo, store, hands = history
     where = "jitter = 0 AND lr = 0.1"
-    flor_ray.plan_replay(["wnorm"], where=where, store=store, script=repo / "train.py").run(progress=False)
+    run_plan(flor_ray.plan_replay(["wnorm"], where=where, store=store, script=repo / "train.py"), progress=False)
     changed = tmp_path / "train.py"  # today's statement changed, under the same name
     changed.write_text(_src("", WNORM.replace(".norm()", ".abs().sum()")))
-    report = flor_ray.plan_replay(["wnorm"], where=where, store=store, script=changed).run(progress=False)
+    report = run_plan(flor_ray.plan_replay(["wnorm"], where=where, store=store, script=changed), progress=False)
     assert not report.failed and len(report.conflicts) == EPOCHS, str(report)
     assert not report.ok and "conflicts: 4 replayed value(s) differ" in str(report)
     (rid,) = {c.run_id for c in report.conflicts}
@@ -240,7 +242,7 @@ def test_disagreeing_replays_are_surfaced(history, tmp_path, capsys):
 def test_fidelity_mismatch_is_kept_apart(history):
     repo, store, _ = history
     where = "jitter = 1"
-    report = flor_ray.plan_replay(["wnorm"], where=where, store=store, script=repo / "train.py").run(progress=False)
+    report = run_plan(flor_ray.plan_replay(["wnorm"], where=where, store=store, script=repo / "train.py"), progress=False)
     (rid,) = flor_ray.runs(store=store).query("jitter == 1")["run_id"]
     assert not report.failed and report.fidelity.mismatched == EPOCHS, str(report)  # tick is a clock reading
     assert report.fidelity.mismatched_runs == (rid,) and f"runs affected: {rid}" in str(report)
@@ -279,7 +281,7 @@ def test_running_run_left_out_unless_asked(ray_local, tmp_path):
         live = flor_ray.plan_replay(["wnorm"], store=store, script=today, include_running=True)
         assert live.pending and not live.skipped, live.explain()
         done_live = sorted(i for t in live.pending for i in t.iterations)
-        assert live.run(progress=False).ok
+        assert run_plan(live, progress=False).ok
         _wait([proc])
     finally:
         if proc.poll() is None:
@@ -289,7 +291,7 @@ def test_running_run_left_out_unless_asked(ray_local, tmp_path):
     after = flor_ray.plan_replay(["wnorm"], store=store, script=today)
     rest = sorted(i for t in after.pending for i in t.iterations)
     assert rest == [i for i in range(EPOCHS) if i not in done_live], after.explain()
-    assert after.run(progress=False).ok
+    assert run_plan(after, progress=False).ok
     n = _sql(store, "SELECT count(*) AS n, count(DISTINCT iter0) AS e FROM logs_all WHERE name = 'wnorm'")
     assert n.to_dict("list") == {"n": [EPOCHS], "e": [EPOCHS]}
 
@@ -304,7 +306,8 @@ def _plan_run(n=6, ckpts=(0, 1, 2, 3, 4, 5)):
 
 
 def _pure_plan(iterations, replayed=(), names=("gnorm",)):
-    from flor_ray.planning.plan import ClusterSnapshot, VersionPatch, make_plan
+    from flor_ray.planning.make import make_plan
+    from flor_ray.planning.plan import ClusterSnapshot, VersionPatch
 
     patch = VersionPatch("v1", "code", None, (), (("loss", "inner", "step loop", ()),
                                                   ("gnorm", "inner", "step loop", ()),

@@ -7,13 +7,7 @@ restores checkpoints where the spec says, skips what need not run, keeps the row
 of the segment's iterations and writes them as one Parquet file at exit. Nothing
 of the recording (runs table, checkpoints, code) is written.
 
-Spec keys: ``store``, ``storage_options``, ``run_id``, ``version``, ``script``,
-``args``, ``carried`` (loop-carried names a restore writes back), ``mode`` (``skip``: restore each iteration's checkpoint and skip the inner
-loops; ``reexec``: restore once, then run for real), ``start``/``stop`` (outer
-iterations whose rows are kept, inclusive), ``restore`` (``reexec``: one checkpoint
-entry or null), ``checkpoints`` (``skip``: iteration -> entry), ``names`` (names to
-keep, null for all), ``setup`` / ``after`` (keep rows outside the outer loop, before
-/ after it), ``output`` (store-relative partition path), ``task`` (its key).
+The spec's fields: :class:`~flor_ray.execution.spec.TaskSpec`.
 
 Damaged checkpoints: ``fallbacks`` lists the run's checkpoint entries before
 ``stop``, ``damaged`` the ones an earlier attempt of this task found damaged
@@ -37,7 +31,9 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
 
 from ..errors import CheckpointError, CheckpointingError, LoopError
-from ..record.session import LoopRuntime, check_name
+from ..record.loops import LoopRuntime
+from ..record.names import check_name
+from .spec import TaskSpec
 
 __all__ = ["ReplaySession", "SegmentDone"]
 
@@ -47,7 +43,7 @@ class SegmentDone(SystemExit):
 
 
 class ReplaySession(LoopRuntime):
-    def __init__(self, spec: Mapping[str, Any]):
+    def __init__(self, spec: TaskSpec):
         super().__init__()
         now = time.time()
         # where the task's time goes (reported back to the driver; the cost model's
@@ -56,24 +52,24 @@ class ReplaySession(LoopRuntime):
         self.phases: dict[str, float] = {"start": max(now - t_start, 0.0), "setup": 0.0, "restore": 0.0,
                                          "loop": 0.0, "after": 0.0, "write": 0.0}
         self._t_mark = now
-        from ..credentials import task_options
+        from ..store.credentials import task_options
         from ..store import Store
 
-        self.spec = dict(spec)
-        self.store = Store(spec["store"], task_options(spec["store"], spec.get("storage_options") or {}))
-        self.args = dict(spec.get("args") or {})
-        self.mode = spec.get("mode", "reexec")
-        self.start, self.stop = int(spec["start"]), int(spec["stop"])
-        self.names = None if spec.get("names") is None else set(spec["names"])
-        self.restore_entry = spec.get("restore")
-        self.checkpoints = {int(k): v for k, v in (spec.get("checkpoints") or {}).items()}
-        self.carried = tuple(spec.get("carried") or ())  # loop-carried names to write back at a restore
+        self.spec = spec
+        self.store = Store(spec.store, task_options(spec.store, spec.storage_options))
+        self.args = dict(spec.args)
+        self.mode = spec.mode
+        self.start, self.stop = spec.start, spec.stop
+        self.names = None if spec.names is None else set(spec.names)
+        self.restore_entry = spec.restore
+        self.checkpoints = dict(spec.checkpoints)
+        self.carried = spec.carried  # loop-carried names to write back at a restore
         # skip mode around damaged checkpoints: iterations re-executed, extra restores
         self._reexec: set[int] = set()
         self._fallback_at: dict[int, dict] = {}
         self._fallback_notes: list[tuple[dict, dict | None]] = []  # (damaged entry, used instead)
         self._damaged: list[dict] = []
-        self._route_around(spec.get("damaged") or ())
+        self._route_around(spec.damaged)
         self._objects: dict[str, Any] | None = None
         self._in_ckpt = False
         self._restore_at: dict | None = None  # entry to restore at a depth-1 exit
@@ -82,7 +78,7 @@ class ReplaySession(LoopRuntime):
         self._cur_iter = -1
         self._keep_iter = False
         self._past_stop = False
-        from ..relation import empty_rows
+        from ..store.logs import empty_rows
 
         self._kept: dict[str, list] = empty_rows()
         self._written = False
@@ -91,7 +87,7 @@ class ReplaySession(LoopRuntime):
         self._restore_numerics()
         # open the store's client now, while the interpreter is fully alive: an
         # object-store client made first inside an atexit handler can be refused
-        self.store.exists(self.spec["output"])
+        self.store.exists(self.spec.output)
         self._suppress_saves()
         atexit.register(self.finish)
         prev = sys.excepthook
@@ -109,7 +105,7 @@ class ReplaySession(LoopRuntime):
         self._damaged = list(bad.values())
         if not bad:
             return
-        good = {int(e["iteration"]): e for e in self.spec.get("fallbacks") or () if e["path"] not in bad}
+        good = {int(e["iteration"]): e for e in self.spec.fallbacks if e["path"] not in bad}
 
         def earlier(i: int) -> dict | None:
             before = [j for j in good if j < i]
@@ -141,7 +137,7 @@ class ReplaySession(LoopRuntime):
                 how = f"replayed from the checkpoint of {loop} {used[d['path']]['iteration']}"
             else:
                 how = f"re-executed from {loop} 0 (no earlier good checkpoint)"
-            out.append(f"run {self.spec['run_id']} {loop} {d['iteration']}: {d['reason']}; {how}")
+            out.append(f"run {self.spec.run_id} {loop} {d['iteration']}: {d['reason']}; {how}")
         return out
 
     def _restore_numerics(self) -> None:
@@ -151,19 +147,19 @@ class ReplaySession(LoopRuntime):
         from .. import numerics
 
         if not numerics.restored():
-            numerics.restore(self.spec.get("numerics"))
+            numerics.restore(self.spec.numerics)
 
     def _check_numerics(self) -> None:
         """At the loop's start, what the replay could not make as recorded."""
         from .. import numerics
 
         self._restore_numerics()
-        self._numerics_notes = numerics.differences(self.spec.get("numerics"), numerics.capture())
+        self._numerics_notes = numerics.differences(self.spec.numerics, numerics.capture())
 
     @classmethod
     def from_spec_file(cls, path: str) -> "ReplaySession":
         with open(path) as f:
-            return cls(json.load(f))
+            return cls(TaskSpec.from_json(f.read()))
 
     def _suppress_saves(self) -> None:
         """Training side effects: torch.save to the user's paths does nothing in replay.
@@ -223,7 +219,7 @@ class ReplaySession(LoopRuntime):
         self._restore_at = None
         if self._past_stop:  # only a segment with the code after the loop, which ends at the run's last step
             raise LoopError(
-                f"the replay of run {self.spec['run_id']} went on to step {i} of its flor.iteration loop, "
+                f"the replay of run {self.spec.run_id} went on to step {i} of its flor.iteration loop, "
                 f"past the last recorded step {self.stop}: the loop's end depends on code in the steps' "
                 "bodies, which a replay skips; end the loop from code outside the `with flor.iteration` "
                 "block (e.g. `if iter_num > max_iters: break` after it)")
@@ -273,7 +269,7 @@ class ReplaySession(LoopRuntime):
         self._move_rows()
         self._lap("loop")
         self._phase = "after"
-        if normal and not self.spec.get("after"):
+        if normal and not self.spec.after:
             self.finish()  # write the partition now, not at interpreter exit
             raise SegmentDone(0)
 
@@ -285,13 +281,13 @@ class ReplaySession(LoopRuntime):
         self._phase = "after"
         if i >= self.stop:  # ran or skipped: no later step is wanted
             self._past_stop = True
-            if not self.spec.get("after"):
+            if not self.spec.after:
                 self._lap("loop")
                 self.finish()
                 raise SegmentDone(0)
 
     def _restore(self, entry: Mapping[str, Any]) -> None:
-        from ..past_checkpoints import read_verified
+        from ..store.checkpoints import read_verified
         from ..record.checkpoint import deserialize, restore
 
         self._lap("loop")
@@ -306,7 +302,7 @@ class ReplaySession(LoopRuntime):
 
     def _report_damage(self, entry: Mapping[str, Any], exc: CheckpointError) -> None:
         self._failed = True  # even if the script catches the error: its state is not the recording's
-        marker = self.spec.get("damage_marker")
+        marker = self.spec.damage_marker
         if marker:
             with open(marker, "w") as f:
                 json.dump({"path": entry["path"], "iteration": int(entry["iteration"]), "reason": str(exc)}, f)
@@ -318,28 +314,28 @@ class ReplaySession(LoopRuntime):
         if rows is None:
             return
         keep_phase = (
-            (self._phase == "setup" and self.spec.get("setup"))
+            (self._phase == "setup" and self.spec.setup)
             or (self._phase == "loop" and self._keep_iter)
-            or (self._phase == "after" and self.spec.get("after"))
+            or (self._phase == "after" and self.spec.after)
         )
         if not keep_phase:
             return
-        from ..relation import merge_rows
+        from ..store.logs import merge_rows
 
         merge_rows(self._kept, rows, self.names)
 
     def _footer(self) -> dict:
         """What the partition holds, for the planner (never replay it again) and for
         queries (the earliest task's value of an identity is the one shown)."""
-        from ..relation import TASK_META_KEY
+        from ..store.logs import TASK_META_KEY
 
         spec = self.spec
-        its = spec.get("iterations")
+        its = spec.iterations
         if its is None:
             its = sorted(self.checkpoints) if self.mode == "skip" else list(range(self.start, self.stop + 1))
-        doc = {"task": spec["task"], "patch": spec.get("patch") or "", "names": sorted(self.names or ()),
-               "iterations": [int(i) for i in its], "setup": bool(spec.get("setup")),
-               "after": bool(spec.get("after")), "written_at": time.time()}
+        doc = {"task": spec.task, "patch": spec.patch, "names": sorted(self.names or ()),
+               "iterations": [int(i) for i in its], "setup": spec.setup,
+               "after": spec.after, "written_at": time.time()}
         return {TASK_META_KEY: json.dumps(doc).encode()}
 
     def finish(self) -> None:
@@ -351,15 +347,16 @@ class ReplaySession(LoopRuntime):
             return
         self._move_rows()
         self._lap(self._phase)
-        from ..relation import rows_to_table, table_to_parquet_bytes
+        from ..record.rows import rows_to_table
+        from ..store.logs import table_to_parquet_bytes
 
         table = rows_to_table(
-            version=self.spec["version"], file=self.spec["script"], seq_start=0, task=self.spec["task"], **self._kept
+            version=self.spec.version, file=self.spec.script, seq_start=0, task=self.spec.task, **self._kept
         )
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self._footer()})
-        self.store.write_bytes(self.spec["output"], table_to_parquet_bytes(table))
+        self.store.write_bytes(self.spec.output, table_to_parquet_bytes(table))
         self._lap("write")
-        done = self.spec.get("done_marker")
+        done = self.spec.done_marker
         if done:
             with open(done, "w") as f:
                 json.dump({"rows": table.num_rows, "phases": {k: round(v, 4) for k, v in self.phases.items()},

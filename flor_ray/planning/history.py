@@ -2,7 +2,7 @@
 
 After each replay the driver writes one small JSON file, ``replays/<time>-<id>.json``,
 with a sample per finished task; the planner reads the latest files back as a
-:class:`~flor_ray.planning.plan.Calibration` (see there for the model). The history
+:class:`~flor_ray.planning.cost.Calibration` (see there for the model). The history
 only tunes estimates: a file that cannot be read is skipped with a warning, and a
 history that cannot be written costs the next plan its calibration, never a replay.
 """
@@ -12,24 +12,29 @@ from __future__ import annotations
 import time
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .plan import Calibration
+from ..store import layout
+from .cost import Calibration, CalibrationSample
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..execution.task import TaskResult
     from ..store import Store
     from .plan import Plan
 
 __all__ = ["HISTORY_DIR", "KEEP_REPLAYS", "load_calibration", "record_history", "concurrency"]
 
-HISTORY_DIR = "replays"
+HISTORY_DIR = layout.REPLAYS
 #: the planner learns from this many latest replays: recent enough to describe the
 #: cluster as it is, enough to cover each mode and concurrency that recurs
 KEEP_REPLAYS = 20
 
+#: ``results`` below are the executor's task results
+#: (:class:`flor_ray.execution.task.TaskResult`: ``key``, ``run_id``, ``status``,
+#: ``node``, ``started_at``, ``wall_s``, ``phases``, ``notes``), read by attribute:
+#: planning owns the history's format and imports nothing of the execution
 
-def concurrency(results: Sequence["TaskResult"]) -> dict[str, float]:
+
+def concurrency(results: Sequence[Any]) -> dict[str, float]:
     """Per task key: how many replay tasks ran on its node on average over its time
     (itself included), from the tasks' start times and walls."""
     spans = [(r.key, r.node, r.started_at, r.started_at + r.wall_s) for r in results
@@ -41,7 +46,7 @@ def concurrency(results: Sequence["TaskResult"]) -> dict[str, float]:
     return out
 
 
-def record_history(store: "Store", plan: "Plan", results: Sequence["TaskResult"]) -> str | None:
+def record_history(store: "Store", plan: "Plan", results: Sequence[Any]) -> str | None:
     """Write the samples of this replay's finished tasks; the file's store path, or
     None when no task ran (a warning when the store refuses the write)."""
     by_key = {t.key: t for t in plan.tasks}
@@ -57,7 +62,7 @@ def record_history(store: "Store", plan: "Plan", results: Sequence["TaskResult"]
                         "actual_s": round(max(r.wall_s - cold, 0.0), 4)})
     if not samples:
         return None
-    rel = f"{HISTORY_DIR}/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.json"
+    rel = layout.replay_history(f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.json")
     try:
         store.write_json(rel, {"version": 1, "at": time.time(), "tasks": samples})
     except Exception as exc:  # noqa: BLE001 - the replay's rows are written; only the next estimate loses
@@ -72,12 +77,12 @@ def load_calibration(store: "Store", keep: int = KEEP_REPLAYS) -> Calibration:
     names = [n for n in store.listdir(HISTORY_DIR) if n.endswith(".json")][-keep:]
     samples = []
     for name in names:
-        rel = f"{HISTORY_DIR}/{name}"
+        rel = layout.replay_history(name)
         try:
             doc = store.read_json(rel)
             for s in doc["tasks"]:
-                samples.append((str(s["run_id"]), str(s["script"]), str(s["mode"]), int(s["per_node"]),
-                                float(s["base_s"]), float(s["actual_s"])))
+                samples.append(CalibrationSample(str(s["run_id"]), str(s["script"]), str(s["mode"]),
+                                                 int(s["per_node"]), float(s["base_s"]), float(s["actual_s"])))
         except FileNotFoundError:
             continue
         except Exception as exc:  # noqa: BLE001 - a damaged hint is dropped, loudly

@@ -1,15 +1,20 @@
-"""Gather the planner's inputs (store, repository, cluster) and call :func:`make_plan`."""
+"""Gather the planner's inputs (store, repository, cluster) and call
+:func:`~flor_ray.planning.make.make_plan`."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from ..errors import PlanningError, QueryError, RepositoryError
-from .plan import (ClusterSnapshot, DamagedCheckpoint, Plan, Refused, ReplayedPart, Resources, RunInfo, SkippedRun,
-                   VersionPatch, make_plan)
+from ..errors import ClusterError, PlanningError, QueryError, RepositoryError
+from .make import make_plan
+from .plan import (ClusterSnapshot, DamagedCheckpoint, Plan, Refused, ReplayedPart, Resources, RunInfo, SkipKind,
+                   SkippedRun, VersionPatch)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..store import Store
 
 __all__ = ["plan_replay", "cluster_snapshot", "propagate_versions", "damaged_checkpoints"]
 
@@ -40,8 +45,6 @@ def _local_gpus() -> int:
 
 def check_fits(plan, cluster: ClusterSnapshot) -> None:
     """Refuse at planning a plan whose tasks ask more than the cluster has (they would wait forever)."""
-    from ..errors import ClusterError
-
     pending = [t for t in plan.tasks if not t.done]
     if not pending:
         return
@@ -61,7 +64,7 @@ def check_fits(plan, cluster: ClusterSnapshot) -> None:
 
 def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
     """Names each run already has (recorded or replayed), from the relation's names only."""
-    from ..relation import read_logs
+    from ..store.logs import read_logs
 
     out: dict[str, set[str]] = {r: set() for r in run_ids}
     if not run_ids:
@@ -88,15 +91,16 @@ def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple
 
     import pyarrow.parquet as pq
 
-    from ..relation import MISMATCH_SOURCE, TASK_META_KEY
+    from ..store import layout
+    from ..store.logs import MISMATCH_SOURCE, TASK_META_KEY
 
     fs, root = store.arrow_fs()
     keys: set[str] = set()
     trusted: list[tuple[str, str]] = []
     for rid in run_ids:
         for source in ("replay", MISMATCH_SOURCE):
-            for rel in store.find(f"logs/run_id={rid}/source={source}", ".parquet"):
-                keys.add(rel.rsplit("/", 1)[-1][: -len(".parquet")])
+            for rel in store.find(layout.log_folder(rid, source), ".parquet"):
+                keys.add(layout.part_task(rel))
                 if source == "replay":
                     trusted.append((rid, rel))
 
@@ -193,7 +197,7 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
     version only; today's other statements are not injected."""
     from ..propagation import PropagationError, propagate_detailed
     from ..versions import read_file
-    from .analysis import analyze
+    from ..analysis import analyze
 
     patches: dict[str, VersionPatch] = {}
     for version, script in versions.items():
@@ -285,46 +289,91 @@ def _check_resources(resources: Any) -> Resources:
 def plan_replay(
     names: str | Sequence[str] | None = None,
     *,
+    store: "Store",
     where: str | None = None,
     iterations: Any = "all",
     script: str | os.PathLike | None = None,
-    store: Any = None,
     resources: Resources | Mapping[str, Any] | None = None,
     cluster: ClusterSnapshot | None = None,
     include_running: bool = False,
 ) -> Plan:
-    """Plan a replay; see :func:`flor_ray.replay`.
+    """Plan a replay over ``store`` (checked); see :func:`flor_ray.replay`.
 
     A run that is still recording is left out with the reason unless
     ``include_running``: its last iterations are not there yet, and what is replayed
     now is not replayed again once it has finished.
     """
-    from ..api import resolve_store
+    from ..analysis import analyze
     from ..config import load_settings
-    from ..relation import load_runs, select_runs
-    from .analysis import analyze
     from .history import load_calibration
 
-    st = resolve_store(store).check()
     settings = load_settings()
+    names = _check_names(names)
+    resources = _check_resources(resources)
+    metas = _selected_runs(store, where)
+    path, today = _today_script(script, metas)
+    today_an = analyze(today, filename=str(path))
+    modules = today_modules(path)
+    today_names = list(dict.fromkeys([*today_an.logged_names, *_names_of(modules, None)]))
+    logged = _logged_per_run(store, [m["run_id"] for m in metas])
+    names = _requested(names, today_names, logged, metas, path)
+    running = [] if include_running else [m for m in metas if m.get("status") == "running"]
+    metas = [m for m in metas if m not in running]
+    modules = {p: m for p, m in modules.items() if set(m[1]) & set(names)}
+    runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
+    patches = propagate_versions(store, today, {r.version: r.script for r in runs}, names, modules)
+    done, replayed = replayed_parts(store, [r.run_id for r in runs])
+    cluster = cluster or cluster_snapshot()
+    plan = make_plan(
+        names=names, where=where, iterations=iterations, runs=runs, patches=patches, cluster=cluster,
+        resources=resources, done_keys=done, store_url=store.url, storage_options=store.storage_options,
+        retries=settings.max_retries, calibration=load_calibration(store),
+        damaged=damaged_checkpoints(store, runs), replayed=replayed,
+        skipped_runs=[SkippedRun(m["run_id"], m["version"],
+                                 f"still recording (pid {m.get('pid')} on {m.get('host')}): replay it once it has "
+                                 "finished, or pass include_running=True (--include-running)", SkipKind.RUNNING)
+                      for m in running],
+    )
+    check_fits(plan, cluster)
+    if not plan.tasks and plan.skipped and all(s.kind is SkipKind.OUT_OF_RANGE for s in plan.skipped):
+        raise PlanningError(
+            f"iterations={iterations!r} is out of range for every selected run ({plan.skipped[0].reason}); "
+            "use 'all', 'last' or numbers within the runs' iterations"
+        )
+    return plan
+
+
+def _check_names(names: Any) -> list[str] | None:
+    """The requested names as a list (None: every new one), or a QueryError."""
     if isinstance(names, str):
         names = [names]
-    if names is not None:
-        if not isinstance(names, (list, tuple)):
-            raise QueryError(f"names must be a log name or a list of them, got {type(names).__name__} {names!r}")
-        names = list(names)
-        if not names or any(not isinstance(n, str) or not n for n in names):
-            raise QueryError(f"names must be non-empty strings, got {names!r}")
-    resources = _check_resources(resources)
-    metas = load_runs(st)
+    if names is None:
+        return None
+    if not isinstance(names, (list, tuple)):
+        raise QueryError(f"names must be a log name or a list of them, got {type(names).__name__} {names!r}")
+    names = list(names)
+    if not names or any(not isinstance(n, str) or not n for n in names):
+        raise QueryError(f"names must be non-empty strings, got {names!r}")
+    return names
+
+
+def _selected_runs(store: "Store", where: str | None) -> list[dict]:
+    """The store's runs that ``where`` selects, oldest first; an error when none."""
+    from ..query.runs import select_runs
+    from ..store.runs import load_runs
+
+    metas = load_runs(store)
     if not metas:
-        raise QueryError(f"the store {st.url!r} holds no runs yet; record a run first")
-    selected = set(select_runs(st, where, metas))
+        raise QueryError(f"the store {store.url!r} holds no runs yet; record a run first")
+    selected = set(select_runs(store, where, metas))
     metas = [m for m in metas if m["run_id"] in selected]
     if not metas:
         raise QueryError(f"no run matches where={where!r}; see the runs with `flor-ray runs`")
+    return metas
 
-    # today's script: the argument, else the latest run's script in this checkout
+
+def _today_script(script: str | os.PathLike | None, metas: Sequence[Mapping[str, Any]]) -> tuple[Path, str]:
+    """Today's script and its text: the argument, else the latest run's script in this checkout."""
     if script is None:
         from ..versions import find_repo_root
 
@@ -340,13 +389,14 @@ def plan_replay(
     if not path.is_file():
         raise PlanningError(f"today's script {str(path)!r} does not exist; pass script= with the path of the training script")
     try:
-        today = path.read_text()
+        return path, path.read_text()
     except UnicodeDecodeError as exc:
         raise PlanningError(f"today's script {str(path)!r} is not UTF-8 text ({exc.reason}); pass the .py file") from exc
-    today_an = analyze(today, filename=str(path))
-    modules = today_modules(path)
-    today_names = list(dict.fromkeys([*today_an.logged_names, *_names_of(modules, None)]))
-    logged = _logged_per_run(st, [m["run_id"] for m in metas])
+
+
+def _requested(names: list[str] | None, today_names: Sequence[str], logged: Mapping[str, frozenset[str]],
+               metas: Sequence[Mapping[str, Any]], path: Path) -> list[str]:
+    """The names to replay: those given (each logged today), else today's names some run lacks."""
     if names is None:
         names = [n for n in today_names if any(n not in logged.get(m["run_id"], ()) for m in metas)]
         if not names:
@@ -354,45 +404,12 @@ def plan_replay(
                 f"every name logged by {path.name} (and the modules of its repository) is already in every "
                 "selected run; name the statements to replay explicitly"
             )
-    else:
-        unknown = [n for n in names if n not in today_names]
-        if unknown:
-            raise QueryError(
-                f"{', '.join(map(repr, unknown))} not logged by today's script {str(path)!r} or a module of "
-                f"its repository; add flor.log({unknown[0]!r}, ...) first (they log: "
-                f"{', '.join(today_names) or 'nothing'})"
-            )
-    running = [] if include_running else [m for m in metas if m.get("status") == "running"]
-    metas = [m for m in metas if m not in running]
-    modules = {p: m for p, m in modules.items() if set(m[1]) & set(names)}
-    runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
-    versions = {r.version: r.script for r in runs}
-    patches = propagate_versions(st, today, versions, names, modules)
-    done, replayed = replayed_parts(st, [r.run_id for r in runs])
-    cluster = cluster or cluster_snapshot()
-    plan = make_plan(
-        names=names,
-        where=where,
-        iterations=iterations,
-        runs=runs,
-        patches=patches,
-        cluster=cluster,
-        resources=resources,
-        done_keys=done,
-        store_url=st.url,
-        storage_options=st.storage_options,
-        retries=settings.max_retries,
-        calibration=load_calibration(st),
-        damaged=damaged_checkpoints(st, runs),
-        replayed=replayed,
-        skipped_runs=[SkippedRun(m["run_id"], m["version"],
-                                 f"still recording (pid {m.get('pid')} on {m.get('host')}): replay it once it has "
-                                 "finished, or pass include_running=True (--include-running)") for m in running],
-    )
-    check_fits(plan, cluster)
-    if not plan.tasks and plan.skipped and all("selects none of its iterations" in s.reason for s in plan.skipped):
-        raise PlanningError(
-            f"iterations={iterations!r} is out of range for every selected run ({plan.skipped[0].reason}); "
-            "use 'all', 'last' or numbers within the runs' iterations"
+        return names
+    unknown = [n for n in names if n not in today_names]
+    if unknown:
+        raise QueryError(
+            f"{', '.join(map(repr, unknown))} not logged by today's script {str(path)!r} or a module of "
+            f"its repository; add flor.log({unknown[0]!r}, ...) first (they log: "
+            f"{', '.join(today_names) or 'nothing'})"
         )
-    return plan
+    return names

@@ -10,20 +10,24 @@ code moved into or out of functions do not get in the way. A statement that
 cannot be placed with confidence raises :class:`~flor_ray.errors.PropagationError`
 naming its log and the reason; nothing is guessed. ``propagate_detailed(...,
 names=[...], partial=True)`` injects only the statements of those names and
-returns the refused ones with their reasons instead of raising.
+returns the refused ones with their reasons instead of raising. A result lists an
+outcome per statement or name: :class:`Placed`, :class:`Refused` or
+:class:`AlreadyLogged`.
 """
 
 from flor_ray.errors import PropagationError
 
 from ._propagate import propagate, propagate_detailed
-from ._result import Placement, PropagationResult, Refusal, format_placements
+from ._result import AlreadyLogged, Outcome, Placed, PropagationResult, Refused, format_placements
 
 __all__ = [
     "propagate",
     "propagate_detailed",
     "format_placements",
-    "Placement",
+    "AlreadyLogged",
+    "Outcome",
+    "Placed",
     "PropagationResult",
-    "Refusal",
+    "Refused",
     "PropagationError",
 ]

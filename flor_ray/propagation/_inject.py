@@ -15,6 +15,7 @@ other node is the object libcst parsed.
 from __future__ import annotations
 
 import ast
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -376,88 +377,112 @@ def splice(text: str, nodes: list[SNode], edits: Edits) -> tuple[str, dict[int, 
     ``None`` when an edit needs libcst's restructuring (see above).
     """
     lines = split_lines(text)
-    unit, newline = detect_indent(lines, nodes), detect_newline(lines)
-    # boundary (0-based index of the line the chunk goes before) -> [(sort key, stmt, lines, comments)]
-    at: dict[int, list[tuple[tuple[float, int], Any, list[str], int]]] = {}
-    seq = 0
-    for (owner_pre, key), by_pos in edits.inserts.items():
-        owner = nodes[owner_pre]
-        kids = owner.suite(key) or []
-        if not kids:
-            return None
-        indent = _block_indent(lines, kids)
-        if indent is None:
-            return None
-        for position, stmts in by_pos.items():
-            if position > 0:
-                idx = max(s.end_lineno or s.lineno for s in kids[position - 1].stmts)
-                # comments indented deeper than this block close the block above (libcst's footer)
-                while idx < len(lines) and lines[idx].strip().startswith("#") \
-                        and len(_ws(lines[idx])) > len(indent):
-                    idx += 1
-            elif owner.parent is None:
-                return None
-            else:
-                idx = kids[0].line - 1
-                while idx > 0 and _blank_or_comment(lines[idx - 1]):
-                    idx -= 1
-            depth = len(owner.ancestors())
-            for stmt in stmts:
-                rendered, comments = _render(stmt, indent, unit, newline)
-                at.setdefault(idx, []).append(((-depth, seq), stmt, rendered, comments))
-                seq += 1
-    for owner_pre, stmts in edits.new_else.items():
-        owner = nodes[owner_pre]
-        head = lines[owner.first.lineno - 1]
-        col = _char_col(head, owner.first.col_offset)
-        if head[:col].strip():
-            return None
-        outer = head[:col]
-        idx = max(s.end_lineno or s.lineno for s in owner.stmts)
-        while idx < len(lines) and lines[idx].strip().startswith("#") and len(_ws(lines[idx])) > len(outer):
-            idx += 1
-        body = _block_indent(lines, owner.suites[0][1])
-        inner = body if body is not None else outer + unit
-        # at the same boundary: the if's own body first, then its else, then what follows the if
-        depth = len(owner.ancestors()) - 0.5
-        for k, stmt in enumerate(stmts):
-            rendered, comments = _render(stmt, inner, unit, newline)
-            if k == 0:
-                rendered = [outer + "else:" + newline] + rendered
-                comments += 1
-            at.setdefault(idx, []).append(((-depth, seq), stmt, rendered, comments))
-            seq += 1
+    chunks = _Chunks(lines, detect_indent(lines, nodes), detect_newline(lines))
+    if not chunks.inserts(nodes, edits) or not chunks.new_elses(nodes, edits):
+        return None
     swaps: dict[int, tuple[int, int, int, Any]] = {}  # first line -> (col, last line, end col, stmt)
     for pre, stmt in edits.replaces.items():
         node = nodes[pre]
         first, last = node.stmts[0], node.stmts[-1]
         swaps[first.lineno - 1] = (first.col_offset, (last.end_lineno or last.lineno) - 1,
                                    last.end_col_offset or 0, stmt)
-    out: list[str] = []
-    where: dict[int, int] = {}
-    i = 0
-    while i <= len(lines):
-        for _, stmt, rendered, comments in sorted(at.get(i, ()), key=lambda e: e[0]):
-            if out and not out[-1].endswith(("\n", "\r")):
-                out[-1] += newline
-            where[id(stmt)] = len(out) + 1 + comments
-            out.extend(rendered)
-        if i == len(lines):
-            break
-        if i in swaps:
-            col, last, end_col, stmt = swaps[i]
-            head, tail = lines[i], lines[last]
-            body = stmt.with_changes(leading_lines=[], trailing_whitespace=cst.TrailingWhitespace())
-            code = cst.Module(body=[body], default_indent=unit, default_newline=newline).code
-            code = code.rstrip("\r\n").replace(newline, newline + _ws(head))
-            where[id(stmt)] = len(out) + 1
-            joined = head[:_char_col(head, col)] + code + tail[_char_col(tail, end_col):]
-            out.extend(split_lines(joined))
-            i = last + 1
-            continue
-        out.append(lines[i])
-        i += 1
-    code = "".join(out)
+    code, where = chunks.assemble(swaps)
     if text and not text.endswith(("\n", "\r")) and code.endswith(("\n", "\r")):
-        code = code.rstrip("\r\n") if code.endswith(newline) else code
+        code = code.rstrip("\r\n") if code.endswith(chunks.newline) else code
     return code, where
+
+
+class _Chunks:
+    """Rendered statements to put between the target's lines, keyed by boundary (the
+    0-based index of the line a chunk goes before), each with its sort key."""
+
+    def __init__(self, lines: list[str], unit: str, newline: str):
+        self.lines, self.unit, self.newline = lines, unit, newline
+        self.at: dict[int, list[tuple[tuple[float, int], Any, list[str], int]]] = {}
+        self._seq = itertools.count()
+
+    def add(self, idx: int, depth: float, stmt: Any, rendered: list[str], comments: int) -> None:
+        self.at.setdefault(idx, []).append(((-depth, next(self._seq)), stmt, rendered, comments))
+
+    def inserts(self, nodes: list[SNode], edits: Edits) -> bool:
+        """The statements inserted into existing blocks; False for a shape left to libcst."""
+        lines = self.lines
+        for (owner_pre, key), by_pos in edits.inserts.items():
+            owner = nodes[owner_pre]
+            kids = owner.suite(key) or []
+            if not kids:
+                return False
+            indent = _block_indent(lines, kids)
+            if indent is None:
+                return False
+            for position, stmts in by_pos.items():
+                if position > 0:
+                    idx = max(s.end_lineno or s.lineno for s in kids[position - 1].stmts)
+                    # comments indented deeper than this block close the block above (libcst's footer)
+                    while idx < len(lines) and lines[idx].strip().startswith("#") \
+                            and len(_ws(lines[idx])) > len(indent):
+                        idx += 1
+                elif owner.parent is None:
+                    return False
+                else:
+                    idx = kids[0].line - 1
+                    while idx > 0 and _blank_or_comment(lines[idx - 1]):
+                        idx -= 1
+                depth = len(owner.ancestors())
+                for stmt in stmts:
+                    self.add(idx, depth, stmt, *_render(stmt, indent, self.unit, self.newline))
+        return True
+
+    def new_elses(self, nodes: list[SNode], edits: Edits) -> bool:
+        """The new ``else:`` branches; False for a shape left to libcst."""
+        lines = self.lines
+        for owner_pre, stmts in edits.new_else.items():
+            owner = nodes[owner_pre]
+            head = lines[owner.first.lineno - 1]
+            col = _char_col(head, owner.first.col_offset)
+            if head[:col].strip():
+                return False
+            outer = head[:col]
+            idx = max(s.end_lineno or s.lineno for s in owner.stmts)
+            while idx < len(lines) and lines[idx].strip().startswith("#") and len(_ws(lines[idx])) > len(outer):
+                idx += 1
+            body = _block_indent(lines, owner.suites[0][1])
+            inner = body if body is not None else outer + self.unit
+            # at the same boundary: the if's own body first, then its else, then what follows the if
+            depth = len(owner.ancestors()) - 0.5
+            for k, stmt in enumerate(stmts):
+                rendered, comments = _render(stmt, inner, self.unit, self.newline)
+                if k == 0:
+                    rendered = [outer + "else:" + self.newline] + rendered
+                    comments += 1
+                self.add(idx, depth, stmt, rendered, comments)
+        return True
+
+    def assemble(self, swaps: dict[int, tuple[int, int, int, Any]]) -> tuple[str, dict[int, int]]:
+        """The target's lines with the chunks between them and the swapped statements."""
+        lines, newline, unit = self.lines, self.newline, self.unit
+        out: list[str] = []
+        where: dict[int, int] = {}
+        i = 0
+        while i <= len(lines):
+            for _, stmt, rendered, comments in sorted(self.at.get(i, ()), key=lambda e: e[0]):
+                if out and not out[-1].endswith(("\n", "\r")):
+                    out[-1] += newline
+                where[id(stmt)] = len(out) + 1 + comments
+                out.extend(rendered)
+            if i == len(lines):
+                break
+            if i in swaps:
+                col, last, end_col, stmt = swaps[i]
+                head, tail = lines[i], lines[last]
+                body = stmt.with_changes(leading_lines=[], trailing_whitespace=cst.TrailingWhitespace())
+                code = cst.Module(body=[body], default_indent=unit, default_newline=newline).code
+                code = code.rstrip("\r\n").replace(newline, newline + _ws(head))
+                where[id(stmt)] = len(out) + 1
+                joined = head[:_char_col(head, col)] + code + tail[_char_col(tail, end_col):]
+                out.extend(split_lines(joined))
+                i = last + 1
+                continue
+            out.append(lines[i])
+            i += 1
+        return "".join(out), where

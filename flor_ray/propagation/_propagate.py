@@ -38,19 +38,17 @@ import gc
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from flor_ray.analysis.calls import FlorCalls, literal_first_arg
 from flor_ray.errors import PropagationError
 
 from . import _flow, _inject
-from ._inject import Edits, Respelling
+from ._inject import Edits
 from ._match import Matching
-from ._result import Placement, PropagationResult, Refusal
+from ._naming import Naming
+from ._result import AlreadyLogged, CannotPlace, Placed, PropagationResult, Refused, logs_text
 from ._scope import Visibility, free_reads
-from ._syntax import LogSyntax, literal_first_arg, parse_ast, parse_cst
+from ._syntax import parse_ast, parse_cst
 from ._tree import FUNCS, SNode, Tree, build, resolve_scope
-
-
-class _Refused(Exception):
-    """One statement that cannot be placed (collected, then raised together)."""
 
 
 @dataclass
@@ -92,18 +90,18 @@ def propagate_detailed(source: str, target: str, names: Iterable[str] | None = N
 def _propagate(source: str, target: str, wanted: frozenset[str] | None, partial: bool) -> PropagationResult:
     src_ast = parse_ast(source, "source")
     tgt_ast = parse_ast(target, "target")
-    src = build(src_ast, LogSyntax.of(src_ast), grouped=False)
-    tgt = build(tgt_ast, LogSyntax.of(tgt_ast))
+    src = build(src_ast, FlorCalls.of(src_ast), grouped=False)
+    tgt = build(tgt_ast, FlorCalls.of(tgt_ast))
     old_names = {n for n in tgt.log_names if n is not None}
-    skipped = tuple(dict.fromkeys(n for n in src.log_names if n is not None and n in old_names
-                                  and (wanted is None or n in wanted)))
+    already = tuple(AlreadyLogged(n) for n in dict.fromkeys(
+        n for n in src.log_names if n is not None and n in old_names and (wanted is None or n in wanted)))
     if wanted is None:
         nothing_new = all(n is not None and n in old_names for n in src.log_names)
     else:  # a statement with a non-literal name cannot log a wanted name: not looked at
         nothing_new = not any(n in wanted and n not in old_names for n in src.log_names if n is not None)
     if nothing_new:
-        return PropagationResult(code=target, skipped=skipped)  # nothing new: byte-identical
-    return _Planner(source, target, src, tgt, old_names, wanted, partial).run(skipped)
+        return PropagationResult(code=target, outcomes=already)  # nothing new: byte-identical
+    return _Planner(source, target, src, tgt, old_names, wanted, partial).run(already)
 
 
 class _Planner:
@@ -116,32 +114,32 @@ class _Planner:
         self.partial = partial
         self.lines = _inject.split_lines(source)
         self.matching = Matching(self.src, self.tgt)
-        self.visibility = Visibility(self.tgt)
+        self.naming = Naming(self.src, self.tgt, self.matching, Visibility(self.tgt))
         self.edits = Edits()
         self.planned: list[_Planned] = []
         # source unit pre -> (target owner, suite key, position) where it was put
         self.slots: dict[int, tuple[SNode, str, int]] = {}
-        self.failures: list[Refusal] = []
+        self.failures: list[Refused] = []
 
     # ------------------------------------------------------------------ driver
 
-    def run(self, skipped: tuple[str, ...]) -> PropagationResult:
+    def run(self, already: tuple[AlreadyLogged, ...]) -> PropagationResult:
         units: dict[int, list[str]] = {}
         for node in self.src.nodes[1:]:
             if not node.has_log and not node.compound:
                 continue
             try:
                 self._classify(node, units)
-            except _Refused as exc:
+            except CannotPlace as exc:
                 names = [n for n in map(literal_first_arg, self._calls(node)) if self._is_new(n)]
-                self.failures.append(Refusal(tuple(dict.fromkeys(names)), str(exc)))  # type: ignore[arg-type]
+                self.failures.append(Refused(tuple(dict.fromkeys(names)), str(exc)))  # type: ignore[arg-type]
         for pre in sorted(units):
             unit = self.src.nodes[pre]
             names = tuple(dict.fromkeys(units[pre]))
             try:
                 self._place(unit, names)
-            except _Refused as exc:
-                self.failures.append(Refusal(names, str(exc)))
+            except CannotPlace as exc:
+                self.failures.append(Refused(names, str(exc)))
         if self.failures and not self.partial:
             reasons = tuple(f.reason for f in self.failures)
             err = PropagationError("cannot propagate into the target version: " + "; ".join(reasons))
@@ -149,8 +147,8 @@ class _Planner:
             raise err
         refused = tuple(self.failures)
         if not self.edits:
-            return PropagationResult(code=self.target, skipped=skipped, refused=refused)
-        return self._finish(skipped, refused)
+            return PropagationResult(code=self.target, outcomes=already + refused)
+        return self._finish(already, refused)
 
     def _is_new(self, name: str | None) -> bool:
         """A name to inject: not logged by the target, and asked for."""
@@ -181,15 +179,15 @@ class _Planner:
         if None in names and self.wanted is None:
             call = calls[names.index(None)]
             arg = ast.get_source_segment("".join(self.lines), call.args[0]) if call.args else "?"
-            raise _Refused(
+            raise CannotPlace(
                 f"the flor.log call at source line {call.lineno} has a non-literal name ({arg}); "
                 "propagation needs a string literal such as flor.log(\"loss\", ...)"
             )
         if not new:
             return
         if node.compound:
-            raise _Refused(
-                f"{_logs(new)} at source line {node.first.lineno} sits in the header of a "
+            raise CannotPlace(
+                f"{logs_text(new)} at source line {node.first.lineno} sits in the header of a "
                 f"`{node.kind.lower()}` statement; move it to a statement of its own"
             )
         units.setdefault(self._unit(node, new).pre, []).extend(new)
@@ -206,8 +204,8 @@ class _Planner:
                 return unit  # an existing block whose counterpart was not found: use neighbours
             if parent.is_def:
                 what = "function" if isinstance(parent.first, FUNCS) else "class"
-                raise _Refused(
-                    f"{_logs(names)} at source line {node.first.lineno} cannot be placed: its "
+                raise CannotPlace(
+                    f"{logs_text(names)} at source line {node.first.lineno} cannot be placed: its "
                     f"enclosing {what} `{_header(self.lines, parent)}` (source line "
                     f"{parent.first.lineno}) has no counterpart in the target version, so "
                     "nothing there would call it"
@@ -217,7 +215,7 @@ class _Planner:
     # ------------------------------------------------------------------ placing
 
     def _place(self, unit: SNode, names: tuple[str, ...]) -> None:
-        first_error: _Refused | None = None
+        first_error: CannotPlace | None = None
         for slot in self._slots(unit, names):
             try:
                 owner, key, position = slot
@@ -230,8 +228,8 @@ class _Planner:
                     if moved != position:
                         slot, position = (owner, key, moved), moved
                         after = kids[position - 1].last if position > 0 else owner.pre
-                how = self._renames(unit, names, owner, after, self._where(owner, kids, position))
-            except _Refused as exc:
+                how = self.naming.renames(unit, names, owner, after, self._where(owner, kids, position))
+            except CannotPlace as exc:
                 first_error = first_error or exc
                 continue
             stmt = _inject.rename(
@@ -294,12 +292,12 @@ class _Planner:
         slots = [s for s in (slot, nearest) if s is not None]
         if not slots:
             if t_parent is not None:
-                raise _Refused(
-                    f"{_logs(names)} at source line {unit.line} cannot be placed: the target's "
+                raise CannotPlace(
+                    f"{logs_text(names)} at source line {unit.line} cannot be placed: the target's "
                     f"`{_header(self.lines, parent)}` has no `{unit.key}` block"
                 )
-            raise _Refused(
-                f"{_logs(names)} at source line {unit.line} cannot be placed: its enclosing "
+            raise CannotPlace(
+                f"{logs_text(names)} at source line {unit.line} cannot be placed: its enclosing "
                 f"`{_header(self.lines, parent)}` (source line {parent.first.lineno}) has no "
                 "counterpart in the target version, and neither have its neighbours"
             )
@@ -314,8 +312,8 @@ class _Planner:
         if rng.empty:
             lines = sorted({kids[j].first.lineno for j, _ in rng.before + rng.after})
             inputs = sorted({n for _, n in rng.before + rng.after})
-            raise _Refused(
-                f"{_logs(names)} at source line {unit.line} cannot be placed: the target changes "
+            raise CannotPlace(
+                f"{logs_text(names)} at source line {unit.line} cannot be placed: the target changes "
                 f"{', '.join(f'`{n}`' for n in inputs)} at lines {', '.join(map(str, lines))} in an "
                 "order that today's version does not have, so no place there reads today's value; "
                 "add it to that version by hand"
@@ -379,7 +377,7 @@ class _Planner:
     def _wrap(self, node: SNode, t: SNode, names: tuple[str, ...]) -> None:
         """The old statement, wrapped in today's log call(s)."""
         where = f"line {t.first.lineno}"
-        how = self._spelling(node, t.parent, t.pre - 1, names, where)  # type: ignore[arg-type]
+        how = self.naming.spelling(node, t.parent, t.pre - 1, names, where)  # type: ignore[arg-type]
         how.names.update({a: b for a, b in zip(node.names, t.names) if a != b})
         how.attrs.update({(ba, aa): ab for (ba, aa), (_, ab) in zip(node.attrs, t.attrs) if aa != ab})
         stmt = _inject.rename(
@@ -396,129 +394,9 @@ class _Planner:
             return "at the top of the file"
         return f"at the start of the block at line {owner.first.lineno}"
 
-    # ------------------------------------------------------------------ names
-
-    def _spelling(self, unit: SNode, owner: SNode, after: int,
-                  names: tuple[str, ...], where: str) -> Respelling:
-        """How the unit's ``flor_ray`` calls are spelled in the target at that point."""
-        visible = self.visibility.names_at(owner, after)
-        src, tgt = self.src.syntax, self.tgt.syntax
-        t_modules = sorted(m for m in tgt.modules if m in visible)
-        t_direct: dict[str, str] = {}  # verb -> local name imported in the target
-        for local, verb in sorted(tgt.direct_map.items()):
-            if local in visible:
-                t_direct.setdefault(verb, local)
-        how = Respelling()
-        reads = free_reads(unit.stmts)
-
-        def missing(verb: str) -> _Refused:
-            return _Refused(
-                f"{_logs(names)} cannot be placed {where} of the target: the target does not "
-                f"import flor_ray (or its `{verb}`) there; add `import flor_ray as flor`"
-            )
-
-        for name in reads:
-            if name in src.modules:
-                if name in tgt.modules and name in visible:
-                    continue
-                verbs = _verbs_through(unit.stmts, name)
-                if t_modules:
-                    how.names[name] = t_modules[0]
-                    continue
-                for verb in verbs or ["log"]:
-                    if verb is None or verb not in t_direct:
-                        raise missing(verb or "module")
-                    how.to_name[(name, verb)] = t_direct[verb]
-            elif name in src.direct_map:
-                verb = src.direct_map[name]
-                if tgt.direct_map.get(name) == verb and name in visible:
-                    continue
-                if verb in t_direct:
-                    how.names[name] = t_direct[verb]
-                elif t_modules:
-                    how.to_attr[name] = (t_modules[0], verb)
-                else:
-                    raise missing(verb)
-        return how
-
-    def _renames(self, unit: SNode, names: tuple[str, ...], owner: SNode, after: int,
-                 where: str) -> Respelling:
-        visible = self.visibility.names_at(owner, after)
-        how = self._spelling(unit, owner, after, names, where)
-        handled = set(how.names) | set(how.to_attr) | {m for m, _ in how.to_name}
-        mapping = how.names
-        src_locals = self.matching.src_locals
-        at = unit.parent if unit.is_def else unit
-        reads = free_reads(unit.stmts)
-        for name in reads:
-            if name in visible or name in handled:
-                continue
-            scope = resolve_scope(name, at, src_locals)  # type: ignore[arg-type]
-            seen = self.matching.evidence.get((scope, name), {})
-            cands = sorted(m for m in seen if m != name)
-            if name in seen or not cands:
-                raise _Refused(
-                    f"{_logs(names)} at source line {unit.line} cannot be placed {where} of the "
-                    f"target: it reads `{name}`, which is not defined in the target at that point"
-                )
-            if len(cands) > 1:
-                raise _Refused(
-                    f"{_logs(names)} at source line {unit.line} cannot be placed: it reads "
-                    f"`{name}`, which corresponds to several names in the target "
-                    f"({', '.join(cands)}); the rename is ambiguous"
-                )
-            old = cands[0]
-            rivals = sorted(
-                other for (sc, other), seen2 in self.matching.evidence.items()
-                if sc == scope and other != name and old in seen2
-            )
-            if rivals:
-                raise _Refused(
-                    f"{_logs(names)} at source line {unit.line} cannot be placed: it reads "
-                    f"`{name}`, which looks renamed to `{old}`, but `{old}` also stands for "
-                    f"{', '.join(f'`{r}`' for r in rivals)}; the rename is ambiguous"
-                )
-            if old not in visible:
-                raise _Refused(
-                    f"{_logs(names)} at source line {unit.line} cannot be placed {where} of the "
-                    f"target: it reads `{name}` (called `{old}` there), which is not defined "
-                    "at that point"
-                )
-            mapping[name] = old
-        self._attr_renames(unit, names, set(reads), how)
-        return how
-
-    def _attr_renames(self, unit: SNode, names: tuple[str, ...], reads: set[str],
-                      how: Respelling) -> None:
-        """``self.net`` today where the matched lines say ``self.model`` then."""
-        evidence = self.matching.attr_evidence
-        for base, attr in _attribute_reads(unit.stmts, reads):
-            dotted = f"{base}.{attr}"
-            seen = evidence.get(dotted)
-            if not seen or dotted in seen:
-                continue
-            cands = sorted(seen)
-            if len(cands) > 1:
-                raise _Refused(
-                    f"{_logs(names)} at source line {unit.line} cannot be placed: it reads "
-                    f"`{dotted}`, which corresponds to several attributes in the target "
-                    f"({', '.join(cands)}); the rename is ambiguous"
-                )
-            old = cands[0]
-            rivals = sorted(d for d, seen2 in evidence.items() if d != dotted and old in seen2)
-            if rivals:
-                raise _Refused(
-                    f"{_logs(names)} at source line {unit.line} cannot be placed: it reads "
-                    f"`{dotted}`, which looks renamed to `{old}`, but `{old}` also stands for "
-                    f"{', '.join(f'`{r}`' for r in rivals)}; the rename is ambiguous"
-                )
-            old_base, _, old_attr = old.partition(".")
-            if old_base == how.names.get(base, base):
-                how.attrs[(base, attr)] = old_attr
-
     # ------------------------------------------------------------------ output
 
-    def _finish(self, skipped: tuple[str, ...], refused: tuple[Refusal, ...] = ()) -> PropagationResult:
+    def _finish(self, already: tuple[AlreadyLogged, ...], refused: tuple[Refused, ...]) -> PropagationResult:
         spliced = _inject.splice(self.target, self.tgt.nodes, self.edits)
         if spliced is not None:
             code, lines = spliced
@@ -543,7 +421,7 @@ class _Planner:
                          if n.parent is not None and isinstance(n.first, FUNCS)), None)
             for a, b in p.renames.items():
                 renames.setdefault(a, b)
-            placements.append(Placement(
+            placements.append(Placed(
                 names=p.names,
                 statement=_inject.statement_code(p.stmt),
                 line=lines[id(p.stmt)],
@@ -553,8 +431,8 @@ class _Planner:
                 wrapped=p.wrapped,
             ))
         placements.sort(key=lambda p: p.line)
-        return PropagationResult(code=code, placements=tuple(placements),
-                                 renames=tuple(renames.items()), skipped=skipped, refused=refused)
+        return PropagationResult(code=code, outcomes=already + tuple(placements) + refused,
+                                 renames=tuple(renames.items()))
 
 
 _ELSE_OWNERS = (ast.If, ast.For, ast.AsyncFor, ast.While)
@@ -588,41 +466,10 @@ def _first_position(owner: SNode, key: str) -> int:
     return i
 
 
-def _lines_of(code: str, module: Any, syntax: LogSyntax, wanted: set[int]) -> dict[int, int]:
+def _lines_of(code: str, module: Any, syntax: FlorCalls, wanted: set[int]) -> dict[int, int]:
     """1-based line of each wanted libcst statement in the rendered code."""
     tree: Tree = build(ast.parse(code), syntax, module, light=True)
     return {id(n.cst): n.line for n in tree.nodes[1:] if id(n.cst) in wanted}
-
-
-def _verbs_through(stmts: tuple[ast.stmt, ...], module: str) -> list[str | None]:
-    """The ``flor_ray`` verbs used as ``module.verb``; None for a bare use of ``module``."""
-    verbs: list[str | None] = []
-    attrs: set[int] = set()
-    for stmt in stmts:
-        for node in ast.walk(stmt):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                    and node.value.id == module:
-                verbs.append(node.attr)
-                attrs.add(id(node.value))
-        for node in ast.walk(stmt):
-            if isinstance(node, ast.Name) and node.id == module and id(node) not in attrs:
-                verbs.append(None)
-    return list(dict.fromkeys(verbs))
-
-
-def _attribute_reads(stmts: tuple[ast.stmt, ...], free: set[str]) -> list[tuple[str, str]]:
-    """``(base, attr)`` of every ``base.attr`` whose base is read from outside."""
-    out = []
-    for stmt in stmts:
-        for node in ast.walk(stmt):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                    and node.value.id in free:
-                out.append((node.value.id, node.attr))
-    return list(dict.fromkeys(out))
-
-
-def _logs(names: "list[str] | tuple[str, ...]") -> str:
-    return ", ".join(f"flor.log({n!r})" for n in names)
 
 
 def _header(lines: list[str], node: SNode) -> str:

@@ -1,12 +1,19 @@
-"""What propagation returns: small frozen, picklable values and their rendering."""
+"""What propagation returns: small frozen, picklable values and their rendering.
+
+Each new statement of today's file comes out as an outcome, as LibCST's codemods
+return ``TransformSuccess`` or ``TransformFailure``: :class:`Placed` (injected, and
+where) or :class:`Refused` (not placed, and why); each name that the target logs
+already comes out as :class:`AlreadyLogged` (nothing to do).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 
 @dataclass(frozen=True)
-class Placement:
+class Placed:
     """One statement injected into the old version.
 
     ``line`` is 1-based in the patched code; ``loops`` are the enclosing
@@ -26,7 +33,7 @@ class Placement:
 
 
 @dataclass(frozen=True)
-class Refusal:
+class Refused:
     """A statement of today's file that could not be placed: the new names it logs
     (empty for a call whose name is not a literal) and why."""
 
@@ -35,15 +42,39 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class AlreadyLogged:
+    """A name of today's file that the target logs already: left as it is there."""
+
+    name: str
+
+
+Outcome = Union[Placed, Refused, AlreadyLogged]
+
+
+@dataclass(frozen=True)
 class PropagationResult:
-    """The patched target and how it was obtained."""
+    """The patched target and the outcome of each statement.
+
+    A :class:`Refused` outcome is returned only with ``partial=True``; otherwise
+    refusals raise.
+    """
 
     code: str
-    placements: tuple[Placement, ...] = ()
+    outcomes: tuple[Outcome, ...] = ()
     renames: tuple[tuple[str, str], ...] = ()  # (today's name, old name)
-    skipped: tuple[str, ...] = ()  # log names the target already logs
-    #: statements not placed (only with ``partial=True``; otherwise they raise)
-    refused: tuple[Refusal, ...] = ()
+
+    @property
+    def placements(self) -> tuple[Placed, ...]:
+        return tuple(o for o in self.outcomes if isinstance(o, Placed))
+
+    @property
+    def refused(self) -> tuple[Refused, ...]:
+        return tuple(o for o in self.outcomes if isinstance(o, Refused))
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        """The log names the target already logs."""
+        return tuple(o.name for o in self.outcomes if isinstance(o, AlreadyLogged))
 
     @property
     def refused_names(self) -> dict[str, str]:
@@ -61,6 +92,15 @@ class PropagationResult:
     @property
     def rename_map(self) -> dict[str, str]:
         return dict(self.renames)
+
+
+class CannotPlace(Exception):
+    """One statement that cannot be placed: collected, then raised together or
+    returned as :class:`Refused`."""
+
+
+def logs_text(names: "list[str] | tuple[str, ...]") -> str:
+    return ", ".join(f"flor.log({n!r})" for n in names)
 
 
 def format_placements(result: PropagationResult) -> str:

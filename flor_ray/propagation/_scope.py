@@ -2,7 +2,7 @@
 
 A statement may only be injected where every name it reads is bound: an injected
 ``flor.log("lr", scheduler.get_last_lr()[0])`` in a version that never built a
-scheduler would crash the replay hours later, so it is refused now. The rules are
+scheduler would crash the replay hours later, so it is refused up front. The rules are
 Python's, simplified to what can be known statically:
 
 * in the scope where the statement lands (the function, or the module), a name must

@@ -19,7 +19,7 @@ from typing import Any
 
 import libcst as cst
 
-from ._syntax import LogSyntax, literal_first_arg
+from flor_ray.analysis.calls import FlorCalls, literal_first_arg
 
 COMPOUND = (
     ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.For, ast.AsyncFor,
@@ -113,7 +113,7 @@ class SNode:
 class Tree:
     root: SNode
     nodes: list[SNode]  # in preorder; nodes[i].pre == i
-    syntax: LogSyntax
+    syntax: FlorCalls
     # the first argument of every log call, in file order: the literal name or None
     log_names: list[str | None] = field(default_factory=list)
 
@@ -189,7 +189,7 @@ def _group_with_cst(stmts: list[ast.stmt], block: Any) -> list[tuple[tuple[ast.s
 # --------------------------------------------------------------------------- build
 
 
-def build(module: ast.Module, syntax: LogSyntax, cst_module: cst.Module | None = None,
+def build(module: ast.Module, syntax: FlorCalls, cst_module: cst.Module | None = None,
           light: bool = False, grouped: bool = True) -> Tree:
     """The statement tree of a module; ``light`` skips labels (used to find lines).
 
@@ -247,7 +247,7 @@ class _Serializer:
     version: the statement has a counterpart and the log is wrapped in place.
     """
 
-    def __init__(self, syntax: LogSyntax):
+    def __init__(self, syntax: FlorCalls):
         self.syntax = syntax
         self.logs: list[str | None] = []  # every log call's literal name (None: not literal)
 

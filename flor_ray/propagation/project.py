@@ -17,11 +17,11 @@ import difflib
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from flor_ray.analysis.calls import FlorCalls
 from flor_ray.errors import PropagationError
 
 from ._propagate import propagate_detailed
 from ._result import PropagationResult
-from ._syntax import LogSyntax
 
 __all__ = ["FilePatch", "logged_names", "pair_files", "propagate_project", "unified_diff"]
 
@@ -48,7 +48,7 @@ def logged_names(code: str) -> tuple[str, ...]:
         tree = ast.parse(code)
     except SyntaxError:
         return ()
-    syntax = LogSyntax.of(tree)
+    syntax = FlorCalls.of(tree)
     names = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and syntax.is_log_call(node) and node.args \

@@ -16,9 +16,9 @@ the replay then writes back only the names that *its* analysis finds loop-carrie
 the replay). Per name, the capture holds:
 
 * plain values (numbers, strings, None, numpy and 0-dim torch scalars, and
-  lists, tuples and dicts of them, ``MAX_ELEMENTS`` at most) by value;
+  lists, tuples and dicts of them, ``CARRIED_MAX_ELEMENTS`` at most) by value;
 * objects with a ``__dict__`` (a ``BatchLoader``, a DataLoader, a sampler, an
-  ``argparse.Namespace``): walked attribute by attribute, ``MAX_DEPTH`` deep: plain
+  ``argparse.Namespace``): walked attribute by attribute, ``CARRIED_MAX_DEPTH`` deep: plain
   attributes by value, ``torch.Generator`` states, DataLoader iterators' positions;
 * objects that ``flor.checkpointing`` holds, modules, functions, classes and
   datasets: nothing (restored by the checkpoint, or constant).
@@ -43,12 +43,9 @@ import sys
 import types
 from typing import Any, Iterable, Mapping
 
-__all__ = ["scope_frame", "install_loader_hook", "capture_scope", "restore_scope"]
+from ..config import CARRIED_MAX_DEPTH, CARRIED_MAX_ELEMENTS, CARRIED_MAX_OBJECTS, CARRIED_MAX_REASONS
 
-MAX_ELEMENTS = 100_000  # plain elements per name (a list of floats grows by one per epoch)
-MAX_DEPTH = 4  # attribute levels walked below a name
-MAX_OBJECTS = 200  # objects walked below one name
-MAX_REASONS = 64  # names listed as not captured, per checkpoint
+__all__ = ["scope_frame", "install_loader_hook", "capture_scope", "restore_scope"]
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STATIC = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type,
@@ -208,7 +205,7 @@ class _Walk:
             return None
         self.seen[id(x)] = path
         self.count += 1
-        if self.count > MAX_OBJECTS or depth > MAX_DEPTH:
+        if self.count > CARRIED_MAX_OBJECTS or depth > CARRIED_MAX_DEPTH:
             return "too many objects to capture"
         torch = sys.modules.get("torch")
         if torch is not None:
@@ -225,7 +222,7 @@ class _Walk:
         for k, v in list(d.items()):
             sub = f"{path}.{k}"
             try:
-                e = _encode(v, [MAX_ELEMENTS])
+                e = _encode(v, [CARRIED_MAX_ELEMENTS])
             except _TooBig:
                 return f"{sub} is too large to capture"
             if e is not None:
@@ -294,9 +291,9 @@ def capture_scope(frame: types.FrameType, protected: Iterable[Any]) -> dict:
         if name.startswith("__") or id(v) in walk.protected or isinstance(v, _STATIC):
             continue
         try:
-            e = _encode(v, [MAX_ELEMENTS])
+            e = _encode(v, [CARRIED_MAX_ELEMENTS])
         except _TooBig:
-            e, why = None, f"too large to capture (over {MAX_ELEMENTS} elements)"
+            e, why = None, f"too large to capture (over {CARRIED_MAX_ELEMENTS} elements)"
         else:
             why = None if e is not None else walk.obj(v, name, 1)
         if e is not None:
@@ -304,7 +301,7 @@ def capture_scope(frame: types.FrameType, protected: Iterable[Any]) -> dict:
             captured.append(name)
         elif why is None:
             captured.append(name)
-        elif len(missing) < MAX_REASONS:
+        elif len(missing) < CARRIED_MAX_REASONS:
             missing[name] = why
     for entry in walk.iterators.values():
         # the loader by its path: a replay's iterator made before flor_ray's first call was never hooked

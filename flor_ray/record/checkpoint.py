@@ -17,15 +17,47 @@ Capture happens on the training thread and only clones tensors (a memory copy);
 from __future__ import annotations
 
 import io
+import math
 import random
 import sys
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..errors import CheckpointError, CheckpointingError
 
-__all__ = ["capture", "serialize", "deserialize", "restore", "check_objects"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Settings
+
+__all__ = ["capture", "serialize", "deserialize", "restore", "check_objects", "checkpoint_period",
+           "manifest_entry"]
 
 FORMAT = 1
+
+
+def checkpoint_period(cost_s: float, train_s: float, settings: "Settings") -> int:
+    """Outer iterations between checkpoints, so that a checkpoint's cost (``cost_s``:
+    capture plus the writer's CPU) stays within the budget's share of the training
+    time (``train_s``, one iteration's), and the period within its maximum."""
+    budget = max(settings.checkpoint_budget, 1e-6)
+    period = math.ceil(cost_s / (budget * max(train_s, 1e-9)))
+    return max(1, min(settings.checkpoint_max_period, period))
+
+
+def manifest_entry(snap: Mapping[str, Any], rel: str, data: bytes) -> dict:
+    """The run metadata's entry for checkpoint ``snap``, written to ``rel`` as ``data``."""
+    import hashlib
+
+    entry = {
+        "iteration": snap["iteration"],
+        "inner_exits": snap["inner_exits"],
+        "path": rel,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    scope = snap.get("scope")
+    if scope is not None:  # what the planner may rely on when a replay restores it
+        entry["carried"] = list(scope["captured"])
+        entry["not_carried"] = dict(scope["missing"])
+    return entry
 
 
 def check_objects(objects: Mapping[str, Any]) -> None:

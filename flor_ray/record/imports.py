@@ -26,6 +26,8 @@ __all__ = ["ImportClock"]
 class ImportClock:
     def __init__(self) -> None:
         self.seconds = 0.0
+        #: the imports timed, in order (the modules the main thread loaded)
+        self.timed: list[str] = []
         self._orig = None
         self._depth = 0
         self._main = threading.main_thread().ident
@@ -42,6 +44,7 @@ class ImportClock:
                     or (level == 0 and name in modules and not fromlist)):
                 return orig(name, globals, locals, fromlist, level)
             self._depth += 1
+            self.timed.append(name)
             t = time.perf_counter()
             try:
                 return orig(name, globals, locals, fromlist, level)

@@ -1,8 +1,11 @@
-"""Where a recording spends its time: ``FLOR_PROFILE=<file.json>`` (or ``=1`` for stderr).
+"""The recording session's hooks seam, and the one hooks object: where a recording
+spends its time, ``FLOR_PROFILE=<file.json>`` (or ``=1`` for stderr).
 
-Off by default and free when off: the session checks the variable once, when it is
-made, and only then wraps its own methods (instance attributes shadowing the class's),
-so an unprofiled run executes exactly the code it would without this module.
+``RecordSession(hooks=...)`` hands the session's verbs, steps, loop generators and
+background jobs to :class:`RecordHooks` once, when the session is made; each hook
+returns what the session then calls. The defaults return what they are given, and a
+session made without hooks wraps nothing, so an unprofiled run executes exactly the
+code it would without this module. The facade picks the hooks (``FLOR_PROFILE``).
 
 On, it accounts, with ``time.perf_counter_ns``:
 
@@ -29,7 +32,7 @@ import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["Profile", "install", "wanted"]
+__all__ = ["RecordHooks", "Profile", "hooks_from_environment", "wanted"]
 
 ENV = "FLOR_PROFILE"
 
@@ -42,7 +45,51 @@ def wanted() -> str | None:
     return v if v and v != "0" else None
 
 
-class Profile:
+class RecordHooks:
+    """What a recording session lets an observer wrap; these defaults wrap nothing."""
+
+    def wrap(self, key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """A verb or a step of the session (``key`` names it), run on the training thread."""
+        return fn
+
+    def wrap_loop(self, key: str, gen: Any) -> Any:
+        """A ``flor.loop`` generator, as the script iterates it."""
+        return gen
+
+    def wrap_context(self, key: str, cm: Any) -> Any:
+        """A context manager (``flor.checkpointing``), entered and exited by the script."""
+        return cm
+
+    def wrap_job(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """A job for the background writer, run on the writer's thread."""
+        return fn
+
+    def finished(self, session: Any) -> None:
+        """The session's ``finish`` returned (or raised)."""
+
+
+class _TimedContext:
+    def __init__(self, prof: "Profile", key: str, cm: Any):
+        self.prof, self.key, self.cm = prof, key, cm
+
+    def __enter__(self) -> Any:
+        tt = _pc()
+        try:
+            return self.cm.__enter__()
+        finally:
+            self.prof.add(self.key, _pc() - tt)
+
+    def __exit__(self, *exc: Any) -> Any:
+        tt = _pc()
+        try:
+            return self.cm.__exit__(*exc)
+        finally:
+            self.prof.add(self.key, _pc() - tt)
+
+
+class Profile(RecordHooks):
+    """Time accounting of each hooked call, written when the session finishes."""
+
     def __init__(self, target: str):
         self.target = target
         self.ns: dict[str, int] = {}
@@ -88,6 +135,22 @@ class Profile:
             gen.close()
             ns[key] += _pc() - t
 
+    wrap = timed
+
+    def wrap_loop(self, key: str, gen: Any) -> Any:
+        return self.timed_gen(key, gen)
+
+    def wrap_context(self, key: str, cm: Any) -> Any:
+        return _TimedContext(self, key, cm)
+
+    def wrap_job(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return self.writer_job(fn)
+
+    def finished(self, session: Any) -> None:
+        if getattr(session, "started", False):
+            self.start_parts = dict(getattr(session, "_start_parts", {}))
+            self.write()
+
     def writer_job(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         name = getattr(fn, "__name__", type(fn).__name__)
 
@@ -128,78 +191,7 @@ class Profile:
                 json.dump(rep, f, indent=1)
 
 
-def install(session: Any, target: str) -> Profile:
-    """Wrap ``session``'s methods (instance attributes) with the accounting."""
-    prof = Profile(target)
-    cls = type(session)
-    t = prof.timed
-    for key, meth in (
-        ("start", "start"),
-        ("capture", "_capture"),
-        ("submit", "_submit_checkpoint"),
-        ("flush_rows", "_flush_rows_only"),
-        ("write_meta", "_write_meta"),
-        ("commit", "commit"),
-        ("arg", "arg"),
-    ):
-        setattr(session, meth, t(key, getattr(session, meth)))
-
-    slow_log = t("log", cls.log.__get__(session))
-    fast = cls.fast_log.fget(session)  # type: ignore[attr-defined]
-    timed_fast = t("log", fast)
-    session.log = slow_log
-    # the facade rebinds flor.log to `fast_log` after the first call: keep it timed
-    session.__dict__["_profiled_fast_log"] = timed_fast
-    type_name = f"Profiled{cls.__name__}"
-    session.__class__ = type(type_name, (cls,), {"fast_log": property(lambda self: self._profiled_fast_log)})
-
-    loop = session.loop
-
-    def timed_loop(name: str, iterable: Any) -> Any:
-        tt = _pc()
-        gen = loop(name, iterable)
-        prof.add("loop", _pc() - tt)
-        return prof.timed_gen("loop", gen)
-
-    session.loop = timed_loop
-
-    ckpt = session.checkpointing
-
-    class _TimedCM:
-        def __init__(self, cm: Any):
-            self.cm = cm
-
-        def __enter__(self) -> Any:
-            tt = _pc()
-            try:
-                return self.cm.__enter__()
-            finally:
-                prof.add("checkpointing", _pc() - tt)
-
-        def __exit__(self, *exc: Any) -> Any:
-            tt = _pc()
-            try:
-                return self.cm.__exit__(*exc)
-            finally:
-                prof.add("checkpointing", _pc() - tt)
-
-    session.checkpointing = lambda **objects: _TimedCM(ckpt(**objects))
-
-    finish = session.finish
-
-    def timed_finish() -> None:
-        tt = _pc()
-        try:
-            finish()
-        finally:
-            prof.add("finish", _pc() - tt)
-            if getattr(session, "started", False):
-                prof.start_parts = dict(getattr(session, "_start_parts", {}))
-                prof.write()
-
-    session.finish = timed_finish
-    drain = session.writer.drain
-    session.writer.drain = t("drain", drain)
-    submit = session.writer.submit
-    session.writer.submit = lambda fn, *a: submit(prof.writer_job(fn), *a)
-    return prof
+def hooks_from_environment() -> "Profile | None":
+    """The hooks ``FLOR_PROFILE`` asks for (read by the facade when it makes the session)."""
+    target = wanted()
+    return Profile(target) if target else None

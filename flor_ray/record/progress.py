@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["Progress", "wanted"]
+__all__ = ["Progress", "wanted", "describe"]
 
 CLEAR = "\r\x1b[K"
 
@@ -94,3 +94,22 @@ class Progress:
             sys.stdout = self._saved[0]
         if isinstance(sys.stderr, _Tap):
             sys.stderr = self._saved[1]
+
+
+def describe(run_id: str, frames: list, last: int | None, elapsed: float, outer_s: list[float]) -> str:
+    """``flor_ray <run>: epoch 3/10 · step 120/500 · 12s, ~28s left``: each loop of
+    ``frames`` (the loop stack's ``[name, iteration, item, length]``; the innermost
+    iteration is ``last``), the seconds since the loop began, and the time left by
+    the mean of the outer iterations done (``outer_s``)."""
+    parts = []
+    for k, f in enumerate(frames):
+        it = last if k == len(frames) - 1 else f[1]
+        total = f"/{f[3]}" if len(f) > 3 and f[3] else ""
+        parts.append(f"{f[0]} {max(it, 0) + 1 if it is not None else 0}{total}")
+    text = f"flor_ray {run_id}: " + " · ".join(parts) + f" · {elapsed:.0f}s"
+    outer = frames[0] if frames else None
+    done = len(outer_s)
+    if outer is not None and len(outer) > 3 and outer[3] and done:
+        left = (outer[3] - done) * (sum(outer_s) / done)
+        text += f", ~{left:.0f}s left"
+    return text

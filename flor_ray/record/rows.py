@@ -1,7 +1,7 @@
 """Buffered rows to an Arrow table, built from numpy buffers.
 
-The one builder of log-relation tables (``flor_ray.relation.rows_to_table`` is this
-function), for recording and replay alike; a test checks it against a plain
+The one builder of log-relation tables (schema: :mod:`flor_ray.store.logs`), for
+recording and replay alike; a test checks it against a plain
 ``pyarrow.compute`` reference on every shape of input. It uses
 ``pa.Array.from_buffers`` only. The reason is import cost, paid on the training thread at a recording's first flush:
 ``pa.array(...)`` on any Python list or numpy array imports pandas (pyarrow asks it
@@ -94,7 +94,7 @@ def rows_to_table(
     import numpy as np
     import pyarrow as pa
 
-    from ..relation import ITER_COLS, _vtype_of, schema
+    from ..store.logs import ITER_COLS, schema, vtype_of
 
     n = len(names)
     sch = schema()
@@ -140,7 +140,7 @@ def rows_to_table(
         vtype = _const_str("int", n)
         vf, vi, vs = pa.nulls(n, pa.float64()), _num(values, np.int64, pa.int64()), pa.nulls(n, pa.string())
     else:
-        vt = [_vtype_of(v) for v in values]
+        vt = [vtype_of(v) for v in values]
         vtype = _strs(vt)
         is_f = np.fromiter((t == "float" for t in vt), dtype=bool, count=n)
         is_i = np.fromiter((t in ("int", "bool") for t in vt), dtype=bool, count=n)

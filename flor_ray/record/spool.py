@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import StoreError
-from ..store import write_local
+from ..store import layout, write_local
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..store import Store
@@ -144,7 +144,7 @@ class SpoolingWriter:
     def record(self) -> dict:
         """What this run spooled or lost, for its metadata (empty when nothing was)."""
         with self._lock:
-            spooled = sorted(r for r in self._spooled if not r.startswith("runs/"))
+            spooled = sorted(r for r in self._spooled if not r.startswith(layout.RUNS + "/"))
             lost = [x.as_dict() for x in self._lost]
         out: dict = {}
         if spooled:

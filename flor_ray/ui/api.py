@@ -1,7 +1,7 @@
 """Store reads turned into JSON for the page.
 
 Every read of the log relation and the runs table goes through
-:func:`flor_ray.relation.sql`, the command line's query layer with its sandbox and its
+:func:`flor_ray.query.sql.sql`, the command line's query layer with its sandbox and its
 per-store caches (a request costs a listing of the store and the query itself), and
 a ``where`` predicate is evaluated over the same ``runs`` table as ``--where``.
 Values in SQL text are quoted here; nothing else of a request reaches SQL except the
@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FlorError, QueryError, UnknownRunError
+from ..store import layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..store import Store
@@ -57,7 +58,7 @@ def q(value: str) -> str:
 
 
 def _sql(store: "Store", query: str):
-    from ..relation import sql
+    from ..query.sql import sql
 
     return sql(store, query)
 
@@ -99,7 +100,7 @@ def _names_by_run(store: "Store") -> dict[str, dict[str, list[str]]]:
     the store's log files stay the same (new flushes and replay partitions are new
     files), so the page's polling costs a listing, not a scan of every row."""
     key = (store.url, json.dumps(store.storage_options, sort_keys=True, default=str))
-    files = tuple(store.find("logs", ".parquet"))
+    files = tuple(store.find(layout.LOGS, ".parquet"))
     with _NAMES_LOCK:
         hit = _NAMES.get(key)
     if hit is not None and hit[0] == files:
@@ -246,7 +247,7 @@ def _history(store: "Store") -> list[tuple[str, dict]]:
     for name in sorted(store.listdir(HISTORY_DIR)):
         if name.endswith(".json"):
             try:
-                out.append((name[: -len(".json")], store.read_json(f"{HISTORY_DIR}/{name}")))
+                out.append((name[: -len(".json")], store.read_json(layout.replay_history(name))))
             except (FileNotFoundError, ValueError):
                 continue
     return out
@@ -308,7 +309,7 @@ def diff(store: "Store", run_id: str, other: str) -> dict:
 def _text(store: "Store", blob: str | None) -> list[str]:
     if blob is None:
         return []
-    data = store.read_bytes(f"code/objects/{blob}")
+    data = store.read_bytes(layout.code_object(blob))
     if b"\0" in data[:8192]:
         return ["(binary file)\n"]
     return data.decode("utf-8", "replace").splitlines(keepends=True)
@@ -346,12 +347,11 @@ def replays(store: "Store") -> dict:
 
 
 def replay_detail(store: "Store", replay_id: str) -> dict:
-    from ..planning.history import HISTORY_DIR
     from ..store import safe_component
 
     safe_component("replay id", replay_id)
     try:
-        doc = store.read_json(f"{HISTORY_DIR}/{replay_id}.json")
+        doc = store.read_json(layout.replay_history(f"{replay_id}.json"))
     except FileNotFoundError as exc:
         raise NotFound(f"no replay {replay_id!r} in the store {store.url!r}; the replay page lists them") from exc
     return {**_summary(replay_id, doc), "task_list": doc.get("tasks", [])}

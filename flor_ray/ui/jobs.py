@@ -1,7 +1,7 @@
 """Replays planned and started from the page.
 
 A job is planned first (the dry run: :func:`flor_ray.plan_replay` and its
-``explain()``); starting it runs ``plan.run()`` in a background thread of the server.
+``explain()``); starting it runs ``run_plan(plan)`` in a background thread of the server.
 Its progress is read from the store, as the tasks' output partitions appear, so the
 page sees what the driver has committed and nothing the driver would have to report.
 Jobs live in the server's memory; the store's replay history outlives them.
@@ -79,8 +79,10 @@ class Jobs:
         return self.describe(job_id)
 
     def _run(self, job: Job) -> None:
+        from ..execution.driver import ray_runner, run_plan
+
         try:
-            report = job.plan.run(progress=False, ray_address=self.ray_address)
+            report = run_plan(job.plan, runner=ray_runner(self.ray_address), progress=False)
             with job.lock:
                 job.report, job.state = report, "finished"
         except FlorError as exc:

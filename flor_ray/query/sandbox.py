@@ -25,7 +25,7 @@ import json
 import re
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .errors import QueryError
+from ..errors import QueryError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

@@ -14,16 +14,19 @@ import datetime as _dt
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection
 
-from .errors import DamagedFileWarning, InvalidNameError
+from ..errors import DamagedFileWarning, InvalidNameError
+from . import layout
+from .layout import QUARANTINE
+from .listing import Entry, list_files
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .store import Store
+    from . import Store
 
-__all__ = ["Damage", "run_meta_problem", "part_problem", "report", "scan", "quarantine", "QUARANTINE"]
+__all__ = ["Damage", "run_meta_problem", "part_problem", "healthy_parts", "report", "scan", "quarantine",
+           "QUARANTINE"]
 
-QUARANTINE = "quarantine"
 _MAGIC = b"PAR1"
 _LOCK = threading.Lock()
 _PART_CACHE: dict[tuple, str | None] = {}  # (store url, path, size, stamp) -> problem or None
@@ -44,16 +47,14 @@ class Damage:
 
 def run_meta_problem(rel: str, meta: Any) -> str | None:
     """Why ``meta`` read from ``rel`` (``runs/<id>.json``) is not a run's metadata, or None."""
-    from .store import safe_component
-
-    stem = rel.rsplit("/", 1)[-1][: -len(".json")]
+    stem = layout.run_id_of_meta(rel)
     if not isinstance(meta, dict):
         return f"holds a JSON {type(meta).__name__}, not a run's metadata object"
     rid = meta.get("run_id")
     if rid is None:
         return "has no run_id"
     try:
-        safe_component("run id", rid)
+        layout.safe_component("run id", rid)
     except InvalidNameError:
         return f"its run_id {rid!r} is not a valid run id (it would name a path outside the run's folders)"
     if rid != stem:
@@ -133,14 +134,35 @@ def report(store: "Store", damage: Damage, what: str) -> None:
     )
 
 
+_ORPHANS = "holds rows of a run without a valid runs/<id>.json (deleted or damaged)"
+
+
+def healthy_parts(store: "Store", listing: Collection[Entry], runs: Collection[str]) -> tuple[Entry, ...]:
+    """The parts of ``listing`` that belong to one of ``runs`` (the store's valid runs)
+    and look like Parquet; the others are reported once and left out of queries."""
+    keep, orphans = [], set()
+    for entry in listing:
+        rel, size, stamp = entry
+        rid = layout.part_run_id(rel)
+        if rid not in runs:
+            orphans.add(layout.part_run_folder(rel) or rel)
+            continue
+        why = part_problem(store, rel, size, stamp)
+        if why:
+            report(store, Damage(rel, why), f"its rows of run {rid} are left out of queries")
+            continue
+        keep.append(entry)
+    for rel in sorted(orphans):
+        report(store, Damage(rel, _ORPHANS), "they are left out of queries")
+    return tuple(keep)
+
+
 # ------------------------------------------------------------------ check
 def scan(store: "Store") -> list[Damage]:
     """Every damaged or foreign file of the store, and rows of runs without a run file."""
-    from .relation import _listing
-
     out: list[Damage] = []
     good: set[str] = set()
-    for rel, _size, _stamp in _listing(store, "runs", ".json", recursive=False):
+    for rel, _size, _stamp in list_files(store, layout.RUNS, ".json", recursive=False):
         try:
             meta = store.read_json(rel)
         except FileNotFoundError:
@@ -154,17 +176,16 @@ def scan(store: "Store") -> list[Damage]:
         else:
             good.add(meta["run_id"])
     orphans: set[str] = set()
-    for rel, size, stamp in _listing(store, "logs", ".parquet", raw=True):
-        run_dir = rel.split("/")[1] if rel.count("/") >= 2 else ""
-        rid = run_dir[len("run_id="):] if run_dir.startswith("run_id=") else None
+    for rel, size, stamp in list_files(store, layout.LOGS, ".parquet"):
+        rid = layout.part_run_id(rel)
         if rid not in good:
-            orphans.add(f"logs/{run_dir}" if rid else rel)
+            orphans.add(layout.part_run_folder(rel) or rel)
             continue
         why = part_problem(store, rel, size, stamp)
         if why:
             out.append(Damage(rel, why))
     for rel in sorted(orphans):
-        out.append(Damage(rel, "holds rows of a run without a valid runs/<id>.json (deleted or damaged)"))
+        out.append(Damage(rel, _ORPHANS))
     return out
 
 
@@ -173,7 +194,7 @@ def quarantine(store: "Store", damages: list[Damage]) -> list[str]:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     moved = []
     for d in damages:
-        dest = f"{QUARANTINE}/{stamp}/{d.path}"
+        dest = layout.quarantined(stamp, d.path)
         src_path, dest_path = store.path(d.path), store.path(dest)
         if store.is_local:
             import os

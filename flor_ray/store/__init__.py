@@ -1,19 +1,9 @@
 """The store: everything a replay needs, under one fsspec URL.
 
-Layout (``SCHEMA_VERSION`` in :mod:`flor_ray.relation` versions the log files)::
-
-    <url>/flor-store.json                       marker: store format version
-    <url>/runs/<run_id>.json                    one run's metadata (rewritten whole)
-    <url>/logs/run_id=<id>/source=record/<part>.parquet   recorded rows, one file per flush
-    <url>/logs/run_id=<id>/source=replay/<task>.parquet   rows of one replay task
-    <url>/checkpoints/<run_id>/<iteration>.pt   checkpoint of one outer iteration
-    <url>/code/versions/<commit>.json           a version: {path: blob id}
-    <url>/code/objects/<blob id>                file contents, content-addressed
-
-Every write is atomic: on local disks a temporary file (``.``-prefixed, which every
+Where each thing lives is :mod:`flor_ray.store.layout`'s to say. Every write is atomic: on local disks a temporary file (``.``-prefixed, which every
 reader ignores) is renamed into place; on object stores one PUT makes the object
 appear whole or not at all. Paths built from user input go through
-:func:`safe_component`, so an id can never escape the store.
+:func:`~flor_ray.store.layout.safe_component`, so an id can never escape the store.
 """
 
 from __future__ import annotations
@@ -24,11 +14,13 @@ import re
 import uuid
 from typing import Any, Iterable, Mapping
 
-from .errors import InvalidNameError, StoreError, StoreNotFoundError
+from ..errors import StoreError, StoreNotFoundError
+from . import layout
+from .credentials import StorageOptions
+from .layout import MARKER, safe_component
 
 __all__ = ["Store", "safe_component", "MARKER", "STORE_FORMAT"]
 
-MARKER = "flor-store.json"
 STORE_FORMAT = 1
 #: attempts of one S3 request by s3fs (timeouts, throttling): 2 ride out one lost
 #: request and bound a silent endpoint's cost at 2 read timeouts
@@ -36,19 +28,6 @@ S3_ATTEMPTS = 2
 #: exceptions that mean a bug in the code, not a store that failed
 _BUGS = (TypeError, AttributeError, NameError, AssertionError, IndexError, UnboundLocalError)
 _MALFORMED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+")
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
-
-
-def safe_component(kind: str, value: object) -> str:
-    """Check that ``value`` can be one path component inside the store."""
-    if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
-        raise InvalidNameError(
-            kind,
-            value,
-            "use letters, digits, '.', '_', '-' and '=' only (no '/', no '..'); "
-            "it names a path inside the store",
-        )
-    return value
 
 
 def _bounded_waits(protocol: str, options: dict) -> None:
@@ -58,7 +37,7 @@ def _bounded_waits(protocol: str, options: dict) -> None:
     call for minutes (s3fs: 5 retries of botocore's 5 attempts of 15 s each). The
     user's own options win.
     """
-    from .config import load_settings
+    from ..config import load_settings
 
     s = load_settings()
     if protocol in ("s3", "s3a"):
@@ -108,9 +87,7 @@ class Store:
         if bad and "://" not in url:  # `s3:/b/f` would silently be a local folder named `s3:`
             raise StoreError(f"store URL {url!r} is not a URL (a scheme needs '://'): write "
                              f"{bad.group(1)}://{url[len(bad.group(0)):].lstrip('/')}, or ./{url} for a local folder")
-        self.url = url.rstrip("/") if "://" in url else os.path.abspath(os.path.expanduser(url))
-        from .credentials import StorageOptions
-
+        self.url = layout.store_url(url)
         #: fsspec options; their repr hides secrets, and replay tasks never get the secret ones
         self.storage_options = StorageOptions(storage_options or {})
         self._fs = None
@@ -191,7 +168,7 @@ class Store:
         names = " ".join(type(c).__name__ for c in chain).lower()
         if "timeout" not in names:
             return ""
-        from .config import load_settings
+        from ..config import load_settings
 
         s = load_settings()
         connect = "connect" in names
@@ -350,9 +327,12 @@ class Store:
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs)), self.root
 
     def runs_rel(self, run_id: str) -> str:
-        return f"runs/{safe_component('run id', run_id)}.json"
+        """The metadata file of a run (:func:`flor_ray.store.layout.run_meta`)."""
+        return layout.run_meta(run_id)
 
     def iter_run_ids(self) -> Iterable[str]:
-        for name in self.listdir("runs"):
-            if name.endswith(".json"):
-                yield name[: -len(".json")]
+        """The ids of the run files of the store (unread: some may be damaged)."""
+        for name in self.listdir(layout.RUNS):
+            rid = layout.run_id_of_meta(name)
+            if rid is not None:
+                yield rid

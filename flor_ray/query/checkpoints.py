@@ -9,22 +9,23 @@ each named object into the object passed under that name; the RNG states it hold
 are restored only when asked (a notebook's own random streams are its user's).
 """
 
+
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .errors import CheckpointError, UnknownRunError
-from .store import safe_component
+from ..errors import CheckpointError
+from ..store import layout
+from ..store.checkpoints import entry, manifest, read_verified
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from .store import Store
+    from ..store import Store
 
-__all__ = ["LoadedCheckpoint", "checkpoint_table", "load_checkpoint", "read_verified"]
+__all__ = ["LoadedCheckpoint", "checkpoint_table", "load_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -38,23 +39,10 @@ class LoadedCheckpoint:
     rng: bool  # whether the RNG states were restored too
 
 
-def _manifest(store: "Store", run_id: str) -> list[dict]:
-    safe_component("run id", run_id)
-    try:
-        meta = store.read_json(store.runs_rel(run_id))
-    except FileNotFoundError:
-        raise UnknownRunError(run_id, store.url) from None
-    entries = meta.get("checkpoints") if isinstance(meta, dict) else None
-    if not isinstance(entries, list):
-        return []
-    return sorted((e for e in entries if isinstance(e, dict) and isinstance(e.get("iteration"), int)),
-                  key=lambda e: e["iteration"])
-
-
 def _times(store: "Store", run_id: str) -> dict[str, str]:
     """Checkpoint file name -> its write time (ISO, UTC), from one listing."""
     try:
-        infos = store.fs.ls(store.path("checkpoints", run_id), detail=True)
+        infos = store.fs.ls(store.path(layout.checkpoint_folder(run_id)), detail=True)
     except (FileNotFoundError, OSError):
         return {}
     out = {}
@@ -71,7 +59,7 @@ def checkpoint_table(store: "Store", run_id: str) -> "pd.DataFrame":
     """One row per checkpoint of ``run_id``: iteration, bytes, time, verified, path."""
     import pandas as pd
 
-    entries = _manifest(store, run_id)
+    entries = manifest(store, run_id)
     times = _times(store, run_id) if entries else {}
     rows = [{
         "iteration": e["iteration"],
@@ -83,60 +71,20 @@ def checkpoint_table(store: "Store", run_id: str) -> "pd.DataFrame":
     return pd.DataFrame(rows, columns=["iteration", "bytes", "time", "verified", "path"])
 
 
-def _nearest(available: list[int], iteration: int) -> str:
-    below = [i for i in available if i < iteration][-2:]
-    above = [i for i in available if i > iteration][:2]
-    return ", ".join(map(str, below + above))
-
-
-def _entry(store: "Store", run_id: str, iteration: Any) -> dict:
-    entries = _manifest(store, run_id)
-    if not entries:
-        raise CheckpointError(
-            f"run {run_id} has no checkpoints in {store.url}; it was recorded without "
-            "flor.checkpointing(...) or ended before its first checkpoint")
-    available = [e["iteration"] for e in entries]
-    if iteration == "last":
-        return entries[-1]
-    if isinstance(iteration, bool) or not isinstance(iteration, int):
-        raise CheckpointError(f"iteration must be an int or 'last', got {iteration!r}")
-    if iteration < 0:
-        iteration = available[-1] + 1 + iteration if -iteration <= available[-1] + 1 else -1
-    for e in entries:
-        if e["iteration"] == iteration:
-            return e
-    raise CheckpointError(
-        f"run {run_id} has no checkpoint of iteration {iteration}; the nearest are "
-        f"{_nearest(available, iteration)} (all: `flor-ray checkpoints {run_id}`)")
-
-
-def read_verified(store: "Store", entry: Mapping[str, Any]) -> bytes:
-    """A checkpoint's bytes, checked against the size and sha256 its run recorded."""
-    where = store.full_url(entry["path"])
-    try:
-        data = store.read_bytes(entry["path"])
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint {where} is missing", path=where) from exc
-    if entry.get("bytes") is not None and len(data) != entry["bytes"]:
-        raise CheckpointError(
-            f"checkpoint {where} is truncated: {len(data)} bytes, {entry['bytes']} recorded", path=where)
-    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"checkpoint {where} is corrupted (sha256 differs from the recording)", path=where)
-    return data
 
 
 def load_checkpoint(store: "Store", run_id: str, iteration: Any, objects: Mapping[str, Any],
                     rng: bool = False) -> LoadedCheckpoint:
     """Restore ``objects`` (name -> object with ``load_state_dict``) from a checkpoint."""
-    from .record.checkpoint import check_objects, deserialize, restore_rng
+    from ..record.checkpoint import check_objects, deserialize, restore_rng
 
     if not objects:
         raise CheckpointError(
             "name the objects to restore, e.g. load_checkpoint(run_id, 3, model=net, optimizer=opt)")
     check_objects(objects)
-    entry = _entry(store, run_id, iteration)
-    where = store.full_url(entry["path"])
-    snap = deserialize(read_verified(store, entry), where)
+    found = entry(store, run_id, iteration)
+    where = store.full_url(found["path"])
+    snap = deserialize(read_verified(store, found), where)
     saved = snap.get("objects") or {}
     missing = sorted(set(objects) - set(saved))
     if missing:
@@ -147,4 +95,4 @@ def load_checkpoint(store: "Store", run_id: str, iteration: Any, objects: Mappin
         obj.load_state_dict(saved[name])
     if rng:
         restore_rng(snap["rng"])
-    return LoadedCheckpoint(run_id, int(entry["iteration"]), tuple(objects), where, rng)
+    return LoadedCheckpoint(run_id, int(found["iteration"]), tuple(objects), where, rng)

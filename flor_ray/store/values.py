@@ -12,15 +12,14 @@ import json
 import math
 from typing import Any
 
-from .errors import UnsupportedValueError
+from ..errors import UnsupportedValueError
 
-__all__ = ["JsonValue", "convert", "VTYPES", "MAX_JSON_BYTES", "INT64_MIN", "INT64_MAX"]
+__all__ = ["JsonValue", "convert", "MAX_JSON_BYTES", "INT64_MIN", "INT64_MAX"]
 
 #: Largest JSON document stored for one list/dict value. Bigger values are arrays
 #: or tensors in disguise and belong in a file, not in a log relation.
 MAX_JSON_BYTES = 64 * 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-VTYPES = ("float", "int", "bool", "str", "json")
 
 
 class JsonValue(str):

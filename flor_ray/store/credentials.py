@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from . import layout
+
 __all__ = ["SECRET_WORDS", "is_secret", "redact", "without_secrets", "StorageOptions", "task_options"]
 
 #: parts of option names that hold credentials (matched case-insensitively)
@@ -67,7 +69,7 @@ def task_options(store_url: str, options: Mapping[str, Any]) -> dict:
     """The options of a task's store: ``options`` (from its spec, no secrets) plus the
     secret options of this machine's config file (``FLOR_CONFIG``) when it names the
     same store or none."""
-    from .config import load_settings
+    from ..config import load_settings
 
     try:
         settings = load_settings()
@@ -75,9 +77,6 @@ def task_options(store_url: str, options: Mapping[str, Any]) -> dict:
         return dict(options)
     if not settings.storage_options:
         return dict(options)
-    if settings.store is not None:
-        from .store import Store
-
-        if Store(settings.store).url != store_url:
-            return dict(options)
+    if settings.store is not None and layout.store_url(settings.store) != store_url:
+        return dict(options)
     return _merge(options, _secrets_only(settings.storage_options))

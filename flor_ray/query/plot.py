@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .errors import QueryError
+from ..errors import QueryError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

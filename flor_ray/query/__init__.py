@@ -1,0 +1,1 @@
+"""The query side: dataframe, SQL (sandboxed), plots and past checkpoints, over a store."""

@@ -1,0 +1,65 @@
+"""The runs table of queries: one row per run, a column per ``flor.arg``, and the
+runs a ``where`` predicate selects."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import QueryError
+from ..store.runs import load_runs
+from .sandbox import select_where
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from ..store import Store
+
+__all__ = ["runs_frame", "select_runs"]
+
+_RUN_COLS = (
+    "run_id",
+    "project",
+    "script",
+    "version",
+    "status",
+    "started_at",
+    "ended_at",
+    "iterations",
+    "device",
+    "argv",
+)
+
+
+def runs_frame(store: "Store", metas: list[dict] | None = None) -> "pd.DataFrame":
+    """The runs table: fixed columns plus one column per ``flor.arg`` name."""
+    import pandas as pd
+
+    metas = load_runs(store) if metas is None else metas
+    rows = []
+    for m in metas:
+        row = {c: m.get(c) for c in _RUN_COLS}
+        row["argv"] = " ".join(m.get("argv") or [])
+        row["device"] = (m.get("env") or {}).get("device")
+        for k, v in (m.get("args") or {}).items():
+            row[k if k not in _RUN_COLS else f"arg_{k}"] = v
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=None if rows else list(_RUN_COLS))
+    for c in ("started_at", "ended_at"):
+        if c in df:
+            df[c] = pd.to_datetime(df[c], utc=True, errors="coerce", format="ISO8601")
+    return df
+
+
+def select_runs(store: "Store", where: str | None, metas: list[dict] | None = None) -> list[str]:
+    """Run ids whose row of the runs table satisfies the SQL predicate ``where``.
+
+    ``where`` is one boolean expression over the runs table's columns, parsed and
+    checked by :func:`flor_ray.query.sandbox.select_where` and run in its sandbox.
+    """
+    metas = load_runs(store) if metas is None else metas
+    if not where:
+        return [m["run_id"] for m in metas]
+    if not isinstance(where, str):
+        raise QueryError(f"where must be an SQL predicate string, got {type(where).__name__}")
+    keep = select_where(runs_frame(store, metas), where)
+    return [m["run_id"] for m in metas if m["run_id"] in keep]

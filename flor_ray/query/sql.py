@@ -1,0 +1,211 @@
+"""``flor.sql``: DuckDB SQL over the log relation and the runs table, sandboxed.
+
+``logs`` / ``logs_all`` / ``replay_mismatch`` are views over ``logs_arrow`` (the
+Parquet parts, as an Arrow dataset or, when small, its rows in memory), and ``runs``
+the runs table; both are kept per store (:mod:`flor_ray.query.cache`) and built again
+when a listing of the store differs.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ..errors import QueryError
+from ..store import layout
+from ..store.listing import Entry
+from ..store.logs import MISMATCH_SOURCE, dataset, file_schemas, log_parts, unreadable
+from .cache import CACHE
+from .runs import runs_frame
+from .sandbox import check_query, connect, refusal, run_query
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from ..store import Store
+
+__all__ = ["sql", "connection", "SqlConnection", "SQL_MATERIALIZE_ROWS"]
+
+_CTX = "name, loops, iter0, iter1, iter2, iter3, items"
+#: ``logs_all``: every row of every partition (kept-apart ones too) with a typed
+#: ``value``; ``logs``: recorded rows, and each replayed value once, the earliest
+#: task's of its identity (run, name, loop context, occurrence); ``replay_mismatch``:
+#: the rows of tasks that failed their fidelity check, next to the recorded values.
+_VALUE_VIEWS = (
+    "CREATE OR REPLACE VIEW logs_all AS SELECT *, "
+    "CASE vtype WHEN 'float' THEN value_float WHEN 'int' THEN value_int::DOUBLE "
+    "WHEN 'bool' THEN value_int::DOUBLE END AS value FROM logs_arrow",
+    "CREATE OR REPLACE VIEW logs AS SELECT * FROM logs_all WHERE source = 'record' UNION ALL "
+    "SELECT * EXCLUDE (_occ, _pick) FROM (SELECT l.*, row_number() OVER ("
+    f"PARTITION BY l.run_id, {', '.join('l.' + c for c in _CTX.split(', '))}, l._occ "
+    "ORDER BY o.written NULLS LAST, l.task) AS _pick FROM ("
+    f"SELECT *, row_number() OVER (PARTITION BY run_id, task, {_CTX} ORDER BY seq) AS _occ "
+    "FROM logs_all WHERE source = 'replay') l LEFT JOIN flor_replay_order o ON o.task = l.task) WHERE _pick = 1",
+    "CREATE OR REPLACE VIEW replay_mismatch AS WITH "
+    f"m AS (SELECT *, row_number() OVER (PARTITION BY run_id, task, {_CTX} ORDER BY seq) AS _occ "
+    f"FROM logs_all WHERE source = '{MISMATCH_SOURCE}'), "
+    "r AS (SELECT run_id, name, loops, iter0, iter1, iter2, iter3, items, vtype, value_float, value_int, value_str, "
+    f"row_number() OVER (PARTITION BY run_id, {_CTX} ORDER BY seq) AS _occ FROM logs_all "
+    f"WHERE source = 'record' AND run_id IN (SELECT run_id FROM m)) "
+    "SELECT m.* EXCLUDE (_occ), r.value_float AS recorded_float, r.value_int AS recorded_int, "
+    "r.value_str AS recorded_str, (r.name IS NOT NULL AND (m.vtype IS DISTINCT FROM r.vtype "
+    "OR m.value_float IS DISTINCT FROM r.value_float OR m.value_int IS DISTINCT FROM r.value_int "
+    "OR m.value_str IS DISTINCT FROM r.value_str)) AS mismatched FROM m LEFT JOIN r ON m.run_id = r.run_id "
+    "AND m.name = r.name AND m._occ = r._occ AND "
+    + " AND ".join(f"m.{c} IS NOT DISTINCT FROM r.{c}" for c in _CTX.split(", ")[1:]),
+)
+
+
+def _create_views(con, listing: tuple[Entry, ...]) -> None:
+    """The views over ``logs_arrow``, and the order of the replay partitions in
+    ``listing`` that ``logs`` keeps the earliest of (the same as dataframe()'s)."""
+    stamps = {f: st for f, _, st in listing}
+    replays = sorted((f for f in stamps if layout.part_source(f) == "replay"), key=lambda f: (stamps[f][:1], f))
+    keys = [layout.part_task(f).replace("'", "''") for f in replays]
+    rows = ", ".join(f"('{k}', {i})" for i, k in enumerate(keys))
+    con.execute("CREATE OR REPLACE TABLE flor_replay_order AS "
+                + (f"SELECT * FROM (VALUES {rows}) t(task, written)" if rows
+                   else "SELECT NULL::VARCHAR AS task, NULL::BIGINT AS written WHERE false"))
+    for view in _VALUE_VIEWS:
+        con.execute(view)
+
+
+#: a relation up to this many rows is read into memory (~300 bytes a row) when its
+#: tables are built, so that later queries do not open every file again
+SQL_MATERIALIZE_ROWS = 100_000
+#: files larger than this in all (a few KiB a file aside) are not tried: more rows
+_SQL_MATERIALIZE_BYTES = 4 << 20
+
+
+
+def _sql_error(exc: Exception, runs) -> QueryError:
+    return QueryError(
+        f"SQL failed: {str(exc).splitlines()[0]}; tables: logs(run_id, source, version, file, "
+        "loops, iter0..iter3, items, name, vtype, value, value_float, value_int, value_str, seq, task), "
+        "logs_all (every row, replayed values as often as tasks wrote them), replay_mismatch (rows kept apart "
+        f"by the fidelity check, with recorded_* and mismatched) and runs({', '.join(runs.columns)})"
+    )
+
+
+class SqlConnection:
+    """One store's sandboxed DuckDB connection (:mod:`flor_ray.query.sandbox`), kept between
+    :func:`sql` calls.
+
+    ``logs`` / ``logs_arrow`` and ``runs`` are Arrow data registered from Python, built
+    from a listing of the store and registered again when a later listing differs (a
+    new run, a new flush, a replay partition, a rewritten or deleted file). Used under
+    ``lock`` only.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.con: Any = None
+        self.logs_key: Any = None  # the listing the logs tables were built from
+        #: "table": the rows in memory; "view": an Arrow dataset that reads the files per query
+        self.logs_kind: str | None = None
+        self.runs_key: Any = None
+        self.runs: Any = None  # the runs DataFrame
+
+    def connect(self):
+        if self.con is None:
+            self.con = connect()
+        return self.con
+
+    def close(self) -> None:
+        con, self.con = self.con, None
+        self.logs_key = self.logs_kind = self.runs_key = self.runs = None
+        if con is not None:
+            try:
+                con.close()
+            except Exception:  # noqa: BLE001 - closing a connection that is going anyway
+                pass
+
+    def set_runs(self, runs, key) -> None:
+        import duckdb
+
+        con = self.connect()
+        self.runs_key = None
+        # as Arrow (a registered DataFrame is converted again by every query), unless a
+        # column does not convert: then the DataFrame, failing only where it is used
+        con.register("flor_runs_frame", runs)
+        try:
+            table = con.sql("SELECT * FROM flor_runs_frame").to_arrow_table()
+        except duckdb.Error:
+            table = runs
+        finally:
+            con.unregister("flor_runs_frame")
+        con.register("runs", table)
+        self.runs, self.runs_key = runs, key
+
+    def set_logs(self, store: "Store", listing: tuple[Entry, ...]) -> None:
+        import pyarrow as pa
+
+        con = self.connect()
+        self.logs_key = self.logs_kind = None
+        files = [f[0] for f in listing]
+        small = sum(f[1] or 0 for f in listing) <= _SQL_MATERIALIZE_BYTES + 8192 * len(files)
+        if not files:
+            file_schema, part_schema = file_schemas()
+            source: Any = pa.schema(list(file_schema) + list(part_schema)).empty_table()
+        else:  # a lazy Arrow dataset (projections and filters pushed down), or its rows
+            # dictionary-encoded, as in the files: DuckDB scans the codes, not millions of
+            # equal strings (as fast as its own Parquet reader on the 10^6-row benchmark)
+            file_schema, part_schema = file_schemas(dictionary=True)
+            source = dataset(store, files, file_schema, part_schema, True)
+            if small and source.count_rows() <= SQL_MATERIALIZE_ROWS:
+                source = source.to_table()
+        con.register("logs_arrow", source)
+        self.logs_kind = "view" if files and not isinstance(source, pa.Table) else "table"
+        _create_views(con, listing)
+        self.logs_key = listing
+
+
+def connection(store: "Store") -> SqlConnection:
+    """The store's kept connection (in :data:`flor_ray.query.cache.CACHE`)."""
+    return CACHE.sql_connection(store, SqlConnection)
+
+
+def sql(store: "Store", query: str) -> "pd.DataFrame":
+    """Run DuckDB SQL with ``logs`` (the long relation) and ``runs`` as tables.
+
+    Queries only, in the sandbox of :mod:`flor_ray.query.sandbox`: no file, network,
+    extension or setting is reachable, and no statement changes the tables. The
+    connection and its tables are kept per store and reused while a listing of the
+    store shows the same files (names, sizes, change stamps), so a small query costs a
+    listing and the query itself; a new run, flush or replay partition is seen by the
+    next call. A relation of up to :data:`SQL_MATERIALIZE_ROWS` rows is held in memory,
+    larger ones are read from the Parquet files by every query.
+    """
+    import duckdb
+
+    store.check()
+    if not isinstance(query, str) or not query.strip():
+        raise QueryError("sql() needs a query string, e.g. \"SELECT name, count(*) FROM logs GROUP BY name\"")
+    metas, runs_listing, _ = CACHE.runs(store)
+    listing = log_parts(store, runs={m["run_id"] for m in metas})
+    runs_key = (runs_listing, tuple(m.get("status") for m in metas))
+    files = [f.path for f in listing]
+    state = connection(store)
+    with state.lock:
+        runs = state.runs if state.runs_key == runs_key else runs_frame(store, metas)
+        try:
+            con = state.connect()
+            check_query(con, query)
+            if state.runs_key != runs_key:
+                state.set_runs(runs, runs_key)
+            if state.logs_key != listing:
+                state.set_logs(store, listing)
+            return run_query(con, query)
+        except QueryError:
+            raise
+        except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+            if "parquet" in str(exc).lower() or "thrift" in str(exc).lower():
+                raise unreadable(store, files, exc) from exc
+            raise refusal(exc) or _sql_error(exc, runs) from exc
+        except duckdb.FatalException as exc:  # the database is unusable: a new one next time
+            state.close()
+            raise _sql_error(exc, runs) from exc
+        except duckdb.Error as exc:
+            raise refusal(exc) or _sql_error(exc, runs) from exc
+        except (OSError, ValueError) as exc:  # a corrupted file met by the Arrow scan
+            raise unreadable(store, files, exc) from exc

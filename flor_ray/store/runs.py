@@ -1,0 +1,117 @@
+"""The runs of a store: their metadata files, read, checked and shown alive or not.
+
+A run file that is not a run's metadata is left out (:mod:`flor_ray.store.damage`
+says why, once). A run left ``running`` by a process that is gone shows as
+``incomplete``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Mapping, NamedTuple
+
+from . import layout
+from .damage import Damage, report, run_meta_problem
+from .listing import Entry, list_files
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import Store
+
+__all__ = ["load_runs", "read_run_file", "with_liveness", "cached_runs", "ParsedRun", "RunFiles"]
+
+
+class ParsedRun(NamedTuple):
+    """A run file as last read: its listing's size and stamp, its metadata (None: left out)."""
+
+    size: int | None
+    stamp: object
+    meta: dict | None
+
+
+class RunFiles(NamedTuple):
+    """What :func:`cached_runs` found: the runs, the listing they came from, what was parsed."""
+
+    metas: list[dict]
+    listing: tuple[Entry, ...]
+    parsed: dict[str, ParsedRun]
+
+
+def _by_start(metas: list[dict]) -> list[dict]:
+    metas.sort(key=lambda m: (m.get("started_at") or "", m["run_id"]))
+    return metas
+
+
+def load_runs(store: "Store") -> list[dict]:
+    """Every run's metadata, oldest first (run ids sort by start time).
+
+    A run file that is not a run's metadata is left out, with one warning naming it.
+    """
+    out = []
+    for rid in store.iter_run_ids():
+        meta = read_run_file(store, layout.run_meta(rid, checked=False))
+        if meta is not None:
+            out.append(with_liveness(meta))
+    return _by_start(out)
+
+
+def read_run_file(store: "Store", rel: str) -> dict | None:
+    """The run's metadata in ``rel``; None (reported once) if gone, damaged or foreign."""
+    try:
+        data = store.read_bytes(rel)
+    except FileNotFoundError:
+        return None
+    try:
+        meta = json.loads(data)
+        why = run_meta_problem(rel, meta)
+    except ValueError as exc:  # UnicodeDecodeError too
+        why = f"is not valid JSON (truncated or corrupted: {str(exc).splitlines()[0]})"
+    if why:
+        report(store, Damage(rel, why), "the run is left out of runs, queries and replays")
+        return None
+    return meta
+
+
+def _process_gone(pid: int, pid_start: object) -> bool:
+    """Whether process ``pid`` of this host has ended (or its pid was reused)."""
+    try:
+        os.kill(pid, 0)
+        # a reused pid: compare the process start time when we can
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return pid_start is not None and pid_start != start_ticks
+    except (ProcessLookupError, PermissionError, FileNotFoundError):
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def with_liveness(meta: dict) -> dict:
+    """A run left 'running' by a process that is gone is shown as 'incomplete'."""
+    if meta.get("status") == "running":
+        import socket
+
+        pid = meta.get("pid")  # the recording's process id
+        if meta.get("host") == socket.gethostname() and isinstance(pid, int) \
+                and _process_gone(pid, meta.get("pid_start")):
+            meta = {**meta, "status": "incomplete"}
+    return meta
+
+
+def cached_runs(store: "Store", parsed: Mapping[str, ParsedRun] | None = None) -> RunFiles:
+    """:func:`load_runs` reading only the run files that are new or rewritten since
+    ``parsed`` (what an earlier call returned); also the listing.
+
+    The returned dicts are shared with ``parsed``: callers read them, never change them.
+    """
+    listing = list_files(store, layout.RUNS, ".json", recursive=False)
+    old = parsed or {}
+    new: dict[str, ParsedRun] = {}
+    metas = []
+    for rel, size, stamp in listing:
+        hit = old.get(rel)
+        meta = hit.meta if hit is not None and hit.size == size and hit.stamp == stamp else read_run_file(store, rel)
+        new[rel] = ParsedRun(size, stamp, meta)
+        if meta is not None:
+            metas.append(with_liveness(meta))
+    return RunFiles(_by_start(metas), listing, new)
