@@ -25,6 +25,7 @@ __all__ = [
     "log",
     "arg",
     "loop",
+    "iteration",
     "checkpointing",
     "commit",
     "dataframe",
@@ -92,13 +93,25 @@ def loop(name: str, iterable: Iterable[Any]) -> Iterator[Any]:
     return (_SESSION or _session()).loop(name, iterable)
 
 
+def iteration(name: str, idx: int | None = None, value: Any = None):
+    """Context manager around one iteration of a loop the script drives itself.
+
+    ``with flor.iteration("step", iter_num):`` in a ``while`` loop (FlorDB's name and
+    signature): logs inside get the context ``step=<n>``; at the top level each block
+    is an outer iteration (counted, checkpointed by the adaptive policy, replayed
+    from the nearest checkpoint). See :mod:`flor_ray.record.steps`.
+    """
+    return (_SESSION or _session()).iteration(name, idx, value)
+
+
 def checkpointing(**objects: Any):
     """Context manager: checkpoint these objects (and every RNG) per outer iteration."""
     return (_SESSION or _session()).checkpointing(**objects)
 
 
 def commit() -> None:
-    """Flush buffered rows to the store now (they are also flushed per outer iteration).
+    """Flush buffered rows to the store now (they are also flushed at outer-iteration ends,
+    at most every ``flush_interval_s``).
 
     FlorDB's ``flor.commit()`` flushes and makes a git commit; flor_ray snapshots the
     code when a run starts, so here it only flushes."""

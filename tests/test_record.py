@@ -228,7 +228,9 @@ def test_sigkill_keeps_flushed_rows(repo):
                 time.sleep(60)
         """,
     )
-    proc = subprocess.Popen([sys.executable, "train.py"], cwd=repo, env=clean_env(), stdout=subprocess.PIPE, text=True)
+    # epochs of microseconds: with the default flush_interval_s they would share one flush
+    proc = subprocess.Popen([sys.executable, "train.py"], cwd=repo, env=clean_env(FLOR_FLUSH_INTERVAL="0"),
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -86,6 +86,7 @@ class Walker:
         self.loops: dict[int, Loop] = {}
         self.outer: Loop | None = None
         self.outer_targets: frozenset[str] = frozenset()
+        self.loop_targets: dict[int, frozenset[str]] = {}  # a for loop's target names (a step loop's outer)
         self.inlined: set[str] = set()
         self._ids = itertools.count()
         #: names bound to a part of another object (``g`` in ``for g in opt.param_groups``,
@@ -120,11 +121,7 @@ class Walker:
         elif isinstance(stmt, cst.While):
             self._while(stmt, chain, guards, path, function, stack)
         elif isinstance(stmt, cst.With):
-            for item in stmt.items:
-                scan = scan_of(item.item)
-                strong = frozenset(target_names(item.asname.name)) if item.asname else frozenset()
-                self._add(item.item, chain, guards, path, function, scan=scan, strong=strong, node_for_line=stmt)
-            self.walk(self._block(stmt.body), chain, guards, path, function, stack)
+            self._with(stmt, chain, guards, path, function, stack)
         elif isinstance(stmt, (cst.Try, cst.TryStar)):
             self._try(stmt, chain, guards, path, function, stack)
         elif isinstance(stmt, (cst.FunctionDef, cst.ClassDef)):
@@ -177,6 +174,7 @@ class Walker:
             stmt.target, body_chain, guards + (it,), inner_path, function,
             uses=frozenset(scan.loads), strong=frozenset(target_names(stmt.target)), node_for_line=stmt,
         )
+        self.loop_targets[cid] = self.units[tgt].strong
         if is_outer:
             self.outer_targets = self.units[tgt].strong
         self._bind_alias(stmt.target, stmt.iter)
@@ -195,6 +193,50 @@ class Walker:
         loop.end = len(self.units) - 1
         if stmt.orelse is not None:
             self.walk(self._block(stmt.orelse.body), chain + ((cid, "else"),), guards + (test,), path, function, stack)
+
+    def _with(self, stmt: cst.With, chain, guards, path, function, stack) -> None:
+        step: cst.Call | None = None
+        for item in stmt.items:
+            scan = scan_of(item.item)
+            strong = frozenset(target_names(item.asname.name)) if item.asname else frozenset()
+            self._add(item.item, chain, guards, path, function, scan=scan, strong=strong, node_for_line=stmt)
+            if isinstance(item.item, cst.Call) and self.an.api(item.item.func) == "iteration":
+                step = item.item
+        if step is not None:
+            self._iteration(stmt, step, chain, guards, path, function, stack)
+        else:
+            self.walk(self._block(stmt.body), chain, guards, path, function, stack)
+
+    def _iteration(self, stmt: cst.With, call: cst.Call, chain, guards, path, function, stack) -> None:
+        """``with flor.iteration(name, ...):``: one iteration of a loop the script drives.
+
+        Outside any flor loop, the loop that repeats the block (the innermost enclosing
+        ``while``/``for``) is the outer loop, named after the iteration: its back edges
+        carry the values from step to step, and the code of its body outside the block
+        runs in every iteration of a replay, skipped or not. A block that no loop
+        repeats (one training step in a function the script calls per step) is a loop
+        of its own. Nested in a flor loop, the block only names its logs' context: a
+        replay runs its body like any plain loop's."""
+        arg = first_arg(call)
+        name = (str_literal(arg) if arg is not None else None) or "?"
+        body_chain = chain
+        if not path:  # no flor loop around it
+            enclosing = [cid for cid, br in chain if br == "loop"]
+            if enclosing:
+                loop = self.loops[enclosing[-1]]
+            else:
+                cid = next(self._ids)
+                start = len(self.units)
+                loop = Loop(cid, False, None, start, start, self.an.line(stmt))
+                self.loops[cid] = loop
+                body_chain = chain + ((cid, "loop"),)
+            loop.flor, loop.name = True, name
+            if self.driver and self.outer is None:
+                self.outer = loop
+                self.outer_targets = self.loop_targets.get(loop.id, frozenset())
+        self.walk(self._block(stmt.body), body_chain, guards, path + (name,), function, stack)
+        if body_chain is not chain:
+            self.loops[body_chain[-1][0]].end = len(self.units) - 1
 
     def _try(self, stmt: cst.Try | cst.TryStar, chain, guards, path, function, stack) -> None:
         self.walk(self._block(stmt.body), chain, guards, path, function, stack)

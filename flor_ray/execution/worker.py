@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
 
-from ..errors import CheckpointError, CheckpointingError
+from ..errors import CheckpointError, CheckpointingError, LoopError
 from ..record.loops import LoopRuntime
 from ..record.names import check_name
 from .spec import TaskSpec
@@ -77,6 +77,7 @@ class ReplaySession(LoopRuntime):
         self._phase = "setup"  # setup -> loop -> after
         self._cur_iter = -1
         self._keep_iter = False
+        self._past_stop = False
         from ..store.logs import empty_rows
 
         self._kept: dict[str, list] = empty_rows()
@@ -183,6 +184,10 @@ class ReplaySession(LoopRuntime):
         self._suppress_saves()
         return LoopRuntime.loop(self, name, iterable)
 
+    def iteration(self, name: str, idx: Any = None, value: Any = None):
+        self._suppress_saves()
+        return LoopRuntime.iteration(self, name, idx, value)
+
     @contextmanager
     def checkpointing(self, **objects: Any):
         if self._in_ckpt:
@@ -212,6 +217,12 @@ class ReplaySession(LoopRuntime):
         self._cur_iter = i
         self._exits = 0
         self._restore_at = None
+        if self._past_stop:  # only a segment with the code after the loop, which ends at the run's last step
+            raise LoopError(
+                f"the replay of run {self.spec.run_id} went on to step {i} of its flor.iteration loop, "
+                f"past the last recorded step {self.stop}: the loop's end depends on code in the steps' "
+                "bodies, which a replay skips; end the loop from code outside the `with flor.iteration` "
+                "block (e.g. `if iter_num > max_iters: break` after it)")
         if self.mode == "setup":  # only the code before the outer loop was needed
             self._phase = "setup"
             self.finish()
@@ -261,6 +272,19 @@ class ReplaySession(LoopRuntime):
         if normal and not self.spec.after:
             self.finish()  # write the partition now, not at interpreter exit
             raise SegmentDone(0)
+
+    def _iteration_done(self, i: int, completed: bool) -> None:
+        """After a step of a ``flor.iteration`` loop: the rows logged outside any step
+        from here on are the code after the loop's (until the next step begins); the
+        segment ends with its last step, unless the code after the loop is wanted."""
+        self._move_rows()
+        self._phase = "after"
+        if i >= self.stop:  # ran or skipped: no later step is wanted
+            self._past_stop = True
+            if not self.spec.after:
+                self._lap("loop")
+                self.finish()
+                raise SegmentDone(0)
 
     def _restore(self, entry: Mapping[str, Any]) -> None:
         from ..store.checkpoints import read_verified

@@ -18,6 +18,7 @@ from ..errors import InvalidNameError, LoopError
 from ..store.logs import MAX_LOOP_DEPTH
 from ..store.values import INT64_MAX, INT64_MIN, convert
 from .names import check_name
+from .steps import Iteration, ended_by_exit
 
 __all__ = ["LoopRuntime"]
 
@@ -46,6 +47,8 @@ class LoopRuntime:
         self._seq = 0
         self._outer_name: str | None = None
         self._outer_started = False
+        self._outer_steps = False  # the outer loop is made of flor.iteration blocks
+        self._iter_counts: dict[tuple, int] = {}  # flor.iteration numbers, per name and enclosing context
         self._checkpoint_objects: dict[str, Any] | None = None
         #: the user's frame that iterates the outer loop: checkpoints capture its
         #: loop-carried values, replays write them back (see carried.py)
@@ -138,6 +141,9 @@ class LoopRuntime:
         if name in self._valid_names:
             raise LoopError(f"flor.loop({name!r}) has the name of a logged value, and both would be the column "
                             f"{name!r} of dataframe(); give the loop or the value another name")
+        if depth == 0 and name == self._outer_name and self._outer_steps:
+            raise LoopError(f"flor.loop({name!r}) has the name of the script's flor.iteration step loop; give "
+                            f"it its own name, e.g. {name + '_loop'!r}")
         if depth == 0 and name == self._outer_name and self._outer_started:
             raise LoopError(
                 f"flor.loop({name!r}) runs a second time at the top level: its iteration numbers would repeat "
@@ -223,6 +229,9 @@ class LoopRuntime:
                 try:
                     yield item
                     completed = True
+                except GeneratorExit:  # a `break` keeps this iteration; an exception does not
+                    completed = ended_by_exit(sys._getframe(1))
+                    raise
                 finally:
                     if is_outer:
                         self._outer_end(i, time.perf_counter() - t0, completed)
@@ -230,14 +239,76 @@ class LoopRuntime:
                     break
             normal = True
         # GeneratorExit (a `break` in the script, or an exception unwinding the
-        # script's frame: the two cannot be told apart here) is not a normal end
+        # script's frame) is not a normal end: a replay cannot stop the script from
+        # inside the generator's close
         finally:
             self._pop()
             if is_outer:
                 self._scope_frame = None
                 self._outer_exit(normal)
 
+    # ------------------------------------------------------------- iteration
+    def iteration(self, name: str, idx: Any = None, value: Any = None) -> Iteration:
+        """One iteration of a loop the script drives itself (see steps.py)."""
+        check_name("loop", name)
+        if idx is not None:
+            if isinstance(idx, bool) or not hasattr(idx, "__index__"):
+                raise LoopError(f"flor.iteration({name!r}, idx, ...) takes the iteration's index as an int "
+                                f"(or None), got {type(idx).__name__} {idx!r}; pass e.g. iter_num")
+            idx = idx.__index__()
+        return Iteration(self, name, idx, None if value is None else str(value))
+
+    def _iteration_enter(self, it: Iteration, frame: Any) -> tuple[bool, int, bool]:
+        """(is it an outer iteration, its number, whether its body runs)."""
+        name = it.name
+        depth = len(self._stack)
+        if depth >= MAX_LOOP_DEPTH:
+            raise LoopError(f"flor.iteration({name!r}) would be nested {depth + 1} deep; the log relation keeps "
+                            f"{MAX_LOOP_DEPTH} levels")
+        if any(f[0] == name for f in self._stack):
+            raise LoopError(f"flor.iteration({name!r}) is nested inside a loop of the same name; give each level "
+                            "its own name")
+        if name in self._valid_names:
+            raise LoopError(f"flor.iteration({name!r}) has the name of a logged value, and both would be the column "
+                            f"{name!r} of dataframe(); give the loop or the value another name")
+        outer = False
+        if depth == 0:
+            if self._outer_name is None:
+                self._outer_name, self._outer_steps = name, True
+            elif self._outer_name == name and not self._outer_steps:
+                raise LoopError(f"flor.iteration({name!r}) has the name of the script's outer flor.loop; give "
+                                f"the step loop its own name, e.g. {name + '_step'!r}")
+            outer = self._outer_name == name
+            key: tuple = (name,)
+        else:
+            key = (name, tuple((f[0], self._last if k == depth - 1 else f[1]) for k, f in enumerate(self._stack)))
+        self._loop_names.add(name)
+        i = self._iter_counts.get(key, -1) + 1
+        self._iter_counts[key] = i
+        it._i = i
+        run = True
+        if outer:
+            self._outer_started = True
+            from .carried import scope_frame
+
+            self._scope_frame = scope_frame(frame)
+            run = self._outer_begin(i, None)
+        self._push(name)
+        self._last, self._last_item = i, it.item()
+        return outer, i, run
+
+    def _iteration_exit(self, it: Iteration, seconds: float, skipped: bool, completed: bool) -> None:
+        i = it._i
+        if it._outer and not skipped:
+            self._outer_end(i, seconds, completed)
+        self._pop()
+        if it._outer:
+            self._iteration_done(i, completed and not skipped)
+
     # hooks, overridden by the sessions
+    def _iteration_done(self, i: int, completed: bool) -> None:
+        pass
+
     def _outer_begin(self, i: int, length: int | None) -> bool:
         return True
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from ..store.values import convert
 from .args import arg_default, cast_arg
 from .checkpoint import checkpoint_period
 from .loops import LoopRuntime
+from .steps import Iteration
 from .names import check_name
 from .profile import RecordHooks
 from .host import PartTimer, environment, now_iso, process_start_time
@@ -75,6 +77,7 @@ class RecordSession(LoopRuntime):
         self._progress = None
         self._t_loop = time.monotonic()
         self._flushes = 0
+        self._t_flushed = -math.inf
         # timings for the cost model
         self._setup_s: float | None = None
         self._outer_s: list[float] = []
@@ -220,6 +223,12 @@ class RecordSession(LoopRuntime):
             self.start()
         return gen
 
+    def iteration(self, name: str, idx: Any = None, value: Any = None) -> Iteration:
+        it = LoopRuntime.iteration(self, name, idx, value)
+        if not self.started:
+            self.start()
+        return it
+
     @contextmanager
     def checkpointing(self, **objects: Any):
         from .checkpoint import check_objects
@@ -315,11 +324,16 @@ class RecordSession(LoopRuntime):
             self._inner_n.append(self._iter_inner_n)
             self._ckpt_s.append(ckpt_s)
             self._ckpt_write_s.append(write_s)
-        self._flush()
+        # an iteration cut short (by an exception) flushes at once: the run may end here
+        if not completed or time.monotonic() - self._t_flushed >= self.settings.flush_interval_s:
+            self._flush()
 
     def _outer_exit(self, normal: bool) -> None:
         self._t_outer_end = time.time()
         self._close_progress()
+
+    def _iteration_done(self, i: int, completed: bool) -> None:
+        self._t_outer_end = time.time()  # the teardown is timed from the last step's end
 
     def _close_progress(self) -> None:
         progress, self._progress = self._progress, None
@@ -355,11 +369,13 @@ class RecordSession(LoopRuntime):
     def _flush(self) -> None:
         """Write the buffered rows and the run's metadata now.
 
-        Synchronous on purpose: when an outer iteration ends, its rows are in the
-        store, so a crash (even SIGKILL) loses at most the rows logged since.
+        Synchronous on purpose: outer iterations end with a flush (at most one per
+        ``flush_interval_s``), whose rows are in the store when it returns, so a crash
+        (even SIGKILL) loses at most the rows logged since.
         """
         self._flush_rows_only()
         self._write_meta()
+        self._t_flushed = time.monotonic()
 
     def _timings(self) -> dict:
         return {
