@@ -18,6 +18,7 @@ __all__ = [
     "LoopError",
     "CheckpointingError",
     "CheckpointError",
+    "RetentionError",
     "StoreError",
     "StoreNotFoundError",
     "RepositoryError",
@@ -162,3 +163,7 @@ class ArgDefaultError(FlorError, TypeError):
             f"flor.arg({name!r}, default) got a default of type {type(default).__name__} ({default!r:.60}); "
             "give an int, float, bool, str or None default (e.g. float(x)), which --kwargs can override"
         )
+
+
+class RetentionError(FlorError, ValueError):
+    """``flor-ray gc`` was given no policy, or one it cannot follow."""
