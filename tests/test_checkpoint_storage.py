@@ -169,6 +169,8 @@ def test_frozen_backbone_second_checkpoint_stores_only_what_changed(history):
         assert sum(files.values()) == sum(e["stored_bytes"] for e in entries)
         objects = [p for p in files if p.startswith("objects" + os.sep)]
         assert len(objects) == sum(e["new_objects"] for e in entries) < sum(e["objects"] for e in entries)
+        table = flor_ray.checkpoints(rid, store=store)
+        assert list(table["stored_bytes"]) == [e["stored_bytes"] for e in entries]
         full = sum(len(_full_copy(store, e)) for e in entries)
         assert sum(files.values()) < full / 2, (sum(files.values()), full)
 
@@ -291,6 +293,11 @@ def test_gc_keeps_what_the_policy_says_and_replays_stay_exact(history, tmp_path,
     assert [e["iteration"] for e in manifest(st, kept_whole)] == [0, 1, 2, 3]
     for e in manifest(st, rid):  # every kept checkpoint still loads: its objects are there
         load_snapshot(st, e)
+    with pytest.raises(CheckpointError, match="checkpoint 1 of run .* was deleted by flor-ray gc .*nearest kept are 0, 2"):
+        flor_ray.load_checkpoint(rid, 1, store=st, net=Holder())
+    held = Holder()
+    flor_ray.load_checkpoint(rid, 2, store=st, net=held)
+    assert tuple(held.state["head.weight"].shape) == (16, 256)
     plan = flor_ray.plan_replay(["wnorm"], store=st, script=dst / "train.py", cluster=ClusterSnapshot(2))
     text = plan.explain()
     assert f"Collected[run={rid} iteration=1] checkpoint checkpoints/{rid}/000001.pt was deleted by flor-ray gc" in text
@@ -298,6 +305,16 @@ def test_gc_keeps_what_the_policy_says_and_replays_stay_exact(history, tmp_path,
     report = run_plan(plan, progress=False)
     assert report.ok, str(report)
     assert _replayed(st, plan, by_lr, "wnorm") == _by_hand(hands, "wnorm")
+
+
+class Holder:
+    """An object flor.load_checkpoint restores into: it keeps the state it is given."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        self.state = state
 
 
 SLOW = '''

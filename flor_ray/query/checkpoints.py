@@ -56,7 +56,7 @@ def _times(store: "Store", run_id: str) -> dict[str, str]:
 
 
 def checkpoint_table(store: "Store", run_id: str) -> "pd.DataFrame":
-    """One row per checkpoint of ``run_id``: iteration, bytes, time, verified, path."""
+    """One row per checkpoint of ``run_id``: iteration, bytes, time, verified, path, stored_bytes."""
     import pandas as pd
 
     entries = manifest(store, run_id)
@@ -67,8 +67,10 @@ def checkpoint_table(store: "Store", run_id: str) -> "pd.DataFrame":
         "time": times.get(str(e.get("path", "")).rsplit("/", 1)[-1]),
         "verified": e.get("verified"),
         "path": store.full_url(e["path"]) if e.get("path") else None,
+        # what it added to the store: a skeleton's bytes plus the tensors no earlier one stored
+        "stored_bytes": e.get("stored_bytes", e.get("bytes")),
     } for e in entries]
-    return pd.DataFrame(rows, columns=["iteration", "bytes", "time", "verified", "path"])
+    return pd.DataFrame(rows, columns=["iteration", "bytes", "time", "verified", "path", "stored_bytes"])
 
 
 

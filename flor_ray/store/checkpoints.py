@@ -53,6 +53,13 @@ def entry(store: "Store", run_id: str, iteration: Any) -> dict:
     for e in entries:
         if e["iteration"] == iteration:
             return e
+    from .retention import GC_REASON, tombstones
+
+    for t in tombstones(store.read_json(layout.run_meta(run_id))):
+        if t["iteration"] == iteration:
+            raise CheckpointError(
+                f"checkpoint {iteration} of run {run_id} {GC_REASON} ({t.get('policy')}, {t.get('at')}); the "
+                f"nearest kept are {_nearest(available, iteration)} (all: `flor-ray checkpoints {run_id}`)")
     raise CheckpointError(
         f"run {run_id} has no checkpoint of iteration {iteration}; the nearest are "
         f"{_nearest(available, iteration)} (all: `flor-ray checkpoints {run_id}`)")
