@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
 import subprocess
 import sys
 import time
-from contextlib import redirect_stdout
 
 import pytest
 
@@ -191,8 +191,6 @@ def test_deduplicated_checkpoint_restores_the_state_bit_for_bit_and_full_copies_
     # an old store's full copy of the same checkpoint, in place of the skeleton
     data = _full_copy(st, entry)
     meta = st.read_json(f"runs/{rid}.json")
-    import hashlib
-
     for e in meta["checkpoints"]:
         if e["iteration"] == 2:
             e.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -201,7 +199,7 @@ def test_deduplicated_checkpoint_restores_the_state_bit_for_bit_and_full_copies_
     st.write_bytes(entry["path"], data)
     st.write_json(f"runs/{rid}.json", meta)
     old = load_snapshot(st, manifest(st, rid)[2])
-    flat = lambda s: {k: v for k, v in s["objects"]["net"].items()}  # noqa: E731
+    flat = lambda s: dict(s["objects"]["net"])  # noqa: E731
     assert flat(old).keys() == flat(snap).keys()
     for k, v in flat(snap).items():
         assert v.dtype == flat(old)[k].dtype and torch.equal(v, flat(old)[k]), k

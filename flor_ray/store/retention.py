@@ -50,7 +50,7 @@ class Policy:
         return self
 
     def describe(self) -> str:
-        bits = [f"keep every {self.keep_every}" if self.keep_every else "keep none",
+        bits = [f"keep every {self.keep_every}" if self.keep_every else "keep no checkpoint",
                 f"whole last {self.keep_last_runs} runs" if self.keep_last_runs is not None else "",
                 f"whole runs where {self.where}" if self.where else ""]
         return ", ".join(b for b in bits if b)
@@ -105,6 +105,7 @@ def _whole_runs(store: "Store", metas: Sequence[dict], policy: Policy) -> set[st
 def _referenced(store: "Store", kept: Iterable[Mapping[str, Any]]) -> set[str] | None:
     """The objects the kept checkpoints reference; None when one cannot be read."""
     import io
+    import pickle
 
     import torch
 
@@ -117,8 +118,8 @@ def _referenced(store: "Store", kept: Iterable[Mapping[str, Any]]) -> set[str] |
             continue
         try:
             skeleton = torch.load(io.BytesIO(read_verified(store, e)), weights_only=True, map_location="cpu")
-        except (CheckpointError, Exception):  # noqa: BLE001 - unreadable: keep every object of the run
-            return None
+        except (CheckpointError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError):
+            return None  # unreadable: its references are unknown, so every object of the run is kept
         out |= refs(skeleton)
     return out
 
