@@ -242,6 +242,23 @@ def test_replay_from_deduplicated_checkpoints_is_bit_exact(history, ray_local):
     assert _replayed(store, plan, by_lr, "wnorm") == _by_hand(hands, "wnorm")
 
 
+def test_a_damaged_shared_tensor_is_routed_around_and_the_replay_stays_exact(history, tmp_path, ray_local):
+    dst, st, by_lr, hands = _copy(history, tmp_path)
+    rid = by_lr[0.05]
+    obj_dir = os.path.join(st.root, "checkpoints", rid, "objects")
+    biggest = max(os.listdir(obj_dir), key=lambda n: os.path.getsize(os.path.join(obj_dir, n)))
+    path = os.path.join(obj_dir, biggest)  # the frozen embedding: every checkpoint of the run holds it
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x5A
+    open(path, "wb").write(bytes(data))
+    plan = flor_ray.plan_replay(["wnorm"], store=st, script=dst / "train.py", where="lr = 0.05",
+                                iterations="2:", cluster=ClusterSnapshot(2))
+    report = run_plan(plan, progress=False)
+    assert report.ok, str(report)
+    assert f"{biggest} is corrupted" in "\n".join(report.fallbacks)
+    assert _replayed(st, plan, by_lr, "wnorm") == [r for r in _by_hand(hands, "wnorm") if r[0] == 0.05 and r[1] >= 2]
+
+
 # ---------------------------------------------------------------------- du
 def test_du_sums_match_the_files(history, capsys):
     _, store, by_lr, _ = history
