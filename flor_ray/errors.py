@@ -18,6 +18,7 @@ __all__ = [
     "LoopError",
     "CheckpointingError",
     "CheckpointError",
+    "RetentionError",
     "StoreError",
     "StoreNotFoundError",
     "RepositoryError",
@@ -167,3 +168,7 @@ class ArgDefaultError(FlorError, TypeError):
 
 class FlorDBImportError(FlorError, ValueError):
     """A FlorDB project that cannot be imported: not one, or records that cannot be read."""
+
+
+class RetentionError(FlorError, ValueError):
+    """``flor-ray gc`` was given no policy, or one it cannot follow."""

@@ -287,13 +287,13 @@ class ReplaySession(LoopRuntime):
                 raise SegmentDone(0)
 
     def _restore(self, entry: Mapping[str, Any]) -> None:
-        from ..store.checkpoints import read_verified
-        from ..record.checkpoint import deserialize, restore
+        from ..store.checkpoints import load_snapshot
+        from ..record.checkpoint import restore
 
         self._lap("loop")
         where = self.store.full_url(entry["path"])
         try:
-            snapshot = deserialize(read_verified(self.store, entry), where)
+            snapshot = load_snapshot(self.store, entry)
         except CheckpointError as exc:  # damaged: the task retries around it (see the module doc)
             self._report_damage(entry, exc)
             raise

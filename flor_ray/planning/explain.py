@@ -33,6 +33,8 @@ def _task_line(t) -> str:
 
 
 def explain(plan: "Plan") -> str:
+    from ..store.retention import GC_REASON
+
     pending = plan.pending
     head = (
         f"ReplayPlan[names={','.join(plan.names)}; runs={len(plan.runs)}"
@@ -58,7 +60,12 @@ def explain(plan: "Plan") -> str:
     for r in plan.refused:
         lines.append(f"  Skip[name={r.name} version={r.version[:8]} runs={r.runs}] {r.reason}")
     for d in plan.damaged:
-        lines.append(f"  Damaged[run={d.run_id} iteration={d.iteration}] checkpoint {d.path} {d.reason}: planned around it")
+        if d.reason.startswith(GC_REASON):
+            lines.append(f"  Collected[run={d.run_id} iteration={d.iteration}] checkpoint {d.path} {d.reason}: "
+                         "segments that would start there start from an earlier checkpoint")
+        else:
+            lines.append(f"  Damaged[run={d.run_id} iteration={d.iteration}] checkpoint {d.path} {d.reason}: "
+                         "planned around it")
     groups: dict[tuple[str, str], list[str]] = {}  # runs of the same numerics share a line
     for run_id, recorded, cpus in plan.numerics:
         groups.setdefault((recorded, cpus), []).append(run_id)

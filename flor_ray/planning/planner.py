@@ -283,6 +283,15 @@ def damaged_checkpoints(store, runs: Sequence[RunInfo]) -> list[DamagedCheckpoin
     return out
 
 
+def collected_checkpoints(metas: Sequence[Mapping[str, Any]]) -> list[DamagedCheckpoint]:
+    """The checkpoints ``flor-ray gc`` deleted from the runs (their tombstones)."""
+    from ..store.retention import GC_REASON, tombstones
+
+    return [DamagedCheckpoint(m["run_id"], t["iteration"], str(t.get("path")),
+                              f"{GC_REASON} ({t.get('policy')}, {t.get('at')})")
+            for m in metas for t in tombstones(m)]
+
+
 def _check_resources(resources: Any) -> Resources:
     """Resources from a Resources, a mapping or None, with a clear error otherwise."""
     if resources is None:
@@ -354,7 +363,7 @@ def plan_replay(
         names=names, where=where, iterations=iterations, runs=runs, patches=patches, cluster=cluster,
         resources=resources, done_keys=done, store_url=store.url, storage_options=store.storage_options,
         retries=settings.max_retries, calibration=load_calibration(store),
-        damaged=damaged_checkpoints(store, runs), replayed=replayed,
+        damaged=damaged_checkpoints(store, runs) + collected_checkpoints(metas), replayed=replayed,
         skipped_runs=[SkippedRun(m["run_id"], m["version"],
                                  f"still recording (pid {m.get('pid')} on {m.get('host')}): replay it once it has "
                                  "finished, or pass include_running=True (--include-running)", SkipKind.RUNNING)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import CheckpointError
 from ..store import layout
-from ..store.checkpoints import entry, manifest, read_verified
+from ..store.checkpoints import entry, load_snapshot, manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -56,7 +56,7 @@ def _times(store: "Store", run_id: str) -> dict[str, str]:
 
 
 def checkpoint_table(store: "Store", run_id: str) -> "pd.DataFrame":
-    """One row per checkpoint of ``run_id``: iteration, bytes, time, verified, path."""
+    """One row per checkpoint of ``run_id``: iteration, bytes, time, verified, path, stored_bytes."""
     import pandas as pd
 
     entries = manifest(store, run_id)
@@ -67,8 +67,10 @@ def checkpoint_table(store: "Store", run_id: str) -> "pd.DataFrame":
         "time": times.get(str(e.get("path", "")).rsplit("/", 1)[-1]),
         "verified": e.get("verified"),
         "path": store.full_url(e["path"]) if e.get("path") else None,
+        # what it added to the store: a skeleton's bytes plus the tensors no earlier one stored
+        "stored_bytes": e.get("stored_bytes", e.get("bytes")),
     } for e in entries]
-    return pd.DataFrame(rows, columns=["iteration", "bytes", "time", "verified", "path"])
+    return pd.DataFrame(rows, columns=["iteration", "bytes", "time", "verified", "path", "stored_bytes"])
 
 
 
@@ -76,7 +78,7 @@ def checkpoint_table(store: "Store", run_id: str) -> "pd.DataFrame":
 def load_checkpoint(store: "Store", run_id: str, iteration: Any, objects: Mapping[str, Any],
                     rng: bool = False) -> LoadedCheckpoint:
     """Restore ``objects`` (name -> object with ``load_state_dict``) from a checkpoint."""
-    from ..record.checkpoint import check_objects, deserialize, restore_rng
+    from ..record.checkpoint import check_objects, restore_rng
 
     if not objects:
         raise CheckpointError(
@@ -84,7 +86,7 @@ def load_checkpoint(store: "Store", run_id: str, iteration: Any, objects: Mappin
     check_objects(objects)
     found = entry(store, run_id, iteration)
     where = store.full_url(found["path"])
-    snap = deserialize(read_verified(store, found), where)
+    snap = load_snapshot(store, found)
     saved = snap.get("objects") or {}
     missing = sorted(set(objects) - set(saved))
     if missing:

@@ -42,8 +42,9 @@ def checkpoint_period(cost_s: float, train_s: float, settings: "Settings") -> in
     return max(1, min(settings.checkpoint_max_period, period))
 
 
-def manifest_entry(snap: Mapping[str, Any], rel: str, data: bytes) -> dict:
-    """The run metadata's entry for checkpoint ``snap``, written to ``rel`` as ``data``."""
+def manifest_entry(snap: Mapping[str, Any], rel: str, data: bytes, stored: Any = None) -> dict:
+    """The run metadata's entry for checkpoint ``snap``, written to ``rel`` as ``data``
+    (given ``stored``, a :class:`.ckpt_objects.Stored`: a skeleton and its objects)."""
     import hashlib
 
     entry = {
@@ -53,6 +54,9 @@ def manifest_entry(snap: Mapping[str, Any], rel: str, data: bytes) -> dict:
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
+    if stored is not None:  # what this checkpoint added to the store, skeleton included
+        entry.update({"format": 2, "objects": stored.objects, "new_objects": stored.new_objects,
+                      "stored_bytes": len(data) + stored.new_bytes})
     scope = snap.get("scope")
     if scope is not None:  # what the planner may rely on when a replay restores it
         entry["carried"] = list(scope["captured"])
@@ -138,8 +142,9 @@ def serialize(snapshot: Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def deserialize(data: bytes, where: str) -> dict:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only."""
+def deserialize(data: bytes, where: str, read: Any = None) -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only;
+    a skeleton's objects (format 2) are read with ``read`` (store path -> bytes)."""
     import pickle
 
     import torch
@@ -153,6 +158,10 @@ def deserialize(data: bytes, where: str) -> dict:
             "replay from an earlier checkpoint (it is skipped automatically) or re-record",
             path=where,
         ) from exc
+    if isinstance(snap, dict) and snap.get("format") == 2 and read is not None:
+        from .ckpt_objects import join
+
+        return {**join(snap, read, where), "format": FORMAT}
     if not isinstance(snap, dict) or snap.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {where} is not a flor_ray checkpoint of format {FORMAT}", path=where)
     return snap

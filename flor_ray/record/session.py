@@ -349,16 +349,19 @@ class RecordSession(LoopRuntime):
     def _submit_checkpoint(self, snap: dict | None) -> None:
         if snap is None:
             return
-        from .checkpoint import manifest_entry, serialize
+        from .checkpoint import manifest_entry
+        from .ckpt_objects import CheckpointWriter
 
         rel = layout.checkpoint(self.run_id, snap["iteration"])
+        # one per run: it remembers the tensors (objects) earlier checkpoints stored
+        ckw = self.__dict__.setdefault("_ckpt_writer", CheckpointWriter(self.run_id))
 
         def write(snap=snap, rel=rel):
             cpu = time.thread_time()
-            data = serialize(snap)
-            if not self._spool.write(rel, data, durable=True, spill=False):
+            stored = ckw.write(snap, rel, lambda path, data: self._spool.write(path, data, durable=True, spill=False))
+            if stored is None:
                 return  # skipped, listed in the run's "lost": replays start from an earlier one
-            entry = manifest_entry(snap, rel, data)  # outside the lock: _write_meta takes it
+            entry = manifest_entry(snap, rel, stored.skeleton, stored)  # outside the lock: _write_meta takes it
             with self._lock:
                 self._manifest.append(entry)
             self._write_cpu_s = time.thread_time() - cpu  # CPU only: waiting for fsync costs training nothing

@@ -13,7 +13,7 @@ from . import layout
 if TYPE_CHECKING:  # pragma: no cover
     from . import Store
 
-__all__ = ["manifest", "entry", "read_verified"]
+__all__ = ["manifest", "entry", "read_verified", "load_snapshot"]
 
 
 def manifest(store: "Store", run_id: str) -> list[dict]:
@@ -53,6 +53,13 @@ def entry(store: "Store", run_id: str, iteration: Any) -> dict:
     for e in entries:
         if e["iteration"] == iteration:
             return e
+    from .retention import GC_REASON, tombstones
+
+    for t in tombstones(store.read_json(layout.run_meta(run_id))):
+        if t["iteration"] == iteration:
+            raise CheckpointError(
+                f"checkpoint {iteration} of run {run_id} {GC_REASON} ({t.get('policy')}, {t.get('at')}); the "
+                f"nearest kept are {_nearest(available, iteration)} (all: `flor-ray checkpoints {run_id}`)")
     raise CheckpointError(
         f"run {run_id} has no checkpoint of iteration {iteration}; the nearest are "
         f"{_nearest(available, iteration)} (all: `flor-ray checkpoints {run_id}`)")
@@ -71,3 +78,11 @@ def read_verified(store: "Store", entry: Mapping[str, Any]) -> bytes:
     if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CheckpointError(f"checkpoint {where} is corrupted (sha256 differs from the recording)", path=where)
     return data
+
+
+def load_snapshot(store: "Store", entry: Mapping[str, Any]) -> dict:
+    """A checkpoint's snapshot: a full copy, or a skeleton joined with its run's
+    objects, each checked (a :class:`CheckpointError` naming what is damaged)."""
+    from ..record.checkpoint import deserialize
+
+    return deserialize(read_verified(store, entry), store.full_url(entry["path"]), store.read_bytes)

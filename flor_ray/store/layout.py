@@ -6,7 +6,9 @@ Layout (``SCHEMA_VERSION`` in :mod:`flor_ray.store.logs` versions the log files)
     <url>/runs/<run_id>.json                    one run's metadata (rewritten whole)
     <url>/logs/run_id=<id>/source=record/<part>.parquet   recorded rows, one file per flush
     <url>/logs/run_id=<id>/source=replay/<task>.parquet   rows of one replay task
-    <url>/checkpoints/<run_id>/<iteration>.pt   checkpoint of one outer iteration
+    <url>/checkpoints/<run_id>/<iteration>.pt   checkpoint of one outer iteration (a full copy,
+                                                or a skeleton referencing the run's objects)
+    <url>/checkpoints/<run_id>/objects/<sha256> one tensor of the run's checkpoints, stored once
     <url>/code/versions/<commit>.json           a version: {path: blob id}
     <url>/code/objects/<blob id>                file contents, content-addressed
     <url>/replays/<time>-<id>.json              timings of one replay (plan calibration)
@@ -27,6 +29,7 @@ __all__ = [
     "MARKER", "RUNS", "LOGS", "CHECKPOINTS", "CODE_VERSIONS", "CODE_OBJECTS", "REPLAYS", "QUARANTINE",
     "safe_component", "store_url", "run_meta", "run_id_of_meta", "log_folder", "record_part", "replay_part",
     "part_run_id", "part_run_folder", "part_source", "part_task", "checkpoint", "checkpoint_folder",
+    "checkpoint_objects", "checkpoint_object", "saved_file", "kind_of", "run_of",
     "code_version", "code_object", "replay_history", "quarantined",
 ]
 
@@ -129,6 +132,16 @@ def saved_file(run_id: str, name: str) -> str:
     return f"{checkpoint_folder(run_id)}/saved/{safe_component('saved file', name)}"
 
 
+def checkpoint_objects(run_id: str) -> str:
+    """The folder of the tensors a run's checkpoints share (content-addressed)."""
+    return f"{checkpoint_folder(run_id)}/objects"
+
+
+def checkpoint_object(run_id: str, digest: str) -> str:
+    """One tensor of a run's checkpoints, named by the sha256 of its dtype, shape and bytes."""
+    return f"{checkpoint_objects(run_id)}/{digest}"
+
+
 # -------------------------------------------------------------------- code
 def code_version(tree: str) -> str:
     """The manifest of a code version ({path: blob id})."""
@@ -144,6 +157,27 @@ def code_object(blob: str) -> str:
 def replay_history(name: str) -> str:
     """One replay's timings file (``name``: the file's name, ``.json`` included)."""
     return f"{REPLAYS}/{name}"
+
+
+def kind_of(rel: str) -> str:
+    """What a store path holds, for ``flor-ray du``: logs, checkpoints, checkpoint
+    objects, code, runs, replays, quarantine, or other."""
+    bits = rel.split("/")
+    if bits[0] == CHECKPOINTS:
+        return "checkpoint objects" if len(bits) > 3 and bits[2] == "objects" else "checkpoints"
+    if bits[0] in (RUNS, LOGS, REPLAYS, QUARANTINE):
+        return bits[0]
+    return "code" if bits[0] == CODE_VERSIONS.split("/")[0] else "other"
+
+
+def run_of(rel: str) -> str | None:
+    """The run a store path belongs to (its metadata, rows or checkpoints); None otherwise."""
+    bits = rel.split("/")
+    if bits[0] == RUNS and len(bits) == 2:
+        return run_id_of_meta(bits[1])
+    if bits[0] == CHECKPOINTS and len(bits) > 2:
+        return bits[1]
+    return part_run_id(rel) if bits[0] == LOGS else None
 
 
 def quarantined(stamp: str, rel: str) -> str:
