@@ -9,6 +9,7 @@ Layout (``SCHEMA_VERSION`` in :mod:`flor_ray.store.logs` versions the log files)
     <url>/checkpoints/<run_id>/<iteration>.pt   checkpoint of one outer iteration
     <url>/code/versions/<commit>.json           a version: {path: blob id}
     <url>/code/objects/<blob id>                file contents, content-addressed
+    <url>/output/<run_id>/part-<n>.parquet      printed lines of a recording, one file per flush
     <url>/replays/<time>-<id>.json              timings of one replay (plan calibration)
     <url>/quarantine/<time>/<path>              damaged files moved aside by ``flor-ray check``
 
@@ -27,7 +28,8 @@ __all__ = [
     "MARKER", "RUNS", "LOGS", "CHECKPOINTS", "CODE_VERSIONS", "CODE_OBJECTS", "REPLAYS", "QUARANTINE",
     "safe_component", "store_url", "run_meta", "run_id_of_meta", "log_folder", "record_part", "replay_part",
     "part_run_id", "part_run_folder", "part_source", "part_task", "checkpoint", "checkpoint_folder",
-    "code_version", "code_object", "replay_history", "quarantined",
+    "code_version", "code_object", "replay_history", "quarantined", "OUTPUT", "output_folder", "output_part",
+    "output_run_id",
 ]
 
 MARKER = "flor-store.json"
@@ -37,6 +39,7 @@ CHECKPOINTS = "checkpoints"
 CODE_VERSIONS = "code/versions"
 CODE_OBJECTS = "code/objects"
 REPLAYS = "replays"
+OUTPUT = "output"
 QUARANTINE = "quarantine"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 _RUN_DIR = "run_id="
@@ -122,6 +125,23 @@ def checkpoint_folder(run_id: str) -> str:
 def checkpoint(run_id: str, iteration: int) -> str:
     """The checkpoint file of one outer iteration of a run."""
     return f"{checkpoint_folder(run_id)}/{iteration:06d}.pt"
+
+
+# ------------------------------------------------------------------ output
+def output_folder(run_id: str) -> str:
+    """The folder of a run's captured output (printed lines)."""
+    return f"{OUTPUT}/{safe_component('run id', run_id)}"
+
+
+def output_part(run_id: str, flush: int) -> str:
+    """The Parquet part of captured output a recording writes at its ``flush``-th output flush."""
+    return f"{output_folder(run_id)}/part-{flush:05d}.parquet"
+
+
+def output_run_id(rel: str) -> str | None:
+    """The run id of a path below ``output/<run_id>/``; None elsewhere."""
+    bits = rel.split("/")
+    return bits[1] if len(bits) > 2 and bits[0] == OUTPUT else None
 
 
 # -------------------------------------------------------------------- code
