@@ -55,6 +55,10 @@ lr = flor.arg("lr", 0.1)
 epochs = flor.arg("epochs", 4)
 attrs_after = (sys.stdout.isatty(), sys.stdout.encoding, sys.stdout.fileno(), sys.stderr.fileno())
 print(f"stream attributes unchanged: {attrs_before == attrs_after}")
+data_log = logging.getLogger("data")  # a handler made after the capture began: it writes to the tee
+data_log.addHandler(logging.StreamHandler(sys.stdout))
+data_log.propagate = False
+data_log.warning("loader ready")
 X = torch.randn(64, 6)
 Y = (X[:, 0] - X[:, 2] > 0).long()
 loader = DataLoader(TensorDataset(X, Y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1))
@@ -151,6 +155,7 @@ def test_prints_and_logging_are_captured_with_their_loop_context(recorded):
     assert "stream attributes unchanged: True" in proc.stdout
     first = out.iloc[0]
     assert first["loops"] == "" and first["text"] == "stream attributes unchanged: True"
+    assert list(df["text"]).count("loader ready") == 1 and "loader ready" in list(out["text"])
     epochs = out[out["text"].str.startswith("epoch ")]
     assert list(epochs["loops"]) == ["epoch"] * 4 and list(epochs["iter0"]) == [0, 1, 2, 3]
     # logging was configured before the capture began: its records are the `log` stream,
@@ -198,7 +203,7 @@ def test_the_cap_keeps_the_first_lines_and_counts_the_rest(histories, recorded):
 
 def test_output_capture_can_be_turned_off(histories, recorded):
     repo, store, proc, run_id = histories["off"]
-    assert proc.stdout == recorded[2].stdout  # the script printed the same
+    assert (proc.stdout, proc.stderr) == (recorded[2].stdout, recorded[2].stderr)  # the script printed the same
     assert store.find("output", ".parquet") == []
     assert "output_capture" not in _meta(store, run_id)
     assert len(flor_ray.output(run_id, store=store)) == 0
@@ -304,3 +309,44 @@ def test_import_stays_light_and_the_capture_is_off_until_a_run_starts(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+LOGGING_SNIPPET = """
+import logging, sys
+from flor_ray.record.output import OutputCapture
+
+parts = []
+if sys.argv[1] == "on":
+    cap = OutputCapture("r", lambda rel, data: parts.append(data), lambda: ("", ()), 10**6).install()
+logging.warning("before any config %d", 1)   # logging's own basicConfig, to the (teed) stderr
+logging.basicConfig(level=logging.INFO)        # a no-op, as without the capture
+logging.info("not shown")
+logging.getLogger("lib").error("lib error")
+files = logging.getLogger("files")
+files.addHandler(logging.FileHandler(sys.argv[2]))
+files.propagate = False
+files.error("to a file only")
+print("progress 10%", end="\\r")
+print("progress 100%")
+if sys.argv[1] == "on":
+    cap.close()
+    import io, json, pyarrow as pa, pyarrow.parquet as pq
+    rows = pa.concat_tables([pq.read_table(io.BytesIO(d)) for d in parts])
+    print(json.dumps(list(zip(rows["stream"].to_pylist(), rows["text"].to_pylist()))))
+"""
+
+
+def test_logging_and_the_terminal_behave_as_without_the_capture(tmp_path):
+    runs = {}
+    for mode in ("off", "on"):
+        proc = subprocess.run([sys.executable, "-c", LOGGING_SNIPPET, mode, str(tmp_path / f"{mode}.log")],
+                              env=clean_env(), capture_output=True)
+        assert proc.returncode == 0, proc.stderr
+        runs[mode] = proc
+    off, on = runs["off"], runs["on"]
+    assert on.stderr == off.stderr == b"WARNING:root:before any config 1\nERROR:lib:lib error\n"
+    assert off.stdout == b"progress 10%\rprogress 100%\n" and on.stdout.startswith(off.stdout)
+    assert json.loads(on.stdout[len(off.stdout):]) == [
+        ["stderr", "WARNING:root:before any config 1"], ["stderr", "ERROR:lib:lib error"],
+        ["log", "to a file only"], ["stdout", "progress 100%"]]
+    assert (tmp_path / "on.log").read_text() == (tmp_path / "off.log").read_text() == "to a file only\n"

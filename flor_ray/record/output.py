@@ -2,8 +2,8 @@
 
 :class:`OutputCapture` tees ``sys.stdout`` and ``sys.stderr`` (every write goes to the
 stream first, unchanged, so the terminal, ``isatty()``, ``encoding`` and ``fileno()``
-stay the script's) and adds a handler to the root logger for ``logging`` records that
-no captured stream shows. Complete lines are buffered with their loop context and
+stay the script's) and wraps ``logging.Logger.callHandlers`` for the ``logging`` records
+that no captured stream shows (a handler set up before the capture, a file). Complete lines are buffered with their loop context and
 written as one Parquet part per flush (zstd), by the session's synchronous flush at
 the end of each outer iteration: a crash, even SIGKILL, loses only the lines printed
 since. A carriage return overwrites the line as a terminal would, so a tqdm bar is kept
@@ -34,7 +34,8 @@ __all__ = ["OutputCapture", "start_capture", "loop_context", "STREAMS"]
 STREAMS = ("stdout", "stderr", "log")
 #: terminal control sequences (colours, erase-line): kept out of the stored text
 _CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-_DEFAULT_FORMAT = logging.Formatter(logging.BASIC_FORMAT)
+_ERASE = re.compile(r"\x1b\[[02]?K")
+_TOKENS = re.compile(r"(\r|\x1b\[[02]?K)")
 
 
 def loop_context(runtime: Any) -> tuple[str, tuple]:
@@ -47,15 +48,31 @@ def loop_context(runtime: Any) -> tuple[str, tuple]:
 
 
 def _resolve(text: str) -> str:
-    """The line a terminal shows for ``text``: escape sequences out, each ``\\r`` overwriting."""
-    if "\x1b" in text:
-        text = _CSI.sub("", text)
-    if "\r" not in text:
+    """The line a terminal shows for ``text``: a ``\\r`` moves the cursor to the line's
+    start, text overwrites from the cursor, erase-line clears from it, other escape
+    sequences (colours) are left out."""
+    if "\r" not in text and "\x1b" not in text:
         return text
-    shown = ""
-    for seg in text.split("\r"):
-        shown = seg + shown[len(seg):]
+    shown, cur = "", 0
+    for tok in _TOKENS.split(text):
+        if not tok:
+            continue
+        if tok == "\r":
+            cur = 0
+        elif _ERASE.fullmatch(tok):
+            shown = shown[:cur] if tok[-2] != "2" else " " * cur
+        else:
+            tok = _CSI.sub("", tok)
+            shown = shown[:cur] + tok + shown[cur + len(tok):]
+            cur += len(tok)
     return shown.rstrip()
+
+
+def _collapse(pending: str) -> str:
+    """A pending line with redraws (a progress bar) as its state so far plus the last
+    redraw: it stays one bar long however often it is drawn."""
+    i = pending.rfind("\r")
+    return _resolve(pending[:i]) + pending[i:] if i > 0 else pending
 
 
 class _Tee:
@@ -84,43 +101,24 @@ class _Tee:
         return getattr(self._inner, name)
 
 
-class _LogHandler(logging.Handler):
-    """Root-logger handler: a record that some handler shows is captured once.
-
-    Shown by a handler whose stream is a tee: already captured as that stream's
-    line. Shown elsewhere (a stream set up before the capture, a file): captured as
-    ``log``, formatted as that handler formats it. Shown by no handler: logging's
-    last resort (WARNING and above to ``sys.stderr``) would have printed it had this
-    handler not been there, so this handler prints it that way, through the tee.
-    """
-
-    def __init__(self, capture: "OutputCapture"):
-        super().__init__(logging.NOTSET)
-        self._capture = capture
-
-    def emit(self, record: logging.LogRecord) -> None:
-        shown = None
-        logger: Any = logging.getLogger(record.name)
-        while logger is not None:
-            for h in logger.handlers:
-                if h is not self and record.levelno >= h.level:
-                    if isinstance(h, logging.StreamHandler) and isinstance(h.stream, _Tee):
-                        return
-                    shown = shown or h
-            if not logger.propagate:
-                break
-            logger = logger.parent
-        if shown is None:
-            last = logging.lastResort
-            if last is not None and record.levelno >= last.level:
-                last.handle(record)
-            return
-        try:
-            text = shown.format(record) if shown.formatter is not None else _DEFAULT_FORMAT.format(record)
-        except Exception:  # noqa: BLE001 - the other handler reports its own formatting errors
-            return
-        for line in text.split("\n"):
-            self._capture.add("log", line)
+def _logged_line(logger: logging.Logger, record: logging.LogRecord) -> str | None:
+    """The text of a record that its handlers showed somewhere other than a tee; None
+    when a tee already captured it or no handler took it (logging's last resort then
+    wrote it to ``sys.stderr``, the tee)."""
+    shown = None
+    node: Any = logger
+    while node is not None:
+        for h in node.handlers:
+            if record.levelno >= h.level:
+                if isinstance(h, logging.StreamHandler) and isinstance(h.stream, _Tee):
+                    return None
+                shown = shown or h
+        if not node.propagate:
+            break
+        node = node.parent
+    if shown is None:
+        return None
+    return shown.format(record)  # as that handler wrote it
 
 
 class OutputCapture:
@@ -141,7 +139,7 @@ class OutputCapture:
         self._pending = {"stdout": "", "stderr": ""}
         self._rows: list[tuple] = []
         self._tees: list[_Tee] = []
-        self._handler: _LogHandler | None = None
+        self._call_handlers: Any = None  # logging.Logger.callHandlers, while it is wrapped
         self.lines = 0  # numbered lines, kept or not
         self.kept = 0
         self.kept_bytes = 0
@@ -155,9 +153,31 @@ class OutputCapture:
             sys.stdout = self._tee(sys.stdout, "stdout")
         if sys.stderr is not None:
             sys.stderr = self._tee(sys.stderr, "stderr")
-        self._handler = _LogHandler(self)
-        logging.getLogger().addHandler(self._handler)
+        self._wrap_logging()
         return self
+
+    def _wrap_logging(self) -> None:
+        """Capture each record after its handlers ran (see :func:`_logged_line`). A handler
+        of our own on the root logger would change the script's logging: basicConfig does
+        nothing once the root has a handler, and logging's last resort never runs."""
+        original = logging.Logger.callHandlers
+        capture = self
+
+        def call_handlers(logger: logging.Logger, record: logging.LogRecord) -> None:
+            original(logger, record)
+            if os.getpid() != capture._pid or capture._call_handlers is None:
+                return
+            try:
+                text = _logged_line(logger, record)
+            except Exception:  # noqa: BLE001 - the handler that formats it reports its own errors
+                return
+            if text is not None:
+                for line in text.split("\n"):
+                    capture.add("log", line)
+
+        call_handlers.flor_original = original  # type: ignore[attr-defined]
+        self._call_handlers = call_handlers
+        logging.Logger.callHandlers = call_handlers  # type: ignore[method-assign]
 
     def _tee(self, stream: Any, name: str) -> _Tee:
         tee = _Tee(stream, self, name)
@@ -172,9 +192,9 @@ class OutputCapture:
             sys.stdout = sys.stdout._inner
         if sys.stderr in self._tees:
             sys.stderr = sys.stderr._inner
-        if self._handler is not None:
-            logging.getLogger().removeHandler(self._handler)
-            self._handler = None
+        wrapped, self._call_handlers = self._call_handlers, None
+        if wrapped is not None and logging.Logger.callHandlers is wrapped:
+            logging.Logger.callHandlers = wrapped.flor_original  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------- capture
     def feed(self, stream: str, text: str) -> None:
@@ -188,8 +208,8 @@ class OutputCapture:
                     *done, buf = buf.split("\n")
                     for line in done:
                         self._add_locked(stream, _resolve(line[:-1] if line.endswith("\r") else line))
-                if "\r" in buf or "\x1b" in buf:
-                    buf = _resolve(buf)
+                if buf.count("\r") > 1:
+                    buf = _collapse(buf)
                 while len(buf) > OUTPUT_MAX_LINE_CHARS:
                     self._add_locked(stream, buf[:OUTPUT_MAX_LINE_CHARS])
                     buf = buf[OUTPUT_MAX_LINE_CHARS:]
@@ -222,8 +242,8 @@ class OutputCapture:
             with self._lock:
                 if final:
                     for stream, buf in self._pending.items():
-                        if buf.strip():
-                            self._add_locked(stream, buf)
+                        if _resolve(buf).strip():
+                            self._add_locked(stream, _resolve(buf))
                         self._pending[stream] = ""
                 rows, self._rows = self._rows, []
             if not rows:
