@@ -350,3 +350,13 @@ def test_logging_and_the_terminal_behave_as_without_the_capture(tmp_path):
         ["stderr", "WARNING:root:before any config 1"], ["stderr", "ERROR:lib:lib error"],
         ["log", "to a file only"], ["stdout", "progress 100%"]]
     assert (tmp_path / "on.log").read_text() == (tmp_path / "off.log").read_text() == "to a file only\n"
+
+
+def test_the_web_ui_run_page_shows_the_captured_output(recorded, histories):
+    from flor_ray.ui.api import run_detail
+
+    _, store, proc, run_id = recorded
+    text = run_detail(store, run_id)["output"]
+    assert text.splitlines() == list(flor_ray.output(run_id, store=store)["text"])
+    off_store, off_run = histories["off"][1], histories["off"][3]
+    assert run_detail(off_store, off_run)["output"] is None  # the page says it has none
