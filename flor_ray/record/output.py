@@ -40,11 +40,14 @@ _TOKENS = re.compile(r"(\r|\x1b\[[02]?K)")
 
 def loop_context(runtime: Any) -> tuple[str, tuple]:
     """``(loops, iterations)`` of a :class:`~.loops.LoopRuntime` now: ``("epoch/step", (2, 5))``."""
-    stack = list(runtime._stack)
+    stack = runtime._stack
     if not stack:
         return "", ()
+    if len(stack) == 1:
+        last = runtime._last
+        return runtime._loops_str, (None if last is None or last < 0 else last,)
     its = [f[1] for f in stack[:-1]] + [runtime._last]
-    return "/".join(f[0] for f in stack), tuple(None if i is None or i < 0 else i for i in its)
+    return runtime._loops_str, tuple(None if i is None or i < 0 else i for i in its)
 
 
 def _resolve(text: str) -> str:
@@ -226,7 +229,7 @@ class OutputCapture:
 
     def _add_locked(self, stream: str, text: str) -> None:
         self.lines += 1
-        size = len(text.encode("utf-8", "replace"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
         if self.kept_bytes + size > self.max_bytes:
             self.dropped += 1
             return
@@ -272,14 +275,15 @@ def _to_parquet(run_id: str, rows: list[tuple]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    iters = [[its[k] if k < len(its) else None for _s, _n, _t, _l, its, _x in rows] for k in range(MAX_LOOP_DEPTH)]
+    pad = (None,) * MAX_LOOP_DEPTH
+    iters = list(zip(*[(r[4] + pad)[:MAX_LOOP_DEPTH] for r in rows]))
     table = pa.table({
         "run_id": pa.array([run_id] * len(rows), pa.string()),
         "stream": pa.array([r[0] for r in rows], pa.string()),
         "line": pa.array([r[1] for r in rows], pa.int64()),
         "time": pa.array([int(r[2] * 1e6) for r in rows], pa.timestamp("us", tz="UTC")),
         "loops": pa.array([r[3] for r in rows], pa.string()),
-        **{f"iter{k}": pa.array(iters[k], pa.int64()) for k in range(MAX_LOOP_DEPTH)},
+        **{f"iter{k}": pa.array(list(iters[k]), pa.int64()) for k in range(MAX_LOOP_DEPTH)},
         "text": pa.array([r[5] for r in rows], pa.string()),
     })
     sink = pa.BufferOutputStream()
