@@ -37,6 +37,8 @@ __all__ = [
     "replay",
     "checkpoints",
     "load_checkpoint",
+    "output",
+    "output_metrics",
     "FlorError",
     "__version__",
 ]
@@ -184,6 +186,25 @@ def load_checkpoint(run_id: str, iteration: Any = "last", *, store: Any = None, 
     from .query.checkpoints import load_checkpoint as _load
 
     return _load(_store(store).check(), run_id, iteration, objects, rng=rng)
+
+
+def output(run_id: str | None = None, *, grep: str | None = None, iterations: Any = None, stream: str | None = None,
+           store: Any = None) -> "pd.DataFrame":
+    """What a run printed (every run: None): one row per line, with its stream, line
+    number, time and loop context; ``grep`` a regular expression, ``iterations`` as
+    replay's ('last', 3, '0:5'), ``stream`` stdout, stderr or log."""
+    from .query.output import output_frame
+
+    return output_frame(_store(store), run_id, grep=grep, iterations=iterations, stream=stream)
+
+
+def output_metrics(run_id: str | None = None, names: Iterable[str] | None = None, *, grep: str | None = None,
+                   iterations: Any = None, store: Any = None) -> "pd.DataFrame":
+    """The ``name=number`` values of printed lines (values printed but never logged),
+    one row per line: run_id, line, stream, a column per loop, a column per name."""
+    from .query.output import output_metrics as _metrics
+
+    return _metrics(_store(store), run_id, names=names, grep=grep, iterations=iterations)
 
 
 def plan_replay(names=None, **kwargs: Any):

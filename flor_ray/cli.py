@@ -27,6 +27,7 @@ examples (in the repository whose runs you recorded; try them after `flor-ray de
   flor-ray runs
   flor-ray df acc wnorm --where "lr > 0.05"
   flor-ray sql "SELECT name, count(*) AS n FROM logs GROUP BY name"
+  flor-ray output RUN --grep "acc="
   flor-ray replay wnorm --dry-run
   flor-ray replay wnorm
   flor-ray plot wnorm --by version -o wnorm.png
@@ -141,6 +142,12 @@ def cmd_replay(a) -> int:
     report = run_plan(plan, runner=ray_runner(a.address), progress=not a.quiet)
     print(report)
     return 0 if report.ok else 1
+
+
+def cmd_output(a) -> int:
+    from .query.output import run_command
+
+    return run_command(a, _write_frame)
 
 
 def cmd_checkpoints(a) -> int:
@@ -311,10 +318,15 @@ def _add_query_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("names", nargs="+", metavar="NAME", help="log names, e.g. acc loss")
     sp.add_argument("--where", help="one SQL boolean expression over the runs table's columns, e.g. \"lr > 0.01\"")
 
-    sp = add("sql", cmd_sql, "run a read-only DuckDB query over the tables logs (one row per value) and runs "
-             "(no files, network, extensions or settings)",
+    sp = add("sql", cmd_sql, "run a read-only DuckDB query over the tables logs (one row per value), runs and "
+             "output (no files, network, extensions or settings)",
              "flor-ray sql \"SELECT run_id, max(value) FROM logs WHERE name = 'acc' GROUP BY run_id\"", fmt=True)
-    sp.add_argument("query", help="a SELECT over logs and runs")
+    sp.add_argument("query", help="a SELECT over logs, runs and output")
+
+    from .query.output import add_arguments
+
+    add_arguments(add("output", cmd_output, "what a run printed (stdout, stderr, logging), as printed or as a table; "
+                      "--extract: its name=value numbers", "flor-ray output RUN --grep acc --iterations 0:5", fmt=True))
 
 
 def _add_replay_commands(add: Callable[..., argparse.ArgumentParser]) -> None:

@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 __all__ = ["Settings", "load_settings", "DEFAULTS_DOC", "ENV_VARS", "MAX_NAME_LEN", "TRACEBACK_KEPT_CHARS",
            "SNAPSHOT_LEFT_OUT_LISTED", "SNAPSHOT_MAX_SUBMODULE_DEPTH", "CARRIED_MAX_ELEMENTS", "CARRIED_MAX_DEPTH",
-           "CARRIED_MAX_OBJECTS", "CARRIED_MAX_REASONS"]
+           "CARRIED_MAX_OBJECTS", "CARRIED_MAX_REASONS", "OUTPUT_MAX_LINE_CHARS"]
 
 # ------------------------------------------------------------------ fixed limits
 # Numbers that are not settings: changing them changes what a store holds.
@@ -47,6 +47,10 @@ CARRIED_MAX_ELEMENTS = 100_000
 CARRIED_MAX_DEPTH = 4
 #: ... and objects walked below it, so that a capture stays a memory copy of plain values.
 CARRIED_MAX_OBJECTS = 200
+#: A printed line longer than this (characters) is kept as several lines: a script that
+#: writes megabytes without a newline (a tensor's repr, a progress bar without \r)
+#: must not hold them all in memory as one pending line.
+OUTPUT_MAX_LINE_CHARS = 64 * 1024
 #: Names a checkpoint lists as not captured, with the reason: enough to explain a replay,
 #: few enough to keep the run's metadata small in a scope with thousands of names.
 CARRIED_MAX_REASONS = 64
@@ -110,6 +114,13 @@ class Settings:
     #: Seconds to reach a Ray cluster's GCS (``--address``) before giving up. A live
     #: head answers at once; 15 s covers a head that is still starting.
     ray_connect_timeout_s: float = 15.0
+    #: Bytes of printed text (stdout, stderr, logging records) kept with a run; 0 turns
+    #: the capture off. 8 MiB holds ~80,000 lines of 100 characters: every epoch summary
+    #: of any run and the per-step lines of most, about 1-2 MB in the store once
+    #: compressed. A script printing a line per step for a million steps would otherwise
+    #: store ~100 MB per run. Lines past the cap are counted, not kept (the run's
+    #: traceback is kept in its metadata whatever the cap).
+    output_max_bytes: int = 8 * 1024 * 1024
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -134,6 +145,7 @@ ENV_VARS = {
     "connect_timeout_s": "FLOR_CONNECT_TIMEOUT",
     "read_timeout_s": "FLOR_READ_TIMEOUT",
     "ray_connect_timeout_s": "FLOR_RAY_CONNECT_TIMEOUT",
+    "output_max_bytes": "FLOR_OUTPUT_MAX_BYTES",
 }
 
 # The valid range of each number, as (test, what a valid value is).
@@ -150,6 +162,7 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "connect_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "read_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "ray_connect_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "output_max_bytes": (lambda v: v >= 0, "a number of bytes >= 0 (0 turns output capture off)"),
 }
 
 

@@ -125,7 +125,7 @@ def refusal(exc: Exception, what: str = "sql()") -> QueryError | None:
     if isinstance(exc, duckdb.PermissionException):
         return QueryError(
             f"{what} cannot read or write files, reach the network or load extensions ({first}); "
-            "query the tables logs and runs, e.g. SELECT name, count(*) FROM logs GROUP BY name"
+            "query the tables logs, runs and output, e.g. SELECT name, count(*) FROM logs GROUP BY name"
         )
     low = first.lower()
     if "configuration has been locked" in low:

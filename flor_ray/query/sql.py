@@ -1,4 +1,5 @@
-"""``flor.sql``: DuckDB SQL over the log relation and the runs table, sandboxed.
+"""``flor.sql``: DuckDB SQL over the log relation, the runs table and the captured
+output (:mod:`flor_ray.query.output`), sandboxed.
 
 ``logs`` / ``logs_all`` / ``replay_mismatch`` are views over ``logs_arrow`` (the
 Parquet parts, as an Arrow dataset or, when small, its rows in memory), and ``runs``
@@ -16,6 +17,7 @@ from ..store import layout
 from ..store.listing import Entry
 from ..store.logs import MISMATCH_SOURCE, dataset, file_schemas, log_parts, unreadable
 from .cache import CACHE
+from .output import output_listing, register_output
 from .runs import runs_frame
 from .sandbox import check_query, connect, refusal, run_query
 
@@ -83,7 +85,8 @@ def _sql_error(exc: Exception, runs) -> QueryError:
         f"SQL failed: {str(exc).splitlines()[0]}; tables: logs(run_id, source, version, file, "
         "loops, iter0..iter3, items, name, vtype, value, value_float, value_int, value_str, seq, task), "
         "logs_all (every row, replayed values as often as tasks wrote them), replay_mismatch (rows kept apart "
-        f"by the fidelity check, with recorded_* and mismatched) and runs({', '.join(runs.columns)})"
+        f"by the fidelity check, with recorded_* and mismatched), output(run_id, stream, line, time, loops, "
+        f"iter0..iter3, text: captured printed lines) and runs({', '.join(runs.columns)})"
     )
 
 
@@ -105,6 +108,7 @@ class SqlConnection:
         self.logs_kind: str | None = None
         self.runs_key: Any = None
         self.runs: Any = None  # the runs DataFrame
+        self.output_key: Any = None  # the listing the output table was built from
 
     def connect(self):
         if self.con is None:
@@ -113,7 +117,7 @@ class SqlConnection:
 
     def close(self) -> None:
         con, self.con = self.con, None
-        self.logs_key = self.logs_kind = self.runs_key = self.runs = None
+        self.logs_key = self.logs_kind = self.runs_key = self.runs = self.output_key = None
         if con is not None:
             try:
                 con.close()
@@ -195,6 +199,11 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
                 state.set_runs(runs, runs_key)
             if state.logs_key != listing:
                 state.set_logs(store, listing)
+            outputs = output_listing(store, {m["run_id"] for m in metas})
+            if state.output_key != outputs:
+                state.output_key = None
+                register_output(con, store, outputs)
+                state.output_key = outputs
             return run_query(con, query)
         except QueryError:
             raise

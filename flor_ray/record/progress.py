@@ -55,7 +55,7 @@ class Progress:
         self._shown = False
         self._last_output = time.monotonic()
         self._stop = threading.Event()
-        self._out = sys.stderr
+        self._out = getattr(sys.stderr, "flor_uncaptured", sys.stderr)  # never in the run's captured output
         self._saved = (sys.stdout, sys.stderr)
         sys.stdout, sys.stderr = _Tap(sys.stdout, self), _Tap(sys.stderr, self)
         self._thread = threading.Thread(target=self._run, name="flor-progress", daemon=True)

@@ -99,6 +99,7 @@ class RecordSession(LoopRuntime):
         self._pending_cost = 0.0
         self._manifest: list[dict] = []
         self._start_parts: dict[str, float] = {}
+        self._output = None  # the captured output (record/output.py), once started
         self._fast_log = LoopRuntime.log.__get__(self)
         if hooks is not None:
             self._attach(hooks)
@@ -181,6 +182,9 @@ class RecordSession(LoopRuntime):
         self.log = self.fast_log  # type: ignore[method-assign]  # started: skip the check
         atexit.register(self.finish)
         st.install_excepthook(self._record_error)  # record the failure, then let Python report it
+        from .output import start_capture
+
+        self._output = start_capture(self)
         timer.mark("rest")
 
     def _record_error(self, error: dict) -> None:
@@ -412,6 +416,8 @@ class RecordSession(LoopRuntime):
         for key in ("spooled", "lost"):
             self.meta.pop(key, None)
         self.meta.update(self._spool.record())
+        if self._output is not None:
+            self.meta["output_capture"] = self._output.summary()
         data = json.dumps(self.meta, indent=1, sort_keys=True, default=str).encode()
         self._spool.write(self.store.runs_rel(self.run_id), data)
 
@@ -446,7 +452,11 @@ class RecordSession(LoopRuntime):
             sys.stderr.write("flor_ray: " + "\nflor_ray: ".join(p.strip() for p in problems) + "\n")
         self.meta["ended_at"] = now_iso()
         try:
-            self._write_meta()
+            try:
+                if self._output is not None:  # the lines printed above included
+                    self._output.close()
+            finally:
+                self._write_meta()
         finally:
             self.writer.close()
 
@@ -473,6 +483,8 @@ class RecordSession(LoopRuntime):
             rel = layout.record_part(self.run_id, self._flushes)
             self._flushes += 1
             self._write_rows(rows, rel)
+        if self._output is not None:  # synchronous, as the rows: a crash loses only the lines since
+            self._output.flush()
 
     def _write_rows(self, rows: dict, rel: str) -> None:
         from ..store.logs import table_to_parquet_bytes

@@ -11,6 +11,7 @@ Layout (``SCHEMA_VERSION`` in :mod:`flor_ray.store.logs` versions the log files)
     <url>/checkpoints/<run_id>/objects/<sha256> one tensor of the run's checkpoints, stored once
     <url>/code/versions/<commit>.json           a version: {path: blob id}
     <url>/code/objects/<blob id>                file contents, content-addressed
+    <url>/output/<run_id>/part-<n>.parquet      printed lines of a recording, one file per flush
     <url>/replays/<time>-<id>.json              timings of one replay (plan calibration)
     <url>/quarantine/<time>/<path>              damaged files moved aside by ``flor-ray check``
 
@@ -30,7 +31,8 @@ __all__ = [
     "safe_component", "store_url", "run_meta", "run_id_of_meta", "log_folder", "record_part", "replay_part",
     "part_run_id", "part_run_folder", "part_source", "part_task", "checkpoint", "checkpoint_folder",
     "checkpoint_objects", "checkpoint_object", "saved_file", "kind_of", "run_of",
-    "code_version", "code_object", "replay_history", "quarantined",
+    "code_version", "code_object", "replay_history", "quarantined", "OUTPUT", "output_folder", "output_part",
+    "output_run_id",
 ]
 
 MARKER = "flor-store.json"
@@ -40,6 +42,7 @@ CHECKPOINTS = "checkpoints"
 CODE_VERSIONS = "code/versions"
 CODE_OBJECTS = "code/objects"
 REPLAYS = "replays"
+OUTPUT = "output"
 QUARANTINE = "quarantine"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 _RUN_DIR = "run_id="
@@ -142,6 +145,23 @@ def checkpoint_object(run_id: str, digest: str) -> str:
     return f"{checkpoint_objects(run_id)}/{digest}"
 
 
+# ------------------------------------------------------------------ output
+def output_folder(run_id: str) -> str:
+    """The folder of a run's captured output (printed lines)."""
+    return f"{OUTPUT}/{safe_component('run id', run_id)}"
+
+
+def output_part(run_id: str, flush: int) -> str:
+    """The Parquet part of captured output a recording writes at its ``flush``-th output flush."""
+    return f"{output_folder(run_id)}/part-{flush:05d}.parquet"
+
+
+def output_run_id(rel: str) -> str | None:
+    """The run id of a path below ``output/<run_id>/``; None elsewhere."""
+    bits = rel.split("/")
+    return bits[1] if len(bits) > 2 and bits[0] == OUTPUT else None
+
+
 # -------------------------------------------------------------------- code
 def code_version(tree: str) -> str:
     """The manifest of a code version ({path: blob id})."""
@@ -161,11 +181,11 @@ def replay_history(name: str) -> str:
 
 def kind_of(rel: str) -> str:
     """What a store path holds, for ``flor-ray du``: logs, checkpoints, checkpoint
-    objects, code, runs, replays, quarantine, or other."""
+    objects, code, runs, output, replays, quarantine, or other."""
     bits = rel.split("/")
     if bits[0] == CHECKPOINTS:
         return "checkpoint objects" if len(bits) > 3 and bits[2] == "objects" else "checkpoints"
-    if bits[0] in (RUNS, LOGS, REPLAYS, QUARANTINE):
+    if bits[0] in (RUNS, LOGS, OUTPUT, REPLAYS, QUARANTINE):
         return bits[0]
     return "code" if bits[0] == CODE_VERSIONS.split("/")[0] else "other"
 

@@ -280,7 +280,13 @@ def run_detail(store: "Store", run_id: str) -> dict:
     meta["status"] = _status_now(store, run_id, meta.get("status"))
     return {"meta": meta, "names": names, "files": files, "replays": replays,
             "replay_tasks": [{"task": k, "names": sorted(v)} for k, v in sorted(tasks.items())],
-            "output": meta.get("output")}
+            "output": _output_text(store, run_id)}
+
+
+def _output_text(store: "Store", run_id: str) -> str | None:
+    from ..query.output import output_text
+
+    return output_text(store, run_id)
 
 
 def _status_now(store: "Store", run_id: str, status: Any) -> Any:
