@@ -104,6 +104,10 @@ class Settings:
     #: Seconds to reach a Ray cluster's GCS (``--address``) before giving up. A live
     #: head answers at once; 15 s covers a head that is still starting.
     ray_connect_timeout_s: float = 15.0
+    #: A run that ends with at least this many record parts (one per flush) has them
+    #: compacted into one file (0: never). Every part is a file to list and open, on
+    #: object stores a request each: 2 compacts any run that has more than one.
+    compact_after: int = 2
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -127,6 +131,7 @@ ENV_VARS = {
     "connect_timeout_s": "FLOR_CONNECT_TIMEOUT",
     "read_timeout_s": "FLOR_READ_TIMEOUT",
     "ray_connect_timeout_s": "FLOR_RAY_CONNECT_TIMEOUT",
+    "compact_after": "FLOR_COMPACT_AFTER",
 }
 
 # The valid range of each number, as (test, what a valid value is).
@@ -142,6 +147,7 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "connect_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "read_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "ray_connect_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "compact_after": (lambda v: v >= 0, "a number of record parts >= 0 (0: never compact)"),
 }
 
 
