@@ -177,7 +177,7 @@ def compact_ended(store: "Store", after: int = 2) -> list[tuple[str, Compacted]]
     does after moving damaged files aside; ``after``: as the setting ``compact_after``
     (runs with fewer loose parts are left; 0: none is compacted). (run id, what was
     done) for each run compacted."""
-    from .manifest import seal
+    from .manifest import seal_many
     from .runs import load_runs, read_run_file
 
     loose: dict[str, int] = {}
@@ -187,6 +187,7 @@ def compact_ended(store: "Store", after: int = 2) -> list[tuple[str, Compacted]]
             if rid is not None:
                 loose[rid] = loose.get(rid, 0) + 1
     out = []
+    raws = {}
     for meta in load_runs(store):
         rid = meta["run_id"]
         if after and meta.get("status") != "running" and loose.get(rid, 0) >= after and not meta.get("spooled"):
@@ -195,5 +196,6 @@ def compact_ended(store: "Store", after: int = 2) -> list[tuple[str, Compacted]]
                 out.append((rid, done))
                 raw = read_run_file(store, layout.run_meta(rid))
                 if raw is not None:
-                    seal(store, rid, raw)
+                    raws[rid] = raw
+    seal_many(store, raws)
     return out

@@ -33,7 +33,7 @@ from .listing import Entry, list_files
 if TYPE_CHECKING:  # pragma: no cover
     from . import Store
 
-__all__ = ["Sealed", "read_manifest", "seal", "MANIFEST_FORMAT"]
+__all__ = ["Sealed", "read_manifest", "seal", "seal_many", "MANIFEST_FORMAT"]
 
 MANIFEST_FORMAT = 1
 
@@ -85,12 +85,23 @@ def _entry(store: "Store", rel: str) -> Entry | None:
 def seal(store: "Store", run_id: str, meta: Mapping[str, Any]) -> bool:
     """Add the ended run ``run_id`` (its metadata as written: ``meta``) to the manifest;
     False when its run file or record folder is not as a sealed run's is."""
-    rel = layout.run_meta(run_id)
-    run_file = _entry(store, rel)
-    parts = list_files(store, layout.log_folder(run_id, "record"), ".parquet", recursive=False)
-    loose = [p for p in parts if "/part-" in p.path]
-    if run_file is None or (loose and len(parts) > 1):
-        return False
+    return bool(seal_many(store, {run_id: meta}))
+
+
+def seal_many(store: "Store", metas: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """:func:`seal` for several runs in one update of the manifest; the runs sealed."""
+    entries = {}
+    files = None if store.is_local or len(metas) < 2 else {e.path: e for e in list_files(store, layout.RUNS, ".json", False)}
+    for run_id, meta in metas.items():
+        rel = layout.run_meta(run_id)
+        run_file = _entry(store, rel) if files is None else files.get(rel)
+        parts = list_files(store, layout.log_folder(run_id, "record"), ".parquet", recursive=False)
+        loose = [p for p in parts if "/part-" in p.path]
+        if run_file is not None and not (loose and len(parts) > 1):
+            entries[run_id] = {"file": [run_file.size, run_file.stamp], "meta": dict(meta),
+                               "parts": {p.path: [p.size, p.stamp] for p in parts}}
+    if not entries:
+        return []
     try:
         doc = json.loads(store.read_bytes(layout.MANIFEST))
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("runs"), dict):
@@ -98,7 +109,6 @@ def seal(store: "Store", run_id: str, meta: Mapping[str, Any]) -> bool:
     except (FileNotFoundError, ValueError):
         doc = None
     doc = doc or {"format": MANIFEST_FORMAT, "runs": {}}
-    doc["runs"][run_id] = {"file": [run_file.size, run_file.stamp], "meta": dict(meta),
-                           "parts": {p.path: [p.size, p.stamp] for p in parts}}
+    doc["runs"].update(entries)
     store.write_bytes(layout.MANIFEST, json.dumps(doc, separators=(",", ":"), default=str).encode())
-    return True
+    return list(entries)
