@@ -93,8 +93,9 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
     return _assemble(codes, loops, loop_cats, iter_arrays, columns, cols, paths, rid_dict, metas, occurrence)
 
 
-#: listings a query takes when parts vanish between its listing and its reads
-LISTINGS = 3
+#: listings a query takes at most when parts vanish between its listing and its reads
+#: (each compaction of a run that ends meanwhile can cost one)
+LISTINGS = 8
 
 
 def _scan(store: "Store", metas: list[dict], run_ids, names):
