@@ -107,7 +107,15 @@ def write_runs(store, template: dict, n_runs: int, epochs: int, steps: int, loos
     from flor_ray.store.logs import table_to_parquet_bytes
     from flor_ray.store.manifest import seal_many
 
+    from concurrent.futures import ThreadPoolExecutor
+
     metas = {}
+    pool = ThreadPoolExecutor(1 if store.is_local else 16)  # an object store's PUTs wait on the network
+    pending = []
+
+    def put(rel: str, data: bytes) -> None:
+        pending.append(pool.submit(store.write_bytes, rel, data))
+
     for i in range(first, first + n_runs):
         rid = f"{template['run_id']}-s{i:05d}"
         meta = {**template, "run_id": rid, "args": {"lr": round(0.01 * (1 + i % 50), 4), "seed": i},
@@ -118,12 +126,15 @@ def write_runs(store, template: dict, n_runs: int, epochs: int, steps: int, loos
             for e in range(epochs):
                 part = {k: v[e * per:(e + 1) * per] if k != "prefixes" else v for k, v in rows.items()}
                 table = rows_to_table(version=meta["version"], file=meta["script"], items=[], seq_start=e * per, **part)
-                store.write_bytes(layout.record_part(rid, e), table_to_parquet_bytes(table))
+                put(layout.record_part(rid, e), table_to_parquet_bytes(table))
         else:
             table = rows_to_table(version=meta["version"], file=meta["script"], items=[], seq_start=0, **rows)
-            store.write_bytes(layout.compacted_part(rid, 0, epochs - 1), table_to_parquet_bytes(table))
-        store.write_json(layout.run_meta(rid), meta)
+            put(layout.compacted_part(rid, 0, epochs - 1), table_to_parquet_bytes(table))
+        put(layout.run_meta(rid), json.dumps(meta, indent=1, sort_keys=True, default=str).encode())
         metas[rid] = meta
+    for f in pending:
+        f.result()
+    pool.shutdown()
     if not loose:
         seal_many(store, metas)
     return list(metas)

@@ -270,15 +270,15 @@ def test_s3_requests_do_not_grow_with_files(s3_store, capsys):
     with capsys.disabled():
         print(f"\nS3 requests at {RUNS_S3} runs: " + json.dumps(got))
     for what, counts in got.items():
-        # one listing of runs/ and one of logs/, a page (1,000 objects) each: a listing per
-        # run folder would be 500 or more
-        assert counts.get("LIST", 0) <= 4, (what, counts)
+        # a few listings (runs/, logs/, replays/), a page of 1,000 objects each: a listing
+        # per run folder would be 500 or more
+        assert counts.get("LIST", 0) <= 8, (what, got)
     # the run files are in the manifest: one GET, not one per run
-    assert sum(got["runs"].values()) <= 6, got["runs"]
-    # df and the plan read each run's one compacted file (a HEAD and a GET or two), no
-    # part check: per-part reading of 4 parts a run would take 4 or more requests a run
+    assert sum(got["runs"].values()) <= 6, got
+    # df and the plan open each run's one compacted file (2 HEADs and a GET), and check no
+    # part: reading 4 parts a run, or checking each part, would take 4 or more a run
     for what in ("df", "plan"):
-        assert sum(got[what].values()) <= 3 * RUNS_S3 + 20, (what, got[what])
+        assert sum(got[what].values()) <= 3 * RUNS_S3 + 50, (what, got)
 
 
 @pytest.mark.slow
