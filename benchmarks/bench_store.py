@@ -109,6 +109,10 @@ def write_runs(store, template: dict, n_runs: int, epochs: int, steps: int, loos
 
     from concurrent.futures import ThreadPoolExecutor
 
+    timings = dict(template.get("timings") or {})
+    for k in ("outer_s", "inner_s", "inner_n", "checkpoint_s", "checkpoint_write_cpu_s"):
+        seen = timings.get(k) or [0]
+        timings[k] = [type(seen[0])(sum(seen) / len(seen))] * epochs  # every epoch timed, as a run's are
     metas = {}
     pool = ThreadPoolExecutor(1 if store.is_local else 16)  # an object store's PUTs wait on the network
     pending = []
@@ -119,7 +123,8 @@ def write_runs(store, template: dict, n_runs: int, epochs: int, steps: int, loos
     for i in range(first, first + n_runs):
         rid = f"{template['run_id']}-s{i:05d}"
         meta = {**template, "run_id": rid, "args": {"lr": round(0.01 * (1 + i % 50), 4), "seed": i},
-                "iterations": epochs, "flushes": epochs, "status": "finished", "checkpoints": []}
+                "iterations": epochs, "flushes": epochs, "status": "finished", "checkpoints": [],
+                "timings": timings}
         rows = epoch_rows(epochs, steps, i)
         per = steps + 1  # rows of one epoch
         if loose:

@@ -70,7 +70,7 @@ def test_every_env_var_is_read(monkeypatch):
               "snapshot_max_file_bytes": "1024", "fidelity_rtol": "1e-6", "max_retries": "0",
               "snapshot_max_untracked_files": "12", "snapshot_max_untracked_total_bytes": "4096",
               "spool_dir": "/spool", "write_retries": "2", "connect_timeout_s": "3", "read_timeout_s": "4",
-              "ray_connect_timeout_s": "5"}
+              "ray_connect_timeout_s": "5", "compact_after": "0"}
     assert set(values) == set(ENV_VARS)
     for name, raw in values.items():
         monkeypatch.setenv(ENV_VARS[name], raw)
@@ -80,6 +80,7 @@ def test_every_env_var_is_read(monkeypatch):
         "s3://b/p", 0.03, 7, 1024, 1e-6, 0, 12, 4096)
     assert (s.spool_dir, s.write_retries, s.connect_timeout_s, s.read_timeout_s, s.ray_connect_timeout_s) == (
         "/spool", 2, 3.0, 4.0, 5.0)
+    assert s.compact_after == 0 and isinstance(s.compact_after, int)
     assert isinstance(s.checkpoint_max_period, int) and isinstance(s.checkpoint_budget, float)
 
 
