@@ -190,16 +190,17 @@ def test_a_reader_during_compaction_sees_each_row_once(tmp_path):
     worker = threading.Thread(target=compact_all)
     worker.start()
     while not done.is_set() or not seen:
+        during = not done.is_set()  # this read begins while runs are being compacted
         CACHE.reset()
         df = flor_ray.dataframe("loss", store=st)
         assert len(df) == want and not df.duplicated(["run_id", "epoch", "step"]).any()
         n = flor_ray.sql("SELECT count(*) AS n, count(DISTINCT (run_id, iter0, iter1)) AS d FROM logs "
                          "WHERE name = 'loss'", store=st)
         assert (int(n["n"][0]), int(n["d"][0])) == (want, want)
-        seen.append(done.is_set())
+        seen.append(during)
     worker.join()
     assert not errors, errors
-    assert False in seen  # read while compacting
+    assert any(seen)  # read while compacting
     assert all(len(_record_files(st, r)) == 1 for r in ids)
 
 
