@@ -16,15 +16,20 @@ def cmd_check(a) -> int:
     damages = scan(st)
     if not damages:
         print(f"no damaged files in {st.url}")
-        return 0
     for d in damages:
         print(f"damaged: {d}")
-    if not a.repair:
+    if damages and not a.repair:
         print(f"{len(damages)} damaged; `flor-ray check --repair` moves them to {st.full_url(QUARANTINE)} "
               "(nothing is deleted)")
         return 1
     for d, dest in zip(damages, quarantine(st, damages)):
         print(f"moved {d.path} to {st.full_url(dest)}")
+    if a.repair:
+        from .config import load_settings
+        from .store.compaction import compact_ended
+
+        for rid, done in compact_ended(st, load_settings().compact_after):
+            print(f"compacted {len(done.deleted)} record parts of run {rid} into {len(done.written)} file(s)")
     return 0
 
 
@@ -84,7 +89,8 @@ def add_store_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp = add("check", cmd_check, "list the store's damaged or foreign files (left out of queries); exit 1 "
              "if any", "flor-ray check --repair")
     sp.add_argument("--repair", action="store_true",
-                    help="move the damaged files to the store's quarantine/ folder (nothing is deleted)")
+                    help="move the damaged files to the store's quarantine/ folder (nothing is deleted), then "
+                         "compact the record parts of runs that ended without compacting them (crashed)")
 
     sp = add("du", cmd_du, "show the store's size by kind (runs, logs, checkpoints, checkpoint objects, code, "
              "replays), and per run with --runs", "flor-ray du --runs")

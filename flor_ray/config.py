@@ -121,6 +121,10 @@ class Settings:
     #: store ~100 MB per run. Lines past the cap are counted, not kept (the run's
     #: traceback is kept in its metadata whatever the cap).
     output_max_bytes: int = 8 * 1024 * 1024
+    #: A run that ends with at least this many record parts (one per flush) has them
+    #: compacted into one file (0: never). Every part is a file to list and open, on
+    #: object stores a request each: 2 compacts any run that has more than one.
+    compact_after: int = 2
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -146,6 +150,7 @@ ENV_VARS = {
     "read_timeout_s": "FLOR_READ_TIMEOUT",
     "ray_connect_timeout_s": "FLOR_RAY_CONNECT_TIMEOUT",
     "output_max_bytes": "FLOR_OUTPUT_MAX_BYTES",
+    "compact_after": "FLOR_COMPACT_AFTER",
 }
 
 # The valid range of each number, as (test, what a valid value is).
@@ -163,6 +168,7 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "read_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "ray_connect_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "output_max_bytes": (lambda v: v >= 0, "a number of bytes >= 0 (0 turns output capture off)"),
+    "compact_after": (lambda v: v >= 0, "a number of record parts >= 0 (0: never compact)"),
 }
 
 

@@ -26,6 +26,8 @@ from conftest import clean_env, git, write
 
 EPOCHS = 3
 KS = (1, 2, 3)
+#: damage is per file: the runs keep one record part per epoch (no compaction)
+KEEP_PARTS = {"FLOR_COMPACT_AFTER": "0"}
 
 SCRIPT = '''
 import argparse
@@ -61,7 +63,7 @@ def recorded(tmp_path_factory) -> Path:
     git(repo, "init", "-q", "-b", "main")
     write(repo, "train.py", SCRIPT)
     for k in KS:
-        subprocess.run([sys.executable, "train.py", "--kwargs", f"k={k}"], cwd=repo, env=clean_env(),
+        subprocess.run([sys.executable, "train.py", "--kwargs", f"k={k}"], cwd=repo, env=clean_env(**KEEP_PARTS),
                        check=True, capture_output=True)
     return repo
 
@@ -85,7 +87,7 @@ def run_ids(st: Store) -> dict[int, str]:
 
 
 def cli(repo: Path, *args: str):
-    return subprocess.run([sys.executable, "-m", "flor_ray.cli", *args], cwd=repo, env=clean_env(),
+    return subprocess.run([sys.executable, "-m", "flor_ray.cli", *args], cwd=repo, env=clean_env(**KEEP_PARTS),
                           capture_output=True, text=True)
 
 

@@ -69,7 +69,7 @@ def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
     out: dict[str, set[str]] = {r: set() for r in run_ids}
     if not run_ids:
         return {}
-    t = read_logs(store, None, run_ids).select(["run_id", "name", "source"])
+    t = read_logs(store, None, run_ids, columns=["run_id", "name", "source"])
     pairs = t.group_by(["run_id", "name", "source"]).aggregate([])
     for rid, name, src in zip(pairs.column("run_id").to_pylist(), pairs.column("name").to_pylist(),
                               pairs.column("source").to_pylist()):
@@ -92,17 +92,16 @@ def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple
     import pyarrow.parquet as pq
 
     from ..store import layout
-    from ..store.logs import MISMATCH_SOURCE, TASK_META_KEY
+    from ..store.logs import MISMATCH_SOURCE, TASK_META_KEY, parts_of_runs
 
     fs, root = store.arrow_fs()
     keys: set[str] = set()
     trusted: list[tuple[str, str]] = []
-    for rid in run_ids:
-        for source in ("replay", MISMATCH_SOURCE):
-            for rel in store.find(layout.log_folder(rid, source), ".parquet"):
-                keys.add(layout.part_task(rel))
-                if source == "replay":
-                    trusted.append((rid, rel))
+    for entry in parts_of_runs(store, run_ids, ("replay", MISMATCH_SOURCE)):
+        rel = entry.path
+        keys.add(layout.part_task(rel))
+        if layout.part_source(rel) == "replay":
+            trusted.append((layout.part_run_id(rel), rel))
 
     def footer(item: tuple[str, str]) -> "ReplayedPart | None":
         rid, rel = item
@@ -268,14 +267,24 @@ def damaged_checkpoints(store, runs: Sequence[RunInfo]) -> list[DamagedCheckpoin
     """Checkpoints of the runs' manifests that are missing from the store or not of
     their recorded size: one listing per checkpoint folder, no checkpoint read (a
     corrupted file of the right size is found by the task that restores it)."""
+    from ..store import layout
+    from ..store.listing import list_files
+    from ..store.logs import LIST_ALL_FROM
+
     out: list[DamagedCheckpoint] = []
+    every: dict[str, int] | None = None  # many runs: one listing of all checkpoints
+    if sum(1 for r in runs if r.checkpoints) > LIST_ALL_FROM:
+        every = {e.path: int(e.size or 0) for e in list_files(store, layout.CHECKPOINTS, "")}
     for r in runs:
         listed: dict[str, dict[str, int]] = {}
         for c in r.checkpoints:
             folder = c.path.rsplit("/", 1)[0] if "/" in c.path else ""
-            if folder not in listed:
-                listed[folder] = store.sizes(folder)
-            size = listed[folder].get(c.path)
+            if every is not None and c.path.startswith(layout.CHECKPOINTS + "/"):
+                size = every.get(c.path)
+            else:
+                if folder not in listed:
+                    listed[folder] = store.sizes(folder)
+                size = listed[folder].get(c.path)
             if size is None:
                 out.append(DamagedCheckpoint(r.run_id, c.iteration, c.path, "is missing"))
             elif c.bytes is not None and size != c.bytes:

@@ -56,9 +56,7 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
             raise QueryError(f"log names must be non-empty strings, got {n!r}")
     metas = CACHE.runs(store).metas
     run_ids = select_runs(store, where, metas)
-    listing = log_parts(store, runs={m["run_id"] for m in metas})
-    files, task_order = parts_in_order(listing, run_ids if where else None)
-    scan = scan_parts(store, files, names or None) if files else None
+    files, task_order, scan = _scan(store, metas, run_ids if where else None, names or None)
     if scan is None:
         if names:
             raise QueryError(
@@ -93,6 +91,29 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
     cols = list(columns)
     loop_cats = [str(v) for v in loop_vals]
     return _assemble(codes, loops, loop_cats, iter_arrays, columns, cols, paths, rid_dict, metas, occurrence)
+
+
+#: listings a query takes at most when parts vanish between its listing and its reads:
+#: each compaction that deletes parts during a read costs one (a listing that did not
+#: change ends the retries at once), and runs end far less often than queries run
+LISTINGS = 64
+
+
+def _scan(store: "Store", metas: list[dict], run_ids, names):
+    """The parts of the query (in order), their task order and their rows; listed again
+    when a part is gone before it is read (a compaction replaced it)."""
+    before = None
+    for attempt in range(LISTINGS):
+        listing = log_parts(store, runs={m["run_id"] for m in metas})
+        files, task_order = parts_in_order(listing, run_ids)
+        try:
+            return files, task_order, (scan_parts(store, files, names) if files else None)
+        except FileNotFoundError as exc:
+            if attempt == LISTINGS - 1 or listing == before:
+                raise QueryError(f"a part of the log relation in {store.url!r} vanished while it was read ({exc}) "
+                                 "and listing the store again did not settle it; run the query again") from exc
+            before = listing
+    raise AssertionError("unreachable")
 
 
 class ConflictWarning(UserWarning):

@@ -137,6 +137,8 @@ def scan_parts(store: "Store", files: Sequence[str], names: Sequence[str] | None
 
     try:
         tables = read_files(store, files)
+    except FileNotFoundError:
+        raise  # compacted or rewritten since the listing: the caller lists again
     except (OSError, pa.ArrowInvalid) as exc:
         raise unreadable(store, files, exc) from exc
     runs_of = [layout.part_run_id(f) for f in files]

@@ -17,6 +17,7 @@ from ..store import layout
 from ..store.listing import Entry
 from ..store.logs import MISMATCH_SOURCE, dataset, file_schemas, log_parts, unreadable
 from .cache import CACHE
+from .dataframe import LISTINGS
 from .output import output_listing, register_output
 from .runs import runs_frame
 from .sandbox import check_query, connect, refusal, run_query
@@ -186,8 +187,25 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
     if not isinstance(query, str) or not query.strip():
         raise QueryError("sql() needs a query string, e.g. \"SELECT name, count(*) FROM logs GROUP BY name\"")
     metas, runs_listing, _ = CACHE.runs(store)
-    listing = log_parts(store, runs={m["run_id"] for m in metas})
     runs_key = (runs_listing, tuple(m.get("status") for m in metas))
+    listing = log_parts(store, runs={m["run_id"] for m in metas})
+    for _ in range(LISTINGS - 1):
+        try:
+            return _query(store, query, metas, runs_key, listing)
+        except (QueryError, duckdb.Error, OSError, ValueError):
+            # a part compacted away since the listing reads as missing or unreadable:
+            # the query runs again on a new listing; the same listing, the same error
+            again = log_parts(store, runs={m["run_id"] for m in metas})
+            if again == listing:
+                raise
+            listing = again
+    return _query(store, query, metas, runs_key, listing)
+
+
+def _query(store: "Store", query: str, metas: list[dict], runs_key, listing: tuple[Entry, ...]) -> "pd.DataFrame":
+    """:func:`sql` on the parts of ``listing``."""
+    import duckdb
+
     files = [f.path for f in listing]
     state = connection(store)
     with state.lock:

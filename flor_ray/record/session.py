@@ -457,8 +457,27 @@ class RecordSession(LoopRuntime):
                     self._output.close()
             finally:
                 self._write_meta()
+            self._compact()
         finally:
             self.writer.close()
+
+    def _compact(self) -> None:
+        """The ended run's record parts as one file (:mod:`flor_ray.store.compaction`)
+        and its entry in the store's manifest, unless some of its writes were spooled or
+        lost (a later upload would add a part the file covers, or rewrite the run file);
+        a store that fails leaves the parts for ``flor-ray check --repair``."""
+        after = self.settings.compact_after
+        if not after or self._spool.down or self._spool.record():
+            return
+        from ..store.compaction import compact_record
+        from ..store.manifest import seal
+
+        try:
+            if self._flushes >= after:
+                compact_record(self.store, self.run_id)
+            seal(self.store, self.run_id, json.loads(json.dumps(self.meta, default=str)))
+        except (FlorError, OSError):
+            pass
 
     def _verify_checkpoints(self) -> list[str]:
         """Mark each written checkpoint verified when the store holds all its bytes."""

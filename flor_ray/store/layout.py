@@ -4,7 +4,8 @@ Layout (``SCHEMA_VERSION`` in :mod:`flor_ray.store.logs` versions the log files)
 
     <url>/flor-store.json                       marker: store format version
     <url>/runs/<run_id>.json                    one run's metadata (rewritten whole)
-    <url>/logs/run_id=<id>/source=record/<part>.parquet   recorded rows, one file per flush
+    <url>/logs/run_id=<id>/source=record/part-<flush>.parquet   recorded rows, one file per flush
+    <url>/logs/run_id=<id>/source=record/compact-<first>-<last>.parquet   flushes first..last, compacted
     <url>/logs/run_id=<id>/source=replay/<task>.parquet   rows of one replay task
     <url>/checkpoints/<run_id>/<iteration>.pt   checkpoint of one outer iteration (a full copy,
                                                 or a skeleton referencing the run's objects)
@@ -14,6 +15,7 @@ Layout (``SCHEMA_VERSION`` in :mod:`flor_ray.store.logs` versions the log files)
     <url>/output/<run_id>/part-<n>.parquet      printed lines of a recording, one file per flush
     <url>/replays/<time>-<id>.json              timings of one replay (plan calibration)
     <url>/quarantine/<time>/<path>              damaged files moved aside by ``flor-ray check``
+    <url>/manifest.json                         sealed runs' metadata and parts (a cache, checked)
 
 Every path is store-relative (``/``-separated). Components built from user input go
 through :func:`safe_component`, so an id can never escape the store.
@@ -32,7 +34,7 @@ __all__ = [
     "part_run_id", "part_run_folder", "part_source", "part_task", "checkpoint", "checkpoint_folder",
     "checkpoint_objects", "checkpoint_object", "saved_file", "kind_of", "run_of",
     "code_version", "code_object", "replay_history", "quarantined", "OUTPUT", "output_folder", "output_part",
-    "output_run_id",
+    "output_run_id", "compacted_part", "part_flushes", "MANIFEST",
 ]
 
 MARKER = "flor-store.json"
@@ -44,6 +46,7 @@ CODE_OBJECTS = "code/objects"
 REPLAYS = "replays"
 OUTPUT = "output"
 QUARANTINE = "quarantine"
+MANIFEST = "manifest.json"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 _RUN_DIR = "run_id="
 _SOURCE_DIR = "source="
@@ -89,6 +92,25 @@ def log_folder(run_id: str, source: str) -> str:
 def record_part(run_id: str, flush: int) -> str:
     """The Parquet part a recording writes at its ``flush``-th flush."""
     return f"{log_folder(run_id, 'record')}/part-{flush:05d}.parquet"
+
+
+def compacted_part(run_id: str, first: int, last: int) -> str:
+    """The Parquet file that replaces a run's record parts of flushes ``first..last``."""
+    return f"{log_folder(run_id, 'record')}/compact-{first:05d}-{last:05d}.parquet"
+
+
+_PART_NAME = re.compile(r"^(?:part-(\d+)|compact-(\d+)-(\d+))\.parquet$")
+
+
+def part_flushes(rel: str) -> tuple[int, int] | None:
+    """The flushes (first, last) a record part holds: ``part-7`` (7, 7), ``compact-0-19``
+    (0, 19); None for another name."""
+    m = _PART_NAME.match(rel.rsplit("/", 1)[-1])
+    if m is None:
+        return None
+    if m.group(1) is not None:
+        return int(m.group(1)), int(m.group(1))
+    return int(m.group(2)), int(m.group(3))
 
 
 def replay_part(run_id: str, task_key: str, source: str = "replay") -> str:

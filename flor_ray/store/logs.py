@@ -42,6 +42,8 @@ __all__ = [
     "empty_rows",
     "table_to_parquet_bytes",
     "log_parts",
+    "listed_parts",
+    "parts_of_runs",
     "parts_in_order",
     "file_schemas",
     "read_logs",
@@ -146,7 +148,37 @@ def log_parts(store: "Store", rel: str = layout.LOGS, runs: Collection[str] | No
         from .runs import load_runs
 
         runs = {m["run_id"] for m in load_runs(store)}
-    return healthy_parts(store, list_files(store, rel, ".parquet"), runs)
+    return healthy_parts(store, listed_parts(store, rel), runs)
+
+
+def listed_parts(store: "Store", rel: str = layout.LOGS, recursive: bool = True) -> tuple[Entry, ...]:
+    """The Parquet files below ``rel`` that hold rows: without the record parts that a
+    compacted file replaces, from a listing without a gap in any run's flushes
+    (:mod:`flor_ray.store.compaction` says why one more listing is enough)."""
+    from .compaction import has_gap, live_parts
+
+    listing = list_files(store, rel, ".parquet", recursive)
+    if has_gap(listing):
+        listing = list_files(store, rel, ".parquet", recursive)
+    return live_parts(listing)
+
+
+#: a query of more runs than this lists the whole relation once (a request per 1,000
+#: files on object stores) rather than each run's folders (a request per folder)
+LIST_ALL_FROM = 8
+
+
+def parts_of_runs(store: "Store", run_ids: Sequence[str], sources: Sequence[str]) -> tuple[Entry, ...]:
+    """:func:`listed_parts` of these runs' folders of these sources (unchecked)."""
+    if len(run_ids) > LIST_ALL_FROM:
+        want = set(run_ids)
+        return tuple(e for e in listed_parts(store) if layout.part_run_id(e.path) in want
+                     and layout.part_source(e.path) in sources)
+    listing: tuple[Entry, ...] = ()
+    for rid in run_ids:
+        for src in sources:
+            listing += listed_parts(store, layout.log_folder(rid, src))
+    return listing
 
 
 def parts_in_order(listing: Sequence[Entry], run_ids: "Sequence[str] | None") -> tuple[list[str], "np.ndarray"]:
@@ -201,10 +233,7 @@ def read_logs(
     if run_list is None:
         files = [f.path for f in log_parts(store, runs=runs)]
     else:
-        listing: tuple = ()
-        for rid in run_list:
-            for src in sources:
-                listing += list_files(store, layout.log_folder(rid, src), ".parquet")
+        listing = parts_of_runs(store, run_list, sources)
         if runs is None and listing:
             from .runs import load_runs
 
