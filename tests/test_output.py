@@ -102,6 +102,8 @@ def _start(tmp_path_factory, name: str, *args: str, **env: str):
     git(repo, "config", "user.name", "Dev")
     write(repo, "helpers.py", HELPERS)
     write(repo, "train.py", TRAIN)
+    # a flush at every epoch's end (the epochs take milliseconds): output follows the flushes
+    env = {"FLOR_FLUSH_INTERVAL": "0", **env}
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=repo, env=clean_env(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return repo, proc
