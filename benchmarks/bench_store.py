@@ -178,7 +178,7 @@ _IN_PROCESS = r"""
 import json, sys, time
 import duckdb, pandas, pyarrow.dataset  # noqa: F401  imported before the clock starts
 import flor_ray
-from flor_ray.query.cache import CACHE
+from flor_ray.queries.cache import CACHE
 from flor_ray.store import damage
 sql, repeat = sys.argv[1], int(sys.argv[2])
 calls = {

@@ -131,16 +131,16 @@ def dataframe(*names: str, where: str | None = None, store: Any = None) -> "pd.D
     """One row per (run, loop context), a column per loop, log name and arg.
 
     A name logged several times in one context adds an ``occurrence`` column (one
-    row per value, in logging order); see :func:`flor_ray.query.dataframe.dataframe`.
+    row per value, in logging order); see :func:`flor_ray.queries.dataframe.dataframe`.
     """
-    from .query.dataframe import dataframe as _df
+    from .queries.dataframe import dataframe as _df
 
     return _df(_store(store), names, where)
 
 
 def runs(where: str | None = None, store: Any = None) -> "pd.DataFrame":
     """The runs table (one row per run, a column per arg)."""
-    from .query.runs import runs_frame, select_runs
+    from .queries.runs import runs_frame, select_runs
 
     st = _store(store).check()
     df = runs_frame(st)
@@ -152,25 +152,19 @@ def runs(where: str | None = None, store: Any = None) -> "pd.DataFrame":
 
 def sql(query: str, store: Any = None) -> "pd.DataFrame":
     """DuckDB SQL over tables ``logs`` (long relation) and ``runs``."""
-    from .query.sql import sql as _sql
+    from .queries.sql import sql as _sql
 
     return _sql(_store(store), query)
 
 
-def __getattr__(name: str) -> Any:
-    """``flor.query``: FlorDB's name for :func:`sql`. It is also the name of the package
-    :mod:`flor_ray.query`, which Python binds to this attribute once it is imported, so
-    the package itself takes the call (see its ``__init__``); imported here on first use."""
-    if name == "query":
-        import importlib
-
-        return importlib.import_module(".query", __name__)
-    raise AttributeError(f"module 'flor_ray' has no attribute {name!r}")
+def query(sql_query: str, store: Any = None) -> "pd.DataFrame":
+    """``flor.query``: FlorDB's name for :func:`sql`."""
+    return sql(sql_query, store=store)
 
 
 def checkpoints(run_id: str, store: Any = None) -> "pd.DataFrame":
     """A run's checkpoints: iteration, bytes, time written, verified, path."""
-    from .query.checkpoints import checkpoint_table
+    from .queries.checkpoints import checkpoint_table
 
     return checkpoint_table(_store(store).check(), run_id)
 
@@ -183,7 +177,7 @@ def load_checkpoint(run_id: str, iteration: Any = "last", *, store: Any = None, 
     the run gave ``flor.checkpointing``; ``iteration`` is a number or ``"last"``;
     ``rng=True`` also restores the python/numpy/torch RNG states.
     """
-    from .query.checkpoints import load_checkpoint as _load
+    from .queries.checkpoints import load_checkpoint as _load
 
     return _load(_store(store).check(), run_id, iteration, objects, rng=rng)
 
@@ -193,7 +187,7 @@ def output(run_id: str | None = None, *, grep: str | None = None, iterations: An
     """What a run printed (every run: None): one row per line, with its stream, line
     number, time and loop context; ``grep`` a regular expression, ``iterations`` as
     replay's ('last', 3, '0:5'), ``stream`` stdout, stderr or log."""
-    from .query.output import output_frame
+    from .queries.output import output_frame
 
     return output_frame(_store(store), run_id, grep=grep, iterations=iterations, stream=stream)
 
@@ -202,7 +196,7 @@ def output_metrics(run_id: str | None = None, names: Iterable[str] | None = None
                    iterations: Any = None, store: Any = None) -> "pd.DataFrame":
     """The ``name=number`` values of printed lines (values printed but never logged),
     one row per line: run_id, line, stream, a column per loop, a column per name."""
-    from .query.output import output_metrics as _metrics
+    from .queries.output import output_metrics as _metrics
 
     return _metrics(_store(store), run_id, names=names, grep=grep, iterations=iterations)
 

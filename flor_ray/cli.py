@@ -145,7 +145,7 @@ def cmd_replay(a) -> int:
 
 
 def cmd_output(a) -> int:
-    from .query.output import run_command
+    from .queries.output import run_command
 
     return run_command(a, _write_frame)
 
@@ -233,7 +233,7 @@ def _propagate_trees(a, source, target) -> int:
 def cmd_plot(a) -> int:
     import flor_ray
 
-    from .query.plot import plot_metric
+    from .queries.plot import plot_metric
 
     df = flor_ray.dataframe(a.name, where=a.where, store=a.store)
     out = a.output or f"{a.name}.png"
@@ -323,7 +323,7 @@ def _add_query_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
              "flor-ray sql \"SELECT run_id, max(value) FROM logs WHERE name = 'acc' GROUP BY run_id\"", fmt=True)
     sp.add_argument("query", help="a SELECT over logs, runs and output")
 
-    from .query.output import add_arguments
+    from .queries.output import add_arguments
 
     add_arguments(add("output", cmd_output, "what a run printed (stdout, stderr, logging), as printed or as a table; "
                       "--extract: its name=value numbers", "flor-ray output RUN --grep acc --iterations 0:5", fmt=True))

@@ -311,7 +311,7 @@ def _backfill(repo: Path, store: str, gnorm: bool) -> list:
 def _show_results(repo: Path, store: str, gnorm: bool) -> None:
     import flor_ray
 
-    from .query.plot import plot_metric
+    from .queries.plot import plot_metric
 
     _say("5. recorded and hindsight values side by side, per run and epoch (`flor-ray df acc wnorm`)")
     table = _side_by_side(store, gnorm)

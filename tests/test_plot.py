@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from flor_ray.query.plot import plot_metric
+from flor_ray.queries.plot import plot_metric
 
 
 def test_plot_metric_writes_png(tmp_path):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import flor_ray
-from flor_ray.query import sql as query_sql
+from flor_ray.queries import sql as query_sql
 from flor_ray.errors import QueryError
 from flor_ray.record.rows import rows_to_table
 from flor_ray.store.logs import table_to_parquet_bytes
@@ -172,7 +172,7 @@ def test_sql_names_a_file_broken_after_a_cached_query(st):
 
 
 def test_import_stays_light():
-    code = ("import sys, flor_ray, flor_ray.store.logs, flor_ray.query.sql, flor_ray.query.dataframe; "
+    code = ("import sys, flor_ray, flor_ray.store.logs, flor_ray.queries.sql, flor_ray.queries.dataframe; "
             "print(sorted(m for m in ('duckdb', 'pyarrow', 'pandas', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=clean_env(), cwd=REPO_ROOT, capture_output=True,
                          text=True, check=True)

@@ -9,8 +9,8 @@ import uuid
 import pytest
 
 from flor_ray.errors import InvalidNameError, StoreError, StoreNotFoundError
-from flor_ray.query.dataframe import dataframe
-from flor_ray.query.sql import sql
+from flor_ray.queries.dataframe import dataframe
+from flor_ray.queries.sql import sql
 from flor_ray.record.rows import rows_to_table
 from flor_ray.store.logs import read_logs, table_to_parquet_bytes
 from flor_ray.store import Store, layout, safe_component, write_local

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import flor_ray
-from flor_ray.query.cache import CACHE
+from flor_ray.queries.cache import CACHE
 from flor_ray.store import Store, damage, layout
 from flor_ray.store.compaction import COMPACTED_KEY, compact_record
 from flor_ray.store.manifest import read_manifest

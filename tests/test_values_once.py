@@ -20,7 +20,7 @@ import pytest
 
 import flor_ray
 from flor_ray.execution.driver import run_plan
-from flor_ray.query.dataframe import ConflictWarning
+from flor_ray.queries.dataframe import ConflictWarning
 from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 

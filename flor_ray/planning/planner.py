@@ -405,7 +405,7 @@ def _check_names(names: Any) -> list[str] | None:
 
 def _selected_runs(store: "Store", where: str | None) -> list[dict]:
     """The store's runs that ``where`` selects, oldest first; an error when none."""
-    from ..query.runs import select_runs
+    from ..queries.runs import select_runs
     from ..store.runs import load_runs
 
     metas = load_runs(store)

@@ -14,8 +14,8 @@ which parts it replaces, so it is atomic for readers without a lock or a manifes
   listing is to be taken again, and a second listing, begun after the first ended,
   shows the compacted file;
 - a part listed and deleted before it is opened is a ``FileNotFoundError`` that the
-  query answers by listing again (:func:`flor_ray.query.dataframe.dataframe`,
-  :func:`flor_ray.query.sql.sql`).
+  query answers by listing again (:func:`flor_ray.queries.dataframe.dataframe`,
+  :func:`flor_ray.queries.sql.sql`).
 
 Replay partitions are left as they are: one file per task (not per iteration), named
 by the task key that the planner looks up and the queries order replays by, and

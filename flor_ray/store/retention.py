@@ -92,7 +92,7 @@ def _kept_positions(n: int, keep_every: int | None) -> set[int]:
 
 
 def _whole_runs(store: "Store", metas: Sequence[dict], policy: Policy) -> set[str]:
-    from ..query.runs import select_runs
+    from ..queries.runs import select_runs
 
     whole: set[str] = set()
     if policy.keep_last_runs:

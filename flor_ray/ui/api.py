@@ -1,7 +1,7 @@
 """Store reads turned into JSON for the page.
 
 Every read of the log relation and the runs table goes through
-:func:`flor_ray.query.sql.sql`, the command line's query layer with its sandbox and its
+:func:`flor_ray.queries.sql.sql`, the command line's query layer with its sandbox and its
 per-store caches (a request costs a listing of the store and the query itself), and
 a ``where`` predicate is evaluated over the same ``runs`` table as ``--where``.
 Values in SQL text are quoted here; nothing else of a request reaches SQL except the
@@ -58,7 +58,7 @@ def q(value: str) -> str:
 
 
 def _sql(store: "Store", query: str):
-    from ..query.sql import sql
+    from ..queries.sql import sql
 
     return sql(store, query)
 
@@ -284,7 +284,7 @@ def run_detail(store: "Store", run_id: str) -> dict:
 
 
 def _output_text(store: "Store", run_id: str) -> str | None:
-    from ..query.output import output_text
+    from ..queries.output import output_text
 
     return output_text(store, run_id)
 

@@ -1,9 +1,9 @@
 """``flor.sql``: DuckDB SQL over the log relation, the runs table and the captured
-output (:mod:`flor_ray.query.output`), sandboxed.
+output (:mod:`flor_ray.queries.output`), sandboxed.
 
 ``logs`` / ``logs_all`` / ``replay_mismatch`` are views over ``logs_arrow`` (the
 Parquet parts, as an Arrow dataset or, when small, its rows in memory), and ``runs``
-the runs table; both are kept per store (:mod:`flor_ray.query.cache`) and built again
+the runs table; both are kept per store (:mod:`flor_ray.queries.cache`) and built again
 when a listing of the store differs.
 """
 
@@ -92,7 +92,7 @@ def _sql_error(exc: Exception, runs) -> QueryError:
 
 
 class SqlConnection:
-    """One store's sandboxed DuckDB connection (:mod:`flor_ray.query.sandbox`), kept between
+    """One store's sandboxed DuckDB connection (:mod:`flor_ray.queries.sandbox`), kept between
     :func:`sql` calls.
 
     ``logs`` / ``logs_arrow`` and ``runs`` are Arrow data registered from Python, built
@@ -166,14 +166,14 @@ class SqlConnection:
 
 
 def connection(store: "Store") -> SqlConnection:
-    """The store's kept connection (in :data:`flor_ray.query.cache.CACHE`)."""
+    """The store's kept connection (in :data:`flor_ray.queries.cache.CACHE`)."""
     return CACHE.sql_connection(store, SqlConnection)
 
 
 def sql(store: "Store", query: str) -> "pd.DataFrame":
     """Run DuckDB SQL with ``logs`` (the long relation) and ``runs`` as tables.
 
-    Queries only, in the sandbox of :mod:`flor_ray.query.sandbox`: no file, network,
+    Queries only, in the sandbox of :mod:`flor_ray.queries.sandbox`: no file, network,
     extension or setting is reachable, and no statement changes the tables. The
     connection and its tables are kept per store and reused while a listing of the
     store shows the same files (names, sizes, change stamps), so a small query costs a

@@ -1,4 +1,4 @@
-"""The scan under :func:`flor_ray.query.dataframe.dataframe`: a query's Parquet parts
+"""The scan under :func:`flor_ray.queries.dataframe.dataframe`: a query's Parquet parts
 read into flat numpy arrays, and each series (name, source) put in loop order with
 vectorised passes (no per-row Python).
 """

@@ -1,6 +1,6 @@
 """``flor.dataframe``: one row per (run, loop context), a column per loop, name and arg.
 
-The parts are read by :mod:`flor_ray.query.scan`; here each (name, source) series is
+The parts are read by :mod:`flor_ray.queries.scan`; here each (name, source) series is
 picked, several are joined on the loop context and occurrence, and the frame is
 assembled with the runs' versions and args.
 """

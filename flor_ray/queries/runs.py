@@ -54,7 +54,7 @@ def select_runs(store: "Store", where: str | None, metas: list[dict] | None = No
     """Run ids whose row of the runs table satisfies the SQL predicate ``where``.
 
     ``where`` is one boolean expression over the runs table's columns, parsed and
-    checked by :func:`flor_ray.query.sandbox.select_where` and run in its sandbox.
+    checked by :func:`flor_ray.queries.sandbox.select_where` and run in its sandbox.
     """
     metas = load_runs(store) if metas is None else metas
     if not where:
