@@ -26,8 +26,9 @@ from ..errors import CheckpointError, CheckpointingError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Settings
+    from ..store import Store
 
-__all__ = ["capture", "serialize", "deserialize", "restore", "check_objects", "checkpoint_period",
+__all__ = ["capture", "serialize", "deserialize", "restore", "check_objects", "checkpoint_period", "verify_written",
            "manifest_entry"]
 
 FORMAT = 1
@@ -187,3 +188,18 @@ def restore(objects: Mapping[str, Any], snapshot: Mapping[str, Any], where: str 
 
         restore_scope(scope, snapshot["scope"], carried, where)
     restore_rng(snapshot["rng"])
+
+
+def verify_written(store: "Store", manifest: Iterable[dict]) -> list[str]:
+    """Mark each written checkpoint of ``manifest`` verified when the store holds all
+    its bytes; the problems found, one line each."""
+    problems = []
+    for m in manifest:
+        try:
+            size = store.fs.size(store.path(m["path"]))
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            size = f"unreadable ({exc})"
+        m["verified"] = size == m["bytes"]
+        if not m["verified"]:
+            problems.append(f"checkpoint {m['path']} has {size} bytes, expected {m['bytes']}")
+    return problems

@@ -24,7 +24,7 @@ from ..errors import CheckpointingError, FlorError
 from ..store import layout
 from ..store.values import convert
 from .args import arg_default, cast_arg
-from .checkpoint import checkpoint_period
+from .checkpoint import checkpoint_period, verify_written
 from .loops import LoopRuntime
 from .steps import Iteration
 from .names import check_name
@@ -436,7 +436,10 @@ class RecordSession(LoopRuntime):
             problems.append(str(exc))
         self.writer.drain()
         problems += self.writer.errors
-        problems += self._verify_checkpoints()
+        with self._lock:
+            manifest = list(self._manifest)
+        if not self._spool.down:  # a store that is down is not read
+            problems += verify_written(self.store, manifest)
         unused = sorted(set(self.kwargs) - set(self.args))
         if unused:
             sys.stderr.write(
@@ -478,23 +481,6 @@ class RecordSession(LoopRuntime):
             seal(self.store, self.run_id, json.loads(json.dumps(self.meta, default=str)))
         except (FlorError, OSError):
             pass
-
-    def _verify_checkpoints(self) -> list[str]:
-        """Mark each written checkpoint verified when the store holds all its bytes."""
-        problems = []
-        with self._lock:
-            manifest = list(self._manifest)
-        for m in manifest if not self._spool.down else ():  # a store that is down is not read
-            try:
-                size = self.store.fs.size(self.store.path(m["path"]))
-            except Exception as exc:  # noqa: BLE001 - reported by the caller
-                size = f"unreadable ({exc})"
-            if size != m["bytes"]:
-                problems.append(f"checkpoint {m['path']} has {size} bytes, expected {m['bytes']}")
-                m["verified"] = False
-            else:
-                m["verified"] = True
-        return problems
 
     def _flush_rows_only(self) -> None:
         rows = self.take_rows()
