@@ -89,14 +89,14 @@ def _store(env: dict):
 def epoch_rows(epochs: int, steps: int, run: int) -> dict:
     """The rows a run of ``epochs`` × ``steps`` logs: a loss per step, an acc per epoch."""
     prefixes = [("epoch", (), None, 1)] + [("epoch/step", (e,), None, 2) for e in range(epochs)]
-    pids, lasts, names, values = [], [], [], []
+    prefix_ids, lasts, names, values = [], [], [], []
     w = 1.0 + run * 1e-3
     for e in range(epochs):
         for s in range(steps):
             w *= 0.9
-            pids.append(1 + e), lasts.append(s), names.append("loss"), values.append(w * w)
-        pids.append(0), lasts.append(e), names.append("acc"), values.append(1.0 / (1.0 + w * w))
-    return {"prefixes": prefixes, "pids": pids, "lasts": lasts, "names": names, "values": values}
+            prefix_ids.append(1 + e), lasts.append(s), names.append("loss"), values.append(w * w)
+        prefix_ids.append(0), lasts.append(e), names.append("acc"), values.append(1.0 / (1.0 + w * w))
+    return {"prefixes": prefixes, "prefix_ids": prefix_ids, "lasts": lasts, "names": names, "values": values}
 
 
 def write_runs(store, template: dict, n_runs: int, epochs: int, steps: int, loose: bool = False,

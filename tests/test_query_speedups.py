@@ -28,7 +28,7 @@ def _flush(st: Store, run_id: str, part: str, rows: list, *, seq_start: int = 0,
     prefixes = [("epoch", (), None, 1)] + [("epoch/step", (e,), None, 2) for e in range(50)]
     table = rows_to_table(
         version=version, file="train.py", prefixes=prefixes,
-        pids=[0 if s is None else 1 + e for e, s, _, _ in rows],
+        prefix_ids=[0 if s is None else 1 + e for e, s, _, _ in rows],
         lasts=[e if s is None else s for e, s, _, _ in rows],
         items=[], names=[n for _, _, n, _ in rows], values=[v for _, _, _, v in rows], seq_start=seq_start,
     )
@@ -248,7 +248,7 @@ def test_dataframe_value_types(st):
     vals = {"f": [0.5, 1.5], "i": [3, 4], "b": [True, False], "s": ["x", "y"]}
     names = [n for n in vals for _ in range(2)]
     values = [v for vs in vals.values() for v in vs]
-    table = rows_to_table(version="v1", file="t.py", prefixes=prefixes, pids=[0] * len(names),
+    table = rows_to_table(version="v1", file="t.py", prefixes=prefixes, prefix_ids=[0] * len(names),
                           lasts=[0, 1] * len(vals), items=[], names=names, values=values, seq_start=0)
     st.write_bytes("logs/run_id=r1/source=record/part-00000.parquet", table_to_parquet_bytes(table))
     for n, dtype in (("f", "float64"), ("i", "int64"), ("b", "bool"), ("s", "str")):

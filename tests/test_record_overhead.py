@@ -31,7 +31,7 @@ def relation_rows_to_table(
     version: str,
     file: str,
     prefixes: Sequence[tuple],
-    pids: Sequence[int],
+    prefix_ids: Sequence[int],
     lasts: Sequence[int | None],
     items: Sequence[tuple[int, Any]],
     names: Sequence[str],
@@ -42,7 +42,7 @@ def relation_rows_to_table(
     """The reference: the first (pyarrow.compute) implementation, kept here to check
     the numpy one against. Build one Parquet-ready table from buffered rows.
 
-    Row ``r`` sits in loop context ``prefixes[pids[r]]`` = ``(loops, enclosing
+    Row ``r`` sits in loop context ``prefixes[prefix_ids[r]]`` = ``(loops, enclosing
     iterations, enclosing items, depth)`` at innermost iteration ``lasts[r]``;
     ``items`` lists ``(row, innermost item)`` where the item is worth keeping.
     Prefix columns are built once per prefix and gathered with ``take``, so a
@@ -54,7 +54,7 @@ def relation_rows_to_table(
 
     n = len(names)
     sch = schema()
-    idx = pa.array(pids, type=pa.int32())
+    idx = pa.array(prefix_ids, type=pa.int32())
     last = pa.array(lasts, type=pa.int32())
     depth = pc.take(pa.array([p[3] for p in prefixes], pa.int32()), idx)
     zeros = pa.array(np.zeros(n, dtype=np.int32))
@@ -70,7 +70,7 @@ def relation_rows_to_table(
         inner = dict(items)
         docs: list[str | None] = []
         for r in range(n):
-            p = prefixes[pids[r]]
+            p = prefixes[prefix_ids[r]]
             it = inner.get(r)
             if p[2] is None and it is None:
                 docs.append(None)

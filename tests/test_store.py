@@ -73,7 +73,7 @@ class TestStoreSuite:
         store.ensure()
         prefixes = [("epoch", (), None, 1), ("epoch/step", (0,), None, 2)]
         table = rows_to_table(
-            version="v1", file="train.py", prefixes=prefixes, pids=[0, 1, 1, 0], lasts=[0, 1, 1, 1],
+            version="v1", file="train.py", prefixes=prefixes, prefix_ids=[0, 1, 1, 0], lasts=[0, 1, 1, 1],
             items=[(3, "a")], names=["acc", "loss", "tag", "acc"], values=[0.5, 2, "hi", 0.75], seq_start=0,
         )
         assert table.column("iter0").to_pylist() == [0, 0, 0, 1]

@@ -193,8 +193,8 @@ def _item(seg: Mapping[str, Any]) -> Any:
 def build_rows(run: FlorDBRun, arg_names: Sequence[str], version: str, script: str):
     """(rows for rows_to_table or None, args, notes) of one run's type-1 records."""
     args: dict[str, Any] = {}
-    rows: dict[str, Any] = {"prefixes": [], "pids": [], "lasts": [], "items": [], "names": [], "values": []}
-    pids: dict[tuple, int] = {}
+    rows: dict[str, Any] = {"prefixes": [], "prefix_ids": [], "lasts": [], "items": [], "names": [], "values": []}
+    prefix_ids: dict[tuple, int] = {}
     left_out: dict[str, str] = {}
     for rec in run.records:
         if rec["type"] != LOG:
@@ -216,12 +216,12 @@ def build_rows(run: FlorDBRun, arg_names: Sequence[str], version: str, script: s
         items = tuple(_item(s) for s in ctx)
         enc_items = items[:-1] if any(x is not None for x in items[:-1]) else None
         key = ("/".join(s["name"] for s in ctx), tuple(s["iteration"] for s in ctx[:-1]), enc_items, len(ctx))
-        if key not in pids:
-            pids[key] = len(rows["prefixes"])
+        if key not in prefix_ids:
+            prefix_ids[key] = len(rows["prefixes"])
             rows["prefixes"].append(key)
         if ctx and items[-1] is not None:
             rows["items"].append((len(rows["names"]), items[-1]))
-        rows["pids"].append(pids[key])
+        rows["prefix_ids"].append(prefix_ids[key])
         rows["lasts"].append(ctx[-1]["iteration"] if ctx else None)
         rows["names"].append(name)
         rows["values"].append(value)

@@ -34,10 +34,10 @@ class LoopRuntime:
         # plus the innermost iteration. So a log costs four appends, and a context
         # object is built once per loop entry, not once per iteration.
         self._prefixes: list[tuple] = []
-        self._pid = -1  # current prefix id; -1 = not built yet
+        self._prefix_id = -1  # current prefix id; -1 = not built yet
         self._last: int | None = None  # innermost iteration number
         self._last_item: Any = None  # innermost item, when not the iteration number
-        self._r_pid: list[int] = []
+        self._r_prefix: list[int] = []
         self._r_last: list[int | None] = []
         self._r_item: list[tuple[int, Any]] = []
         self._names: list[str] = []
@@ -67,12 +67,12 @@ class LoopRuntime:
                 v = convert(name, value)
         else:
             v = convert(name, value)
-        pid = self._pid
-        if pid < 0:
-            pid = self._new_prefix()
+        prefix_id = self._prefix_id
+        if prefix_id < 0:
+            prefix_id = self._new_prefix()
         if self._last_item is not None:
             self._r_item.append((len(self._names), self._last_item))
-        self._r_pid.append(pid)
+        self._r_prefix.append(prefix_id)
         self._r_last.append(self._last)
         self._names.append(name)
         self._values.append(v)
@@ -97,8 +97,8 @@ class LoopRuntime:
         if any(f[2] is not None for f in enclosing):
             items = tuple(f[2] for f in enclosing)
         self._prefixes.append((self._loops_str, tuple(f[1] for f in enclosing), items, len(st)))
-        self._pid = len(self._prefixes) - 1
-        return self._pid
+        self._prefix_id = len(self._prefixes) - 1
+        return self._prefix_id
 
     def take_rows(self) -> dict | None:
         """Hand over the buffered rows (and reset the buffers), or None if empty."""
@@ -106,7 +106,7 @@ class LoopRuntime:
             return None
         rows = {
             "prefixes": self._prefixes,
-            "pids": self._r_pid,
+            "prefix_ids": self._r_prefix,
             "lasts": self._r_last,
             "items": self._r_item,
             "names": self._names,
@@ -114,9 +114,9 @@ class LoopRuntime:
             "seq_start": self._seq,
         }
         self._seq += len(self._names)
-        self._prefixes, self._r_pid, self._r_last, self._r_item = [], [], [], []
+        self._prefixes, self._r_prefix, self._r_last, self._r_item = [], [], [], []
         self._names, self._values = [], []
-        self._pid = -1
+        self._prefix_id = -1
         return rows
 
     # ------------------------------------------------------------------ loop
@@ -165,14 +165,14 @@ class LoopRuntime:
         frame = [name, -1, None, length]
         self._stack.append(frame)
         self._loops_str = "/".join(f[0] for f in self._stack)
-        self._pid = -1
+        self._prefix_id = -1
         self._last, self._last_item = None, None
         return frame
 
     def _pop(self) -> None:
         self._stack.pop()
         self._loops_str = "/".join(f[0] for f in self._stack)
-        self._pid = -1
+        self._prefix_id = -1
         if self._stack:
             top = self._stack[-1]
             self._last, self._last_item = top[1], top[2]

@@ -80,7 +80,7 @@ def rows_to_table(
     version: str,
     file: str,
     prefixes: Sequence[tuple],
-    pids: Sequence[int],
+    prefix_ids: Sequence[int],
     lasts: Sequence[int | None],
     items: Sequence[tuple[int, Any]],
     names: Sequence[str],
@@ -88,7 +88,7 @@ def rows_to_table(
     seq_start: int,
     task: str | None = None,
 ) -> "pa.Table":
-    """Row ``r`` sits in loop context ``prefixes[pids[r]]`` = ``(loops, enclosing
+    """Row ``r`` sits in loop context ``prefixes[prefix_ids[r]]`` = ``(loops, enclosing
     iterations, enclosing items, depth)`` at innermost iteration ``lasts[r]``;
     ``items`` lists ``(row, innermost item)`` where the item is worth keeping."""
     import numpy as np
@@ -98,7 +98,7 @@ def rows_to_table(
 
     n = len(names)
     sch = schema()
-    idx = np.asarray(pids, dtype=np.intp).reshape(n)
+    idx = np.asarray(prefix_ids, dtype=np.intp).reshape(n)
     depth = np.array([p[3] for p in prefixes], dtype=np.int32)[idx]
     last = np.array(lasts, dtype=np.float64).reshape(n)  # None -> nan
     last_null = np.isnan(last)
@@ -121,7 +121,7 @@ def rows_to_table(
         inner = dict(items)
         docs: list[str | None] = []
         for r in range(n):
-            p = prefixes[pids[r]]
+            p = prefixes[prefix_ids[r]]
             it = inner.get(r)
             if p[2] is None and it is None:
                 docs.append(None)

@@ -104,16 +104,16 @@ def vtype_of(v: Any) -> str:
 def merge_rows(into: dict, rows: dict, keep: "set[str] | None") -> None:
     """Append buffered ``rows`` (from ``take_rows``) to ``into``, keeping some names.
 
-    ``rows["pids"]`` holds each row's prefix index (into ``rows["prefixes"]``), not a
-    process id."""
+    ``rows["prefix_ids"]`` holds each row's index into ``rows["prefixes"]``."""
     base = len(into["prefixes"])
     into["prefixes"].extend(rows["prefixes"])
     items = dict(rows["items"])
-    for r, (prefix, last, name, value) in enumerate(zip(rows["pids"], rows["lasts"], rows["names"], rows["values"])):
+    columns = zip(rows["prefix_ids"], rows["lasts"], rows["names"], rows["values"])
+    for r, (prefix, last, name, value) in enumerate(columns):
         if keep is None or name in keep:
             if r in items:
                 into["items"].append((len(into["names"]), items[r]))
-            into["pids"].append(base + prefix)
+            into["prefix_ids"].append(base + prefix)
             into["lasts"].append(last)
             into["names"].append(name)
             into["values"].append(value)
@@ -121,7 +121,7 @@ def merge_rows(into: dict, rows: dict, keep: "set[str] | None") -> None:
 
 def empty_rows() -> dict:
     """Buffers as ``take_rows`` hands them over, holding no row."""
-    return {"prefixes": [], "pids": [], "lasts": [], "items": [], "names": [], "values": []}
+    return {"prefixes": [], "prefix_ids": [], "lasts": [], "items": [], "names": [], "values": []}
 
 
 def table_to_parquet_bytes(table: "pa.Table") -> bytes:
