@@ -134,7 +134,7 @@ def compact_record(store: "Store", run_id: str) -> Compacted:
     try:
         for _, e in parts:
             with fs.open_input_file(f"{root}/{e.path}") as fh:
-                tables.append(pq.read_table(fh))
+                tables.append(pq.ParquetFile(fh).read())  # not read_table: a recording never imports pandas
     except (OSError, pa.ArrowInvalid):
         return Compacted((), ())
     written: list[str] = []
