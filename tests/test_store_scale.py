@@ -80,6 +80,7 @@ if __name__ == "__main__":
 
 
 def _record(repo: Path, *args: str, check: bool = True, **env: str) -> None:
+    env = {"FLOR_FLUSH_INTERVAL": "0", **env}  # a part per epoch (the epochs take milliseconds)
     proc = subprocess.run([sys.executable, "train.py", *args], cwd=repo, env=clean_env(**env),
                           capture_output=True, text=True)
     assert not check or proc.returncode == 0, proc.stderr
