@@ -63,10 +63,15 @@ def git(repo: Path, *args: str) -> str:
 def repo(tmp_path: Path) -> Path:
     r = tmp_path / "proj"
     r.mkdir()
-    git(r, "init", "-q", "-b", "main")
-    git(r, "config", "user.email", "dev@example.com")
-    git(r, "config", "user.name", "Dev")
-    return r
+    return init_repo(r)
+
+
+def init_repo(path: Path) -> Path:
+    """``path`` as a new git repository on branch main, with a committer set."""
+    git(path, "init", "-q", "-b", "main")
+    git(path, "config", "user.email", "dev@example.com")
+    git(path, "config", "user.name", "Dev")
+    return path
 
 
 def clean_env(**extra: str) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_env, git, run_script, write
+from conftest import clean_env, git, init_repo, run_script, write
 
 # A training script shaped like the field's: argparse, a DataLoader, a helper module;
 # it saves its own weights after each epoch's training (the oracle of this test).
@@ -62,9 +62,7 @@ with flor.checkpointing(model=net, optimizer=opt):
 def recorded(tmp_path_factory):
     repo = tmp_path_factory.mktemp("ckpt") / "proj"
     repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.email", "dev@example.com")
-    git(repo, "config", "user.name", "Dev")
+    init_repo(repo)
     write(repo, "model.py", MODEL)
     write(repo, "train.py", TRAIN)
     write(repo, ".gitignore", "weights-*.pt\n")

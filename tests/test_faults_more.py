@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import flor_ray
-from conftest import S3, clean_env, git, write
+from conftest import S3, clean_env, git, init_repo, write
 
 EPOCHS = 6
 
@@ -93,9 +93,7 @@ def tmpfs(tmp_path):
 def train_repo(tmp_path_factory):
     r = tmp_path_factory.mktemp("faults_more") / "proj"
     r.mkdir()
-    git(r, "init", "-q", "-b", "main")
-    git(r, "config", "user.email", "dev@example.com")
-    git(r, "config", "user.name", "Dev")
+    init_repo(r)
     write(r, "train.py", TRAIN)
     write(r, ".gitignore", ".flor/\n")
     git(r, "add", ".")

@@ -28,7 +28,7 @@ from flor_ray.flordb.code import rewrite_imports
 from flor_ray.flordb.importer import import_flordb, run_id_for
 from flor_ray.store import Store
 
-from conftest import clean_env, git, write
+from conftest import clean_env, git, init_repo, write
 
 FLORDB = "flordb==4.0.1"
 #: the tests on the recorded history: a virtualenv with FlorDB from the registry, six FlorDB runs, a replay
@@ -191,9 +191,7 @@ def history(tmp_path_factory, flordb_python):
     then ``flor-ray import-flordb`` in the repository (the store: its ``.flor/``)."""
     repo = tmp_path_factory.mktemp("flordb") / "proj"
     repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.email", "dev@example.com")
-    git(repo, "config", "user.name", "Dev")
+    init_repo(repo)
     write(repo, "data.py", DATA)
     write(repo, "train.py", V1)
     git(repo, "add", "-A")

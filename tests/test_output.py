@@ -15,7 +15,7 @@ from flor_ray.execution.driver import LocalRunner, run_plan
 from flor_ray.planning.plan import ClusterSnapshot
 from flor_ray.store import Store
 
-from conftest import clean_env, git, write
+from conftest import clean_env, init_repo, write
 
 HELPERS = '''
 import torch
@@ -97,9 +97,7 @@ def _start(tmp_path_factory, name: str, *args: str, **env: str):
     """A fresh repository with the script, its recording started: (repo, process)."""
     repo = tmp_path_factory.mktemp(name) / "proj"
     repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.email", "dev@example.com")
-    git(repo, "config", "user.name", "Dev")
+    init_repo(repo)
     write(repo, "helpers.py", HELPERS)
     write(repo, "train.py", TRAIN)
     # a flush at every epoch's end (the epochs take milliseconds): output follows the flushes

@@ -30,7 +30,7 @@ from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 from flor_ray.versions import TamperedFile, blob_id, materialize, read_file, read_version
 
-from conftest import clean_env, git, run_script, write
+from conftest import clean_env, git, init_repo, run_script, write
 
 # ---------------------------------------------------------------- scripts
 HELPERS = '''
@@ -114,9 +114,7 @@ def _wait(procs) -> None:
 
 def _init(path: Path) -> Path:
     path.mkdir(parents=True)
-    git(path, "init", "-q", "-b", "main")
-    git(path, "config", "user.email", "dev@example.com")
-    git(path, "config", "user.name", "Dev")
+    init_repo(path)
     return path
 
 

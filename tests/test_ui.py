@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import flor_ray
-from conftest import TRAIN_SCRIPT, clean_env, git, run_script, write
+from conftest import TRAIN_SCRIPT, clean_env, git, init_repo, run_script, write
 from flor_ray.execution.driver import LocalRunner, run_plan
 from flor_ray.planning.plan import ClusterSnapshot
 from flor_ray.store import Store
@@ -39,9 +39,7 @@ def history(tmp_path_factory):
     """Two versions recorded (lr 0.05 and 0.1, 3 epochs), then wnorm back-filled into both."""
     repo = tmp_path_factory.mktemp("ui") / "proj"
     repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.email", "dev@example.com")
-    git(repo, "config", "user.name", "Dev")
+    init_repo(repo)
     write(repo, "train.py", TRAIN_SCRIPT)
     git(repo, "add", "train.py")
     git(repo, "commit", "-qm", "v1")
