@@ -138,7 +138,7 @@ def recorded_repo(tmp_path_factory, faults_dir) -> Path:
     (repo / "train.py").write_text(RECORDED.format(faults=str(faults_dir), epochs=EPOCHS))
     procs = [
         subprocess.Popen([sys.executable, "train.py", "--kwargs", f"k={k}"], cwd=repo,  # a part per epoch, kept
-                         env=clean_env(FLOR_CHECKPOINT_MAX_PERIOD="1", FLOR_COMPACT_AFTER="0"), stderr=subprocess.PIPE,
+                         env=clean_env(FLOR_CHECKPOINT_MAX_PERIOD="1", FLOR_COMPACT_AFTER="0", FLOR_FLUSH_INTERVAL="0"), stderr=subprocess.PIPE,
                          text=True)
         for k in KS
     ]

@@ -331,7 +331,7 @@ print("progress 100%")
 if sys.argv[1] == "on":
     cap.close()
     import io, json, pyarrow as pa, pyarrow.parquet as pq
-    rows = pa.concat_tables([pq.read_table(io.BytesIO(d)) for d in parts])
+    rows = pa.concat_tables([pq.read_table(pa.BufferReader(d), use_threads=False) for d in parts])
     print(json.dumps(list(zip(rows["stream"].to_pylist(), rows["text"].to_pylist()))))
 """
 

@@ -27,7 +27,7 @@ from conftest import clean_env, git, write
 EPOCHS = 3
 KS = (1, 2, 3)
 #: damage is per file: the runs keep one record part per epoch (no compaction)
-KEEP_PARTS = {"FLOR_COMPACT_AFTER": "0"}
+KEEP_PARTS = {"FLOR_COMPACT_AFTER": "0", "FLOR_FLUSH_INTERVAL": "0"}  # a part per epoch, kept
 
 SCRIPT = '''
 import argparse

@@ -55,15 +55,16 @@ def output_listing(store: "Store", run_ids: Iterable[str] | None = None) -> tupl
 
 def _read_table(store: "Store", entries: Iterable[Entry]):
     """The rows of these parts as one Arrow table; a damaged part is left out with a warning."""
-    import io
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema, tables = _schema(), []
     for e in entries:
         try:
-            tables.append(pq.read_table(io.BytesIO(store.read_bytes(e.path))).select(list(COLUMNS)).cast(schema))
+            # an Arrow buffer read on this thread: pyarrow 26 can abort the process at exit
+            # after a threaded read from a Python file object (a small part gains nothing)
+            data = pa.BufferReader(store.read_bytes(e.path))
+            tables.append(pq.read_table(data, use_threads=False).select(list(COLUMNS)).cast(schema))
         except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
             warnings.warn(f"output part {store.full_url(e.path)} is unreadable ({exc}); left out", DamagedFileWarning,
                           stacklevel=3)
