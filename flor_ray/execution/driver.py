@@ -251,7 +251,8 @@ def run_plan(plan: "Plan", *, runner: Runner | None = None, progress: bool = Tru
     calls = []
     for t in pending:
         run = plan.run_info(t.run_id)
-        calls.append(Call(t, TaskSpec.of(plan, t), plan.patch(t.version).files(run.script), run.argv, run.cwd))
+        files = plan.patch(t.version, run.script).files(run.script)
+        calls.append(Call(t, TaskSpec.of(plan, t), files, run.argv, run.cwd))
     if calls:
         results += runner.run(plan, calls, bar)
         from ..planning.history import record_history

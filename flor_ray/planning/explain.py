@@ -46,16 +46,16 @@ def explain(plan: "Plan") -> str:
                   for mode, f, n in plan.calibrated) + "]"
     )
     lines = [head]
-    by_version: dict[str, list[str]] = {}
-    for version, name, what in plan.statements:
-        by_version.setdefault(version, []).append(f"{name} -> {what}")
+    by_patch: dict[str, list[str]] = {}
+    for label, name, what in plan.statements:
+        by_patch.setdefault(label, []).append(f"{name} -> {what}")
     for p in plan.patches:
         if p.code is None:
-            lines.append(f"  Propagate[{p.version[:8]}] FAILED: {p.error}")
+            lines.append(f"  Propagate[{p.label}] FAILED: {p.error}")
             continue
         placed = "; ".join(p.placements) or ("nothing placed" if p.refused else "already logged")
-        lines.append(f"  Propagate[{p.version[:8]}] {placed}")
-        for s in by_version.get(p.version, []):
+        lines.append(f"  Propagate[{p.label}] {placed}")
+        for s in by_patch.get(p.label, []):
             lines.append(f"    Need[{s}]")
     for r in plan.refused:
         lines.append(f"  Skip[name={r.name} version={r.version[:8]} runs={r.runs}] {r.reason}")

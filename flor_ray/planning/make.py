@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 from ..store.credentials import StorageOptions
 from .cost import Calibration, task_cpus
 from .plan import (ZYGOTE_EXTRA_S, ClusterSnapshot, DamagedCheckpoint, Plan, Refused, ReplayedPart, Resources,
-                   RunInfo, SkipKind, SkippedRun, Task, VersionPatch, iteration_set)
+                   RunInfo, SkipKind, SkippedRun, Task, VersionPatch, iteration_set, patch_of)
 from .schedule import makespan
 from .segments import RunContext, leave_out_replayed, run_tasks
 
@@ -34,7 +34,7 @@ class _Acc:
     skipped: list[SkippedRun] = field(default_factory=list)
     statements: list[tuple[str, str, str]] = field(default_factory=list)
     refused: dict[tuple[str, str], Refused] = field(default_factory=dict)
-    seen_versions: set[str] = field(default_factory=set)
+    seen_patches: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _skip(acc: _Acc, run: RunInfo, kind: SkipKind, reason: str) -> None:
 
 def _run_pass(inp: _Inputs, run: RunInfo, acc: _Acc) -> None:
     """One run's tasks into ``acc``, or the reason it is skipped."""
-    patch = inp.patches.get(run.version)
+    patch = patch_of(inp.patches.values(), run.version, run.script)
     if patch is None or patch.code is None:
         reason = patch.error if patch is not None else "no propagated code for this version"
         return _skip(acc, run, SkipKind.PROPAGATION_FAILED, f"propagation failed: {reason}")
@@ -121,9 +121,9 @@ def _run_pass(inp: _Inputs, run: RunInfo, acc: _Acc) -> None:
         kind, reason, car = patch.need(n)
         kinds[n] = kind
         carried |= set(car)
-        if run.version not in acc.seen_versions:
-            acc.statements.append((run.version, n, f"{kind}: {reason}"))
-    acc.seen_versions.add(run.version)
+        if patch.label not in acc.seen_patches:
+            acc.statements.append((patch.label, n, f"{kind}: {reason}"))
+    acc.seen_patches.add(patch.label)
     want = iteration_set(inp.iterations, run.iterations)
     if not want and any(k != "setup" for k in kinds.values()):
         return _skip(acc, run, SkipKind.OUT_OF_RANGE, f"iterations={inp.iterations} selects none of its "
@@ -168,8 +168,8 @@ def _placed_names(patch: VersionPatch, names: Sequence[str], refused: dict[tuple
         if why is None:
             placed.append(n)
             continue
-        r = refused.get((patch.version, n)) or Refused(patch.version, n, why)
-        refused[(patch.version, n)] = dataclasses.replace(r, runs=r.runs + 1)
+        r = refused.get((patch.label, n)) or Refused(patch.version, n, why)
+        refused[(patch.label, n)] = dataclasses.replace(r, runs=r.runs + 1)
     return tuple(placed)
 
 

@@ -34,7 +34,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..store import layout
 from ..errors import PlanningError
@@ -43,6 +43,7 @@ __all__ = [
     "CheckpointRef",
     "RunInfo",
     "VersionPatch",
+    "patch_of",
     "ClusterSnapshot",
     "Resources",
     "Task",
@@ -205,6 +206,14 @@ class VersionPatch:
     refused: tuple[Refused, ...] = ()
     #: the project's other modules with statements injected: (path in the version, code)
     modules: tuple[tuple[str, str], ...] = ()
+    #: the version's script this patch is of; None: the script of every run of the version
+    #: (two scripts recorded at one version have a patch each)
+    script: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How explain() names the patch: its version, and its script where one is set."""
+        return self.version[:8] + (f" {self.script}" if self.script else "")
 
     def files(self, script: str) -> dict[str, str]:
         """Every file the task writes over the version's tree: the script and the modules."""
@@ -316,6 +325,7 @@ class SkipKind(str, Enum):
     OUT_OF_RANGE = "out of range"  # the requested iterations select none of its own
     RUNNING = "running"  # still recording
     NOT_REPLAYABLE = "not replayable"  # its metadata says why (a run imported without its code...)
+    OTHER_SCRIPT = "other script"  # recorded by another script than today's, which its version also holds
 
 
 @dataclass(frozen=True)
@@ -339,7 +349,7 @@ class Plan:
     skipped: tuple[SkippedRun, ...]
     cluster: ClusterSnapshot
     makespan_s: float
-    statements: tuple[tuple[str, str, str], ...] = ()  # (version, name, "kind: reason")
+    statements: tuple[tuple[str, str, str], ...] = ()  # (VersionPatch.label, name, "kind: reason")
     retries: int = 3
     #: once per worker that has not replayed before: its zygote's imports (torch...),
     #: in parallel on all workers; not part of ``makespan_s``
@@ -359,11 +369,12 @@ class Plan:
                 return r
         raise KeyError(run_id)
 
-    def patch(self, version: str) -> VersionPatch:
-        for p in self.patches:
-            if p.version == version:
-                return p
-        raise KeyError(version)
+    def patch(self, version: str, script: str | None = None) -> VersionPatch:
+        """The patch of ``script`` at ``version`` (or the version's one patch for every script)."""
+        found = patch_of(self.patches, version, script)
+        if found is None:
+            raise KeyError((version, script))
+        return found
 
     @property
     def pending(self) -> tuple[Task, ...]:
@@ -406,6 +417,20 @@ def iteration_set(spec: Any, n: int) -> list[int]:
     if any(not isinstance(i, int) or isinstance(i, bool) for i in its):
         raise PlanningError(f"iterations must be integers, got {its!r}")
     return sorted({i if i >= 0 else n + i for i in its if -n <= i < n})
+
+
+def patch_of(patches: Iterable[VersionPatch], version: str, script: str | None) -> VersionPatch | None:
+    """The patch of ``script`` at ``version``: its own where there is one, else the
+    version's patch for every script; with no ``script``, the version's only patch.
+    None when there is none (or several, for no ``script``)."""
+    of_version = [p for p in patches if p.version == version]
+    for p in of_version:
+        if p.script == script:
+            return p
+    common = [p for p in of_version if p.script is None]
+    if common:
+        return common[0]
+    return of_version[0] if script is None and len(of_version) == 1 else None
 
 
 def task_key(run_id: str, version: str, patch: str, mode: str, start: int, stop: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..errors import ClusterError, PlanningError, QueryError, RepositoryError
 from .make import make_plan
@@ -209,28 +209,30 @@ def _module_needs(code: str, script: str, version: str, files: tuple, placed: tu
                  for n, nd in found)
 
 
-def propagate_versions(store, today: str, versions: Mapping[str, str], names: Sequence[str] | None,
-                       modules: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> dict[str, VersionPatch]:
+def propagate_versions(store, today: str, targets: Iterable[tuple[str, str]], names: Sequence[str] | None,
+                       modules: Mapping[str, tuple[str, tuple[str, ...]]] | None = None,
+                       ) -> dict[tuple[str, str], VersionPatch]:
     """Propagate today's statements of ``names`` (None: all new ones) into each
-    version's script, and those of today's other ``modules`` into their counterparts;
-    analyse the result. A statement that cannot be placed refuses its names in that
-    version only; today's other statements are not injected."""
+    ``(version, script)`` of ``targets``, and those of today's other ``modules`` into
+    their counterparts; analyse the result. A statement that cannot be placed refuses
+    its names in that version only; today's other statements are not injected."""
     from ..propagation import PropagationError, propagate_detailed
     from ..versions import read_file
     from ..analysis import analyze
     from ..analysis.project import analyze_in_project
 
-    patches: dict[str, VersionPatch] = {}
-    for version, script in versions.items():
+    patches: dict[tuple[str, str], VersionPatch] = {}
+    for version, script in dict.fromkeys(targets):
         try:
             old = read_file(store, version, script).decode()
         except Exception as exc:  # noqa: BLE001 - becomes a skipped run with the reason
-            patches[version] = VersionPatch(version, None, f"cannot read {script} of this version: {exc}")
+            patches[version, script] = VersionPatch(version, None, f"cannot read {script} of this version: {exc}",
+                                                    script=script)
             continue
         try:
             res = propagate_detailed(today, old, names, partial=True)
         except PropagationError as exc:
-            patches[version] = VersionPatch(version, None, str(exc))
+            patches[version, script] = VersionPatch(version, None, str(exc), script=script)
             continue
         an = analyze(res.code, filename=f"{script}@{version[:8]}")
         placements = tuple(
@@ -251,10 +253,10 @@ def propagate_versions(store, today: str, versions: Mapping[str, str], names: Se
             an = analyze_in_project(res.code, script, tree, filename=f"{script}@{version[:8]}")
         needs = tuple((n, nd.kind, nd.reason, tuple(nd.carried)) for n, nd in an.needs)
         m_needs = _module_needs(res.code, script, version, files, placed, tree, an.training_carried)
-        patches[version] = VersionPatch(version, res.code, None, placements + m_places, needs + m_needs,
-                                        tuple(an.logged_names) + tuple(n for n, *_ in m_needs),
-                                        tuple(an.loop_carried), tuple(an.training_carried), refused + m_refused,
-                                        files)
+        patches[version, script] = VersionPatch(
+            version, res.code, None, placements + m_places, needs + m_needs,
+            tuple(an.logged_names) + tuple(n for n, *_ in m_needs), tuple(an.loop_carried),
+            tuple(an.training_carried), refused + m_refused, files, script=script)
     return patches
 
 
@@ -365,7 +367,8 @@ def plan_replay(
     metas = [m for m in metas if m not in running and m not in refused]
     modules = {p: m for p, m in modules.items() if set(m[1]) & set(names)}
     runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
-    patches = propagate_versions(store, today, {r.version: r.script for r in runs}, names, modules)
+    runs, other_script = _of_todays_script(store, runs, path)
+    patches = propagate_versions(store, today, [(r.version, r.script) for r in runs], names, modules)
     done, replayed = replayed_parts(store, [r.run_id for r in runs])
     cluster = cluster or cluster_snapshot()
     plan = make_plan(
@@ -378,7 +381,7 @@ def plan_replay(
                                  "finished, or pass include_running=True (--include-running)", SkipKind.RUNNING)
                       for m in running]
         + [SkippedRun(m["run_id"], m["version"], f"cannot be replayed: {m['replay_refused']}",
-                      SkipKind.NOT_REPLAYABLE) for m in refused],
+                      SkipKind.NOT_REPLAYABLE) for m in refused] + other_script,
     )
     check_fits(plan, cluster)
     if not plan.tasks and plan.skipped and all(s.kind is SkipKind.OUT_OF_RANGE for s in plan.skipped):
@@ -387,6 +390,37 @@ def plan_replay(
             "use 'all', 'last' or numbers within the runs' iterations"
         )
     return plan
+
+
+def _of_todays_script(store: "Store", runs: Sequence[RunInfo], script: Path) -> tuple[list[RunInfo], list[SkippedRun]]:
+    """The runs that today's ``script`` is a later version of, and the others skipped.
+
+    A run recorded by another file is left out when its version also holds today's
+    script (two scripts side by side, e.g. ``train.py`` and ``finetune.py``): today's
+    statement belongs to the one it was typed into. Where its version has no file at
+    today's path, the run's script is taken as today's under an earlier name."""
+    from ..versions import find_repo_root, read_version
+
+    try:
+        rel = Path(os.path.relpath(script.resolve(), Path(find_repo_root(script.parent)).resolve())).as_posix()
+    except Exception:  # noqa: BLE001 - not in a repository: nothing to compare paths with
+        return list(runs), []
+    kept, skipped = [], []
+    for r in runs:
+        if r.script == rel:
+            kept.append(r)
+            continue
+        try:
+            side_by_side = rel in read_version(store, r.version)["files"]
+        except Exception:  # noqa: BLE001 - an unreadable version: its task reports it
+            side_by_side = False
+        if not side_by_side:
+            kept.append(r)
+            continue
+        skipped.append(SkippedRun(
+            r.run_id, r.version, f"recorded by {r.script}, not by today's {rel} (its version holds both): replay "
+            f"it with script='{r.script}' (--script {r.script})", SkipKind.OTHER_SCRIPT))
+    return kept, skipped
 
 
 def _check_names(names: Any) -> list[str] | None:
