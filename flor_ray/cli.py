@@ -162,7 +162,6 @@ def cmd_sql(a) -> int:
 
 def cmd_replay(a) -> int:
     import flor_ray
-    from .execution.driver import ray_runner, run_plan
 
     resources = {}
     if a.num_cpus is not None:
@@ -179,6 +178,8 @@ def cmd_replay(a) -> int:
     print(plan.explain(), flush=True)
     if a.dry_run:
         return 0
+    from .execution.driver import ray_runner, run_plan
+
     report = run_plan(plan, runner=ray_runner(a.address), progress=not a.quiet)
     print(report)
     return 0 if report.ok else 1

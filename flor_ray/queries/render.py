@@ -32,11 +32,13 @@ _MAX_COLWIDTH = 60
 _NUMBER = re.compile(r"^\s*[+-]?[0-9]+\.[0-9]*$")  # pandas' _NUMBER_WITH_DECIMAL_RE
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _NUMERIC = ("int", "float", "bool")
+#: the ISO 8601 forms pandas and Python parse alike (to the microsecond: pandas keeps nanoseconds)
+_ISO = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})?$")
 
 
 @dataclass(frozen=True)
 class Column:
-    """One column: its name, its kind (``int``, ``float``, ``bool``, ``str``, ``time``)
+    """One column: its name, its kind (``int``, ``float``, ``bool``, ``bools`` (with NaN), ``str``, ``time``)
     and its values (None where pandas holds NaN / NaT; aware UTC datetimes for ``time``)."""
 
     name: str
@@ -54,7 +56,10 @@ def column(name: str, values: Sequence[Any]) -> Column | None:
         return None
     missing = len(present) < len(values)
     if all(isinstance(v, bool) for v in present):
-        return None if missing else Column(name, "bool", tuple(values))
+        if not missing:
+            return Column(name, "bool", tuple(values))
+        # pandas: an object column, NaN where the key is absent (an explicit None shows as "None")
+        return None if None in values else Column(name, "bools", tuple(None if v is MISSING else v for v in values))
     if all(isinstance(v, int) and not isinstance(v, bool) for v in present) and not missing:
         return Column(name, "int", tuple(values)) if all(-2**63 <= v < 2**63 for v in present) else None
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
@@ -85,7 +90,7 @@ def time_column(name: str, values: Sequence[Any]) -> Column | None:
         if v is None or v is MISSING:
             out.append(None)
             continue
-        if not isinstance(v, str):
+        if not isinstance(v, str) or not _ISO.match(v):
             return None
         try:
             t = datetime.fromisoformat(v)
@@ -110,8 +115,8 @@ def _table_cells(c: Column) -> list[str]:
         return _trim_zeros(cells)
     if c.kind == "time":
         return ["NaN" if v is None else _seconds(v, " ") for v in c.values]
-    if c.kind == "str":
-        return ["NaN" if v is None else v for v in c.values]
+    if c.kind in ("str", "bools"):
+        return ["NaN" if v is None else str(v) for v in c.values]
     return [str(v) for v in c.values]  # int, bool
 
 
@@ -147,8 +152,8 @@ def _csv_cells(c: Column) -> list[str]:
         digits = 0 if not any(micros) else 3 if all(us % 1000 == 0 for us in micros) else 6  # pandas: the finest needed
         return ["" if v is None else _seconds(v, " ") + (f".{v.microsecond:06d}"[:digits + 1] if digits else "")
                 + "+00:00" for v in c.values]
-    if c.kind == "str":
-        return ["" if v is None else v for v in c.values]
+    if c.kind in ("str", "bools"):
+        return ["" if v is None else str(v) for v in c.values]
     return [str(v) for v in c.values]
 
 
@@ -170,6 +175,8 @@ def _json_float(v: float | None) -> str:
     """pandas' encoder at ``double_precision=10``: ten decimals, trailing zeros dropped."""
     if v is None or math.isnan(v):
         return "null"
+    if v == 0.0:
+        return "0.0"  # -0.0 too
     text = f"{v:.10f}".rstrip("0")
     return text + "0" if text.endswith(".") else text
 
@@ -181,8 +188,8 @@ def _json_cells(c: Column) -> list[str]:
         return ["null" if v is None else f'"{_seconds(v, "T")}.{v.microsecond // 1000:03d}Z"' for v in c.values]
     if c.kind == "str":
         return ["null" if v is None else _json_str(v) for v in c.values]
-    if c.kind == "bool":
-        return ["true" if v else "false" for v in c.values]
+    if c.kind in ("bool", "bools"):
+        return ["null" if v is None else "true" if v else "false" for v in c.values]
     return [str(v) for v in c.values]
 
 
