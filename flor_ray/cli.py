@@ -69,6 +69,12 @@ def _format_of(fmt: str | None, output: str | None) -> str:
 def _write_frame(df, fmt: str | None, output: str | None) -> None:
     """Print or save a frame: ``table`` (terminal), ``csv``, ``json`` (records) or ``parquet``."""
     fmt = _format_of(fmt, output)
+    if fmt != "parquet":
+        from .queries.render import frame_columns
+
+        columns = frame_columns(df)
+        if columns is not None:  # the same text as pandas writes, in a fraction of its time
+            return _write_columns(columns, fmt, output)
     if output:
         if fmt == "table":
             with open(output, "w") as f:

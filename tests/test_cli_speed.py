@@ -203,3 +203,33 @@ def test_a_dry_run_imports_no_ray(history):
     repo, env, st = history
     out, loaded = _cli(repo, env, "replay", "gnorm", "--script", "today.py", "--dry-run", "--num-gpus", "0")
     assert out.startswith("ReplayPlan[names=gnorm; runs=15;") and "ray" not in loaded
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_frames_print_as_pandas_prints_them(seed):
+    rng = random.Random(seed)
+    rows = [{k: v for k, v in r.items() if k not in ("t", "flag")} for r in _rows(rng, rng.choice([2, 40]))]  # no objects
+    df = pd.DataFrame(rows)
+    df["epoch"] = pd.array(range(len(df)), dtype="Int64")  # the frame's loop columns are nullable integers
+    cols = render.frame_columns(df)
+    assert cols is not None and {"int", "float", "bool", "str"} <= {c.kind for c in cols}
+    assert render.render_csv(cols) == df.to_csv(index=False)
+    assert render.render_json(cols) == df.to_json(orient="records", date_format="iso")
+    assert render.render_table(cols) == cli._render_table(df)
+    df.loc[0, "epoch"] = pd.NA
+    assert render.frame_columns(df) is None  # pandas' <NA>: its own rendering
+
+
+def test_df_and_sql_print_what_pandas_prints(history, capsys):
+    repo, env, st = history
+    frame = flor_ray.dataframe("acc", where="seed BETWEEN 0 AND 5", store=st)  # the odd runs' args: objects
+    query = "SELECT run_id, count(*) AS n, max(value) AS best FROM logs WHERE name = 'acc' GROUP BY run_id ORDER BY run_id"
+    result = flor_ray.sql(query, store=st)
+    for args, df in ((["df", "acc", "--where", "seed BETWEEN 0 AND 5"], frame), (["sql", query], result),
+                     (["df", "acc"], flor_ray.dataframe("acc", store=st))):  # the last one with objects: pandas
+        for fmt, expected in (("table", cli._render_table(df) + "\n"), ("csv", df.to_csv(index=False)),
+                              ("json", df.to_json(orient="records", date_format="iso") + "\n")):
+            assert cli.main([*args, "--store", st.url, "--format", fmt]) == 0
+            assert capsys.readouterr().out == expected, (args, fmt)
+    assert render.frame_columns(result) is not None  # the fast path ran (the frames' args of other runs are None)
+    assert render.frame_columns(frame.drop(columns=[c for c in frame if frame[c].dtype == object])) is not None
