@@ -62,7 +62,8 @@ def _format_of(fmt: str | None, output: str | None) -> str:
         ext = os.path.splitext(output or "")[1].lower().lstrip(".")
         fmt = {"csv": "csv", "json": "json", "parquet": "parquet", "pq": "parquet"}.get(ext, "table")
     if fmt == "parquet" and output is None and sys.stdout.isatty():
-        raise _CliError("parquet is binary and stdout is a terminal; redirect it (> out.parquet) or pass -o out.parquet")
+        raise _CliError("parquet is binary and stdout is a terminal; redirect it (> out.parquet) or pass "
+                        "-o out.parquet")
     return fmt
 
 

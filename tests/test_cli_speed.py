@@ -62,7 +62,8 @@ def history(tmp_path_factory):
     bench_store.write_runs(st, template, 11, 3, 2)
     for i, args in enumerate(ODD_ARGS):
         rid = f"{template['run_id']}-odd{i}"
-        st.write_json(layout.run_meta(rid), {**template, "run_id": rid, "args": args, "argv": ["train.py", "--x", str(i)],
+        st.write_json(layout.run_meta(rid), {**template, "run_id": rid, "args": args,
+                                             "argv": ["train.py", "--x", str(i)],
                                              "started_at": f"2026-12-01T10:00:0{i}.{i * 250:03d}+01:00"})
     (repo / "today.py").write_text(bench_store.TODAY)
     CACHE.reset()
@@ -208,7 +209,8 @@ def test_a_dry_run_imports_no_ray(history):
 @pytest.mark.parametrize("seed", range(3))
 def test_frames_print_as_pandas_prints_them(seed):
     rng = random.Random(seed)
-    rows = [{k: v for k, v in r.items() if k not in ("t", "flag")} for r in _rows(rng, rng.choice([2, 40]))]  # no objects
+    # no times or objects: a frame's columns are str, floats, ints and bools
+    rows = [{k: v for k, v in r.items() if k not in ("t", "flag")} for r in _rows(rng, rng.choice([2, 40]))]
     df = pd.DataFrame(rows)
     df["epoch"] = pd.array(range(len(df)), dtype="Int64")  # the frame's loop columns are nullable integers
     cols = render.frame_columns(df)
@@ -223,7 +225,8 @@ def test_frames_print_as_pandas_prints_them(seed):
 def test_df_and_sql_print_what_pandas_prints(history, capsys):
     repo, env, st = history
     frame = flor_ray.dataframe("acc", where="seed BETWEEN 0 AND 5", store=st)  # the odd runs' args: objects
-    query = "SELECT run_id, count(*) AS n, max(value) AS best FROM logs WHERE name = 'acc' GROUP BY run_id ORDER BY run_id"
+    query = ("SELECT run_id, count(*) AS n, max(value) AS best FROM logs WHERE name = 'acc' "
+             "GROUP BY run_id ORDER BY run_id")
     result = flor_ray.sql(query, store=st)
     for args, df in ((["df", "acc", "--where", "seed BETWEEN 0 AND 5"], frame), (["sql", query], result),
                      (["df", "acc"], flor_ray.dataframe("acc", store=st))):  # the last one with objects: pandas
