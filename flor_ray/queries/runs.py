@@ -13,8 +13,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
     from ..store import Store
+    from .render import Column
 
-__all__ = ["runs_frame", "select_runs"]
+__all__ = ["runs_frame", "runs_columns", "select_runs"]
 
 _RUN_COLS = (
     "run_id",
@@ -30,11 +31,7 @@ _RUN_COLS = (
 )
 
 
-def runs_frame(store: "Store", metas: list[dict] | None = None) -> "pd.DataFrame":
-    """The runs table: fixed columns plus one column per ``flor.arg`` name."""
-    import pandas as pd
-
-    metas = load_runs(store) if metas is None else metas
+def _rows(metas: list[dict]) -> list[dict]:
     rows = []
     for m in metas:
         row = {c: m.get(c) for c in _RUN_COLS}
@@ -43,11 +40,39 @@ def runs_frame(store: "Store", metas: list[dict] | None = None) -> "pd.DataFrame
         for k, v in (m.get("args") or {}).items():
             row[k if k not in _RUN_COLS else f"arg_{k}"] = v
         rows.append(row)
+    return rows
+
+
+def runs_frame(store: "Store", metas: list[dict] | None = None) -> "pd.DataFrame":
+    """The runs table: fixed columns plus one column per ``flor.arg`` name."""
+    import pandas as pd
+
+    metas = load_runs(store) if metas is None else metas
+    rows = _rows(metas)
     df = pd.DataFrame(rows, columns=None if rows else list(_RUN_COLS))
     for c in ("started_at", "ended_at"):
         if c in df:
             df[c] = pd.to_datetime(df[c], utc=True, errors="coerce", format="ISO8601")
     return df
+
+
+def runs_columns(store: "Store", metas: list[dict] | None = None) -> "list[Column] | None":
+    """:func:`runs_frame` as the columns of :mod:`flor_ray.queries.render` (no pandas:
+    JSON in, text out); None when a value needs pandas to be shown as it shows it."""
+    from .render import MISSING, column, time_column
+
+    rows = _rows(load_runs(store) if metas is None else metas)
+    if not rows:
+        return None
+    names = list(dict.fromkeys(k for r in rows for k in r))  # pandas: keys in order of first appearance
+    out = []
+    for name in names:
+        values = [r.get(name, MISSING) for r in rows]
+        c = time_column(name, values) if name in ("started_at", "ended_at") else column(name, values)
+        if c is None:
+            return None
+        out.append(c)
+    return out
 
 
 def select_runs(store: "Store", where: str | None, metas: list[dict] | None = None) -> list[str]:

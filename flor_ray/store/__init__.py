@@ -129,13 +129,25 @@ class Store:
         return self._fs
 
     @property
+    def _plain_local(self) -> bool:
+        """A folder named by its path (no scheme): read and listed with ``os`` alone,
+        so the commands that only read JSON do not pay for importing fsspec."""
+        return "://" not in self.url and self.url != "/"
+
+    @property
     def root(self) -> str:
-        self.fs
+        if self._root is None:
+            if self._plain_local:
+                self._root = self.url  # what fsspec's local filesystem makes of the absolute path
+            else:
+                self.fs
         assert self._root is not None
         return self._root
 
     @property
     def is_local(self) -> bool:
+        if self._plain_local:
+            return True
         protocol = self.fs.protocol
         protos = (protocol,) if isinstance(protocol, str) else tuple(protocol)
         return "file" in protos or "local" in protos
@@ -218,6 +230,9 @@ class Store:
     # ----------------------------------------------------------------- reading
     def read_bytes(self, rel: str) -> bytes:
         try:
+            if self._plain_local:
+                with open(self.path(rel), "rb") as f:
+                    return f.read()
             return self.fs.cat_file(self.path(rel))
         except FileNotFoundError:
             raise
@@ -233,6 +248,8 @@ class Store:
 
     def exists(self, rel: str) -> bool:
         try:
+            if self._plain_local:
+                return os.path.exists(self.path(rel))
             return self.fs.exists(self.path(rel))
         except Exception as exc:
             raise self._wrap(f"checking {rel}", exc) from exc
