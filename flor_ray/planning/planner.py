@@ -407,16 +407,19 @@ def _of_todays_script(store: "Store", runs: Sequence[RunInfo], script: Path) -> 
         rel = Path(os.path.relpath(script.resolve(), Path(find_repo_root(script.parent)).resolve())).as_posix()
     except Exception:  # noqa: BLE001 - not in a repository: nothing to compare paths with
         return list(runs), []
+    holds: dict[str, bool] = {}  # version -> it has a file at today's path (read once a version)
+
+    def beside(version: str) -> bool:
+        if version not in holds:
+            try:
+                holds[version] = rel in read_version(store, version)["files"]
+            except Exception:  # noqa: BLE001 - an unreadable version: its task reports it
+                holds[version] = False
+        return holds[version]
+
     kept, skipped = [], []
     for r in runs:
-        if r.script == rel:
-            kept.append(r)
-            continue
-        try:
-            side_by_side = rel in read_version(store, r.version)["files"]
-        except Exception:  # noqa: BLE001 - an unreadable version: its task reports it
-            side_by_side = False
-        if not side_by_side:
+        if r.script == rel or not beside(r.version):
             kept.append(r)
             continue
         skipped.append(SkippedRun(
