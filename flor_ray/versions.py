@@ -384,10 +384,30 @@ def upload(store: "Store", snap: Snapshot) -> None:
     store.write_json(rel, listing.manifest(snap.tree, snap.commit))
 
 
+#: versions kept read (a version is named by its tree id, so its manifest never changes)
+_VERSIONS_KEEP = 256
+_versions: dict[tuple[str, str, str], dict] = {}
+_versions_lock = threading.Lock()
+
+
 def read_version(store: "Store", version: str) -> dict:
+    """A version's manifest (``files``: path -> blob id), read from the store once per process."""
     from .store import safe_component
 
     safe_component("version", version)
+    key = (store.url, json.dumps(store.storage_options, sort_keys=True, default=str), version)
+    with _versions_lock:
+        doc = _versions.get(key)
+    if doc is None:
+        doc = _read_version(store, version)
+        with _versions_lock:
+            _versions[key] = doc
+            while len(_versions) > _VERSIONS_KEEP:
+                _versions.pop(next(iter(_versions)))
+    return {**doc, "files": dict(doc.get("files") or {})}  # the caller's own copy
+
+
+def _read_version(store: "Store", version: str) -> dict:
     try:
         return store.read_json(layout.code_version(version))
     except FileNotFoundError as exc:

@@ -159,6 +159,7 @@ class RecordSession(LoopRuntime):
         where = st.locate_script(self.argv)
         timer.mark("repo_root")
         self.store = st.open_store(self.settings, where.repo_root)
+        self.store.fs  # noqa: B018  # writes go through fsspec: imported here, never by the writer at exit
         timer.mark("store")
         self.run_id = st.new_run_id()
         from .spool import SpoolingWriter
