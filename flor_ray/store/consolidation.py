@@ -146,10 +146,10 @@ def _read(store: "Store", pieces: Sequence[Piece]) -> list[tuple[Piece, "pa.Tabl
     from .logs import TASK_META_KEY
 
     def read(pf, row_groups):
-        return pf.read() if row_groups is None else pf.read_row_groups(row_groups)
+        return pf.read(use_threads=False) if row_groups is None else pf.read_row_groups(row_groups, use_threads=False)
 
     out = []
-    for p, table in zip(pieces, piece_tables(store, pieces, read)):
+    for p, table in zip(pieces, piece_tables(store, pieces, read, threads=False)):
         foot = p.task_footer
         if not p.in_segment and p.source != "record":
             raw = (table.schema.metadata or {}).get(TASK_META_KEY)
@@ -220,7 +220,7 @@ def _batches(items: list, rows: int) -> list[list]:
     return [b for b in out if b]
 
 
-def _to_merge(store: "Store", segs, pieces: Sequence[Piece], merge_all: bool, adding: bool) -> list[str]:
+def _to_merge(store: "Store", segs, pieces: Sequence[Piece], merge_all: bool, adding: bool, rows: int) -> list[str]:
     """The segments to rewrite: all (``merge_all``, when that leaves fewer or drops
     dead rows), else the smallest when there are more than :data:`MAX_SEGMENTS`."""
     live: dict[str, int] = {}
@@ -236,7 +236,7 @@ def _to_merge(store: "Store", segs, pieces: Sequence[Piece], merge_all: bool, ad
         return []
     out, n = [], 0
     for s in sorted(readable, key=lambda s: (live.get(s.path, 0), s.path)):
-        if len(out) >= 2 and n + live.get(s.path, 0) > SEGMENT_ROWS:
+        if len(out) >= 2 and n + live.get(s.path, 0) > rows:
             break
         out.append(s.path)
         n += live.get(s.path, 0)
@@ -268,10 +268,10 @@ def _delete_loose(store: "Store", pieces: Sequence[Piece]) -> list[str]:
 
 
 def consolidate(store: "Store", *, min_runs: int = 1, replay_grace_s: float = REPLAY_GRACE_S,
-                merge_all: bool = False) -> Consolidated:
+                merge_all: bool = False, rows: int = SEGMENT_ROWS) -> Consolidated:
     """Move the loose files of ended runs into a new segment when at least ``min_runs``
     runs have some, and merge segments (``merge_all``: all of them; else the smallest
-    when there are more than :data:`MAX_SEGMENTS`)."""
+    when there are more than :data:`MAX_SEGMENTS`); ``rows``: rows a segment holds at most."""
     from .compaction import _delete
     from .logs import listed_parts
 
@@ -281,12 +281,12 @@ def consolidate(store: "Store", *, min_runs: int = 1, replay_grace_s: float = RE
     runs = sorted({p.run_id for p in take})
     if len(runs) < max(min_runs, 1):
         take, runs = [], []
-    merge = _to_merge(store, segs, pieces, merge_all, bool(take))
+    merge = _to_merge(store, segs, pieces, merge_all, bool(take), rows)
     if not take and not merge:
         return Consolidated()
     merging = set(merge)
     chosen = sorted(take + [p for p in pieces if p.in_segment and p.file in merging], key=lambda p: p.origin)
-    written = [_write_segment(store, batch) for batch in _batches(_read(store, chosen), SEGMENT_ROWS)]
+    written = [_write_segment(store, batch) for batch in _batches(_read(store, chosen), rows)]
     deleted = _delete_loose(store, take)
     _delete(store, merge)
     return Consolidated(tuple(written), tuple(deleted + merge), tuple(runs))

@@ -202,9 +202,10 @@ def resolve(store: "Store", loose: Sequence[Entry], segments: Sequence[Entry]) -
 
 def piece_tables(store: "Store", pieces: Sequence[Piece],
                  read: "Callable[[pq.ParquetFile, list[int] | None], pa.Table]",
-                 read_dictionary: Sequence[str] = ()) -> list["pa.Table"]:
+                 read_dictionary: Sequence[str] = (), threads: bool = True) -> list["pa.Table"]:
     """The rows of each piece (a table each, in order): ``read(file, row_groups)`` reads
-    a file's row groups (None: all of it); each file is opened once, in parallel
+    a file's row groups (None: all of it); each file is opened once, in parallel unless
+    not ``threads`` (a recording's exit, when no new thread may start)
     (``read_dictionary``: columns read dictionary-encoded)."""
     import os
 
@@ -236,7 +237,7 @@ def piece_tables(store: "Store", pieces: Sequence[Piece],
         with fs.open_input_file(f"{root}/{rel}") as fh:
             return go(pq.ParquetFile(fh, read_dictionary=list(read_dictionary)))
 
-    if len(files) < 2:
+    if len(files) < 2 or not threads:
         read_all = [one(f) for f in files]
     else:
         from concurrent.futures import ThreadPoolExecutor
