@@ -188,7 +188,13 @@ def list_pieces(store: "Store", run_ids: Sequence[str] | None = None,
         for rid in run_ids:
             for src in sources or ("record", "replay", MISMATCH_SOURCE):
                 loose += listed_parts(store, layout.log_folder(rid, src))
-    pieces = resolve(store, loose, stable_segments(store))
+    for attempt in range(8):
+        try:
+            pieces = resolve(store, loose, stable_segments(store))
+            break
+        except FileNotFoundError:  # a segment merged away since it was listed: list them again
+            if attempt == 7:
+                raise
     if run_ids is not None:
         want = set(run_ids)
         pieces = tuple(p for p in pieces if p.run_id in want)

@@ -180,7 +180,13 @@ def resolve(store: "Store", loose: Sequence[Entry], segments: Sequence[Entry]) -
     held: dict[str, tuple[Entry, Origin]] = {}  # origin path -> the last segment's copy
     stamps: dict[str, set] = {}  # origin path -> (size, stamp) of every segment's copy
     for seg in sorted(segments, key=lambda s: s.path):
-        for o in segment_origins(store, seg) or ():
+        origins = segment_origins(store, seg)
+        if origins is None:
+            from .damage import Damage, report
+
+            report(store, Damage(seg.path, "is not a segment whose footer lists the files it holds"),
+                   "its rows are left out of queries")
+        for o in origins or ():
             held[o.path] = (seg, o)
             stamps.setdefault(o.path, set()).add((o.size, o.stamp))
     pieces: list[Piece] = []
