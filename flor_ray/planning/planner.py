@@ -69,7 +69,8 @@ def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
     out: dict[str, set[str]] = {r: set() for r in run_ids}
     if not run_ids:
         return {}
-    t = read_logs(store, None, run_ids, columns=["run_id", "name", "source"])
+    # the runs were chosen among the store's valid ones: not read again to check them
+    t = read_logs(store, None, run_ids, columns=["run_id", "name", "source"], runs=set(run_ids))
     pairs = t.group_by(["run_id", "name", "source"]).aggregate([])
     for rid, name, src in zip(pairs.column("run_id").to_pylist(), pairs.column("name").to_pylist(),
                               pairs.column("source").to_pylist()):

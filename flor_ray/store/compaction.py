@@ -17,9 +17,12 @@ which parts it replaces, so it is atomic for readers without a lock or a manifes
   query answers by listing again (:func:`flor_ray.queries.dataframe.dataframe`,
   :func:`flor_ray.queries.sql.sql`).
 
-Replay partitions are left as they are: one file per task (not per iteration), named
-by the task key that the planner looks up and the queries order replays by, and
-rewritten whole by a retried task.
+Replay partitions are one file per task (not per iteration) already, named by the task
+key that the planner looks up and the queries order replays by, and rewritten whole by
+a retried task: they are not compacted per run but consolidated with the files of
+other runs into segments (:mod:`flor_ray.store.consolidation`), whose footer keeps each
+task's key and footer. A run whose process crashed is compacted by the next recording
+to the store (:func:`compact_ended` with ``crashed_only``) or by ``flor-ray check --repair``.
 """
 
 from __future__ import annotations
