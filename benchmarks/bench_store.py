@@ -5,7 +5,9 @@ N runs × E epochs are then written from it through the store's own writers
 (:func:`flor_ray.record.rows.rows_to_table`, :func:`flor_ray.store.logs.table_to_parquet_bytes`,
 the paths of :mod:`flor_ray.store.layout`, :func:`flor_ray.store.manifest.seal_many`),
 each run as a run leaves it once it has ended: one compacted record file and its
-manifest entry (``--loose``: one part per epoch, as before compaction). Timed, each
+manifest entry (``--loose``: one part per epoch, as before compaction); then the runs'
+files are consolidated into segments as ``flor-ray compact`` does (``--no-consolidate``:
+a file a run). Timed, each
 in a fresh process: ``flor-ray df acc``, an SQL aggregate, ``flor-ray runs`` and a
 ``flor-ray replay gnorm --dry-run``; the ratios time(large) / time(small) are printed
 side by side.
@@ -223,11 +225,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="steps an epoch (default 20)")
     ap.add_argument("--repeat", type=int, help="repetitions a command (default 3; quick 1)")
     ap.add_argument("--loose", action="store_true", help="one record part per epoch (no compaction, no manifest)")
+    ap.add_argument("--no-consolidate", action="store_true",
+                    help="leave a compacted file a run (no segments: the store before `flor-ray compact`)")
     a = ap.parse_args(argv)
     small, large = a.small or (5 if a.quick else 50), a.large or (40 if a.quick else 1000)
     epochs, repeat = a.epochs or (4 if a.quick else 50), a.repeat or (1 if a.quick else 3)
     res: dict = {"mode": "quick" if a.quick else "full", "sizes": [small, large], "epochs": epochs,
-                 "steps": a.steps, "loose": a.loose, "targets_s": TARGETS_S, "ratio_target": RATIO_TARGET,
+                 "steps": a.steps, "loose": a.loose,
+                 "consolidated": not (a.loose or a.no_consolidate), "targets_s": TARGETS_S, "ratio_target": RATIO_TARGET,
                  "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         for n in (small, large):
@@ -239,12 +244,20 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             write_runs(st, template, n - 1, epochs, a.steps, loose=a.loose)
             built = time.perf_counter() - t0
-            log(f"{n} runs × {epochs} epochs: {files_of(store_dir)} files, written in {built:.1f} s")
+            merged = 0.0
+            if not a.loose and not a.no_consolidate:  # what `flor-ray compact` does
+                from flor_ray.store.consolidation import consolidate
+
+                t0 = time.perf_counter()
+                consolidate(st, merge_all=True)
+                merged = time.perf_counter() - t0
+            log(f"{n} runs × {epochs} epochs: {files_of(store_dir)} files, written in {built:.1f} s, "
+                f"consolidated in {merged:.1f} s")
             (repo / "today.py").write_text(TODAY)
             inproc = measure_in_process(repo, env, repeat)
             times = measure(repo, env, repeat)
             res["runs"][str(n)] = {"files": files_of(store_dir), "rows": n * epochs * (a.steps + 1),
-                                   "write_s": round(built, 2), "cli_s": {k: round(v, 3) for k, v in times.items()},
+                                   "write_s": round(built, 2), "consolidate_s": round(merged, 2), "cli_s": {k: round(v, 3) for k, v in times.items()},
                                    "in_process_s": {k: round(v, 3) for k, v in inproc.items()}}
     s, l = res["runs"][str(small)], res["runs"][str(large)]
     res["ratios"] = {}

@@ -1,4 +1,4 @@
-"""``flor-ray check | du | gc | spool``: the commands that look after a store."""
+"""``flor-ray check | compact | du | gc | spool``: the commands that look after a store."""
 
 from __future__ import annotations
 
@@ -28,8 +28,35 @@ def cmd_check(a) -> int:
         from .config import load_settings
         from .store.compaction import compact_ended
 
-        for rid, done in compact_ended(st, load_settings().compact_after):
+        from .store.consolidation import consolidate
+
+        settings = load_settings()
+        for rid, done in compact_ended(st, settings.compact_after):
             print(f"compacted {len(done.deleted)} record parts of run {rid} into {len(done.written)} file(s)")
+        if settings.compact_after and settings.consolidate_after:
+            _print_consolidated(consolidate(st))
+    return 0
+
+
+def _print_consolidated(done) -> None:
+    if done.written:
+        print(f"consolidated {len(done.deleted)} files of {len(done.runs)} runs into {len(done.written)} "
+              f"segment(s): {', '.join(done.written)}")
+
+
+def cmd_compact(a) -> int:
+    from .api import resolve_store
+    from .config import load_settings
+    from .store.compaction import compact_ended
+    from .store.consolidation import consolidate
+
+    st = resolve_store(a.store).check()
+    for rid, done in compact_ended(st, max(load_settings().compact_after, 1)):
+        print(f"compacted {len(done.deleted)} record parts of run {rid} into {len(done.written)} file(s)")
+    done = consolidate(st, replay_grace_s=a.replay_grace, merge_all=True)
+    _print_consolidated(done)
+    if not done.written:
+        print(f"nothing to consolidate in {st.url}")
     return 0
 
 
@@ -91,6 +118,13 @@ def add_store_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--repair", action="store_true",
                     help="move the damaged files to the store's quarantine/ folder (nothing is deleted), then "
                          "compact the record parts of runs that ended without compacting them (crashed)")
+
+    sp = add("compact", cmd_compact, "compact the record parts of ended runs (crashed ones too; never of a run "
+             "that is recording), then merge the files of ended runs and replay partitions into as few segments "
+             "as the store needs, so that queries open a few files", "flor-ray compact")
+    sp.add_argument("--replay-grace", type=float, default=600.0, metavar="SECONDS",
+                    help="leave replay partitions younger than this (a replay in progress may still move or "
+                         "rewrite them; default 600)")
 
     sp = add("du", cmd_du, "show the store's size by kind (runs, logs, checkpoints, checkpoint objects, code, "
              "replays), and per run with --runs", "flor-ray du --runs")

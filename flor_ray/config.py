@@ -125,6 +125,12 @@ class Settings:
     #: compacted into one file (0: never). Every part is a file to list and open, on
     #: object stores a request each: 2 compacts any run that has more than one.
     compact_after: int = 2
+    #: When a run ends and at least this many ended runs have files of their own (not
+    #: yet in a segment), those files are merged into one segment (0: never; see
+    #: flor_ray/store/consolidation.py). A query then opens a few segments instead of
+    #: a file per run: 32 keeps at most 31 runs loose and costs a recording about one
+    #: consolidation in 32.
+    consolidate_after: int = 32
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -151,6 +157,7 @@ ENV_VARS = {
     "ray_connect_timeout_s": "FLOR_RAY_CONNECT_TIMEOUT",
     "output_max_bytes": "FLOR_OUTPUT_MAX_BYTES",
     "compact_after": "FLOR_COMPACT_AFTER",
+    "consolidate_after": "FLOR_CONSOLIDATE_AFTER",
 }
 
 # The valid range of each number, as (test, what a valid value is).
@@ -169,6 +176,7 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "ray_connect_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "output_max_bytes": (lambda v: v >= 0, "a number of bytes >= 0 (0 turns output capture off)"),
     "compact_after": (lambda v: v >= 0, "a number of record parts >= 0 (0: never compact)"),
+    "consolidate_after": (lambda v: v >= 0, "a number of runs >= 0 (0: never consolidate)"),
 }
 
 

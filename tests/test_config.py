@@ -71,7 +71,7 @@ def test_every_env_var_is_read(monkeypatch):
               "snapshot_max_untracked_files": "12", "snapshot_max_untracked_total_bytes": "4096",
               "spool_dir": "/spool", "write_retries": "2", "connect_timeout_s": "3", "read_timeout_s": "4",
               "ray_connect_timeout_s": "5", "flush_interval_s": "0.5", "output_max_bytes": "2048",
-              "compact_after": "0"}
+              "compact_after": "0", "consolidate_after": "5"}
     assert set(values) == set(ENV_VARS)
     for name, raw in values.items():
         monkeypatch.setenv(ENV_VARS[name], raw)
@@ -84,6 +84,7 @@ def test_every_env_var_is_read(monkeypatch):
         "/spool", 2, 3.0, 4.0, 5.0)
     assert s.flush_interval_s == 0.5
     assert s.compact_after == 0 and isinstance(s.compact_after, int)
+    assert s.consolidate_after == 5 and isinstance(s.consolidate_after, int)
     assert isinstance(s.checkpoint_max_period, int) and isinstance(s.checkpoint_budget, float)
 
 

@@ -102,7 +102,7 @@ class Report:
 def find_conflicts(plan: "Plan", run_ids: Sequence[str]) -> tuple[Conflict, ...]:
     """Identities of the plan's names in these runs whose replayed values differ
     between tasks (trusted partitions only), tasks in the order queries rank them."""
-    from ..store import Store, layout
+    from ..store import Store
     from ..store.logs import ITER_COLS, log_parts, parts_in_order, read_logs
 
     st = Store(plan.store_url, plan.storage_options)
@@ -114,8 +114,8 @@ def find_conflicts(plan: "Plan", run_ids: Sequence[str]) -> tuple[Conflict, ...]
     d = t.to_pandas()
     if d["task"].nunique() < 2:
         return ()
-    files, order = parts_in_order(log_parts(st), list(run_ids))
-    rank = {layout.part_task(f): int(o) for f, o in zip(files, order)}
+    pieces, order = parts_in_order(log_parts(st), list(run_ids))
+    rank = {p.task: int(o) for p, o in zip(pieces, order)}
     ctx = ["run_id", "name", "loops", *ITER_COLS, "items"]
     d = d.assign(_rank=d["task"].map(rank).fillna(len(rank))).sort_values(["_rank", "seq"], kind="stable")
     d["_occ"] = d.groupby(ctx + ["task"], dropna=False).cumcount()

@@ -93,32 +93,32 @@ def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple
 
     import pyarrow.parquet as pq
 
-    from ..store import layout
     from ..store.logs import MISMATCH_SOURCE, TASK_META_KEY, parts_of_runs
 
     fs, root = store.arrow_fs()
     keys: set[str] = set()
-    trusted: list[tuple[str, str]] = []
-    for entry in parts_of_runs(store, run_ids, ("replay", MISMATCH_SOURCE)):
-        rel = entry.path
-        keys.add(layout.part_task(rel))
-        if layout.part_source(rel) == "replay":
-            trusted.append((layout.part_run_id(rel), rel))
+    trusted: list = []
+    for piece in parts_of_runs(store, run_ids, ("replay", MISMATCH_SOURCE)):
+        keys.add(piece.task)
+        if piece.source == "replay":
+            trusted.append(piece)
 
-    def footer(item: tuple[str, str]) -> "ReplayedPart | None":
-        rid, rel = item
+    def footer(piece) -> "ReplayedPart | None":
         try:
-            with fs.open_input_file(f"{root}/{rel}") as fh:
-                meta = (pq.read_metadata(fh).metadata or {}).get(TASK_META_KEY)
+            if piece.in_segment:  # the footer the task wrote, kept by the segment
+                meta = piece.task_footer
+            else:
+                with fs.open_input_file(f"{root}/{piece.file}") as fh:
+                    meta = (pq.read_metadata(fh).metadata or {}).get(TASK_META_KEY)
             d = json.loads(meta) if meta else None
         except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
             return None
         if not d:
             return None
-        return ReplayedPart(rid, d["task"], d.get("patch") or "", frozenset(d.get("names") or ()),
+        return ReplayedPart(piece.run_id, d["task"], d.get("patch") or "", frozenset(d.get("names") or ()),
                             frozenset(d.get("iterations") or ()), bool(d.get("setup")), bool(d.get("after")))
 
-    if len(trusted) < 2:
+    if sum(not p.in_segment for p in trusted) < 2:
         found = [footer(t) for t in trusted]
     else:
         with ThreadPoolExecutor(min(len(trusted), 16)) as pool:

@@ -6,11 +6,9 @@ vectorised passes (no per-row Python).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..store import layout
 from ..store.logs import ITER_COLS, schema, unreadable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -19,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
     from ..store import Store
+    from ..store.segments import Piece
 
 #: the columns dataframe() reads from each file (a corrupted page in any of them is
 #: reported), and those read dictionary-encoded
@@ -52,23 +51,25 @@ class Scan:
     task: Any = None
 
 
-def read_files(store: "Store", files: Sequence[str]) -> list:
-    """The :data:`_DF_COLS` of each file (a ``pa.Table`` each, in order), read in parallel.
+def read_files(store: "Store", pieces: "Sequence[Piece]") -> list:
+    """The :data:`_DF_COLS` of each piece (a ``pa.Table`` each, in order), read in parallel.
 
-    One ``ParquetFile`` per file, no dataset machinery: the partition columns come from
-    the paths. A column missing from an older file reads as nulls.
+    One ``ParquetFile`` per file (a segment once, whichever of its row groups are
+    wanted), no dataset machinery: the partition columns come from the pieces. A
+    column missing from an older file reads as nulls.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    fs, root = store.arrow_fs()
-    local = store.is_local
+    from ..store.segments import piece_tables
+
     want = schema()
     dict_t = pa.dictionary(pa.int32(), pa.string())
 
-    def read(pf) -> "pa.Table":
+    def read(pf, row_groups) -> "pa.Table":
         have = set(pf.schema_arrow.names)
-        t = pf.read(columns=[c for c in _DF_COLS if c in have], use_threads=False)
+        cols_in = [c for c in _DF_COLS if c in have]
+        t = (pf.read(columns=cols_in, use_threads=False) if row_groups is None
+             else pf.read_row_groups(row_groups, columns=cols_in, use_threads=True))
         cols = []
         for c in _DF_COLS:
             typ = want.field(c).type
@@ -84,20 +85,7 @@ def read_files(store: "Store", files: Sequence[str]) -> list:
             cols.append(col)
         return pa.Table.from_arrays(cols, names=list(_DF_COLS))
 
-    def one(rel: str) -> "pa.Table":
-        if local:
-            with pq.ParquetFile(f"{root}/{rel}", read_dictionary=list(_DF_DICT_COLS)) as pf:
-                return read(pf)
-        with fs.open_input_file(f"{root}/{rel}") as fh:
-            return read(pq.ParquetFile(fh, read_dictionary=list(_DF_DICT_COLS)))
-
-    if len(files) < 2:
-        return [one(f) for f in files]
-    from concurrent.futures import ThreadPoolExecutor
-
-    workers = min(len(files), min(8, os.cpu_count() or 2) if local else 16)
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, files))
+    return piece_tables(store, pieces, read, _DF_DICT_COLS)
 
 
 def _dict_codes(col) -> tuple:
@@ -123,8 +111,8 @@ def _iter_values(col) -> "np.ndarray | None":
     return col.to_numpy().astype(np.int32, copy=False)
 
 
-def scan_parts(store: "Store", files: Sequence[str], names: Sequence[str] | None) -> "Scan | None":
-    """The rows of ``names`` (all names: None) in ``files``, as flat arrays in file order.
+def scan_parts(store: "Store", files: "Sequence[Piece]", names: Sequence[str] | None) -> "Scan | None":
+    """The rows of ``names`` (all names: None) in ``files`` (pieces), as flat arrays in piece order.
 
     Returns None when no row is left; else run/source/name/vtype/loops codes per row,
     ``iters`` (per depth: int32 or None when all null), ``seq`` and the value columns
@@ -140,8 +128,8 @@ def scan_parts(store: "Store", files: Sequence[str], names: Sequence[str] | None
     except FileNotFoundError:
         raise  # compacted or rewritten since the listing: the caller lists again
     except (OSError, pa.ArrowInvalid) as exc:
-        raise unreadable(store, files, exc) from exc
-    runs_of = [layout.part_run_id(f) for f in files]
+        raise unreadable(store, sorted({p.file for p in files}), exc) from exc
+    runs_of = [p.run_id for p in files]
     rid_dict = sorted(set(runs_of))
     run_code = {r: i for i, r in enumerate(rid_dict)}
     counts = [t.num_rows for t in tables]
@@ -183,7 +171,7 @@ def scan_parts(store: "Store", files: Sequence[str], names: Sequence[str] | None
         rid_dict=rid_dict,
         file=rows(np.repeat(np.arange(len(files), dtype=np.int32), counts)),
         run=rows(np.repeat(np.asarray([run_code[r] for r in runs_of], dtype=np.int32), counts)),
-        src=rows(np.repeat(np.asarray([layout.part_source(f) == "replay" for f in files], dtype=np.int8), counts)),
+        src=rows(np.repeat(np.asarray([p.source == "replay" for p in files], dtype=np.int8), counts)),
         name=name,
         name_vals=name_vals,
         vtype=vtype,

@@ -13,8 +13,6 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ..errors import QueryError
-from ..store import layout
-from ..store.listing import Entry
 from ..store.logs import MISMATCH_SOURCE, dataset, file_schemas, log_parts, unreadable
 from .cache import CACHE
 from .dataframe import LISTINGS
@@ -59,12 +57,11 @@ _VALUE_VIEWS = (
 )
 
 
-def _create_views(con, listing: tuple[Entry, ...]) -> None:
-    """The views over ``logs_arrow``, and the order of the replay partitions in
-    ``listing`` that ``logs`` keeps the earliest of (the same as dataframe()'s)."""
-    stamps = {f: st for f, _, st in listing}
-    replays = sorted((f for f in stamps if layout.part_source(f) == "replay"), key=lambda f: (stamps[f][:1], f))
-    keys = [layout.part_task(f).replace("'", "''") for f in replays]
+def _create_views(con, pieces) -> None:
+    """The views over ``logs_arrow``, and the order of the replay partitions among
+    ``pieces`` that ``logs`` keeps the earliest of (the same as dataframe()'s)."""
+    replays = sorted((p for p in pieces if p.source == "replay"), key=lambda p: (p.stamp[:1], p.origin))
+    keys = [p.task.replace("'", "''") for p in replays]
     rows = ", ".join(f"('{k}', {i})" for i, k in enumerate(keys))
     con.execute("CREATE OR REPLACE TABLE flor_replay_order AS "
                 + (f"SELECT * FROM (VALUES {rows}) t(task, written)" if rows
@@ -142,27 +139,31 @@ class SqlConnection:
         con.register("runs", table)
         self.runs, self.runs_key = runs, key
 
-    def set_logs(self, store: "Store", listing: tuple[Entry, ...]) -> None:
+    def set_logs(self, store: "Store", pieces) -> None:
         import pyarrow as pa
+
+        from ..store.logs import read_pieces
 
         con = self.connect()
         self.logs_key = self.logs_kind = None
-        files = [f[0] for f in listing]
-        small = sum(f[1] or 0 for f in listing) <= _SQL_MATERIALIZE_BYTES + 8192 * len(files)
-        if not files:
+        n_files = len({p.file for p in pieces})
+        small = sum(p.origin_size or 0 for p in pieces) <= _SQL_MATERIALIZE_BYTES + 8192 * n_files
+        if not pieces:
             file_schema, part_schema = file_schemas()
             source: Any = pa.schema(list(file_schema) + list(part_schema)).empty_table()
         else:  # a lazy Arrow dataset (projections and filters pushed down), or its rows
             # dictionary-encoded, as in the files: DuckDB scans the codes, not millions of
             # equal strings (as fast as its own Parquet reader on the 10^6-row benchmark)
             file_schema, part_schema = file_schemas(dictionary=True)
-            source = dataset(store, files, file_schema, part_schema, True)
-            if small and source.count_rows() <= SQL_MATERIALIZE_ROWS:
+            source = dataset(store, pieces, file_schema, part_schema, True)
+            if source is None:  # a segment only partly read: its pieces, in memory
+                source = read_pieces(store, pieces, dictionary=True)
+            elif small and source.count_rows() <= SQL_MATERIALIZE_ROWS:
                 source = source.to_table()
         con.register("logs_arrow", source)
-        self.logs_kind = "view" if files and not isinstance(source, pa.Table) else "table"
-        _create_views(con, listing)
-        self.logs_key = listing
+        self.logs_kind = "view" if pieces and not isinstance(source, pa.Table) else "table"
+        _create_views(con, pieces)
+        self.logs_key = pieces
 
 
 def connection(store: "Store") -> SqlConnection:
@@ -202,11 +203,11 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
     return _query(store, query, metas, runs_key, listing)
 
 
-def _query(store: "Store", query: str, metas: list[dict], runs_key, listing: tuple[Entry, ...]) -> "pd.DataFrame":
+def _query(store: "Store", query: str, metas: list[dict], runs_key, listing) -> "pd.DataFrame":
     """:func:`sql` on the parts of ``listing``."""
     import duckdb
 
-    files = [f.path for f in listing]
+    files = sorted({p.file for p in listing})
     state = connection(store)
     with state.lock:
         runs = state.runs if state.runs_key == runs_key else runs_frame(store, metas)

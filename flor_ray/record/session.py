@@ -469,17 +469,22 @@ class RecordSession(LoopRuntime):
         """The ended run's record parts as one file (:mod:`flor_ray.store.compaction`)
         and its entry in the store's manifest, unless some of its writes were spooled or
         lost (a later upload would add a part the file covers, or rewrite the run file);
-        a store that fails leaves the parts for ``flor-ray check --repair``."""
+        a store that fails leaves the parts for ``flor-ray check --repair``. Then the
+        crashed runs' parts and the loose files of ended runs
+        (:func:`flor_ray.store.consolidation.after_run`)."""
         after = self.settings.compact_after
         if not after or self._spool.down or self._spool.record():
             return
         from ..store.compaction import compact_record
         from ..store.manifest import seal
 
+        from ..store.consolidation import after_run
+
         try:
             if self._flushes >= after:
                 compact_record(self.store, self.run_id)
             seal(self.store, self.run_id, json.loads(json.dumps(self.meta, default=str)))
+            after_run(self.store, after, self.settings.consolidate_after)
         except (FlorError, OSError):
             pass
 

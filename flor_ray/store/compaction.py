@@ -17,9 +17,12 @@ which parts it replaces, so it is atomic for readers without a lock or a manifes
   query answers by listing again (:func:`flor_ray.queries.dataframe.dataframe`,
   :func:`flor_ray.queries.sql.sql`).
 
-Replay partitions are left as they are: one file per task (not per iteration), named
-by the task key that the planner looks up and the queries order replays by, and
-rewritten whole by a retried task.
+Replay partitions are one file per task (not per iteration) already, named by the task
+key that the planner looks up and the queries order replays by, and rewritten whole by
+a retried task: they are not compacted per run but consolidated with the files of
+other runs into segments (:mod:`flor_ray.store.consolidation`), whose footer keeps each
+task's key and footer. A run whose process crashed is compacted by the next recording
+to the store (:func:`compact_ended` with ``crashed_only``) or by ``flor-ray check --repair``.
 """
 
 from __future__ import annotations
@@ -171,12 +174,13 @@ def _delete(store: "Store", rels: Sequence[str]) -> None:
     store.fs.rm([store.path(r) for r in rels])
 
 
-def compact_ended(store: "Store", after: int = 2) -> list[tuple[str, Compacted]]:
+def compact_ended(store: "Store", after: int = 2, crashed_only: bool = False) -> list[tuple[str, Compacted]]:
     """Compact the record parts of every run that is not recording (finished, failed,
     or left ``incomplete`` by a process that is gone): what ``flor-ray check --repair``
     does after moving damaged files aside; ``after``: as the setting ``compact_after``
-    (runs with fewer loose parts are left; 0: none is compacted). (run id, what was
-    done) for each run compacted."""
+    (runs with fewer loose parts are left; 0: none is compacted); ``crashed_only``:
+    only the ``incomplete`` runs (what the next recording does: a run that ended kept
+    its parts by its own settings). (run id, what was done) for each run compacted."""
     from .manifest import seal_many
     from .runs import load_runs, read_run_file
 
@@ -190,7 +194,10 @@ def compact_ended(store: "Store", after: int = 2) -> list[tuple[str, Compacted]]
     raws = {}
     for meta in load_runs(store):
         rid = meta["run_id"]
-        if after and meta.get("status") != "running" and loose.get(rid, 0) >= after and not meta.get("spooled"):
+        status = meta.get("status")
+        if crashed_only and status != "incomplete":
+            continue
+        if after and status != "running" and loose.get(rid, 0) >= after and not meta.get("spooled"):
             done = compact_record(store, rid)
             if done.written:
                 out.append((rid, done))

@@ -23,8 +23,9 @@ from .listing import Entry, list_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import Store
+    from .segments import Piece
 
-__all__ = ["Damage", "run_meta_problem", "part_problem", "healthy_parts", "report", "scan", "quarantine",
+__all__ = ["Damage", "run_meta_problem", "part_problem", "healthy_pieces", "report", "scan", "quarantine",
            "QUARANTINE"]
 
 _MAGIC = b"PAR1"
@@ -147,21 +148,23 @@ def report(store: "Store", damage: Damage, what: str) -> None:
 _ORPHANS = "holds rows of a run without a valid runs/<id>.json (deleted or damaged)"
 
 
-def healthy_parts(store: "Store", listing: Collection[Entry], runs: Collection[str]) -> tuple[Entry, ...]:
-    """The parts of ``listing`` that belong to one of ``runs`` (the store's valid runs)
-    and look like Parquet; the others are reported once and left out of queries."""
+def healthy_pieces(store: "Store", pieces: Collection["Piece"], runs: Collection[str]) -> tuple["Piece", ...]:
+    """The pieces (:mod:`flor_ray.store.segments`) that belong to one of ``runs`` (the
+    store's valid runs) and come from a file that looks like Parquet; the others are
+    reported once and left out of queries."""
     keep, orphans = [], set()
-    for entry in listing:
-        rel, size, stamp = entry
-        rid = layout.part_run_id(rel)
-        if rid not in runs:
-            orphans.add(layout.part_run_folder(rel) or rel)
+    checked: dict[str, str | None] = {}
+    for p in pieces:
+        if p.run_id not in runs:
+            orphans.add(layout.part_run_folder(p.origin) or p.origin)
             continue
-        why = part_problem(store, rel, size, stamp)
+        if p.file not in checked:
+            checked[p.file] = part_problem(store, p.file, p.file_size, p.file_stamp)
+        why = checked[p.file]
         if why:
-            report(store, Damage(rel, why), f"its rows of run {rid} are left out of queries")
+            report(store, Damage(p.file, why), f"its rows of run {p.run_id} are left out of queries")
             continue
-        keep.append(entry)
+        keep.append(p)
     for rel in sorted(orphans):
         report(store, Damage(rel, _ORPHANS), "they are left out of queries")
     return tuple(keep)
@@ -188,6 +191,11 @@ def scan(store: "Store") -> list[Damage]:
     orphans: set[str] = set()
     for rel, size, stamp in list_files(store, layout.LOGS, ".parquet"):
         rid = layout.part_run_id(rel)
+        if layout.is_segment(rel):
+            why = part_problem(store, rel, size, stamp) or _segment_problem(store, Entry(rel, size, stamp))
+            if why:
+                out.append(Damage(rel, why))
+            continue
         if rid not in good:
             orphans.add(layout.part_run_folder(rel) or rel)
             continue
@@ -197,6 +205,15 @@ def scan(store: "Store") -> list[Damage]:
     for rel in sorted(orphans):
         out.append(Damage(rel, _ORPHANS))
     return out
+
+
+def _segment_problem(store: "Store", e: Entry) -> str | None:
+    from .segments import segment_origins
+
+    try:
+        return None if segment_origins(store, e) is not None else "has no readable list of the files it holds"
+    except FileNotFoundError:
+        return None
 
 
 def quarantine(store: "Store", damages: list[Damage]) -> list[str]:

@@ -7,6 +7,7 @@ Layout (``SCHEMA_VERSION`` in :mod:`flor_ray.store.logs` versions the log files)
     <url>/logs/run_id=<id>/source=record/part-<flush>.parquet   recorded rows, one file per flush
     <url>/logs/run_id=<id>/source=record/compact-<first>-<last>.parquet   flushes first..last, compacted
     <url>/logs/run_id=<id>/source=replay/<task>.parquet   rows of one replay task
+    <url>/logs/segments/seg-<time>-<rand>.parquet   rows of many runs' files, consolidated
     <url>/checkpoints/<run_id>/<iteration>.pt   checkpoint of one outer iteration (a full copy,
                                                 or a skeleton referencing the run's objects)
     <url>/checkpoints/<run_id>/objects/<sha256> one tensor of the run's checkpoints, stored once
@@ -34,7 +35,7 @@ __all__ = [
     "part_run_id", "part_run_folder", "part_source", "part_task", "checkpoint", "checkpoint_folder",
     "checkpoint_objects", "checkpoint_object", "saved_file", "kind_of", "run_of",
     "code_version", "code_object", "replay_history", "quarantined", "OUTPUT", "output_folder", "output_part",
-    "output_run_id", "compacted_part", "part_flushes", "MANIFEST",
+    "output_run_id", "compacted_part", "part_flushes", "MANIFEST", "SEGMENTS", "segment", "is_segment",
 ]
 
 MARKER = "flor-store.json"
@@ -47,6 +48,7 @@ REPLAYS = "replays"
 OUTPUT = "output"
 QUARANTINE = "quarantine"
 MANIFEST = "manifest.json"
+SEGMENTS = "logs/segments"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 _RUN_DIR = "run_id="
 _SOURCE_DIR = "source="
@@ -111,6 +113,17 @@ def part_flushes(rel: str) -> tuple[int, int] | None:
     if m.group(1) is not None:
         return int(m.group(1)), int(m.group(1))
     return int(m.group(2)), int(m.group(3))
+
+
+def segment(name: str) -> str:
+    """A segment file (rows of many runs, :mod:`flor_ray.store.segments`) named ``name``
+    (``seg-<time>-<rand>``, without ``.parquet``)."""
+    return f"{SEGMENTS}/{safe_component('segment', name)}.parquet"
+
+
+def is_segment(rel: str) -> bool:
+    """Whether ``rel`` is a segment file."""
+    return rel.startswith(SEGMENTS + "/") and rel.endswith(".parquet")
 
 
 def replay_part(run_id: str, task_key: str, source: str = "replay") -> str:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
 from ..errors import QueryError
 from . import layout
-from .damage import healthy_parts
 from .listing import Entry, list_files
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,9 +27,12 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
     from . import Store
+    from .segments import Piece
 
 __all__ = [
     "SCHEMA_VERSION",
+    "list_pieces",
+    "read_pieces",
     "TASK_META_KEY",
     "MISMATCH_SOURCE",
     "MAX_LOOP_DEPTH",
@@ -138,29 +140,34 @@ def table_to_parquet_bytes(table: "pa.Table") -> bytes:
 DICT_COLS = ("version", "file", "loops", "name", "vtype", "task")
 
 
-def log_parts(store: "Store", rel: str = layout.LOGS, runs: Collection[str] | None = None) -> tuple[Entry, ...]:
-    """The Parquet parts below ``rel`` (``logs`` or a folder in it) that belong to a
-    valid run and look like Parquet (:func:`flor_ray.store.damage.healthy_parts`).
+def log_parts(store: "Store", runs: Collection[str] | None = None, run_ids: Sequence[str] | None = None,
+              sources: Sequence[str] | None = None) -> "tuple[Piece, ...]":
+    """The pieces of the relation (loose files and origins in segments,
+    :mod:`flor_ray.store.segments`) that belong to a valid run, from files that look
+    like Parquet (:func:`flor_ray.store.damage.healthy_pieces`); ``run_ids`` /
+    ``sources``: only these (None: all).
 
     ``runs``: the ids of the store's valid runs, when the caller has them at hand.
     """
+    from .damage import healthy_pieces
+
     if runs is None:
         from .runs import load_runs
 
         runs = {m["run_id"] for m in load_runs(store)}
-    return healthy_parts(store, listed_parts(store, rel), runs)
+    return healthy_pieces(store, list_pieces(store, run_ids, sources), runs)
 
 
 def listed_parts(store: "Store", rel: str = layout.LOGS, recursive: bool = True) -> tuple[Entry, ...]:
-    """The Parquet files below ``rel`` that hold rows: without the record parts that a
-    compacted file replaces, from a listing without a gap in any run's flushes
-    (:mod:`flor_ray.store.compaction` says why one more listing is enough)."""
+    """The loose Parquet files below ``rel`` that hold rows (segments aside): without
+    the record parts that a compacted file replaces, from a listing without a gap in
+    any run's flushes (:mod:`flor_ray.store.compaction` says why one more listing is enough)."""
     from .compaction import has_gap, live_parts
 
     listing = list_files(store, rel, ".parquet", recursive)
     if has_gap(listing):
         listing = list_files(store, rel, ".parquet", recursive)
-    return live_parts(listing)
+    return tuple(e for e in live_parts(listing) if not layout.is_segment(e.path))
 
 
 #: a query of more runs than this lists the whole relation once (a request per 1,000
@@ -168,36 +175,55 @@ def listed_parts(store: "Store", rel: str = layout.LOGS, recursive: bool = True)
 LIST_ALL_FROM = 8
 
 
-def parts_of_runs(store: "Store", run_ids: Sequence[str], sources: Sequence[str]) -> tuple[Entry, ...]:
-    """:func:`listed_parts` of these runs' folders of these sources (unchecked)."""
-    if len(run_ids) > LIST_ALL_FROM:
+def list_pieces(store: "Store", run_ids: Sequence[str] | None = None,
+                sources: Sequence[str] | None = None) -> "tuple[Piece, ...]":
+    """Every piece of the relation (unchecked), or those of ``run_ids`` / ``sources``:
+    the loose files listed first, then the segments (:func:`~flor_ray.store.segments.resolve`)."""
+    from .segments import resolve, stable_segments
+
+    if run_ids is None or len(run_ids) > LIST_ALL_FROM:
+        loose = listed_parts(store)
+    else:
+        loose = ()
+        for rid in run_ids:
+            for src in sources or ("record", "replay", MISMATCH_SOURCE):
+                loose += listed_parts(store, layout.log_folder(rid, src))
+    for attempt in range(8):
+        try:
+            pieces = resolve(store, loose, stable_segments(store))
+            break
+        except FileNotFoundError:  # a segment merged away since it was listed: list them again
+            if attempt == 7:
+                raise
+    if run_ids is not None:
         want = set(run_ids)
-        return tuple(e for e in listed_parts(store) if layout.part_run_id(e.path) in want
-                     and layout.part_source(e.path) in sources)
-    listing: tuple[Entry, ...] = ()
-    for rid in run_ids:
-        for src in sources:
-            listing += listed_parts(store, layout.log_folder(rid, src))
-    return listing
+        pieces = tuple(p for p in pieces if p.run_id in want)
+    if sources is not None:
+        pieces = tuple(p for p in pieces if p.source in sources)
+    return pieces
 
 
-def parts_in_order(listing: Sequence[Entry], run_ids: "Sequence[str] | None") -> tuple[list[str], "np.ndarray"]:
-    """The parts a query reads (those of ``run_ids`` in the runs' order, recorded then
-    replayed; None: all) and each part's task order: replay partitions by the time
+def parts_of_runs(store: "Store", run_ids: Sequence[str], sources: Sequence[str]) -> "tuple[Piece, ...]":
+    """:func:`list_pieces` of these runs and sources (unchecked)."""
+    return list_pieces(store, list(run_ids), sources)
+
+
+def parts_in_order(pieces: "Sequence[Piece]", run_ids: "Sequence[str] | None") -> "tuple[list[Piece], np.ndarray]":
+    """The pieces a query reads (those of ``run_ids`` in the runs' order, recorded then
+    replayed; None: all) and each one's task order: replay partitions by the time
     they were written (their listing stamp, then their path), recordings 0."""
     import numpy as np
 
     if run_ids is not None:
-        by_part: dict[tuple[str | None, str | None], list[str]] = {}
-        for f, _, _ in listing:
-            by_part.setdefault((layout.part_run_id(f), layout.part_source(f)), []).append(f)
-        files = [f for rid in run_ids for src in ("record", "replay") for f in by_part.get((rid, src), [])]
+        by_part: dict[tuple[str, str], list] = {}
+        for p in pieces:
+            by_part.setdefault((p.run_id, p.source), []).append(p)
+        chosen = [p for rid in run_ids for src in ("record", "replay") for p in by_part.get((rid, src), [])]
     else:
-        files = [f for f, _, _ in listing if layout.part_source(f) in ("record", "replay")]
-    stamps = {f: stamp for f, _, stamp in listing}
-    replays = sorted((f for f in files if layout.part_source(f) == "replay"), key=lambda f: (stamps.get(f)[:1], f))
-    rank = {f: i + 1 for i, f in enumerate(replays)}
-    return files, np.asarray([rank.get(f, 0) for f in files], dtype=np.int32)
+        chosen = [p for p in pieces if p.source in ("record", "replay")]
+    replays = sorted((p for p in chosen if p.source == "replay"), key=lambda p: (p.stamp[:1], p.origin))
+    rank = {p.origin: i + 1 for i, p in enumerate(replays)}
+    return chosen, np.asarray([rank.get(p.origin, 0) for p in chosen], dtype=np.int32)
 
 
 def file_schemas(dictionary: bool = False) -> "tuple[pa.Schema, pa.Schema]":
@@ -208,6 +234,47 @@ def file_schemas(dictionary: bool = False) -> "tuple[pa.Schema, pa.Schema]":
     str_t = pa.dictionary(pa.int32(), pa.string()) if dictionary else pa.string()
     file_schema = pa.schema([pa.field(f.name, str_t) if dictionary and f.name in DICT_COLS else f for f in schema()])
     return file_schema, pa.schema([("run_id", str_t), ("source", str_t)])
+
+
+def read_pieces(store: "Store", pieces: "Sequence[Piece]", columns: Sequence[str] | None = None,
+                dictionary: bool = False) -> "pa.Table":
+    """The rows of ``pieces`` with ``run_id`` and ``source``, in the columns of
+    :func:`file_schemas` (a column an older file lacks reads as nulls)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from .segments import piece_tables
+
+    file_schema, part_schema = file_schemas(dictionary)
+    full = pa.schema(list(file_schema) + list(part_schema))
+    if columns is not None:
+        full = pa.schema([full.field(c) for c in columns])
+    want = [f.name for f in full if f.name not in ("run_id", "source")]
+    dict_cols = [c for c in want if dictionary and c in DICT_COLS]
+
+    def read(pf, row_groups):
+        have = [c for c in want if c in set(pf.schema_arrow.names)]
+        return (pf.read(columns=have, use_threads=False) if row_groups is None
+                else pf.read_row_groups(row_groups, columns=have, use_threads=False))
+
+    tables = []
+    for p, t in zip(pieces, piece_tables(store, pieces, read, dict_cols)):
+        cols = []
+        for f in full:
+            if f.name in ("run_id", "source"):
+                v = pa.scalar(p.run_id if f.name == "run_id" else p.source, pa.string())
+                cols.append(pa.DictionaryArray.from_arrays(pa.array(np.zeros(t.num_rows, np.int32)), pa.array([v]))
+                            if dictionary else pa.repeat(v, t.num_rows))
+            elif f.name in t.column_names:
+                col = t.column(f.name)
+                cols.append(col if col.type == f.type else col.cast(f.type))
+            else:
+                cols.append(pa.nulls(t.num_rows, f.type))
+        tables.append(pa.Table.from_arrays(cols, schema=full))
+    if not tables:
+        return full.empty_table()
+    out = pa.concat_tables(tables)
+    return out.unify_dictionaries() if dictionary else out
 
 
 def read_logs(
@@ -221,40 +288,35 @@ def read_logs(
 ) -> "pa.Table":
     """Rows of the relation (with ``run_id`` and ``source``) for these names/runs.
 
-    Only the files of the asked runs are opened. ``dictionary=True`` keeps the
-    repetitive string columns dictionary-encoded, as they are in the files, which
-    saves materialising millions of identical strings. ``runs``: as for :func:`log_parts`.
+    Only the files (and segment row groups) of the asked runs are read.
+    ``dictionary=True`` keeps the repetitive string columns dictionary-encoded, as they
+    are in the files, which saves materialising millions of identical strings.
+    ``runs``: as for :func:`log_parts`. Listed again when a file is gone before it is
+    read (compacted or consolidated meanwhile).
     """
     import pyarrow as pa
-    import pyarrow.dataset as ds
 
     run_list = None if run_ids is None else list(run_ids)
-    files: list[str] = []
-    if run_list is None:
-        files = [f.path for f in log_parts(store, runs=runs)]
-    else:
-        listing = parts_of_runs(store, run_list, sources)
-        if runs is None and listing:
-            from .runs import load_runs
-
-            runs = {m["run_id"] for m in load_runs(store)}
-        files = [f.path for f in healthy_parts(store, listing, runs or ())]
-    files = [f for f in files if layout.part_source(f) in sources]
-    file_schema, part_schema = file_schemas(dictionary)
-    full = pa.schema(list(file_schema) + list(part_schema))
-    if columns is not None:
-        full = pa.schema([full.field(c) for c in columns])
-    if not files:
-        return full.empty_table()
-    dset = dataset(store, files, file_schema, part_schema, dictionary)
-    flt = None
+    cols = None if columns is None else list(dict.fromkeys([*columns, *(["name"] if names is not None else [])]))
+    before = None
+    for attempt in range(64):
+        pieces = log_parts(store, runs=runs, run_ids=run_list, sources=sources)
+        try:
+            out = read_pieces(store, pieces, cols, dictionary)
+            break
+        except FileNotFoundError:
+            if attempt == 63 or pieces == before:
+                raise
+            before = pieces
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise unreadable(store, sorted({p.file for p in pieces}), exc) from exc
     if names is not None:
-        flt = ds.field("name").isin(list(names))
-    try:
-        out = dset.to_table(filter=flt, columns=list(columns) if columns is not None else None)
-        return out.unify_dictionaries() if dictionary else out
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise unreadable(store, files, exc) from exc
+        import pyarrow.compute as pc
+
+        out = out.filter(pc.is_in(out.column("name"), value_set=pa.array(list(names), pa.string())))
+        if columns is not None:
+            out = out.select(list(columns))
+    return out
 
 
 def unreadable(store: "Store", files: Sequence[str], exc: Exception) -> QueryError:
@@ -278,25 +340,41 @@ def unreadable(store: "Store", files: Sequence[str], exc: Exception) -> QueryErr
     return QueryError(f"cannot read the log relation: {where} is truncated or corrupted ({exc}); {fix}")
 
 
-def dataset(store: "Store", files: Sequence[str], file_schema, part_schema, dictionary: bool):
-    """A pyarrow dataset over these parts, partitioned by run and source as their folders are."""
+def dataset(store: "Store", pieces: "Sequence[Piece]", file_schema, part_schema, dictionary: bool):
+    """A pyarrow dataset over these pieces: the loose files partitioned by run and source
+    as their folders are, the segments holding them as columns; None when a segment is
+    only partly wanted (the caller reads the pieces instead: :func:`read_pieces`)."""
     import pyarrow as pa
     import pyarrow.dataset as ds
 
+    from .segments import segment_origins
+
     fs, root = store.arrow_fs()
-    kw = {}
-    if dictionary:
-        runs_seen = sorted({layout.part_run_id(f) for f in files})
-        kw["dictionaries"] = {"run_id": pa.array(runs_seen), "source": pa.array(["record", "replay", MISMATCH_SOURCE])}
-        fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(DICT_COLS)))
-    else:
-        fmt = ds.ParquetFileFormat()
-    part = ds.partitioning(part_schema, flavor="hive", **kw)
-    return ds.dataset(
-        [f"{root}/{f}" for f in files],
-        schema=pa.schema(list(file_schema) + list(part_schema)),
-        format=fmt,
-        filesystem=fs,
-        partitioning=part,
-        partition_base_dir=f"{root}/{layout.LOGS}",
-    )
+    full = pa.schema(list(file_schema) + list(part_schema))
+    loose = [p.file for p in pieces if not p.in_segment]
+    segs: dict[str, tuple] = {}
+    for p in pieces:
+        if p.in_segment:
+            segs.setdefault(p.file, (p, []))[1].append(p.origin)
+    for rel, (p, origins) in segs.items():
+        held = [o.path for o in segment_origins(store, Entry(rel, p.file_size, p.file_stamp)) or () if o.rows]
+        if sorted(held) != sorted(origins):
+            return None
+    dict_cols = list(DICT_COLS)
+    parts = []
+    if loose:
+        kw = {}
+        if dictionary:
+            runs_seen = sorted({p.run_id for p in pieces})
+            kw["dictionaries"] = {"run_id": pa.array(runs_seen),
+                                  "source": pa.array(["record", "replay", MISMATCH_SOURCE])}
+        fmt = (ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=dict_cols))
+               if dictionary else ds.ParquetFileFormat())
+        parts.append(ds.dataset([f"{root}/{f}" for f in loose], schema=full, format=fmt, filesystem=fs,
+                                partitioning=ds.partitioning(part_schema, flavor="hive", **kw),
+                                partition_base_dir=f"{root}/{layout.LOGS}"))
+    if segs:
+        fmt = (ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=dict_cols + ["run_id", "source"]))
+               if dictionary else ds.ParquetFileFormat())
+        parts.append(ds.dataset([f"{root}/{f}" for f in segs], schema=full, format=fmt, filesystem=fs))
+    return parts[0] if len(parts) == 1 else ds.dataset(parts)

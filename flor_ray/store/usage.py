@@ -68,6 +68,22 @@ def _listing(store: "Store") -> dict[str, int]:
     return out
 
 
+def _segment_shares(store: "Store", rel: str, size: int) -> dict[str, int]:
+    """A segment's bytes split among the runs it holds, by the sizes their files had."""
+    from .listing import Entry
+    from .segments import segment_origins
+
+    try:
+        origins = segment_origins(store, Entry(rel, size, None)) or ()
+    except FileNotFoundError:
+        return {}
+    total = sum(o.size or 0 for o in origins)
+    out: dict[str, int] = {}
+    for o in origins:
+        out[o.run_id] = out.get(o.run_id, 0) + ((o.size or 0) * size // total if total else 0)
+    return out
+
+
 def disk_usage(store: "Store") -> DiskUsage:
     """The store's files and bytes by kind, and each run's bytes."""
     kinds: dict[str, list[int]] = {}
@@ -82,6 +98,9 @@ def disk_usage(store: "Store") -> DiskUsage:
             field = {"runs": "meta", "logs": "logs", "checkpoints": "checkpoints"}.get(kind, "objects")
             r = runs.setdefault(run, {"meta": 0, "logs": 0, "checkpoints": 0, "objects": 0})
             r[field] += size
+        elif layout.is_segment(rel):
+            for rid, share in _segment_shares(store, rel, size).items():
+                runs.setdefault(rid, {"meta": 0, "logs": 0, "checkpoints": 0, "objects": 0})["logs"] += share
     return DiskUsage(
         tuple(Usage(kind, n, b) for kind, (n, b) in sorted(kinds.items(), key=lambda kv: -kv[1][1])),
         tuple(RunUsage(rid, **r) for rid, r in sorted(runs.items())),

@@ -1,0 +1,259 @@
+"""Segments: the rows of many runs' files in one Parquet file, so that a query over
+thousands of ended runs opens a few files instead of one (or more) per run.
+
+A segment ``logs/segments/seg-<time>-<rand>.parquet`` holds the rows of *origins*:
+files that stood on their own in a run's folder (a sealed run's compacted record
+file, a replay task's partition), each copied whole, in path order, with ``run_id``
+and ``source`` as columns. Its footer key :data:`SEGMENT_KEY` lists every origin:
+its path, size and listing stamp as the writer listed it, its run and source, where
+its rows are (row group, offset, count) and, for a replay partition, the footer the
+task wrote (what the planner reads to know what the task covered). Row groups follow
+the origins (a run's rows are never split across two origins' groups more than
+needed), so reading one run's rows reads only its groups.
+
+How a reader makes one row set out of loose files and segments, without a lock
+(:func:`resolve`):
+
+- an origin is taken from one place only: a loose file listed with the *same* size
+  and stamp as a segment's origin is that origin not yet deleted (the segment is
+  read, the file ignored); a loose file listed with *another* stamp was written after
+  the segment (a retried task rewriting its partition), and wins over every segment;
+- an origin several segments hold (two consolidations of the same files, or a merge
+  of segments that left the old ones for a moment) is read from the last segment by
+  name (names begin with the time of writing);
+- the segments are listed after the loose files, and listed again until two listings
+  agree (:func:`stable_segments`). A writer writes a segment before it deletes any
+  file the segment holds, so a loose file missing from the first listing was deleted
+  after its segment was written, before the segment listings began: they show it.
+  A segment deleted after it was listed is a ``FileNotFoundError`` when read, which
+  the queries answer by listing again.
+
+The writer side is :mod:`flor_ray.store.consolidation`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from . import layout
+from .listing import Entry, list_files
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from . import Store
+
+__all__ = ["SEGMENT_KEY", "Origin", "Piece", "segment_origins", "stable_segments", "resolve", "loose_piece",
+           "piece_tables"]
+
+#: the footer key of a segment: JSON {"format": 1, "origins": [[path, size, stamp, run_id, source,
+#: row_group, offset, rows, task_footer], ...]}
+SEGMENT_KEY = b"flor_ray.segment"
+SEGMENT_FORMAT = 1
+#: listings of the segments folder a reader takes at most to see two that agree
+SEGMENT_LISTINGS = 8
+
+
+def _tupled(x: Any) -> Any:
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+@dataclass(frozen=True)
+class Origin:
+    """A file whose rows a segment holds, as the segment's footer lists it."""
+
+    path: str
+    size: int | None
+    stamp: Any
+    run_id: str
+    source: str
+    row_group: int  # -1: no rows
+    offset: int
+    rows: int
+    task_footer: str | None = None  # a replay partition's TASK_META_KEY footer
+
+    def as_json(self) -> list:
+        return [self.path, self.size, self.stamp, self.run_id, self.source, self.row_group, self.offset,
+                self.rows, self.task_footer]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows a query reads: a loose file whole, or an origin's rows in a segment.
+
+    ``origin``: the path the rows were written as (queries order and name rows by it,
+    so a consolidated store reads exactly as it did before); ``stamp``: its listing
+    stamp (replay tasks are ordered by it); ``file`` / ``file_size`` / ``file_stamp``:
+    the file to open.
+    """
+
+    file: str
+    file_size: int | None
+    file_stamp: Any
+    origin: str
+    stamp: Any
+    run_id: str
+    source: str
+    row_group: int | None = None  # None: the whole file
+    offset: int = 0
+    rows: int | None = None
+    task_footer: str | None = None
+    origin_size: int | None = None
+
+    @property
+    def task(self) -> str:
+        """The task key of a replay partition (its file name without ``.parquet``)."""
+        return layout.part_task(self.origin)
+
+    @property
+    def in_segment(self) -> bool:
+        return self.row_group is not None
+
+
+def loose_piece(e: Entry) -> Piece | None:
+    """The piece of a loose file in a run's folder; None for a file outside one."""
+    rid, src = layout.part_run_id(e.path), layout.part_source(e.path)
+    if rid is None or src is None:
+        return None
+    return Piece(e.path, e.size, e.stamp, e.path, e.stamp, rid, src, origin_size=e.size)
+
+
+_LOCK = threading.Lock()
+_FOOTERS: dict[tuple, tuple[Origin, ...]] = {}  # (store url, path, size, stamp) -> origins
+_FOOTERS_MAX = 4096
+
+
+def _parse(raw: bytes) -> tuple[Origin, ...]:
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("format") != SEGMENT_FORMAT:
+        raise ValueError("not a segment footer of a known format")
+    return tuple(Origin(p, s, _tupled(st), r, src, int(g), int(o), int(n), t)
+                 for p, s, st, r, src, g, o, n, t in doc["origins"])
+
+
+def segment_origins(store: "Store", e: Entry) -> tuple[Origin, ...] | None:
+    """The origins a segment holds (its footer, read once per size and stamp); None when
+    the file is not a segment (damaged: :func:`flor_ray.store.damage.scan` names it).
+    Raises ``FileNotFoundError`` when it is gone since the listing."""
+    key = (store.url, e.path, e.size, e.stamp)
+    with _LOCK:
+        hit = _FOOTERS.get(key)
+    if hit is not None:
+        return hit
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, root = store.arrow_fs()
+    try:
+        with fs.open_input_file(f"{root}/{e.path}") as fh:
+            meta = pq.read_metadata(fh).metadata or {}
+        out = _parse(meta[SEGMENT_KEY])
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowInvalid, KeyError, ValueError, TypeError):
+        return None
+    with _LOCK:
+        if len(_FOOTERS) >= _FOOTERS_MAX:
+            _FOOTERS.clear()
+        _FOOTERS[key] = out
+    return out
+
+
+def stable_segments(store: "Store") -> tuple[Entry, ...]:
+    """The segments folder's listing, taken until two listings in a row agree."""
+    last = list_files(store, layout.SEGMENTS, ".parquet", recursive=False)
+    for _ in range(SEGMENT_LISTINGS - 1):
+        again = list_files(store, layout.SEGMENTS, ".parquet", recursive=False)
+        if again == last:
+            return again
+        last = again
+    return last
+
+
+def resolve(store: "Store", loose: Sequence[Entry], segments: Sequence[Entry]) -> tuple[Piece, ...]:
+    """The pieces of a store's rows: each origin once, from the place the module
+    docstring says; in origin path order (the order of the files before consolidation)."""
+    held: dict[str, tuple[Entry, Origin]] = {}  # origin path -> the last segment's copy
+    stamps: dict[str, set] = {}  # origin path -> (size, stamp) of every segment's copy
+    for seg in sorted(segments, key=lambda s: s.path):
+        origins = segment_origins(store, seg)
+        if origins is None:
+            from .damage import Damage, report
+
+            report(store, Damage(seg.path, "is not a segment whose footer lists the files it holds"),
+                   "its rows are left out of queries")
+        for o in origins or ():
+            held[o.path] = (seg, o)
+            stamps.setdefault(o.path, set()).add((o.size, o.stamp))
+    pieces: list[Piece] = []
+    for e in loose:
+        p = loose_piece(e)
+        if p is None:
+            continue
+        if (e.size, e.stamp) in stamps.get(e.path, ()):
+            continue  # a segment holds this very file: it is being deleted
+        held.pop(e.path, None)  # written after the segments: it stands
+        pieces.append(p)
+    for seg, o in held.values():
+        if o.rows:
+            pieces.append(Piece(seg.path, seg.size, seg.stamp, o.path, o.stamp, o.run_id, o.source,
+                                o.row_group, o.offset, o.rows, o.task_footer, o.size))
+    pieces.sort(key=lambda p: p.origin)
+    return tuple(pieces)
+
+
+def piece_tables(store: "Store", pieces: Sequence[Piece],
+                 read: "Callable[[pq.ParquetFile, list[int] | None], pa.Table]",
+                 read_dictionary: Sequence[str] = (), threads: bool = True) -> list["pa.Table"]:
+    """The rows of each piece (a table each, in order): ``read(file, row_groups)`` reads
+    a file's row groups (None: all of it); each file is opened once, in parallel unless
+    not ``threads`` (a recording's exit, when no new thread may start)
+    (``read_dictionary``: columns read dictionary-encoded)."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    fs, root = store.arrow_fs()
+    local = store.is_local
+    groups: dict[str, list[int]] = {}
+    for p in pieces:
+        if p.in_segment:
+            groups.setdefault(p.file, []).append(p.row_group)
+    files = list(dict.fromkeys(p.file for p in pieces))
+
+    def one(rel: str):
+        rgs = sorted(set(groups[rel])) if rel in groups else None
+
+        def go(pf):
+            if rgs is None:
+                return read(pf, None), None
+            starts, n = {}, 0
+            for g in rgs:
+                starts[g] = n
+                n += pf.metadata.row_group(g).num_rows
+            return read(pf, rgs), starts
+
+        if local:
+            with pq.ParquetFile(f"{root}/{rel}", read_dictionary=list(read_dictionary)) as pf:
+                return go(pf)
+        with fs.open_input_file(f"{root}/{rel}") as fh:
+            return go(pq.ParquetFile(fh, read_dictionary=list(read_dictionary)))
+
+    if len(files) < 2 or not threads:
+        read_all = [one(f) for f in files]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(len(files), min(8, os.cpu_count() or 2) if local else 16)) as pool:
+            read_all = list(pool.map(one, files))
+    by_file = dict(zip(files, read_all))
+    out = []
+    for p in pieces:
+        table, starts = by_file[p.file]
+        out.append(table if starts is None else table.slice(starts[p.row_group] + p.offset, p.rows))
+    return out
+
