@@ -218,9 +218,10 @@ def _collect_one(h, sent: dict, lost, on_done, retry_exceptions: tuple, send) ->
     if not s.batch:
         del sent[h]
         try:
-            on_done(Outcome(s.items[0], value=ray.get(h)))
+            out = Outcome(s.items[0], value=ray.get(h))
         except Exception as exc:  # noqa: BLE001 - retries exhausted: reported, never dropped
-            on_done(Outcome(s.items[0], error=exc))
+            out = Outcome(s.items[0], error=exc)
+        on_done(out)
         return
     try:
         ref = next(h)
