@@ -99,8 +99,10 @@ def test_bench_scaling_quick():
     assert res["tasks"] >= 1000
     assert [r["w"] for r in res["widths"]] == [1, 2, 4, 8]
     for r in res["widths"]:
-        assert r["tasks_done"] == r["tasks"] == res["tasks"]
-        assert set(r) >= {"makespan_s", "estimate_s", "ideal_s", "efficiency", "estimate_err"}
+        assert r["tasks_done"] == r["tasks"] == res["tasks"] == r["unbatched"]["tasks_done"]
+        assert set(r) >= {"makespan_s", "estimate_s", "ideal_s", "efficiency", "estimate_err", "occupancy"}
+        assert r["unbatched"]["ray_tasks"] == r["tasks"] > r["ray_tasks"]  # the driver's batches
+        assert r["slept_s"] <= r["slot_s"] + 1e-6
     assert res["widths"][-1]["makespan_s"] < res["widths"][0]["makespan_s"]
     assert Path(res["png"]).exists()
 

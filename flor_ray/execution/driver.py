@@ -16,6 +16,7 @@ from .task import ReplayProcessKilled, TaskResult, Zygote, fork_enabled, run_tas
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..planning.plan import Plan, Task
+    from .batches import Batching
 
 __all__ = ["run_plan", "Runner", "RayRunner", "LocalRunner", "ray_runner", "Call", "ensure_ray", "check_reachable",
            "PLAN_OVERHEAD_S", "RAY_START_S"]
@@ -161,10 +162,15 @@ class LocalRunner:
 
 class RayRunner:
     """The tasks on Ray at ``address`` (None: ``RAY_ADDRESS``, else a local Ray of
-    this driver's own), longest first, each asking the plan's resources."""
+    this driver's own), longest first, each asking the plan's resources; short ones
+    share Ray tasks as ``batching`` says (:mod:`flor_ray.execution.batches`)."""
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, batching: "Batching | None" = None) -> None:
+        from .batches import BATCHING
+
         self.address = address
+        #: how short tasks share Ray tasks (NO_BATCHING: one Ray task per task)
+        self.batching = batching or BATCHING
         #: workers (node:pid) whose zygote has started: a plan whose slots are all
         #: warm does not pay the plan's cold start
         self.warm: set[str] = set()
@@ -181,23 +187,49 @@ class RayRunner:
         return start + (0.0 if warm or not fork_enabled() else plan.startup_s)
 
     def run(self, plan: "Plan", calls: Sequence[Call], bar: "_Progress") -> list[TaskResult]:
-        import ray
+        from .batches import pack, run_packed
 
         ensure_ray(self.address)
-        fn = ray.remote(run_task)
-        refs = {}
-        # longest first: what the makespan estimate (LPT list scheduling) assumes
-        for c in sorted(calls, key=lambda c: -c.task.estimate_s):
-            t = c.task
-            opts: dict[str, Any] = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "max_retries": plan.retries,
-                                    "retry_exceptions": [ReplayProcessKilled], "name": f"flor-replay-{t.key[:12]}"}
-            if t.memory:
-                opts["memory"] = t.memory
-            refs[fn.options(**opts).remote(*c.args)] = t
+        opts = [_options(c.task) for c in calls]
+        # longest first (what the makespan estimate, LPT list scheduling, assumes); short
+        # tasks share Ray tasks (flor_ray.execution.batches)
+        batches = pack([c.task.estimate_s for c in calls], plan.slots, self.batching,
+                       groups=[tuple(sorted(o.items())) for o in opts])
         results: list[TaskResult] = []
-        _collect(refs, results, bar, plan.retries)
+
+        def done(o) -> None:
+            if o.error is None:
+                results.append(o.value)
+            else:  # retries exhausted, or a failure that is no task's own: reported, never dropped
+                t = calls[o.index].task
+                results.append(TaskResult(t.key, t.run_id, "failed", 0, 0.0, t.estimate_s,
+                                          error=f"task lost after {plan.retries} retries: "
+                                                f"{type(o.error).__name__}: {o.error}"))
+            bar.update(len(results))
+
+        def name(b) -> str:
+            key = calls[b.items[0]].task.key[:12]
+            return f"flor-replay-{key}" + (f"+{len(b.items) - 1}" if len(b.items) > 1 else "")
+
+        with _signals_interrupt():
+            try:
+                run_packed(run_task, [c.args for c in calls], batches, options=opts.__getitem__,
+                           retries=plan.retries, retry_exceptions=(ReplayProcessKilled,), on_done=done, name=name,
+                           report_s=self.batching.report_s)
+            except KeyboardInterrupt:
+                sys.stderr.write(f"\nreplay: interrupted; {len(calls) - len(results)} unfinished tasks cancelled, "
+                                 f"{len(results)} finished ones kept (a rerun runs only the rest)\n")
+                raise
         self.warm.update(r.worker for r in results if r.worker)
         return results
+
+
+def _options(t: "Task") -> dict[str, Any]:
+    """A task's Ray resources."""
+    opts: dict[str, Any] = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
+    if t.memory:
+        opts["memory"] = t.memory
+    return opts
 
 
 #: one RayRunner per address for this driver: the warm workers it knows of belong to
@@ -264,40 +296,6 @@ def run_plan(plan: "Plan", *, runner: Runner | None = None, progress: bool = Tru
     conflicts = find_conflicts(plan, sorted({r.run_id for r in results if r.status in ("done", "skipped")}))
     return Report(tuple(results), tuple((s.run_id, s.reason) for s in plan.skipped), fid,
                   round(time.time() - t0, 3), round(expected, 3), plan.refused, plan.damaged, conflicts)
-
-
-def _collect(refs: dict, results: list, bar: _Progress, retries: int) -> None:
-    """Wait for the tasks' results; Ctrl-C or SIGTERM cancels the rest and re-raises.
-
-    A cancelled task's partial output is never visible: partitions are written whole
-    (temporary + rename, or one PUT) at the task's end.
-    """
-    import ray
-
-    waiting = list(refs)
-    done = 0
-    with _signals_interrupt():
-        try:
-            while waiting:
-                ready, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
-                for ref in ready:
-                    t = refs[ref]
-                    try:
-                        results.append(ray.get(ref))
-                    except Exception as exc:  # noqa: BLE001 - retries exhausted: report, never drop
-                        results.append(TaskResult(t.key, t.run_id, "failed", 0, 0.0, t.estimate_s,
-                                                  error=f"task lost after {retries} retries: {type(exc).__name__}: {exc}"))
-                    done += 1
-                bar.update(done)
-        except KeyboardInterrupt:
-            for ref in waiting:
-                try:
-                    ray.cancel(ref, force=True)
-                except Exception:  # noqa: BLE001 - already finished or gone: nothing to cancel
-                    pass
-            sys.stderr.write(f"\nreplay: interrupted; {len(waiting)} unfinished tasks cancelled, "
-                             f"{done} finished ones kept (a rerun runs only the rest)\n")
-            raise
 
 
 class _signals_interrupt:
