@@ -57,8 +57,12 @@ class RecordSession(LoopRuntime):
     """One recording run of one script."""
 
     def __init__(self, settings: Settings, kwargs: Mapping[str, str] | None = None, argv: list[str] | None = None,
-                 hooks: RecordHooks | None = None):
+                 hooks: RecordHooks | None = None, block: Mapping[str, Any] | None = None):
         super().__init__()
+        #: which part of the process this run is when ``with flor.run():`` blocks cut it
+        #: into several (``{"block": k}`` or ``{"after_blocks": b}``); None: the whole process
+        self.block = None if block is None else dict(block)
+        self._cells = None  # a kernel's executed cells (record/notebook.py), when recording in one
         self.settings = settings
         self.kwargs = dict(kwargs or {})
         self.argv = list(sys.argv if argv is None else argv)
@@ -156,7 +160,16 @@ class RecordSession(LoopRuntime):
         from . import start as st
 
         timer.mark("imports")
-        where = st.locate_script(self.argv)
+        from . import notebook
+
+        shell = notebook.kernel_shell()
+        if shell is not None:  # IPython / Jupyter: the cells are the script
+            place = notebook.locate(shell)
+            where = st.ScriptInRepo(place.repo_root, place.script)
+            # a kernel-session run follows the cells it goes on running; a block's code is its cell and those before
+            self._cells = notebook.CellsRecorder(shell, place, follow=not (self.block or {}).get("block"))
+        else:
+            where = st.locate_script(self.argv)
         timer.mark("repo_root")
         self.store = st.open_store(self.settings, where.repo_root)
         timer.mark("store")
@@ -164,12 +177,20 @@ class RecordSession(LoopRuntime):
         from .spool import SpoolingWriter
 
         self._spool = SpoolingWriter(self.store, self.run_id, self.settings.spool_dir, self.settings.write_retries)
-        snap = st.take_snapshot(self.settings, self.store, where, self.run_id)
+        cells = self._cells.script() if self._cells is not None else None
+        snap = st.take_snapshot(self.settings, self.store, where, self.run_id,
+                                extra={where.script: cells.text} if cells else None)
         timer.mark("snapshot")
         self.snapshot = snap
         self.version = snap.tree
         self.script = where.script
         self.meta: dict[str, Any] = st.run_meta(self.run_id, where, snap, self.argv)
+        if cells is not None:
+            self.meta["argv"] = []  # the kernel's own (-f kernel.json), not the cells'
+            self._note_cells(cells)
+            self._cells.on_cell_end = self._after_cell
+        if self.block is not None:
+            self.meta["block"] = {**self.block, "kwargs": dict(self.kwargs)}
         import numpy  # noqa: F401  # on this thread: the writer's pyarrow import needs it, and a
         # module half-imported by another thread must never be seen by capture_rng / environment()
         timer.mark("meta")
@@ -189,6 +210,48 @@ class RecordSession(LoopRuntime):
 
     def _record_error(self, error: dict) -> None:
         self._error = error
+
+    # -------------------------------------------------------------- notebook
+    def _note_cells(self, cells) -> None:
+        """The cells' part of the metadata: which ran, the notebook, why a replay must refuse them."""
+        self.meta["notebook"] = {"path": self._cells.place.notebook, "cells": list(cells.cells),
+                                 "kernel_session": self._cells.follow}
+        if cells.refusal:
+            self.meta["replay_refused"] = cells.refusal
+        else:
+            self.meta.pop("replay_refused", None)
+
+    def _refresh_cells(self) -> bool:
+        """A kernel-session run's code once the kernel has run more cells: the snapshot
+        again, with them (the same ref, moved); whether it changed."""
+        cells = self._cells
+        if cells is None or not cells.follow or self._finished or not cells.grew():
+            return False
+        from ..versions import upload
+        from . import start as st
+
+        script = cells.script()
+        where = st.ScriptInRepo(cells.place.repo_root, self.script)
+        snap = st.take_snapshot(self.settings, self.store, where, self.run_id, extra={self.script: script.text},
+                                replace=self.snapshot.commit)
+        self.snapshot, self.version = snap, snap.tree
+        self.meta.update({"version": snap.tree, "commit": snap.commit})
+        self._note_cells(script)
+        self.writer.submit(upload, self.store, snap)
+        return True
+
+    def _after_cell(self) -> None:
+        """After each cell of the kernel: its code is in the run's version before the next one runs."""
+        if self._refresh_cells():
+            self._write_meta()
+
+    def end_by_block(self) -> None:
+        """End this run where a ``with flor.run():`` block begins (the block is a run of its own)."""
+        if self.block is None:
+            self.block = {"after_blocks": 0}
+        if self.started:
+            self.meta["block"] = {**self.block, "kwargs": dict(self.kwargs)}
+        self.finish()
 
     def _capture_numerics(self) -> None:
         """The numerics the training loop runs with (see flor_ray.numerics), taken on
@@ -380,6 +443,7 @@ class RecordSession(LoopRuntime):
         ``flush_interval_s``), whose rows are in the store when it returns, so a crash
         (even SIGKILL) loses at most the rows logged since.
         """
+        self._refresh_cells()
         self._flush_rows_only()
         self._write_meta()
         self._t_flushed = time.monotonic()
@@ -427,7 +491,10 @@ class RecordSession(LoopRuntime):
         self._import_clock.stop()
         if not self.started or self._finished:
             return
+        self._refresh_cells()
         self._finished = True
+        if self._cells is not None:
+            self._cells.close()
         self._close_progress()
         problems: list[str] = []
         try:

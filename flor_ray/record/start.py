@@ -65,8 +65,10 @@ def new_run_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def take_snapshot(settings: Settings, store: Store, where: ScriptInRepo, run_id: str) -> Snapshot:
-    """The working tree on ``refs/flor/<run_id>``, leaving out a store kept inside it."""
+def take_snapshot(settings: Settings, store: Store, where: ScriptInRepo, run_id: str,
+                  extra: dict[str, str] | None = None, replace: str | None = None) -> Snapshot:
+    """The working tree on ``refs/flor/<run_id>``, leaving out a store kept inside it;
+    ``extra`` and ``replace`` as :func:`flor_ray.versions.snapshot` takes them (a notebook's cells)."""
     exclude = []
     if store.is_local:
         store_root = Path(store.root).resolve()
@@ -81,6 +83,8 @@ def take_snapshot(settings: Settings, store: Store, where: ScriptInRepo, run_id:
         max_untracked_total_bytes=settings.snapshot_max_untracked_total_bytes,
         message=f"flor_ray run {run_id} of {where.script}",
         list_files=False,  # the writer lists them, off the training thread
+        extra=extra,
+        replace=replace,
     )
 
 
