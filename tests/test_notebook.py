@@ -108,12 +108,13 @@ class Kernel:
             raise AssertionError(f"cell failed: {code!r}: {reply['content'].get('evalue')} {outputs}")
         return outputs
 
-    def shutdown(self) -> None:
+    def shutdown(self, crash: bool = False) -> None:
         self.kc.stop_channels()
-        self.km.shutdown_kernel(now=False)  # a clean shutdown: the kernel's atexit ends its session run
+        # clean: the kernel's atexit ends its session run; crash: SIGKILL, nothing runs
+        self.km.shutdown_kernel(now=crash)
 
 
-def _record(tmp: Path, cells: list[str], store: Path) -> tuple[Path, list[list[dict]]]:
+def _record(tmp: Path, cells: list[str], store: Path, crash: bool = False) -> tuple[Path, list[list[dict]]]:
     tmp.mkdir()
     repo = init_repo(tmp)
     nb = repo / "nb"
@@ -126,7 +127,7 @@ def _record(tmp: Path, cells: list[str], store: Path) -> tuple[Path, list[list[d
     try:
         outs = [kernel.run(c) for c in cells]
     finally:
-        kernel.shutdown()
+        kernel.shutdown(crash)
     return repo, outs
 
 
@@ -134,9 +135,14 @@ def _record(tmp: Path, cells: list[str], store: Path) -> tuple[Path, list[list[d
 def recorded(tmp_path_factory):
     """A kernel that ran the cells (two block runs, then a session run), and one that ran them with
     the new statement typed in by hand (the oracle), each into its own store."""
+    from concurrent.futures import ThreadPoolExecutor
+
     base = tmp_path_factory.mktemp("nb")
-    repo, outs = _record(base / "proj", _cells(), base / "store")
-    _, _ = _record(base / "hand", _cells(NEW), base / "hand-store")
+    with ThreadPoolExecutor(2) as pool:  # two kernels side by side: their start-ups and torch imports overlap
+        # the oracle's kernel is killed at the end: what its session run recorded must be in its store
+        hand_run = pool.submit(_record, base / "hand", _cells(NEW), base / "hand-store", True)
+        repo, outs = _record(base / "proj", _cells(), base / "store")
+        hand_run.result()
     store, hand = Store(str(base / "store")), Store(str(base / "hand-store"))
     return repo, store, hand, outs
 
@@ -226,3 +232,28 @@ def test_a_run_whose_cells_a_script_cannot_run_is_refused_with_the_reason(record
     why = meta["replay_refused"]
     assert "cell In[8]" in why and "!echo from the shell" in why, why
     assert "replay_refused" not in store.read_json(f"runs/{runs['run_id'][0]}.json")
+
+
+def test_a_killed_kernel_loses_nothing_of_its_session_run(recorded):
+    _, _, hand, _ = recorded
+    runs = _runs(hand)
+    assert list(runs["status"]) == ["finished", "finished", "incomplete"], runs  # never ended: the kernel was killed
+    session = runs["run_id"][2]
+    # each cell's end flushed its rows and its code before the kernel went idle
+    assert hand.read_json(f"runs/{session}.json")["notebook"]["cells"] == list(range(1, 10))
+    assert "# %% In[9]" in flor_ray.notebook_code(session, store=hand)
+    probe = flor_ray.dataframe("probe", store=hand)
+    assert probe["probe"].notna().sum() == 2
+
+
+def test_a_script_never_imports_ipython(repo):
+    from conftest import run_script, write
+
+    write(repo, "train.py", """
+        import sys
+        import flor_ray as flor
+        for i in flor.loop("epoch", range(2)):
+            flor.log("x", i)
+        assert not any(m.split(".")[0] in ("IPython", "ipykernel", "jupyter_client") for m in sys.modules)
+    """)
+    run_script(repo)

@@ -29,6 +29,7 @@ from .loops import LoopRuntime
 from .steps import Iteration
 from .names import check_name
 from .profile import RecordHooks
+from .cells_run import CellsRun
 from .host import PartTimer, environment, now_iso, process_start_time
 from .writer import BackgroundWriter
 
@@ -53,15 +54,13 @@ def _warm_imports() -> None:
     from . import rows  # noqa: F401
 
 
-class RecordSession(LoopRuntime):
+class RecordSession(CellsRun, LoopRuntime):
     """One recording run of one script."""
 
     def __init__(self, settings: Settings, kwargs: Mapping[str, str] | None = None, argv: list[str] | None = None,
                  hooks: RecordHooks | None = None, block: Mapping[str, Any] | None = None):
         super().__init__()
-        #: which part of the process this run is when ``with flor.run():`` blocks cut it
-        #: into several (``{"block": k}`` or ``{"after_blocks": b}``); None: the whole process
-        self.block = None if block is None else dict(block)
+        self.block = None if block is None else dict(block)  # see CellsRun: this run's part of the process
         self._cells = None  # a kernel's executed cells (record/notebook.py), when recording in one
         self.settings = settings
         self.kwargs = dict(kwargs or {})
@@ -160,16 +159,7 @@ class RecordSession(LoopRuntime):
         from . import start as st
 
         timer.mark("imports")
-        from . import notebook
-
-        shell = notebook.kernel_shell()
-        if shell is not None:  # IPython / Jupyter: the cells are the script
-            place = notebook.locate(shell)
-            where = st.ScriptInRepo(place.repo_root, place.script)
-            # a kernel-session run follows the cells it goes on running; a block's code is its cell and those before
-            self._cells = notebook.CellsRecorder(shell, place, follow=not (self.block or {}).get("block"))
-        else:
-            where = st.locate_script(self.argv)
+        where = self._locate()
         timer.mark("repo_root")
         self.store = st.open_store(self.settings, where.repo_root)
         timer.mark("store")
@@ -185,12 +175,7 @@ class RecordSession(LoopRuntime):
         self.version = snap.tree
         self.script = where.script
         self.meta: dict[str, Any] = st.run_meta(self.run_id, where, snap, self.argv)
-        if cells is not None:
-            self.meta["argv"] = []  # the kernel's own (-f kernel.json), not the cells'
-            self._note_cells(cells)
-            self._cells.on_cell_end = self._after_cell
-        if self.block is not None:
-            self.meta["block"] = {**self.block, "kwargs": dict(self.kwargs)}
+        self._note_parts(cells)
         import numpy  # noqa: F401  # on this thread: the writer's pyarrow import needs it, and a
         # module half-imported by another thread must never be seen by capture_rng / environment()
         timer.mark("meta")
@@ -210,48 +195,6 @@ class RecordSession(LoopRuntime):
 
     def _record_error(self, error: dict) -> None:
         self._error = error
-
-    # -------------------------------------------------------------- notebook
-    def _note_cells(self, cells) -> None:
-        """The cells' part of the metadata: which ran, the notebook, why a replay must refuse them."""
-        self.meta["notebook"] = {"path": self._cells.place.notebook, "cells": list(cells.cells),
-                                 "kernel_session": self._cells.follow}
-        if cells.refusal:
-            self.meta["replay_refused"] = cells.refusal
-        else:
-            self.meta.pop("replay_refused", None)
-
-    def _refresh_cells(self) -> bool:
-        """A kernel-session run's code once the kernel has run more cells: the snapshot
-        again, with them (the same ref, moved); whether it changed."""
-        cells = self._cells
-        if cells is None or not cells.follow or self._finished or not cells.grew():
-            return False
-        from ..versions import upload
-        from . import start as st
-
-        script = cells.script()
-        where = st.ScriptInRepo(cells.place.repo_root, self.script)
-        snap = st.take_snapshot(self.settings, self.store, where, self.run_id, extra={self.script: script.text},
-                                replace=self.snapshot.commit)
-        self.snapshot, self.version = snap, snap.tree
-        self.meta.update({"version": snap.tree, "commit": snap.commit})
-        self._note_cells(script)
-        self.writer.submit(upload, self.store, snap)
-        return True
-
-    def _after_cell(self) -> None:
-        """After each cell of the kernel: its code is in the run's version before the next one runs."""
-        if self._refresh_cells():
-            self._write_meta()
-
-    def end_by_block(self) -> None:
-        """End this run where a ``with flor.run():`` block begins (the block is a run of its own)."""
-        if self.block is None:
-            self.block = {"after_blocks": 0}
-        if self.started:
-            self.meta["block"] = {**self.block, "kwargs": dict(self.kwargs)}
-        self.finish()
 
     def _capture_numerics(self) -> None:
         """The numerics the training loop runs with (see flor_ray.numerics), taken on
@@ -491,10 +434,8 @@ class RecordSession(LoopRuntime):
         self._import_clock.stop()
         if not self.started or self._finished:
             return
-        self._refresh_cells()
+        self._end_cells()
         self._finished = True
-        if self._cells is not None:
-            self._cells.close()
         self._close_progress()
         problems: list[str] = []
         try:
