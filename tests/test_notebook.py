@@ -176,7 +176,8 @@ def test_each_block_and_the_kernel_session_are_runs_with_their_cells_as_code(rec
     # the session run's version grew with the cells it ran, and the kernel's shutdown ended it
     assert "# %% In[9]" in flor_ray.notebook_code(runs["run_id"][2], store=store)
     df = flor_ray.dataframe("val", "probe", store=store)
-    assert df.groupby("run_id")["val"].count().tolist() == [4, 4, 0]
+    counts = df.groupby("run_id")["val"].count()
+    assert [counts[r] for r in runs["run_id"]] == [4, 4, 0]
     assert df["probe"].notna().sum() == 2
 
 

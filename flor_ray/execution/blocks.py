@@ -125,7 +125,8 @@ class BlockRouter:
     def _end(self) -> None:
         from .worker import SegmentDone
 
-        replay = self.current() if self._active() else (self._replay or self._make())
+        replay = self._replay or self._make()
+        self._replay = replay
         replay.finish()
         raise SegmentDone(0)
 
@@ -145,5 +146,9 @@ def replay_session(spec_path: str) -> Any:
     with open(spec_path) as f:
         spec = TaskSpec.from_json(f.read())
     if spec.block:
+        from .. import numerics
+
+        if not numerics.restored():  # the code before the run trains too: with the recording's numerics
+            numerics.restore(spec.numerics)
         return BlockRouter(spec.block, lambda: ReplaySession(spec))
     return ReplaySession(spec)
