@@ -58,8 +58,12 @@ def display(*objs: Any, **kwargs: Any) -> None:
 
 
 def kernel_shell() -> Any:
-    """IPython's running shell (a Jupyter kernel or the ``ipython`` REPL), else None.
-    Never imports IPython: only a process that has it loaded can be running cells."""
+    """IPython's running shell (a Jupyter kernel or the ``ipython`` REPL) when the code
+    runs in its cells, else None: a script under ``%run`` or ``ipython script.py`` has
+    its ``__main__.__file__`` and is recorded as a script. Never imports IPython: only a
+    process that has it loaded can be running cells."""
+    if getattr(sys.modules.get("__main__"), "__file__", None):
+        return None
     mod = sys.modules.get("IPython")
     get = getattr(mod, "get_ipython", None)
     shell = get() if get is not None else None
