@@ -15,6 +15,7 @@ pytest.importorskip("ipykernel", reason="recording from a kernel is tested under
 jupyter_client = pytest.importorskip("jupyter_client", reason="the kernel is driven by jupyter_client (the test extra)")
 
 import flor_ray  # noqa: E402
+from flor_ray.errors import PlanningError  # noqa: E402
 from flor_ray.execution.driver import LocalRunner, run_plan  # noqa: E402
 from flor_ray.planning.plan import ClusterSnapshot, SkipKind  # noqa: E402
 from flor_ray.store import Store  # noqa: E402
@@ -226,9 +227,12 @@ def test_a_new_statement_replays_into_the_block_runs_bit_for_bit(recorded, tmp_p
     assert replayed == by_hand[:2]  # bit for bit: floats compared exactly
 
 
-def test_a_run_whose_cells_a_script_cannot_run_is_refused_with_the_reason(recorded):
-    _, store, _, _ = recorded
+def test_a_run_whose_cells_a_script_cannot_run_is_refused_with_the_reason(recorded, monkeypatch):
+    repo, store, _, _ = recorded
     runs = _runs(store)
+    monkeypatch.chdir(repo)  # no script=: the cells are no file of the checkout, and the error says what to do
+    with pytest.raises(PlanningError, match=r"recorded in a notebook.*flor\.notebook_code"):
+        flor_ray.plan_replay(["wnorm"], store=store)
     meta = store.read_json(f"runs/{runs['run_id'][2]}.json")
     why = meta["replay_refused"]
     assert "cell In[8]" in why and "!echo from the shell" in why, why

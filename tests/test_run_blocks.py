@@ -62,17 +62,21 @@ NEW = '\n                flor.log("gnorm", net[0].weight.grad.norm().item())'
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
     base = tmp_path_factory.mktemp("blocks")
-    out = []
-    for name, step in (("proj", ""), ("hand", NEW)):
+
+    def record(name: str, step: str):
         (base / name).mkdir()
         repo = init_repo(base / name)
         write(repo, "train.py", SCRIPT.replace("{step}", step))
         git(repo, "add", "-A")
         git(repo, "commit", "-qm", "train")
         run_script(repo, env=clean_env(FLOR_STORE=str(base / f"{name}-store")))
-        out.append((repo, Store(str(base / f"{name}-store"))))
-    return out
+        return repo, Store(str(base / f"{name}-store"))
+
+    with ThreadPoolExecutor(2) as pool:  # the recording and the hand-typed oracle side by side
+        return list(pool.map(record, ("proj", "hand"), ("", NEW)))
 
 
 def _runs(store):
