@@ -116,3 +116,27 @@ def test_a_step_statement_replays_into_the_fine_tuning_block_bit_for_bit(recorde
     replayed = gnorm(store, runs["run_id"][1], "replay")
     assert len(replayed) == 3 * 4
     assert replayed == gnorm(hand, _runs(hand)["run_id"][1], "record")  # exact floats
+
+
+def test_a_block_that_raises_and_a_crash_after_the_blocks_fail_their_own_runs(tmp_path):
+    repo = init_repo(tmp_path)
+    write(repo, "train.py", """
+        import flor_ray as flor
+
+        try:
+            with flor.run():
+                flor.log("a", 1)
+                raise KeyError("inside the block")
+        except KeyError:
+            pass
+        with flor.run():
+            flor.log("b", 2)
+        flor.log("c", 3)
+        raise ValueError("after the blocks")
+    """)
+    proc = run_script(repo, check=False)
+    assert proc.returncode == 1 and "ValueError: after the blocks" in proc.stderr
+    store = Store(str(repo / ".flor"))
+    metas = [store.read_json(f"runs/{r}.json") for r in _runs(store)["run_id"]]
+    assert [(m["status"], (m.get("error") or {}).get("type")) for m in metas] == [
+        ("failed", "KeyError"), ("finished", None), ("failed", "ValueError")]

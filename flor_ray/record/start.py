@@ -113,16 +113,25 @@ def run_meta(run_id: str, where: ScriptInRepo, snap: Snapshot, argv: list[str]) 
     }
 
 
+#: [recorder of the latest run, the hook installed]: a process that records several runs
+#: (``with flor.run():`` blocks) hooks once, and an uncaught exception goes to the run recording
+_HOOKED: list = []
+
+
 def install_excepthook(record: Callable[[dict], None]) -> None:
     """Hand an uncaught exception to ``record`` (as a dict), then let Python report it."""
+    if _HOOKED and sys.excepthook is _HOOKED[1]:
+        _HOOKED[0] = record
+        return
     prev = sys.excepthook
 
     def hook(tp, val, tb):
-        record({
+        _HOOKED[0]({
             "type": tp.__name__,
             "message": str(val),
             "traceback": "".join(traceback.format_exception(tp, val, tb))[-TRACEBACK_KEPT_CHARS:],
         })
         prev(tp, val, tb)
 
+    _HOOKED[:] = [record, hook]
     sys.excepthook = hook
