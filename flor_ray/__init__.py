@@ -27,6 +27,7 @@ __all__ = [
     "loop",
     "iteration",
     "checkpointing",
+    "run",
     "commit",
     "dataframe",
     "runs",
@@ -39,6 +40,8 @@ __all__ = [
     "load_checkpoint",
     "output",
     "output_metrics",
+    "plot",
+    "notebook_code",
     "FlorError",
     "__version__",
 ]
@@ -51,6 +54,7 @@ if any(a == "--kwargs" or a.startswith("--kwargs=") for a in _sys.argv):
     _KWARGS = _take_kwargs(_sys.argv)
 
 _SESSION: Any = None
+_BLOCKS = 0  # the `with flor.run():` blocks this process has entered
 
 
 def _session():
@@ -58,19 +62,76 @@ def _session():
     profiled (its calls timed, see flor_ray.record.profile) when FLOR_PROFILE is."""
     global _SESSION
     if _SESSION is None:
-        from .config import load_settings
-
         spec = _os.environ.get("FLOR_REPLAY")
         if spec:
-            from .execution.worker import ReplaySession
+            from .execution.blocks import replay_session
 
-            _SESSION = ReplaySession.from_spec_file(spec)
+            _SESSION = replay_session(spec)
         else:
-            from .record.profile import hooks_from_environment
-            from .record.session import RecordSession
-
-            _SESSION = RecordSession(load_settings(), _KWARGS, hooks=hooks_from_environment())
+            _SESSION = _record_session({"after_blocks": _BLOCKS} if _BLOCKS else None)
     return _SESSION
+
+
+def _record_session(block: Any):
+    from .config import load_settings
+    from .record.profile import hooks_from_environment
+    from .record.session import RecordSession
+
+    return RecordSession(load_settings(), _KWARGS, hooks=hooks_from_environment(), block=block)
+
+
+class _RunBlock:
+    """``with flor.run():``, see :func:`run`."""
+
+    def __enter__(self) -> "_RunBlock":
+        global _SESSION, _BLOCKS
+        if _os.environ.get("FLOR_REPLAY"):
+            from .execution.blocks import BlockRouter
+
+            session = _SESSION or _session()
+            if not isinstance(session, BlockRouter):  # a run recorded before any block: it ends here
+                _SESSION = session = BlockRouter({"after_blocks": 0}, lambda: None, replay=session)
+            session.enter_block()
+            _BLOCKS += 1
+            return self
+        if getattr(_SESSION, "block", None) and _SESSION.block.get("block") and not _SESSION._finished:
+            raise FlorError("`with flor.run():` inside another one; a run cannot hold another run: end the first")
+        if _SESSION is not None:
+            _SESSION.end_by_block()  # a kernel-session run (calls outside the blocks) ends here
+        _BLOCKS += 1
+        _SESSION = _record_session({"block": _BLOCKS})
+        globals()["log"] = _first_log
+        _SESSION.start()
+        return self
+
+    def __exit__(self, tp, val, tb) -> bool:
+        global _SESSION
+        session = _SESSION
+        if _os.environ.get("FLOR_REPLAY"):
+            if tp is None or not issubclass(tp, SystemExit):
+                session.exit_block()
+            return False
+        _SESSION = None
+        globals()["log"] = _first_log
+        if tp is not None and session is not None:
+            import traceback
+
+            from .config import TRACEBACK_KEPT_CHARS
+
+            session._record_error({"type": tp.__name__, "message": str(val),
+                                   "traceback": "".join(traceback.format_exception(tp, val, tb))[-TRACEBACK_KEPT_CHARS:]})
+        if session is not None:
+            session.finish()
+        return False
+
+
+def run() -> _RunBlock:
+    """Context manager: the block is one run, e.g. a notebook cell's ``with flor.run():``
+    around its training. The run starts at the block's start (its code: the script,
+    or in IPython / Jupyter the repository snapshot plus the cells run so far) and
+    ends at its end; flor calls outside blocks make a run of their own, which the next
+    block ends (in a kernel: the kernel session's run, ended at shutdown otherwise)."""
+    return _RunBlock()
 
 
 def log(name: str, value: Any) -> Any:
@@ -83,6 +144,9 @@ def log(name: str, value: Any) -> Any:
     out = session.log(name, value)
     globals()["log"] = session.fast_log
     return out
+
+
+_first_log = log  # flor.log before its first call rebinds it: a new run (flor.run()) starts there again
 
 
 def arg(name: str, default: Any) -> Any:
@@ -124,6 +188,12 @@ def commit() -> None:
 def _store(store: Any = None):
     from .api import resolve_store
 
+    spec = _os.environ.get("FLOR_REPLAY")
+    if store is None and spec:  # a query in replayed code (a notebook's cell) reads the store being replayed
+        from .execution.spec import TaskSpec
+
+        with open(spec) as f:
+            return TaskSpec.from_json(f.read()).open_store()
     return resolve_store(store)
 
 
@@ -199,6 +269,24 @@ def output_metrics(run_id: str | None = None, names: Iterable[str] | None = None
     from .queries.output import output_metrics as _metrics
 
     return _metrics(_store(store), run_id, names=names, grep=grep, iterations=iterations)
+
+
+def plot(name: str, *, by: str = "run", x: str | None = None, where: str | None = None, store: Any = None,
+         path: str | None = None):
+    """A line plot of a numeric name across iterations, a line per run (or per version):
+    shown inline in Jupyter, written as a PNG when ``path`` is given (see
+    :func:`flor_ray.queries.plot.plot_metric`)."""
+    from .queries.plot import Plot
+
+    return Plot.of(dataframe(name, where=where, store=store), name, by=by, x=x, path=path)
+
+
+def notebook_code(run_id: str, path: str | None = None, store: Any = None) -> str:
+    """The code a run recorded as its script (for a notebook run: its executed cells);
+    written to ``path`` when given: add a statement there and replay with ``script=path``."""
+    from .api import recorded_script
+
+    return recorded_script(_store(store), run_id, path)
 
 
 def plan_replay(names=None, **kwargs: Any):

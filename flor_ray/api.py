@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .execution.report import Report
     from .planning.plan import Plan
 
-__all__ = ["resolve_store", "plan_replay", "replay"]
+__all__ = ["resolve_store", "plan_replay", "replay", "recorded_script"]
 
 
 def resolve_store(store: Any = None, cwd: str | os.PathLike | None = None,
@@ -56,3 +56,21 @@ def replay(names=None, *, runner: "Runner | None" = None, progress: bool = True,
     from .execution.driver import run_plan
 
     return run_plan(plan_replay(names, **kwargs), runner=runner, progress=progress)
+
+
+def recorded_script(store: Store, run_id: str, path: str | os.PathLike | None = None) -> str:
+    """The text of the script ``run_id`` recorded (a notebook run: its cells), from the
+    store; also written to ``path`` when given."""
+    from .errors import UnknownRunError
+    from .store import layout, safe_component
+    from .versions import read_file
+
+    safe_component("run_id", run_id)
+    try:
+        meta = store.check().read_json(layout.run_meta(run_id))
+    except FileNotFoundError:
+        raise UnknownRunError(run_id, store.url) from None
+    text = read_file(store, meta["version"], meta["script"]).decode()
+    if path is not None:
+        Path(path).write_text(text)
+    return text

@@ -196,6 +196,8 @@ def snapshot(
     max_untracked_total_bytes: int = Settings.snapshot_max_untracked_total_bytes,
     message: str = "flor_ray snapshot",
     list_files: bool = True,
+    extra: Mapping[str, str] | None = None,
+    replace: str | None = None,
 ) -> Snapshot:
     """Commit the working tree to ``ref`` without touching HEAD, index or files.
 
@@ -209,6 +211,11 @@ def snapshot(
     an ignored path (a store listed in ``.gitignore``) makes ``add`` fail, and
     thousands of excludes make its matching quadratic. Nothing is left behind on a
     failure: the ref is deleted again if a later step fails.
+
+    ``extra`` adds files that are not in the working tree (path -> text: a notebook's
+    executed cells as a script, :mod:`flor_ray.record.notebook`), written over any file
+    of that path. ``replace``: the commit ``ref`` holds now, moved to the new snapshot
+    (a notebook run's code grows with the cells it runs); None: the ref must not exist.
     """
     excl = [e.strip("/") for e in exclude if e and not e.startswith("..")]
     tmp_index, commit = None, ""
@@ -235,13 +242,16 @@ def snapshot(
         if chosen.kept:  # --remove: a file deleted since it was listed is no error
             _git(repo_root, "update-index", "--add", "--remove", "-z", "--stdin", env=env,
                  input="".join(p + "\0" for p in chosen.kept))
+        for path, text in sorted((extra or {}).items()):
+            sha = _git(repo_root, "hash-object", "-w", "--no-filters", "--stdin", input=text).strip()
+            _git(repo_root, "update-index", "--add", "--cacheinfo", f"100644,{sha},{path}", env=env)
         tree = _git(repo_root, "write-tree", env=env).strip()
         parents = ["-p", head] if head else []
         commit = _git(repo_root, "commit-tree", tree, *parents, "-m", message, env=env).strip()
-        _git(repo_root, "update-ref", ref, commit, "")  # "": the ref must not exist yet
+        _git(repo_root, "update-ref", ref, commit, replace or "")  # "": the ref must not exist yet
         files = tree_files(repo_root, tree) if list_files else {}
     except BaseException as exc:
-        if commit:
+        if commit and replace is None:
             _drop_ref(repo_root, ref, commit)
         if isinstance(exc, (_GitError, OSError, IndexError)):
             raise RepositoryError(f"git snapshot of {repo_root!r} failed: {exc}") from exc
@@ -360,6 +370,8 @@ def _read_blobs(repo_root: str, shas: list[str]) -> Iterator[tuple[str, bytes]]:
             if len(header) != 3 or header[1] != b"blob":
                 raise StoreError(f"git cat-file could not read blob {sha}: {b' '.join(header).decode(errors='replace')}")
             data = proc.stdout.read(int(header[2]))
+            if len(data) != int(header[2]):  # git was ended mid-blob (a signal to the process group)
+                raise StoreError(f"git cat-file stopped after {len(data)} of the {header[2]} bytes of blob {sha}")
             proc.stdout.read(1)  # the newline after the content
             yield sha, data
     finally:  # also on an early exit: never leave git (or the feeder) blocked on a pipe

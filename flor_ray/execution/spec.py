@@ -59,6 +59,7 @@ class TaskSpec:
     patch: str = ""  # the digest of the propagated code
     iterations: tuple[int, ...] | None = None  # the outer iterations whose rows the partition holds
     numerics: Mapping[str, Any] | None = None  # the recording's, restored before the script runs
+    block: Mapping[str, Any] | None = None  # the run's part of its process (RunInfo.block)
     # set by the task for the replayed process, not by the plan
     done_marker: str | None = None
     damage_marker: str | None = None
@@ -92,7 +93,15 @@ class TaskSpec:
             patch=task.patch,
             iterations=tuple(task.iterations),
             numerics=dict(run.numerics) if run.numerics else None,
+            block=dict(run.block) if run.block else None,
         )
+
+    def open_store(self):
+        """The store this task replays into, with this process's credentials."""
+        from ..store import Store
+        from ..store.credentials import task_options
+
+        return Store(self.store, task_options(self.store, self.storage_options))
 
     def to_json(self) -> str:
         doc = asdict(self)

@@ -113,6 +113,10 @@ class RunInfo:
     #: the numerics environment of the recording (flor_ray.numerics.capture), None
     #: for runs recorded before it was; every replay task restores it
     numerics: Mapping[str, Any] | None = field(default=None, hash=False)
+    #: which part of its script's process the run was, when the process made several
+    #: (``with flor.run():`` blocks, see flor_ray.execution.blocks): ``{"block": k}`` or
+    #: ``{"after_blocks": b}``, with the ``kwargs`` the process was given
+    block: Mapping[str, Any] | None = field(default=None, hash=False)
 
     @property
     def threads(self) -> int | None:
@@ -163,6 +167,7 @@ class RunInfo:
             setup_imports_s=float(t.get("setup_imports_s") or 0.0),
             checkpoint_s=tuple(float(x or 0.0) for x in t.get("checkpoint_s") or ()),
             numerics=(meta.get("env") or {}).get("numerics"),
+            block=meta.get("block"),
         )
 
 

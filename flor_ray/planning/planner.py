@@ -469,6 +469,11 @@ def _today_script(script: str | os.PathLike | None, metas: Sequence[Mapping[str,
                 "no script= given and the current directory is not in the repository of the runs; "
                 "pass script='path/to/train.py' (today's version, holding the new flor.log statements)"
             ) from exc
+        if metas and metas[-1].get("notebook"):
+            raise PlanningError(
+                f"run {metas[-1]['run_id']} was recorded in a notebook, whose cells are no file of the checkout: "
+                f"write them to one (flor.notebook_code({metas[-1]['run_id']!r}, 'today.py')), add the new "
+                "flor.log statements there and pass script='today.py'")
         script = Path(root) / metas[-1]["script"]
     path = Path(script)
     if not path.is_file():

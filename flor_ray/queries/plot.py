@@ -1,7 +1,9 @@
 """Line plots of a metric across iterations, one line per run or per version.
 
-matplotlib is imported here, with the Agg backend, so that importing flor_ray never
-touches a display. Rows that share a line and an x value (a step-level metric plotted
+matplotlib is imported here, and only its ``Figure`` and Agg canvas are used: never
+pyplot, whose backend is the user's (a notebook's inline one stays as it is), and
+importing flor_ray never touches a display. :class:`Plot` shows itself inline in
+Jupyter (a PNG through ``_repr_png_``, whatever matplotlib's backend). Rows that share a line and an x value (a step-level metric plotted
 per epoch, or several runs of one version) are averaged, and the y label says so.
 """
 
@@ -15,7 +17,7 @@ from ..errors import QueryError
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["plot_metric", "BY"]
+__all__ = ["plot_metric", "figure_of", "Plot", "BY"]
 
 #: ``by`` choices: the column that makes one line each, and how its legend label is cut.
 BY = {"run_id": 24, "run": 24, "version": 8}
@@ -27,6 +29,40 @@ def plot_metric(df: "pd.DataFrame", name: str, path: str | os.PathLike, by: str 
 
     ``by`` is ``"run_id"`` (alias ``"run"``) or ``"version"``. Returns the path written.
     """
+    figure_of(df, name, by, x).savefig(path)
+    return str(path)
+
+
+class Plot:
+    """A plot of one name: ``figure`` (a matplotlib Figure), its PNG, shown inline by IPython."""
+
+    def __init__(self, figure, path: str | None = None):
+        self.figure, self.path = figure, path
+
+    @classmethod
+    def of(cls, df: "pd.DataFrame", name: str, by: str = "run", x: str | None = None,
+           path: str | os.PathLike | None = None) -> "Plot":
+        fig = figure_of(df, name, "run_id" if by == "run" else by, x)
+        if path is not None:
+            fig.savefig(path)
+        return cls(fig, None if path is None else str(path))
+
+    def png(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.figure.savefig(buf, format="png")
+        return buf.getvalue()
+
+    def _repr_png_(self) -> bytes:
+        return self.png()
+
+    def __repr__(self) -> str:
+        return f"<flor_ray plot {self.figure.axes[0].get_title()!r}" + (f" in {self.path}>" if self.path else ">")
+
+
+def figure_of(df: "pd.DataFrame", name: str, by: str = "run_id", x: str | None = None):
+    """The Figure of :func:`plot_metric`, drawn on an Agg canvas without pyplot."""
     import pandas as pd
 
     if by not in BY:
@@ -49,13 +85,13 @@ def plot_metric(df: "pd.DataFrame", name: str, path: str | os.PathLike, by: str 
     elif x not in data:
         raise QueryError(f"no column {x!r} for the x axis; columns: {', '.join(map(str, data.columns))}")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     averaged = False
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for key, part in data.groupby(col, sort=False):
         if x:
             part = part[part[x].notna()]
@@ -78,6 +114,4 @@ def plot_metric(df: "pd.DataFrame", name: str, path: str | os.PathLike, by: str 
     ax.set_title(f"{name} per {'run' if col == 'run_id' else col}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
+    return fig

@@ -280,9 +280,20 @@ def _scope_items(frame: types.FrameType) -> tuple[dict, set[str]]:
     return out, set(glb) - set(loc)
 
 
+#: what IPython binds in a kernel's namespace (its history, outputs, shell): no cell's
+#: state, and a replayed script never has them (reading one refuses the run's replay)
+_IPYTHON_NAMES = frozenset({"In", "Out", "_ih", "_oh", "_dh", "_i", "_ii", "_iii", "_", "exit", "quit", "get_ipython"})
+
+
+def _ipython_name(name: str) -> bool:
+    return name in _IPYTHON_NAMES or (name[:1] == "_" and name.lstrip("_i").isdigit())
+
+
 def capture_scope(frame: types.FrameType, protected: Iterable[Any]) -> dict:
     """What the outer loop's scope carries (training thread; cheap copies only)."""
     names, globals_ = _scope_items(frame)
+    if "get_ipython" in names:  # a kernel's cells: leave IPython's own names out
+        names = {k: v for k, v in names.items() if not _ipython_name(k)}
     walk = _Walk(protected)
     values: dict[str, Any] = {}
     captured: list[str] = []

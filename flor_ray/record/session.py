@@ -29,6 +29,7 @@ from .loops import LoopRuntime
 from .steps import Iteration
 from .names import check_name
 from .profile import RecordHooks
+from .cells_run import CellsRun
 from .host import PartTimer, environment, now_iso, process_start_time
 from .writer import BackgroundWriter
 
@@ -53,12 +54,14 @@ def _warm_imports() -> None:
     from . import rows  # noqa: F401
 
 
-class RecordSession(LoopRuntime):
+class RecordSession(CellsRun, LoopRuntime):
     """One recording run of one script."""
 
     def __init__(self, settings: Settings, kwargs: Mapping[str, str] | None = None, argv: list[str] | None = None,
-                 hooks: RecordHooks | None = None):
+                 hooks: RecordHooks | None = None, block: Mapping[str, Any] | None = None):
         super().__init__()
+        self.block = None if block is None else dict(block)  # see CellsRun: this run's part of the process
+        self._cells = None  # a kernel's executed cells (record/notebook.py), when recording in one
         self.settings = settings
         self.kwargs = dict(kwargs or {})
         self.argv = list(sys.argv if argv is None else argv)
@@ -156,7 +159,7 @@ class RecordSession(LoopRuntime):
         from . import start as st
 
         timer.mark("imports")
-        where = st.locate_script(self.argv)
+        where = self._locate()
         timer.mark("repo_root")
         self.store = st.open_store(self.settings, where.repo_root)
         self.store.fs  # noqa: B018  # writes go through fsspec: imported here, never by the writer at exit
@@ -165,12 +168,15 @@ class RecordSession(LoopRuntime):
         from .spool import SpoolingWriter
 
         self._spool = SpoolingWriter(self.store, self.run_id, self.settings.spool_dir, self.settings.write_retries)
-        snap = st.take_snapshot(self.settings, self.store, where, self.run_id)
+        cells = self._cells.script() if self._cells is not None else None
+        snap = st.take_snapshot(self.settings, self.store, where, self.run_id,
+                                extra={where.script: cells.text} if cells else None)
         timer.mark("snapshot")
         self.snapshot = snap
         self.version = snap.tree
         self.script = where.script
         self.meta: dict[str, Any] = st.run_meta(self.run_id, where, snap, self.argv)
+        self._note_parts(cells)
         import numpy  # noqa: F401  # on this thread: the writer's pyarrow import needs it, and a
         # module half-imported by another thread must never be seen by capture_rng / environment()
         timer.mark("meta")
@@ -381,6 +387,7 @@ class RecordSession(LoopRuntime):
         ``flush_interval_s``), whose rows are in the store when it returns, so a crash
         (even SIGKILL) loses at most the rows logged since.
         """
+        self._refresh_cells()
         self._flush_rows_only()
         self._write_meta()
         self._t_flushed = time.monotonic()
@@ -428,6 +435,7 @@ class RecordSession(LoopRuntime):
         self._import_clock.stop()
         if not self.started or self._finished:
             return
+        self._end_cells()
         self._finished = True
         self._close_progress()
         problems: list[str] = []

@@ -65,8 +65,10 @@ def new_run_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def take_snapshot(settings: Settings, store: Store, where: ScriptInRepo, run_id: str) -> Snapshot:
-    """The working tree on ``refs/flor/<run_id>``, leaving out a store kept inside it."""
+def take_snapshot(settings: Settings, store: Store, where: ScriptInRepo, run_id: str,
+                  extra: dict[str, str] | None = None, replace: str | None = None) -> Snapshot:
+    """The working tree on ``refs/flor/<run_id>``, leaving out a store kept inside it;
+    ``extra`` and ``replace`` as :func:`flor_ray.versions.snapshot` takes them (a notebook's cells)."""
     exclude = []
     if store.is_local:
         store_root = Path(store.root).resolve()
@@ -81,6 +83,8 @@ def take_snapshot(settings: Settings, store: Store, where: ScriptInRepo, run_id:
         max_untracked_total_bytes=settings.snapshot_max_untracked_total_bytes,
         message=f"flor_ray run {run_id} of {where.script}",
         list_files=False,  # the writer lists them, off the training thread
+        extra=extra,
+        replace=replace,
     )
 
 
@@ -109,16 +113,25 @@ def run_meta(run_id: str, where: ScriptInRepo, snap: Snapshot, argv: list[str]) 
     }
 
 
+#: [recorder of the latest run, the hook installed]: a process that records several runs
+#: (``with flor.run():`` blocks) hooks once, and an uncaught exception goes to the run recording
+_HOOKED: list = []
+
+
 def install_excepthook(record: Callable[[dict], None]) -> None:
     """Hand an uncaught exception to ``record`` (as a dict), then let Python report it."""
+    if _HOOKED and sys.excepthook is _HOOKED[1]:
+        _HOOKED[0] = record
+        return
     prev = sys.excepthook
 
     def hook(tp, val, tb):
-        record({
+        _HOOKED[0]({
             "type": tp.__name__,
             "message": str(val),
             "traceback": "".join(traceback.format_exception(tp, val, tb))[-TRACEBACK_KEPT_CHARS:],
         })
         prev(tp, val, tb)
 
+    _HOOKED[:] = [record, hook]
     sys.excepthook = hook
