@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import json
+import shutil
+
+import pytest
 
 import flor_ray
 from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
-from conftest import TRAIN_SCRIPT, clean_env, run_script, write
+from conftest import TRAIN_SCRIPT, clean_env, init_repo, run_script, write
 
 
-def _record(repo):
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """One recording of the training script, a checkpoint every epoch."""
+    repo = tmp_path_factory.mktemp("restore") / "proj"
+    repo.mkdir()
+    init_repo(repo)
     write(repo, "train.py", TRAIN_SCRIPT)
-    run_script(repo, env=clean_env(FLOR_CHECKPOINT_MAX_PERIOD="1"))  # a checkpoint every epoch
+    run_script(repo, env=clean_env(FLOR_CHECKPOINT_MAX_PERIOD="1"))
+    return repo
+
+
+@pytest.fixture
+def repo(recorded, tmp_path):
+    """The recorded repository and its store, copied: each test's replay rows are its own."""
+    copy = tmp_path / "proj"
+    shutil.copytree(recorded, copy, symlinks=True)
+    return copy
+
+
+def _recorded_run(repo):
     st = Store(str(repo / ".flor"))
     rid = flor_ray.runs(store=st).loc[0, "run_id"]
     return st, st.read_json(f"runs/{rid}.json")
@@ -44,7 +64,7 @@ def _rows(df, name):
 
 
 def test_reexecute_from_mid_run_checkpoint_is_bit_for_bit(repo):
-    st, meta = _record(repo)
+    st, meta = _recorded_run(repo)
     ckpts = {c["iteration"]: c for c in meta["checkpoints"]}
     assert sorted(ckpts) == [0, 1, 2, 3]
     rec = read_logs(st, run_ids=[meta["run_id"]], sources=("record",)).to_pandas()
@@ -57,7 +77,7 @@ def test_reexecute_from_mid_run_checkpoint_is_bit_for_bit(repo):
 
 
 def test_skip_mode_restores_each_epoch(repo):
-    st, meta = _record(repo)
+    st, meta = _recorded_run(repo)
     ckpts = {str(c["iteration"]): c for c in meta["checkpoints"]}
     rec = read_logs(st, run_ids=[meta["run_id"]], sources=("record",)).to_pandas()
     rep = _replay(repo, st, meta, task="skip", mode="skip", start=0, stop=3, checkpoints=ckpts, names=["acc"])
@@ -66,7 +86,7 @@ def test_skip_mode_restores_each_epoch(repo):
 
 
 def test_replay_from_iteration_zero_matches_recording(repo):
-    st, meta = _record(repo)
+    st, meta = _recorded_run(repo)
     rec = read_logs(st, run_ids=[meta["run_id"]], sources=("record",)).to_pandas()
     rep = _replay(repo, st, meta, task="full", mode="reexec", start=0, stop=3, restore=None)
     assert _rows(rep, "loss") == _rows(rec, "loss") and _rows(rep, "acc") == _rows(rec, "acc")

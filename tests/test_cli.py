@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -28,17 +29,9 @@ def cli(repo, *args, check=True):
     return proc
 
 
-@pytest.fixture
-def recorded(repo):
-    write(repo, "train.py", SCRIPT)
-    run_script(repo)
-    run_script(repo, "train.py", "--kwargs", "k=5")
-    return repo
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """The same two runs, recorded once for the tests below that only read them (and write new files)."""
+    """Two runs, recorded once for the tests below that only read them (and write new files)."""
     repo = tmp_path_factory.mktemp("cli") / "proj"
     repo.mkdir()
     git(repo, "init", "-q")
@@ -48,6 +41,14 @@ def shared(tmp_path_factory):
     run_script(repo)
     run_script(repo, "train.py", "--kwargs", "k=5")
     return repo
+
+
+@pytest.fixture
+def recorded(shared, tmp_path):
+    """The two runs' repository and store, copied, for a test that edits the script."""
+    copy = tmp_path / "proj"
+    shutil.copytree(shared, copy, symlinks=True)
+    return copy
 
 
 def test_runs_df_sql(recorded):

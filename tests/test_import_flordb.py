@@ -132,10 +132,9 @@ def flordb_python(tmp_path_factory) -> str:
     if os.environ.get("FLORDB_TEST_PYTHON"):
         return os.environ["FLORDB_TEST_PYTHON"]
     home = tmp_path_factory.mktemp("flordb-venv")
-    try:
-        venv.EnvBuilder(with_pip=True).create(home)
-    except Exception as exc:  # noqa: BLE001 - no ensurepip: pip cannot install anything here
-        pytest.skip(f"pip cannot install {FLORDB}: creating a virtualenv with pip failed ({exc})")
+    # no pip of its own (ensurepip costs half a minute on a loaded machine): this
+    # interpreter's pip installs into it (``pip --python``)
+    venv.EnvBuilder(with_pip=False).create(home)
     python = str(home / "bin" / "python")
     site = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
                           capture_output=True, text=True, check=True).stdout.strip()
@@ -143,8 +142,8 @@ def flordb_python(tmp_path_factory) -> str:
 
     Path(site, "_flor_ray_test.pth").write_text("\n".join(_site.getsitepackages()) + "\n")
     try:
-        proc = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", FLORDB],
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q",
+                               "--disable-pip-version-check", FLORDB], capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
         pytest.skip(f"pip cannot install {FLORDB}: no answer from the registry within 900 s")
     if proc.returncode != 0:

@@ -248,13 +248,18 @@ def history(tmp_path_factory, ray_local):
     git(repo, "init", "-q")
     write(repo, "train.py", _script(False))
     write(repo, "train_pinned.py", _script(False, pinned=True))
-    run_script(repo)
-    run_script(repo, "train_pinned.py", "--kwargs", "lr=0.01", env=clean_env(TRAIN_THREADS="1"))
     hand = root / "hand"
     hand.mkdir()
     git(hand, "init", "-q")
     write(hand, "train.py", _script(True))
-    run_script(hand, env=clean_env(FLOR_STORE=str(root / "hand-store")))
+    # the oracle's repository is its own: it runs beside the two recordings
+    oracle = subprocess.Popen([sys.executable, "train.py"], cwd=hand,
+                              env=clean_env(FLOR_STORE=str(root / "hand-store")),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_script(repo)
+    run_script(repo, "train_pinned.py", "--kwargs", "lr=0.01", env=clean_env(TRAIN_THREADS="1"))
+    _, err = oracle.communicate(timeout=300)
+    assert oracle.returncode == 0, err
     write(repo, "train.py", _script(True))  # today's scripts
     write(repo, "train_pinned.py", _script(True, pinned=True))
     store = Store(str(repo / ".flor"))

@@ -20,7 +20,7 @@ from flor_ray.store.credentials import redact, without_secrets
 from flor_ray.errors import QueryError
 from flor_ray.store import Store
 
-from conftest import clean_env, git, run_script, write
+from conftest import clean_env, git, write
 
 SCRIPT = """
 import argparse
@@ -84,9 +84,19 @@ def _repo(root):
 def recorded(tmp_path_factory):
     """Two runs (lr 0.1 and 0.05) in a local store, read by every sql/where test below."""
     repo = _repo(tmp_path_factory.mktemp("sandbox") / "proj")
-    run_script(repo)
-    run_script(repo, "train.py", "--kwargs", "lr=0.05")
+    _wait([_start(repo), _start(repo, "--kwargs", "lr=0.05")])  # one version: its runs may start together
     return repo, Store(str(repo / ".flor"))
+
+
+def _start(repo, *args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=repo, env=env or clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(procs) -> None:
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"{p.args} failed ({p.returncode}):\n{out}\n{err}"
 
 
 @pytest.fixture
@@ -304,10 +314,9 @@ def test_replay_on_s3_keeps_secrets_out_of_plan_spec_and_store(tmp_path, s3_endp
              f"{str(spec_copy)!r})\n" + SCRIPT
     repo = _repo(tmp_path / "proj")
     write(repo, "train.py", script)
-    run_script(repo, env=clean_env(FLOR_STORE=url, AWS_ENDPOINT_URL=s3_endpoint, **creds))
     hand = _repo(tmp_path / "hand")  # the oracle: the statement typed in by hand, run in full
     write(hand, "train.py", script.replace("#WNORM", WNORM))
-    run_script(hand)
+    _wait([_start(repo, env=clean_env(FLOR_STORE=url, AWS_ENDPOINT_URL=s3_endpoint, **creds)), _start(hand)])
     want = flor_ray.dataframe("wnorm", store=str(hand / ".flor"))["wnorm"].tolist()
 
     write(repo, "train.py", script.replace("#WNORM", WNORM))
