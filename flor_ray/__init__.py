@@ -221,3 +221,9 @@ def replay(names=None, **kwargs: Any):
     from .api import replay as _replay
 
     return _replay(names, **kwargs)
+
+
+if _os.environ.get("FLOR_REPLAY") and _SESSION is None:
+    # a replayed script: the files it opens are the recorded run's from its first line
+    # on (its resume-at-start code runs before any flor call; execution/replay_files.py)
+    _session()
