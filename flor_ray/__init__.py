@@ -107,7 +107,11 @@ def iteration(name: str, idx: int | None = None, value: Any = None):
 
 
 def checkpointing(**objects: Any):
-    """Context manager: checkpoint these objects (and every RNG) per outer iteration."""
+    """Context manager: checkpoint these objects (and every RNG) per outer iteration.
+
+    ``from_saves=True``: where the script ``torch.save``s the objects' state each
+    iteration, take that save as the checkpoint instead of copying the same tensors
+    again (see :mod:`flor_ray.record.own_saves`)."""
     return (_SESSION or _session()).checkpointing(**objects)
 
 

@@ -45,12 +45,15 @@ parser.add_argument("--epochs", type=int, default=4)
 parser.add_argument("--out", default="out")
 parser.add_argument("--from-saves", type=int, default=1)
 parser.add_argument("--save-optimizer", type=int, default=1)
+parser.add_argument("--shift", default="")  # a data file kept out of git
 args = parser.parse_args()
 os.makedirs(args.out, exist_ok=True)
 ckpt = os.path.join(args.out, "ckpt.pt")
 torch.manual_seed(0)
 X = torch.randn(192, 24)
 Y = X @ torch.randn(24, 1) + 0.1 * torch.randn(192, 1)
+if args.shift:
+    X = X + float(Path(args.shift).read_text())
 net = nn.Sequential(nn.Linear(24, 48), nn.ReLU(), nn.Dropout(0.1), nn.Linear(48, 1))
 opt = torch.optim.Adam(net.parameters(), lr=0.01)
 sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
@@ -106,7 +109,8 @@ def _repo(base: Path, name: str, typed: bool) -> Path:
     (base / name).mkdir()
     repo = init_repo(base / name)
     write(repo, "train.py", _script(typed))
-    write(repo, ".gitignore", "out/\n.flor/\n")
+    write(repo, ".gitignore", "out/\n.flor/\ndata/\n")
+    write(repo, "data/shift.txt", "0.25")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "train")
     return repo
@@ -135,13 +139,17 @@ def hist(tmp_path_factory):
     proj, hand, outside = _repo(base, "proj", False), _repo(base, "hand", True), _repo(base, "outside", False)
     ext = base / "elsewhere"
     every = clean_env(FLOR_CHECKPOINT_MAX_PERIOD="1")
-    errs = _wait(_start(proj, "--out", str(proj / "out")),
-                 _start(hand, "--out", str(hand / "out"), "--from-saves", "0", env=every),
-                 _start(outside, "--out", str(ext), "--epochs", "2"))
-    errs += _wait(_start(outside, "--out", str(ext)))  # finds the first's ckpt.pt: epochs 2 and 3
+    errs = _wait(_start(proj, "--out", str(proj / "out"), "--shift", str(proj / "data" / "shift.txt")),
+                 _start(hand, "--out", str(hand / "out"), "--shift", str(hand / "data" / "shift.txt"),
+                        "--from-saves", "0", env=every),
+                 _start(outside, "--out", str(ext), "--epochs", "2", "--shift", str(outside / "data" / "shift.txt")))
+    partial = _repo(base, "partial", False)
+    # the second outside run finds the first's ckpt.pt: epochs 2 and 3; partial saves no optimizer state
+    errs += _wait(_start(outside, "--out", str(ext), "--shift", str(outside / "data" / "shift.txt")),
+                  _start(partial, "--save-optimizer", "0"))
     for repo in (proj, outside):
         write(repo, "train.py", _script(True))  # today's script, not committed
-    return {"proj": proj, "hand": hand, "outside": outside, "ext": ext, "stderr": errs}
+    return {"proj": proj, "hand": hand, "outside": outside, "ext": ext, "partial": partial, "stderr": errs}
 
 
 def _meta(repo: Path) -> list[dict]:
@@ -246,3 +254,14 @@ def test_outside_the_repository_a_checkpoint_absent_at_the_runs_start_reads_as_a
     got = [v for v in _values(Store(str(outside / ".flor")), "wnorm", "replay")]
     assert got == [v for v in _values(Store(str(hist["hand"] / ".flor")), "wnorm", "record") if v[0] <= 1]
     assert (ext / "ckpt.pt").read_bytes() == latest  # torch.save outside the repository: not written either
+
+
+def test_a_save_that_lacks_state_falls_back_to_flors_own_checkpoints_said_once(hist):
+    (meta,) = _meta(hist["partial"])
+    err = hist["stderr"][4]
+    assert err.count("flor.checkpointing(from_saves=True): iteration 0 has no checkpoint "
+                     "(its save lacks some of the checkpointed state)") == 1, err
+    assert err.count("from_saves=True)") == 1
+    entries = meta["checkpoints"]
+    assert entries and 0 not in [c["iteration"] for c in entries] and 3 in [c["iteration"] for c in entries]
+    assert all("from_save" not in c for c in entries)

@@ -6,11 +6,14 @@ recorded run found them and writes into the copy, which is discarded. Inside the
 replayed process :class:`ReplayFiles` extends that to the paths that leave it:
 
 * **The repository by an absolute path.** A path under the recorded run's repository
-  root (outside a store kept in it) (``/home/me/proj/ckpt.pt``, from a recorded ``--ckpt`` argument) is mapped to
-  the same path in the scratch copy, for ``open`` (reads and writes, so
-  ``Path.write_text``/``write_bytes`` and ``np.save`` too), ``os.stat`` (so
-  ``os.path.exists``, ``Path.exists``), ``os.mkdir``, ``os.replace``/``os.rename``
-  and ``os.remove``. A replay leaves the working tree as it was.
+  root (``/home/me/proj/out/ckpt.pt``, from a recorded ``--out`` argument; a store
+  kept in the repository aside) is mapped to the same path in the scratch copy for
+  ``open`` to write (so ``Path.write_text``/``write_bytes`` and ``np.save`` too),
+  ``os.mkdir``, ``os.replace``/``os.rename`` and ``os.remove``; and to read (``open``,
+  ``os.stat``, so ``os.path.exists`` and ``Path.exists``) where the copy has the file,
+  or it is one of the script's own checkpoint files: a dataset kept in the
+  repository but not in its snapshot is read where it is. A replay leaves the
+  working tree as it was.
 * **The script's own checkpoint files** (the paths the recording saw it
   ``torch.save`` to, :mod:`flor_ray.record.own_files`), wherever they are. A file
   that did not exist before the recorded run first saved to it reads as absent
@@ -68,8 +71,11 @@ class ReplayFiles:
         self._real: dict[str, Any] = {}
 
     # -------------------------------------------------------------- the rules
-    def mapped(self, path: Any) -> Any:
-        """``path`` with the recorded repository's root replaced by the scratch copy's."""
+    def mapped(self, path: Any, write: bool = True) -> Any:
+        """``path`` with the recorded repository's root replaced by the scratch copy's:
+        always to write, to read only where the copy has the file or it is one of the
+        script's own checkpoint files (else the user's file is read, as a dataset kept
+        in the repository but not in the snapshot)."""
         if isinstance(path, int):
             return path
         p = os.fspath(path)
@@ -81,7 +87,14 @@ class ReplayFiles:
             return path
         if any(p == k or p.startswith(k + os.sep) for k in self.keep):
             return path
-        return self.tree + rest
+        mine = self.tree + rest
+        if write or os.path.basename(p) in self.names:
+            return mine
+        try:
+            self._real["stat"](mine)
+        except OSError:
+            return path
+        return mine
 
     def _recorded(self, a: str) -> str:
         """The recording's name of the absolute path ``a`` of this replay."""
@@ -137,8 +150,9 @@ class ReplayFiles:
                     rename=os.rename, remove=os.remove, unlink=os.unlink)
 
         def _open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-            target = self.mapped(file)
-            if _WRITES & set(mode):
+            writing = bool(_WRITES & set(mode))
+            target = self.mapped(file, writing)
+            if writing:
                 if not isinstance(target, int):
                     self.written.add(os.path.abspath(os.fspath(target)))
             else:
@@ -148,7 +162,7 @@ class ReplayFiles:
         def _stat(path: Any, *args: Any, **kwargs: Any) -> Any:
             if args or kwargs.get("dir_fd") is not None:
                 return real["stat"](path, *args, **kwargs)
-            target = self.mapped(path)
+            target = self.mapped(path, False)
             self.check(target, False)
             return real["stat"](target, **kwargs)
 

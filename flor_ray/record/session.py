@@ -346,6 +346,7 @@ class RecordSession(LoopRuntime):
             if self._save_watch.disarm(i) and completed:
                 self._last_ckpt = i
                 ckpt_s = self._pending_cost + save_s
+                write_s = self._write_cpu_s or 0.0  # the writer stores the save's bytes: charged as flor's
             self._save_watch.save_s = 0.0
         elif completed and self._period_due and self._checkpoint_objects is not None:
             if self._pending_snap is None:
