@@ -175,7 +175,7 @@ class SaveWatch:
     """One ``flor.checkpointing`` block's view of the script's ``torch.save`` calls.
 
     ``submit`` takes a finished snapshot (the session's checkpoint writer); the
-    session calls :meth:`arm` at the inner loop's exit and :meth:`disarm` at the
+    session calls :meth:`arm` at the inner loop's exit and :meth:`end` at the
     iteration's end."""
 
     def __init__(self, objects: Mapping[str, Any], from_saves: bool, submit: Callable[[dict], None]):
@@ -206,21 +206,23 @@ class SaveWatch:
         self._armed = Armed(iteration, inner_exits, objects, tuple(prints), capture_rng(), carried)
         self._why = None
 
-    def disarm(self, iteration: int) -> bool:
-        """The iteration ends: whether a save gave its checkpoint (else, said once, flor
-        checkpoints by itself from now on)."""
+    def end(self, iteration: int) -> float | None:
+        """The iteration ends: the training thread's time in the save's lookups when a
+        save gave its checkpoint; None (said once: flor checkpoints by itself from now on)
+        when none did."""
+        spent, self.save_s = self.save_s, 0.0
         armed, self._armed = self._armed, None
         if armed is None:
-            return False
+            return None
         if self._used == iteration:
-            return True
+            return spent
         why = self._why or "the script did not torch.save the checkpointed objects after the training loop"
         self.trusting = False
         if not self._told:
             self._told = True
             _say(f"flor.checkpointing(from_saves=True): iteration {iteration} has no checkpoint ({why}); "
                  "flor takes its own checkpoints for the rest of the run")
-        return False
+        return None
 
     def outer_begin(self, iteration: int) -> None:
         self._iteration = iteration

@@ -340,14 +340,12 @@ class RecordSession(LoopRuntime):
 
     def _outer_end(self, i: int, seconds: float, completed: bool) -> None:
         ckpt_s = write_s = 0.0
-        from_save = self._print_iter and self._iter_inner_exits > 0
-        if from_save:
-            save_s = self._save_watch.save_s
-            if self._save_watch.disarm(i) and completed:
+        if self._print_iter and self._iter_inner_exits > 0:
+            save_s = self._save_watch.end(i)
+            if save_s is not None and completed:
                 self._last_ckpt = i
                 ckpt_s = self._pending_cost + save_s
                 write_s = self._write_cpu_s or 0.0  # the writer stores the save's bytes: charged as flor's
-            self._save_watch.save_s = 0.0
         elif completed and self._period_due and self._checkpoint_objects is not None:
             if self._pending_snap is None:
                 self._capture(i)
