@@ -222,6 +222,8 @@ def test_backfill_from_the_scripts_saves_equals_the_oracle_and_leaves_the_tree_a
     # outer-level values: each iteration's checkpoint restored, its scheduler.step() run again
     plan, report = _replay(runner, proj, ["lr_now", "wnorm"])
     assert not report.failed, str(report)
+    assert any(f"{proj / 'out' / 'ckpt.pt'} read as absent, as when the run started" in n
+               for n in report.fallbacks), str(report)
     assert all(t.mode == "skip" for t in plan.tasks) and plan.tasks, plan.explain()
     # an inner-loop value: re-executed from the checkpoint of epoch 1
     plan2, report2 = _replay(runner, proj, ["wsum"], iterations="2:")

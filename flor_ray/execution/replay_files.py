@@ -69,6 +69,7 @@ class ReplayFiles:
         self.written: set[str] = set()  # written by this replay: read back as it is
         self.discarded: set[str] = set()  # torch.saved by this replay (not written)
         self._real: dict[str, Any] = {}
+        self.notes: dict[str, str] = {}  # for the task's report: the user's files this replay hid
 
     # -------------------------------------------------------------- the rules
     def mapped(self, path: Any, write: bool = True) -> Any:
@@ -121,8 +122,18 @@ class ReplayFiles:
                     "not be the recording's): log the value from the objects in memory instead")
             return
         if not info.get("existed"):
+            if a not in self.notes and self._exists(self._recorded(a)):
+                self.notes[a] = (f"run {self.run_id}: {self._recorded(a)} read as absent, as when the run started "
+                                 "(the file there now is a later one; left as it is)")
             raise FileNotFoundError(errno.ENOENT, f"absent when run {self.run_id} started (flor_ray replay)", p)
         self._same_as_recorded(p, a, info)
+
+    def _exists(self, a: str) -> bool:
+        try:
+            self._real["stat"](a)
+        except OSError:
+            return False
+        return True
 
     def _same_as_recorded(self, p: str, a: str, info: Mapping[str, Any]) -> None:
         inside = a.startswith(self.tree + os.sep)

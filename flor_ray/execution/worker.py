@@ -371,4 +371,5 @@ class ReplaySession(LoopRuntime):
         if done:
             with open(done, "w") as f:
                 json.dump({"rows": table.num_rows, "phases": {k: round(v, 4) for k, v in self.phases.items()},
-                           "notes": self._fallback_lines(), "numerics": self._numerics_notes or []}, f)
+                           "notes": self._fallback_lines() + list(self.files.notes.values()),
+                           "numerics": self._numerics_notes or []}, f)
