@@ -171,7 +171,11 @@ def iteration(name: str, idx: int | None = None, value: Any = None):
 
 
 def checkpointing(**objects: Any):
-    """Context manager: checkpoint these objects (and every RNG) per outer iteration."""
+    """Context manager: checkpoint these objects (and every RNG) per outer iteration.
+
+    ``from_saves=True``: where the script ``torch.save``s the objects' state each
+    iteration, take that save as the checkpoint instead of copying the same tensors
+    again (see :mod:`flor_ray.record.own_saves`)."""
     return (_SESSION or _session()).checkpointing(**objects)
 
 
@@ -309,3 +313,9 @@ def replay(names=None, **kwargs: Any):
     from .api import replay as _replay
 
     return _replay(names, **kwargs)
+
+
+if _os.environ.get("FLOR_REPLAY") and _SESSION is None:
+    # a replayed script: the files it opens are the recorded run's from its first line
+    # on (its resume-at-start code runs before any flor call; execution/replay_files.py)
+    _session()

@@ -88,6 +88,12 @@ class ReplaySession(LoopRuntime):
         # open the store's client now, while the interpreter is fully alive: an
         # object-store client made first inside an atexit handler can be refused
         self.store.exists(self.spec.output)
+        from .replay_files import ReplayFiles, load_facts, tree_of
+
+        self.files = ReplayFiles(tree_of(spec.script, sys.argv[0] if sys.argv else ""),
+                                 load_facts(self.store, spec.run_id), spec.run_id,
+                                 keep=(str(self.store.root),) if self.store.is_local else ())
+        self.files.install()
         self._suppress_saves()
         atexit.register(self.finish)
         prev = sys.excepthook
@@ -162,14 +168,18 @@ class ReplaySession(LoopRuntime):
             return cls(TaskSpec.from_json(f.read()))
 
     def _suppress_saves(self) -> None:
-        """Training side effects: torch.save to the user's paths does nothing in replay.
-        (Also hooks DataLoader iterators, so that a restore can re-draw their positions.)"""
+        """Training side effects: torch.save does nothing in replay, and the files the
+        script opens are the recorded run's (:mod:`.replay_files`). (Also hooks
+        DataLoader iterators, so that a restore can re-draw their positions.)"""
         from ..record.carried import install_loader_hook
 
         install_loader_hook()
         torch = sys.modules.get("torch")
         if torch is not None and not getattr(torch.save, "_flor_suppressed", False):
-            def _no_save(*_a: Any, **_k: Any) -> None:
+            files = self.files
+
+            def _no_save(_obj: Any = None, f: Any = None, *_a: Any, **_k: Any) -> None:
+                files.discarding_save(f)
                 return None
 
             _no_save._flor_suppressed = True  # type: ignore[attr-defined]
@@ -189,7 +199,8 @@ class ReplaySession(LoopRuntime):
         return LoopRuntime.iteration(self, name, idx, value)
 
     @contextmanager
-    def checkpointing(self, **objects: Any):
+    def checkpointing(self, from_saves: bool = False, **objects: Any):
+        # from_saves changes how the recording stored its checkpoints, not what a restore gets
         if self._in_ckpt:
             raise CheckpointingError("flor.checkpointing is already active")
         self._in_ckpt = True
@@ -360,4 +371,5 @@ class ReplaySession(LoopRuntime):
         if done:
             with open(done, "w") as f:
                 json.dump({"rows": table.num_rows, "phases": {k: round(v, 4) for k, v in self.phases.items()},
-                           "notes": self._fallback_lines(), "numerics": self._numerics_notes or []}, f)
+                           "notes": self._fallback_lines() + list(self.files.notes.values()),
+                           "numerics": self._numerics_notes or []}, f)

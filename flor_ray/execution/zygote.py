@@ -71,6 +71,10 @@ def _child(req: dict) -> None:
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     code = 0
     try:
+        if os.environ.get("FLOR_REPLAY"):  # the replay's session (its view of files) before the script's first line
+            import flor_ray
+
+            flor_ray._session()
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         if exc.code is None:

@@ -58,6 +58,8 @@ def manifest_entry(snap: Mapping[str, Any], rel: str, data: bytes, stored: Any =
     if stored is not None:  # what this checkpoint added to the store, skeleton included
         entry.update({"format": 2, "objects": stored.objects, "new_objects": stored.new_objects,
                       "stored_bytes": len(data) + stored.new_bytes})
+    if snap.get("from_save"):  # taken from the script's own torch.save (own_saves)
+        entry["from_save"] = snap["from_save"]
     scope = snap.get("scope")
     if scope is not None:  # what the planner may rely on when a replay restores it
         entry["carried"] = list(scope["captured"])
@@ -162,10 +164,33 @@ def deserialize(data: bytes, where: str, read: Any = None) -> dict:
     if isinstance(snap, dict) and snap.get("format") == 2 and read is not None:
         from .ckpt_objects import join
 
-        return {**join(snap, read, where), "format": FORMAT}
+        joined = join(snap, read, where)
+        if "save" in joined:  # the script's own save holds the big tensors (own_saves)
+            joined["objects"] = _from_save(joined, where)
+        return {**joined, "format": FORMAT}
     if not isinstance(snap, dict) or snap.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {where} is not a flor_ray checkpoint of format {FORMAT}", path=where)
     return snap
+
+
+def _from_save(snap: dict, where: str) -> dict:
+    """The object states of a checkpoint taken from the script's save: its skeleton's
+    states with each key path into the saved dict replaced by that tensor."""
+    import pickle
+
+    import torch
+
+    from .own_saves import resolve_in_save
+
+    raw = snap.pop("save")
+    try:
+        saved = torch.load(io.BytesIO(raw.numpy().tobytes()), weights_only=True, map_location="cpu")
+        return resolve_in_save(snap["objects"], saved)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {where} (taken from the script's torch.save of {snap.get('from_save')}) cannot be "
+            f"loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); replay from an "
+            "earlier checkpoint (it is skipped automatically) or re-record", path=where) from exc
 
 
 def restore(objects: Mapping[str, Any], snapshot: Mapping[str, Any], where: str = "", scope: Any = None,

@@ -101,6 +101,10 @@ class RecordSession(CellsRun, LoopRuntime):
         self._pending_snap: dict | None = None
         self._pending_cost = 0.0
         self._manifest: list[dict] = []
+        self._save_watch = None  # the script's own torch.save calls (record/own_saves.py), in checkpointing
+        self._file_facts = None  # its saved-to paths (record/own_files.py), for the replays
+        self._print_iter = False  # this iteration's checkpoint is to come from the script's save
+        self._period_due = False
         self._start_parts: dict[str, float] = {}
         self._output = None  # the captured output (record/output.py), once started
         self._fast_log = LoopRuntime.log.__get__(self)
@@ -117,7 +121,7 @@ class RecordSession(CellsRun, LoopRuntime):
         timed_loop = hooks.wrap("loop", loop)
         self.loop = lambda name, iterable: hooks.wrap_loop("loop", timed_loop(name, iterable))  # type: ignore
         self.checkpointing = lambda **objects: hooks.wrap_context(  # type: ignore[method-assign]
-            "checkpointing", checkpointing(**objects))
+            "checkpointing", checkpointing(**objects))  # from_saves=... is one of the keywords
 
         def finish_then_tell() -> None:
             try:
@@ -177,6 +181,9 @@ class RecordSession(CellsRun, LoopRuntime):
         self.script = where.script
         self.meta: dict[str, Any] = st.run_meta(self.run_id, where, snap, self.argv)
         self._note_parts(cells)
+        from .own_files import FileFacts
+
+        self._file_facts = FileFacts(where.repo_root)
         import numpy  # noqa: F401  # on this thread: the writer's pyarrow import needs it, and a
         # module half-imported by another thread must never be seen by capture_rng / environment()
         timer.mark("meta")
@@ -241,9 +248,16 @@ class RecordSession(CellsRun, LoopRuntime):
         return it
 
     @contextmanager
-    def checkpointing(self, **objects: Any):
+    def checkpointing(self, from_saves: bool = False, **objects: Any):
+        """``from_saves=True``: take the script's own ``torch.save`` of the objects'
+        state as the iteration's checkpoint where it holds what a replay needs
+        (:mod:`.own_saves`)."""
         from .checkpoint import check_objects
 
+        if not isinstance(from_saves, bool):
+            raise CheckpointingError(
+                f"flor.checkpointing(from_saves=...) takes True or False, not a {type(from_saves).__name__}; "
+                "pass the objects to checkpoint under other names")
         if self._in_checkpointing:
             raise CheckpointingError(
                 "flor.checkpointing is already active; use one `with flor.checkpointing(...)` "
@@ -259,11 +273,17 @@ class RecordSession(CellsRun, LoopRuntime):
         self._in_checkpointing = True
         self._checkpoint_objects = dict(objects)
         self.meta["checkpointing"] = sorted(objects)
+        from .own_files import install_save_hook
+        from .own_saves import SaveWatch
+
+        self._save_watch = SaveWatch(objects, from_saves, self._submit_checkpoint)
+        install_save_hook(lambda: self._save_watch, lambda: self._file_facts)
         try:
             yield self
         finally:
             self._in_checkpointing = False
             self._checkpoint_objects = None
+            self._save_watch = None
 
     def commit(self) -> None:
         """Flush now: the rows are in the store when this returns."""
@@ -292,11 +312,17 @@ class RecordSession(CellsRun, LoopRuntime):
         self._iter_inner_exits = 0
         self._pending_snap = None
         self._pending_cost = 0.0
-        self._ckpt_due = self._checkpoint_objects is not None and (
+        self._period_due = self._checkpoint_objects is not None and (
             self._last_ckpt is None
             or i - self._last_ckpt >= self._ckpt_period
             or (length is not None and i == length - 1)
         )
+        watch = self._save_watch
+        if watch is not None:
+            watch.outer_begin(i)
+        # a checkpoint from the script's own save costs no copy: every iteration has one
+        self._print_iter = watch is not None and watch.trusting
+        self._ckpt_due = self._period_due or self._print_iter
         return True
 
     def _inner_done(self, name: str, depth: int, n: int, seconds: float, skipped: bool) -> None:
@@ -312,12 +338,22 @@ class RecordSession(CellsRun, LoopRuntime):
         from .checkpoint import capture
 
         t0 = time.perf_counter()
-        self._pending_snap = capture(self._checkpoint_objects or {}, i, self._iter_inner_exits, self._scope_frame)
+        if self._print_iter and self._iter_inner_exits:  # the script's save completes it (own_saves)
+            self._save_watch.arm(i, self._iter_inner_exits, self._scope_frame)
+        else:
+            self._pending_snap = capture(self._checkpoint_objects or {}, i, self._iter_inner_exits,
+                                         self._scope_frame)
         self._pending_cost += time.perf_counter() - t0
 
     def _outer_end(self, i: int, seconds: float, completed: bool) -> None:
         ckpt_s = write_s = 0.0
-        if completed and self._ckpt_due and self._checkpoint_objects is not None:
+        if self._print_iter and self._iter_inner_exits > 0:
+            save_s = self._save_watch.end(i)
+            if save_s is not None and completed:
+                self._last_ckpt = i
+                ckpt_s = self._pending_cost + save_s
+                write_s = self._write_cpu_s or 0.0  # the writer stores the save's bytes: charged as flor's
+        elif completed and self._period_due and self._checkpoint_objects is not None:
             if self._pending_snap is None:
                 self._capture(i)
             ckpt_s = self._pending_cost
@@ -415,6 +451,7 @@ class RecordSession(CellsRun, LoopRuntime):
                 "iterations": len(self._outer_s),
                 "timings": self._timings(),
                 "checkpoints": manifest,
+                "own_files": self._file_facts.as_meta() if self._file_facts is not None else None,
                 "checkpoint_period": self._ckpt_period,
                 "flushes": self._flushes,
                 "updated_at": now_iso(),
