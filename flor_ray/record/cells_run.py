@@ -78,6 +78,9 @@ class CellsRun:
         kernel idles (a crash while it waits loses nothing)."""
         if self.started and not self._finished:
             self._flush()
+            # the code upload (git cat-file children) done before the kernel idles: a
+            # shutdown request makes ipykernel terminate the kernel's child processes
+            self.writer.drain()
 
     def _end_cells(self) -> None:
         """At the run's end: the cells run since the last flush, then no more following them."""
