@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,25 @@ class S3:
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test",
                             aws_secret_access_key="test", region_name="us-east-1")
+
+
+class Counting:
+    """Counts the requests a WSGI app (the moto server) answers, by kind."""
+
+    def __init__(self, app):
+        self.app, self.counts, self.lock = app, {}, threading.Lock()
+
+    def __call__(self, environ, start_response):
+        method, query, path = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", ""), environ["PATH_INFO"]
+        kind = "LIST" if method == "GET" and ("list-type" in query or path.strip("/").count("/") == 0) else method
+        with self.lock:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+        return self.app(environ, start_response)
+
+    def take(self) -> dict:
+        with self.lock:
+            out, self.counts = self.counts, {}
+        return out
 
 
 # ------------------------------------------------------------- the checkout stays as it was

@@ -254,7 +254,7 @@ def _session(settings: Settings) -> RecordSession:
 
 def _ended(write_cpu: float | None, capture: float = 0.001, seconds: float = 1.0, budget: float = 0.01) -> int:
     s = _session(Settings(checkpoint_budget=budget, checkpoint_max_period=16))
-    s._ckpt_due = True
+    s._ckpt_due = s._period_due = True  # the period, not a save of the script (own_saves), made it due
     s._checkpoint_objects = {"m": object()}
     s._pending_snap = {"iteration": 0}
     s._pending_cost = capture

@@ -23,7 +23,7 @@ from flor_ray.store.consolidation import consolidate
 from flor_ray.store.logs import log_parts
 from flor_ray.store.manifest import read_manifest
 
-from conftest import REPO_ROOT, S3, clean_env, git, write
+from conftest import REPO_ROOT, S3, Counting, clean_env, git, write
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_store  # noqa: E402
@@ -209,25 +209,6 @@ def test_a_reader_during_compaction_sees_each_row_once(tmp_path):
 
 
 # ------------------------------------------------------------------------- S3
-class Counting:
-    """Counts the requests a WSGI app (the moto server) answers, by kind."""
-
-    def __init__(self, app):
-        self.app, self.counts, self.lock = app, {}, threading.Lock()
-
-    def __call__(self, environ, start_response):
-        method, query, path = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", ""), environ["PATH_INFO"]
-        kind = "LIST" if method == "GET" and ("list-type" in query or path.strip("/").count("/") == 0) else method
-        with self.lock:
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-        return self.app(environ, start_response)
-
-    def take(self) -> dict:
-        with self.lock:
-            out, self.counts = self.counts, {}
-        return out
-
-
 @pytest.fixture(scope="module")
 def s3_store(tmp_path_factory):
     pytest.importorskip("s3fs")

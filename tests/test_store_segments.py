@@ -6,7 +6,6 @@ the same on S3 (moto)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from flor_ray.store import Store, layout
 from flor_ray.store.consolidation import consolidate
 from flor_ray.store.logs import log_parts, read_logs
 
-from conftest import REPO_ROOT, S3, clean_env, git, write
+from conftest import REPO_ROOT, S3, Counting, clean_env, git, write
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_store  # noqa: E402
@@ -298,25 +297,6 @@ def test_the_next_recording_compacts_a_crashed_run_and_leaves_a_recording_one(tm
 
 
 # ------------------------------------------------------------------------- S3
-class Counting:
-    """Counts the requests a WSGI app (the moto server) answers, by kind."""
-
-    def __init__(self, app):
-        self.app, self.counts, self.lock = app, {}, threading.Lock()
-
-    def __call__(self, environ, start_response):
-        method, query, path = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", ""), environ["PATH_INFO"]
-        kind = "LIST" if method == "GET" and ("list-type" in query or path.strip("/").count("/") == 0) else method
-        with self.lock:
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-        return self.app(environ, start_response)
-
-    def take(self) -> dict:
-        with self.lock:
-            out, self.counts = self.counts, {}
-        return out
-
-
 def test_s3_consolidation_reads_as_before_in_a_few_requests(history, capsys):
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
