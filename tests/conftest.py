@@ -178,6 +178,43 @@ class Counting:
         return out
 
 
+def reads_during(store, work, want: int) -> list[bool]:
+    """Run ``work()`` on a thread while reading the store's ``loss`` rows in a loop (the
+    dataframe and an SQL count): every read holds each (run, epoch, step) exactly once.
+    Whether each read began while ``work`` ran; ``work``'s exception is raised here."""
+    import flor_ray
+    from flor_ray.queries.cache import CACHE
+
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - raised below, on the test's thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    seen: list[bool] = []
+    worker = threading.Thread(target=run)
+    worker.start()
+    while not done.is_set() or not seen:
+        during = not done.is_set()
+        CACHE.reset()
+        df = flor_ray.dataframe("loss", store=store)
+        assert len(df) == want and not df.duplicated(["run_id", "epoch", "step"]).any()
+        CACHE.reset()
+        n = flor_ray.sql("SELECT count(*) AS n, count(DISTINCT (run_id, iter0, iter1)) AS d FROM logs "
+                         "WHERE name = 'loss'", store=store)
+        assert (int(n["n"][0]), int(n["d"][0])) == (want, want)
+        seen.append(during)
+    worker.join()
+    if errors:
+        raise errors[0]
+    return seen
+
+
 # ------------------------------------------------------------- the checkout stays as it was
 # A test writes under tmp_path, never into the checkout: the session fails when a file
 # that git does not ignore appeared or changed in it during the run. Source files

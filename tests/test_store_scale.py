@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +22,7 @@ from flor_ray.store.consolidation import consolidate
 from flor_ray.store.logs import log_parts
 from flor_ray.store.manifest import read_manifest
 
-from conftest import REPO_ROOT, S3, Counting, clean_env, git, write
+from conftest import REPO_ROOT, S3, Counting, clean_env, git, reads_during, write
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_store  # noqa: E402
@@ -178,33 +177,12 @@ def test_a_reader_during_compaction_sees_each_row_once(tmp_path):
     runs, epochs = 24, 30
     st, ids = _synthetic(tmp_path, runs, epochs, loose=True)
     want = runs * epochs * 5
-    done = threading.Event()
-    errors: list[BaseException] = []
 
     def compact_all():
-        try:
-            for rid in ids:
-                compact_record(st, rid)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-        finally:
-            done.set()
+        for rid in ids:
+            compact_record(st, rid)
 
-    seen = []
-    worker = threading.Thread(target=compact_all)
-    worker.start()
-    while not done.is_set() or not seen:
-        during = not done.is_set()  # this read begins while runs are being compacted
-        CACHE.reset()
-        df = flor_ray.dataframe("loss", store=st)
-        assert len(df) == want and not df.duplicated(["run_id", "epoch", "step"]).any()
-        n = flor_ray.sql("SELECT count(*) AS n, count(DISTINCT (run_id, iter0, iter1)) AS d FROM logs "
-                         "WHERE name = 'loss'", store=st)
-        assert (int(n["n"][0]), int(n["d"][0])) == (want, want)
-        seen.append(during)
-    worker.join()
-    assert not errors, errors
-    assert any(seen)  # read while compacting
+    assert any(reads_during(st, compact_all, want))  # a read began while compacting
     assert all(len(_record_files(st, r)) == 1 for r in ids)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from flor_ray.store import Store, layout
 from flor_ray.store.consolidation import consolidate
 from flor_ray.store.logs import log_parts, read_logs
 
-from conftest import REPO_ROOT, S3, Counting, clean_env, git, write
+from conftest import REPO_ROOT, S3, Counting, clean_env, git, reads_during, write
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_store  # noqa: E402
@@ -187,33 +186,12 @@ def test_a_reader_during_consolidation_sees_each_row_once(tmp_path):
     bench_store.write_runs(st, template, runs, epochs, steps)
     want = runs * epochs * steps
     per_run = epochs * (steps + 1)
-    done = threading.Event()
-    errors: list[BaseException] = []
 
-    def work():
-        try:  # into 8 segments (the loose files deleted), then merged into 1 (the 8 deleted)
-            consolidate(st, rows=5 * per_run)
-            consolidate(st, merge_all=True)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-        finally:
-            done.set()
+    def work():  # into 8 segments (the loose files deleted), then merged into 1 (the 8 deleted)
+        consolidate(st, rows=5 * per_run)
+        consolidate(st, merge_all=True)
 
-    seen = []
-    worker = threading.Thread(target=work)
-    worker.start()
-    while not done.is_set() or not seen:
-        during = not done.is_set()
-        df = _frame(st, "loss")
-        assert len(df) == want and not df.duplicated(["run_id", "epoch", "step"]).any()
-        CACHE.reset()
-        n = flor_ray.sql("SELECT count(*) AS n, count(DISTINCT (run_id, iter0, iter1)) AS d FROM logs "
-                         "WHERE name = 'loss'", store=st)
-        assert (int(n["n"][0]), int(n["d"][0])) == (want, want)
-        seen.append(during)
-    worker.join()
-    assert not errors, errors
-    assert any(seen)  # read while consolidating
+    assert any(reads_during(st, work, want))  # a read began while consolidating
     assert _loose(st) == [] and len(_segments(st)) == 1
 
 

@@ -107,19 +107,26 @@ def decode(data: bytes, digest: str, where: str) -> Any:
     return flat.view(dtype).reshape(meta["shape"])
 
 
+def map_leaves(x: Any, is_leaf: Callable[[Any], bool], leaf: Callable[[Any], Any]) -> Any:
+    """``x`` with each part that ``is_leaf`` selects replaced by ``leaf`` of it, its
+    containers (dicts, their subclasses, lists, tuples) rebuilt around them."""
+    if is_leaf(x):
+        return leaf(x)
+    if isinstance(x, dict):
+        return {k: map_leaves(v, is_leaf, leaf) for k, v in x.items()} if type(x) is dict else \
+            type(x)((k, map_leaves(v, is_leaf, leaf)) for k, v in x.items())
+    if isinstance(x, list):
+        return [map_leaves(v, is_leaf, leaf) for v in x]
+    if isinstance(x, tuple):
+        return tuple(map_leaves(v, is_leaf, leaf) for v in x)
+    return x
+
+
 def _walk(x: Any, leaf: Callable[[Any], Any]) -> Any:
     """``x`` with each tensor or reference replaced by ``leaf`` of it (containers rebuilt)."""
     torch = sys.modules.get("torch")
-    if (torch is not None and isinstance(x, torch.Tensor)) or (isinstance(x, dict) and REF in x):
-        return leaf(x)
-    if isinstance(x, dict):
-        return {k: _walk(v, leaf) for k, v in x.items()} if type(x) is dict else \
-            type(x)((k, _walk(v, leaf)) for k, v in x.items())
-    if isinstance(x, list):
-        return [_walk(v, leaf) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_walk(v, leaf) for v in x)
-    return x
+    return map_leaves(x, lambda v: (torch is not None and isinstance(v, torch.Tensor))
+                      or (isinstance(v, dict) and REF in v), leaf)
 
 
 def refs(skeleton: dict) -> set[str]:

@@ -47,7 +47,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .ckpt_objects import MIN_OBJECT_BYTES
+from .ckpt_objects import MIN_OBJECT_BYTES, map_leaves
 
 __all__ = ["IN_SAVE", "SaveWatch", "resolve_in_save"]
 
@@ -139,32 +139,16 @@ def resolve_in_save(objects: dict, saved: Any) -> dict:
         used.add(tuple(path))
         return x
 
-    def walk(x: Any) -> Any:
-        if isinstance(x, dict) and IN_SAVE in x:
-            return get(x[IN_SAVE])
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()} if type(x) is dict else type(x)((k, walk(v)) for k, v in x.items())
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        if isinstance(x, tuple):
-            return tuple(walk(v) for v in x)
-        return x
+    return map_leaves(objects, _in_save, lambda x: get(x[IN_SAVE]))
 
-    return walk(objects)
+
+def _in_save(x: Any) -> bool:
+    return isinstance(x, dict) and IN_SAVE in x
 
 
 def _placed(x: Any, paths: list) -> Any:
     """The armed states with each printed tensor's index replaced by its key path."""
-    if isinstance(x, dict) and IN_SAVE in x:
-        return {IN_SAVE: list(paths[x[IN_SAVE]])}
-    if isinstance(x, dict):
-        return {k: _placed(v, paths) for k, v in x.items()} if type(x) is dict else \
-            type(x)((k, _placed(v, paths)) for k, v in x.items())
-    if isinstance(x, list):
-        return [_placed(v, paths) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_placed(v, paths) for v in x)
-    return x
+    return map_leaves(x, _in_save, lambda v: {IN_SAVE: list(paths[v[IN_SAVE]])})
 
 
 def _say(text: str) -> None:
