@@ -407,7 +407,7 @@ def read_version(store: "Store", version: str) -> dict:
     from .store import safe_component
 
     safe_component("version", version)
-    key = (store.url, json.dumps(store.storage_options, sort_keys=True, default=str), version)
+    key = (*store.key, version)
     with _versions_lock:
         doc = _versions.get(key)
     if doc is None:

@@ -9,7 +9,6 @@ they are kept referenced so that no finaliser closes them.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from typing import TYPE_CHECKING, Callable, TypeVar
@@ -31,8 +30,8 @@ SQL_KEEP = 4
 
 
 def store_key(store: "Store") -> tuple:
-    """What identifies a store's caches: its URL and options."""
-    return (store.url, json.dumps(store.storage_options, sort_keys=True, default=str))
+    """What identifies a store's caches: :attr:`flor_ray.store.Store.key`."""
+    return store.key
 
 
 class QueryCache:

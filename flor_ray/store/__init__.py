@@ -129,6 +129,11 @@ class Store:
         return self._fs
 
     @property
+    def key(self) -> tuple:
+        """What identifies this store for the process's caches: its URL and options."""
+        return (self.url, json.dumps(self.storage_options, sort_keys=True, default=str))
+
+    @property
     def _plain_local(self) -> bool:
         """A folder named by its path (no scheme): read and listed with ``os`` alone,
         so the commands that only read JSON do not pay for importing fsspec."""
