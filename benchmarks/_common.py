@@ -164,3 +164,64 @@ def timed_run(cmd, cwd: Path, env: dict, timeout: float | None = None, stdin: st
         if isinstance(proc.stderr, bytes):
             proc.stderr = proc.stderr.decode(errors="replace")
     return time.perf_counter() - t, proc
+
+
+class Counting:
+    """Counts the requests a WSGI app (a moto S3 server) answers, by kind (LIST, GET, PUT, ...)."""
+
+    def __init__(self, app):
+        import threading
+
+        self.app, self.counts, self.lock = app, {}, threading.Lock()
+
+    def __call__(self, environ, start_response):
+        method, query, path = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", ""), environ["PATH_INFO"]
+        kind = "LIST" if method == "GET" and ("list-type" in query or path.strip("/").count("/") == 0) else method
+        with self.lock:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+        return self.app(environ, start_response)
+
+    def take(self) -> dict:
+        with self.lock:
+            out, self.counts = self.counts, {}
+        return out
+
+
+class MotoS3:
+    """An S3-compatible server (moto) on 127.0.0.1 in this process, its requests counted;
+    ``env()`` is what a flor_ray process needs to reach it."""
+
+    def __init__(self, bucket: str):
+        import logging
+        import socket
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line a request otherwise
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
+        self.counting = Counting(self.server._server.app)
+        self.server._server.app = self.counting
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        self.bucket = bucket
+
+    def env(self) -> dict:
+        return {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": self.endpoint}
+
+    def objects(self, prefix: str) -> int:
+        import boto3
+
+        pages = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                             region_name="us-east-1").get_paginator("list_objects_v2")
+        return sum(page.get("KeyCount", 0) for page in pages.paginate(Bucket=self.bucket, Prefix=prefix))
+
+    def stop(self) -> None:
+        self.server.stop()

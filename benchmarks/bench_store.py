@@ -14,12 +14,14 @@ side by side.
 
     python benchmarks/bench_store.py            # 50 and 1,000 runs × 50 epochs
     python benchmarks/bench_store.py --quick    # 5 and 40 runs × 4 epochs (the test suite)
+    python benchmarks/bench_store.py --s3       # the stores on S3 (moto on 127.0.0.1), requests counted
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, clean_env, git, log, make_repo, med, save_results  # noqa: E402
+from _common import ROOT, MotoS3, clean_env, git, log, make_repo, med, save_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -147,31 +149,43 @@ def write_runs(store, template: dict, n_runs: int, epochs: int, steps: int, loos
     return list(metas)
 
 
-def timed_cli(repo: Path, env: dict, *args: str, repeat: int) -> float:
-    """Median wall time of ``flor-ray ARGS`` in a fresh process (imports included)."""
-    times = []
+def timed_cli(repo: Path, env: dict, args: list[str], repeat: int, s3: "MotoS3 | None" = None) -> tuple[float, dict]:
+    """Median wall time of ``flor-ray ARGS`` in a fresh process (imports included), and
+    on S3 the requests of its last repetition, by kind."""
+    times, requests = [], {}
     for _ in range(repeat):
+        if s3 is not None:
+            s3.counting.take()
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "flor_ray.cli", *args], cwd=repo, env=env,
                               capture_output=True, text=True)
         times.append(time.perf_counter() - t0)
+        if s3 is not None:
+            requests = s3.counting.take()
         if proc.returncode != 0:
             raise RuntimeError(f"flor-ray {' '.join(args)} failed: {proc.stderr[-2000:]}")
-    return med(times)
+    return med(times), requests
 
 
 SQL = "SELECT run_id, max(value) AS best FROM logs WHERE name = 'acc' GROUP BY run_id"
 
 
-def measure(repo: Path, env: dict, repeat: int) -> dict:
-    """The four commands' times (seconds) on the store of ``env``."""
+def commands(repo: Path) -> dict[str, list[str]]:
+    """The four timed commands, by the name of their target."""
     return {
-        "df": timed_cli(repo, env, "df", "acc", "--format", "csv", "-o", str(repo / "df.csv"), repeat=repeat),
-        "sql": timed_cli(repo, env, "sql", SQL, "--format", "csv", "-o", str(repo / "sql.csv"), repeat=repeat),
-        "runs": timed_cli(repo, env, "runs", "--format", "csv", "-o", str(repo / "runs.csv"), repeat=repeat),
-        "plan": timed_cli(repo, env, "replay", "gnorm", "--script", "today.py", "--dry-run", "--num-gpus", "0",
-                          repeat=repeat),
+        "df": ["df", "acc", "--format", "csv", "-o", str(repo / "df.csv")],
+        "sql": ["sql", SQL, "--format", "csv", "-o", str(repo / "sql.csv")],
+        "runs": ["runs", "--format", "csv", "-o", str(repo / "runs.csv")],
+        "plan": ["replay", "gnorm", "--script", "today.py", "--dry-run", "--num-gpus", "0"],
     }
+
+
+def measure(repo: Path, env: dict, repeat: int, s3: "MotoS3 | None" = None) -> tuple[dict, dict]:
+    """The four commands' times (seconds) on the store of ``env``, and their S3 requests."""
+    times, requests = {}, {}
+    for key, args in commands(repo).items():
+        times[key], requests[key] = timed_cli(repo, env, args, repeat, s3)
+    return times, requests
 
 
 #: each call in one warm process with the query caches emptied first: the store's
@@ -216,6 +230,51 @@ def files_of(store_dir: Path) -> int:
     return sum(1 for p in store_dir.rglob("*") if p.is_file())
 
 
+def build(tmp: Path, n: int, a, s3: "MotoS3 | None") -> tuple[Path, dict, dict]:
+    """A store of ``n`` ended runs (consolidated unless told otherwise): its repository,
+    the environment that reaches it, and what building it took."""
+    repo = make_repo(tmp, f"n{n}")
+    store_dir = tmp / f"store{n}"
+    url = f"s3://{s3.bucket}/store{n}" if s3 else str(store_dir)
+    env = clean_env(FLOR_STORE=url, **(s3.env() if s3 else {}))
+    template = record_template(repo, env)
+    st = _store(env)
+    t0 = time.perf_counter()
+    write_runs(st, template, n - 1, a.epochs, a.steps, loose=a.loose)
+    built = time.perf_counter() - t0
+    merged = 0.0
+    if not a.loose and not a.no_consolidate:  # what `flor-ray compact` does
+        from flor_ray.store.consolidation import consolidate
+
+        t0 = time.perf_counter()
+        consolidate(st, merge_all=True)
+        merged = time.perf_counter() - t0
+    files = s3.objects(f"store{n}/") if s3 else files_of(store_dir)
+    log(f"{n} runs × {a.epochs} epochs: {files} {'objects' if s3 else 'files'}, written in {built:.1f} s, "
+        f"consolidated in {merged:.1f} s")
+    (repo / "today.py").write_text(TODAY)
+    return repo, env, {"files": files, "rows": n * a.epochs * (a.steps + 1), "write_s": round(built, 2),
+                       "consolidate_s": round(merged, 2)}
+
+
+def report(res: dict, small: int, large: int) -> None:
+    """The times side by side, their ratios and targets (and on S3 the requests)."""
+    s, l = res["runs"][str(small)], res["runs"][str(large)]
+    res["ratios"] = {}
+    for kind in ("in_process_s", "cli_s"):
+        res["ratios"][kind] = {k: round(l[kind][k] / s[kind][k], 2) for k in TARGETS_S}
+        print(f"{kind:<14}{small:>8} runs{large:>8} runs{'ratio':>8}{'target':>9}")
+        for k in TARGETS_S:
+            met = "" if kind != "cli_s" else ("  ok" if l[kind][k] <= TARGETS_S[k] else "  over")
+            print(f"  {k:<12}{s[kind][k]:>12.3f}s{l[kind][k]:>12.3f}s{res['ratios'][kind][k]:>8.2f}"
+                  f"{TARGETS_S[k]:>8.1f}s{met}")
+    if "requests" in l:
+        print(f"{'S3 requests':<14}{small:>8} runs{large:>8} runs")
+        for k in TARGETS_S:
+            print(f"  {k:<12}{sum(s['requests'][k].values()):>13}{sum(l['requests'][k].values()):>13}"
+                  f"   {json.dumps(s['requests'][k], sort_keys=True)}  {json.dumps(l['requests'][k], sort_keys=True)}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repetition (the test suite's mode)")
@@ -227,46 +286,32 @@ def main(argv=None) -> int:
     ap.add_argument("--loose", action="store_true", help="one record part per epoch (no compaction, no manifest)")
     ap.add_argument("--no-consolidate", action="store_true",
                     help="leave a compacted file a run (no segments: the store before `flor-ray compact`)")
+    ap.add_argument("--s3", action="store_true", help="the stores on S3 (a moto server on 127.0.0.1), requests counted")
     a = ap.parse_args(argv)
     small, large = a.small or (5 if a.quick else 50), a.large or (40 if a.quick else 1000)
-    epochs, repeat = a.epochs or (4 if a.quick else 50), a.repeat or (1 if a.quick else 3)
-    res: dict = {"mode": "quick" if a.quick else "full", "sizes": [small, large], "epochs": epochs,
-                 "steps": a.steps, "loose": a.loose,
-                 "consolidated": not (a.loose or a.no_consolidate), "targets_s": TARGETS_S, "ratio_target": RATIO_TARGET,
-                 "runs": {}}
-    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
-        for n in (small, large):
-            repo = make_repo(Path(tmp), f"n{n}")
-            store_dir = Path(tmp) / f"store{n}"
-            env = clean_env(FLOR_STORE=str(store_dir))
-            template = record_template(repo, env)
-            st = _store(env)
-            t0 = time.perf_counter()
-            write_runs(st, template, n - 1, epochs, a.steps, loose=a.loose)
-            built = time.perf_counter() - t0
-            merged = 0.0
-            if not a.loose and not a.no_consolidate:  # what `flor-ray compact` does
-                from flor_ray.store.consolidation import consolidate
-
-                t0 = time.perf_counter()
-                consolidate(st, merge_all=True)
-                merged = time.perf_counter() - t0
-            log(f"{n} runs × {epochs} epochs: {files_of(store_dir)} files, written in {built:.1f} s, "
-                f"consolidated in {merged:.1f} s")
-            (repo / "today.py").write_text(TODAY)
-            inproc = measure_in_process(repo, env, repeat)
-            times = measure(repo, env, repeat)
-            res["runs"][str(n)] = {"files": files_of(store_dir), "rows": n * epochs * (a.steps + 1),
-                                   "write_s": round(built, 2), "consolidate_s": round(merged, 2), "cli_s": {k: round(v, 3) for k, v in times.items()},
-                                   "in_process_s": {k: round(v, 3) for k, v in inproc.items()}}
-    s, l = res["runs"][str(small)], res["runs"][str(large)]
-    res["ratios"] = {}
-    for kind in ("in_process_s", "cli_s"):
-        res["ratios"][kind] = {k: round(l[kind][k] / s[kind][k], 2) for k in TARGETS_S}
-        print(f"{kind:<14}{small:>8} runs{large:>8} runs{'ratio':>8}{'target':>9}")
-        for k in TARGETS_S:
-            print(f"  {k:<12}{s[kind][k]:>12.3f}s{l[kind][k]:>12.3f}s{res['ratios'][kind][k]:>8.2f}"
-                  f"{TARGETS_S[k]:>8.1f}s")
+    a.epochs, repeat = a.epochs or (4 if a.quick else 50), a.repeat or (1 if a.quick else 3)
+    mode = ("quick" if a.quick else "full") + ("-s3" if a.s3 else "")
+    res: dict = {"mode": mode, "sizes": [small, large], "epochs": a.epochs, "steps": a.steps, "loose": a.loose,
+                 "consolidated": not (a.loose or a.no_consolidate), "s3": a.s3, "targets_s": TARGETS_S,
+                 "ratio_target": RATIO_TARGET, "runs": {}}
+    s3 = MotoS3("flor-bench") if a.s3 else None
+    saved_env = dict(os.environ)
+    os.environ.update(s3.env() if s3 else {})  # this process writes the stores too
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+            for n in (small, large):
+                repo, env, built = build(Path(tmp), n, a, s3)
+                inproc = measure_in_process(repo, env, repeat)
+                times, requests = measure(repo, env, repeat, s3)
+                res["runs"][str(n)] = {**built, "cli_s": {k: round(v, 3) for k, v in times.items()},
+                                       "in_process_s": {k: round(v, 3) for k, v in inproc.items()},
+                                       **({"requests": requests} if s3 else {})}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        if s3:
+            s3.stop()
+    report(res, small, large)
     path = save_results("store", res["mode"], res)
     log(f"wrote {path}")
     print(json.dumps({"ratios": res["ratios"]}))
