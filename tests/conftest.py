@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# the S3 request counter is the benchmarks' (bench_store --s3 counts with it too)
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from _common import Counting  # noqa: E402,F401
 SHARED = REPO_ROOT.parent / "shared"
 
 # A tiny but real training script: a torch MLP with dropout, SGD with momentum,
@@ -157,25 +161,6 @@ class S3:
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test",
                             aws_secret_access_key="test", region_name="us-east-1")
-
-
-class Counting:
-    """Counts the requests a WSGI app (the moto server) answers, by kind."""
-
-    def __init__(self, app):
-        self.app, self.counts, self.lock = app, {}, threading.Lock()
-
-    def __call__(self, environ, start_response):
-        method, query, path = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", ""), environ["PATH_INFO"]
-        kind = "LIST" if method == "GET" and ("list-type" in query or path.strip("/").count("/") == 0) else method
-        with self.lock:
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-        return self.app(environ, start_response)
-
-    def take(self) -> dict:
-        with self.lock:
-            out, self.counts = self.counts, {}
-        return out
 
 
 def reads_during(store, work, want: int) -> list[bool]:
