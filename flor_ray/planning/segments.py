@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .cost import iter_cost, restore_cost
+from .cost import iter_cost, restore_cost, span_cost
 from .plan import CheckpointRef, ReplayedPart, Resources, RunInfo, Task, VersionPatch, task_key
 from .schedule import merge, split, worth_splitting
 
@@ -70,8 +70,8 @@ class _Tasks:
         if mode == "skip":
             return run.replay_setup_s + sum(iter_cost(run, c.iteration, True) + restore_cost(c) for c in ckpts)
         first = restore.iteration if restore else -1
-        return run.replay_setup_s + restore_cost(restore) + (iter_cost(run, first, True) if restore else 0.0) + sum(
-            iter_cost(run, i, False) for i in range(first + 1, stop + 1))
+        return run.replay_setup_s + restore_cost(restore) + (iter_cost(run, first, True) if restore else 0.0) + \
+            span_cost(run, first + 1, stop + 1)
 
     def add(self, mode: str, start: int, stop: int, restore: CheckpointRef | None, ckpts: Sequence[CheckpointRef],
             keep: Sequence[str], setup: bool, after: bool, note: str = "") -> None:
@@ -177,7 +177,10 @@ def _reexec_segments(ctx: RunContext, ckpts: Mapping[int, CheckpointRef],
     """Each span cut where a checkpoint (of ``ckpts``, the restore points) lets a
     segment start, merged to the number of segments its work is worth."""
     run = ctx.run
-    cost = {i: iter_cost(run, i, False) for span in spans for i in span}
+    recorded = run.iteration_costs[0]
+    cost: Sequence[float] | dict[int, float] = recorded  # iteration -> iter_cost(run, i, False)
+    if any(i < 0 or i >= len(recorded) for span in spans for i in (span[0], span[-1])):
+        cost = {i: iter_cost(run, i, False) for span in spans for i in span}
     out: list[list[int]] = []
     for span in spans:
         # split points: a segment may start at s when a checkpoint exists at s - 1
