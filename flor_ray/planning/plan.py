@@ -249,18 +249,27 @@ class VersionPatch:
             return "after propagation the script still does not log it"
         return None
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        """The propagated code's digest (computed once: each of the plan's tasks names it)."""
         h = hashlib.sha256((self.code or "").encode())
         for path, code in self.modules:
             h.update(b"\0" + path.encode() + b"\0" + code.encode())
         return h.hexdigest()[:16]
 
-    def need(self, name: str) -> tuple[str, str, tuple[str, ...]]:
+    @functools.cached_property
+    def _need_of(self) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+        """name -> its first entry of ``needs``: a plan asks once a run for each name."""
+        out: dict[str, tuple[str, str, tuple[str, ...]]] = {}
         for n, kind, reason, carried in self.needs:
-            if n == name:
-                return kind, reason, carried
-        raise PlanningError(f"version {self.version[:8]} does not log {name!r} after propagation")
+            out.setdefault(n, (kind, reason, carried))
+        return out
+
+    def need(self, name: str) -> tuple[str, str, tuple[str, ...]]:
+        hit = self._need_of.get(name)
+        if hit is None:
+            raise PlanningError(f"version {self.version[:8]} does not log {name!r} after propagation")
+        return hit
 
 
 @dataclass(frozen=True)

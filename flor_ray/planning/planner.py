@@ -91,6 +91,7 @@ def _logged_per_run(store, run_ids: Sequence[str], facts: Mapping[str, Any],
 
 def _record_names(store, run_ids: Sequence[str], record: Sequence[Any],
                   facts: Mapping[str, Any]) -> dict[str, frozenset[str]]:
+    """:func:`_logged_per_run` from the runs' healthy ``record`` pieces."""
     by_run: dict[str, list] = {}
     for p in record:
         by_run.setdefault(p.run_id, []).append(p)

@@ -9,6 +9,7 @@ re-execution from iteration 0 where no checkpoint holds the loop-carried state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -50,8 +51,6 @@ class _Tasks:
         res = ctx.resources
         self.gpus = res.num_gpus if res.num_gpus is not None else (1.0 if run.device == "cuda" else 0.0)
         self.keep_reexec = sorted(set(names) | (set(patch.logged) & run.logged))
-        self.keep_skip = sorted(set(names) | {n for n in patch.logged if n in run.logged
-                                              and patch.need(n)[0] in ("setup", "outer", "after")})
         # loop-carried state: what the requested names read (skip mode restores it where
         # the inner loops end) and what re-executed training reads besides (reexec)
         need_skip = ctx.carried
@@ -62,6 +61,14 @@ class _Tasks:
                        if self.blocked else "")
         self.ckpts_skip = {c.iteration: c for c in run.checkpoints if c.holds(need_skip)}
         self.ckpts = {c.iteration: c for c in run.checkpoints if c.holds(need_reexec)}  # restore points of reexec
+
+    @functools.cached_property
+    def keep_skip(self) -> list[str]:
+        """The names a skip task keeps: the requested ones and those of the run's that
+        the patched code logs outside the inner loops (asked by the outer modes only)."""
+        patch, run = self.patch, self.run
+        return sorted(set(self.ctx.names) | {n for n in patch.logged if n in run.logged
+                                             and patch.need(n)[0] in ("setup", "outer", "after")})
 
     def _estimate(self, mode: str, stop: int, restore: CheckpointRef | None, ckpts: Sequence[CheckpointRef]) -> float:
         run = self.run

@@ -152,9 +152,8 @@ def with_timings(store: "Store", metas: Sequence[dict], facts: "Mapping[str, Pla
     out = []
     for m in metas:
         if timings_left_out(m):
-            f = facts.get(m["run_id"])
-            size, stamp = (m[TIMINGS_ASIDE] + [None, None])[:2] if isinstance(m[TIMINGS_ASIDE], list) else (None, None)
-            if f is not None and f.stands_for(size, stamp):
+            f, aside = facts.get(m["run_id"]), m[TIMINGS_ASIDE]  # aside: the run file's [size, stamp]
+            if f is not None and isinstance(aside, list) and len(aside) == 2 and f.stands_for(*aside):
                 timings = f.timings
             else:  # facts lost to two runs sealing at once: the run file holds them
                 raw = read_run_file(store, layout.run_meta(m["run_id"], checked=False))
