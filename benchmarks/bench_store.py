@@ -78,9 +78,9 @@ def record_template(repo: Path, env: dict) -> dict:
     git(repo, "commit", "-qm", "train")
     subprocess.run([sys.executable, "train.py"], cwd=repo, env=env, check=True, capture_output=True)
     store = _store(env)
-    from flor_ray.store.runs import load_runs
+    from flor_ray.store.runs import load_runs, with_timings
 
-    (meta,) = load_runs(store)
+    (meta,) = with_timings(store, load_runs(store))
     return meta
 
 
@@ -117,7 +117,7 @@ def write_runs(store, template: dict, n_runs: int, epochs: int, steps: int, loos
     for k in ("outer_s", "inner_s", "inner_n", "checkpoint_s", "checkpoint_write_cpu_s"):
         seen = timings.get(k) or [0]
         timings[k] = [type(seen[0])(sum(seen) / len(seen))] * epochs  # every epoch timed, as a run's are
-    metas = {}
+    metas, names = {}, {}
     pool = ThreadPoolExecutor(1 if store.is_local else 16)  # an object store's PUTs wait on the network
     pending = []
 
@@ -141,11 +141,12 @@ def write_runs(store, template: dict, n_runs: int, epochs: int, steps: int, loos
             put(layout.compacted_part(rid, 0, epochs - 1), table_to_parquet_bytes(table))
         put(layout.run_meta(rid), json.dumps(meta, indent=1, sort_keys=True, default=str).encode())
         metas[rid] = meta
+        names[rid] = sorted(set(rows["names"]))
     for f in pending:
         f.result()
     pool.shutdown()
     if not loose:
-        seal_many(store, metas)
+        seal_many(store, metas, names)
     return list(metas)
 
 

@@ -164,7 +164,12 @@ def _record(repo: Path, env: dict, lr: str) -> float:
 
 
 def _checkpoint_note(meta: dict, budget: float) -> str:
-    """Where a run checkpointed, and why, from its manifest and timings."""
+    """Where a run checkpointed, and why, from its manifest and timings (``meta`` as
+    :func:`flor_ray.store.runs.with_timings` gives it)."""
+    from .store.runs import timings_left_out
+
+    if timings_left_out(meta):
+        raise ValueError(f"run {meta.get('run_id')}'s timings were left out of its metadata: use with_timings")
     its = [m["iteration"] for m in meta.get("checkpoints") or []]
     n = int(meta.get("iterations") or 0)
     t = meta.get("timings") or {}
@@ -251,13 +256,14 @@ def _show_runs(store: str, budget: float) -> None:
     import flor_ray
 
     from .api import resolve_store
-    from .store.runs import load_runs
+    from .store.runs import load_runs, with_timings
 
     _say("2. the runs (`flor-ray runs`)")
     runs = flor_ray.runs(store=store)
     print(runs.assign(version=runs["version"].str[:8])[["run_id", "version", "status", "lr", "iterations"]]
           .to_string(index=False))
-    for meta in load_runs(resolve_store(store)):
+    st = resolve_store(store)
+    for meta in with_timings(st, load_runs(st)):
         print(f"   {meta['run_id']}: {_checkpoint_note(meta, budget)}")
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from .plan import CheckpointRef, ClusterSnapshot, Resources, RunInfo
 
-__all__ = ["RESTORE_BYTES_PER_S", "CalibrationSample", "Calibration", "iter_cost", "restore_cost", "task_cpus"]
+__all__ = ["RESTORE_BYTES_PER_S", "CalibrationSample", "Calibration", "iter_cost", "iteration_costs", "span_cost", "restore_cost", "task_cpus"]
 
 RESTORE_BYTES_PER_S = 200e6  # reading + torch.load of a checkpoint, conservative for local disks and S3
 
@@ -73,16 +73,50 @@ class Calibration:
         return 1.0, 0
 
 
+#: iteration_costs of the timings seen last: runs of one shape (a sweep's) share them
+_COSTS: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+_COSTS_MAX = 4096
+
+
+def iteration_costs(outer_s: tuple[float, ...], inner_s: tuple[float, ...], checkpoint_s: tuple[float, ...],
+                    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per recorded outer iteration, the recorded time a replay repeats: (all of it, the
+    outer-level code only); never the recording's checkpoint capture."""
+    key = (outer_s, inner_s, checkpoint_s)
+    hit = _COSTS.get(key)
+    if hit is not None:
+        return hit
+    full, skip = [], []
+    n_ck, n_in = len(checkpoint_s), len(inner_s)
+    for i, o in enumerate(outer_s):
+        total = o - (checkpoint_s[i] if i < n_ck else 0.0)
+        inner = inner_s[i] if i < n_in else 0.0
+        full.append(max(total, 0.0))
+        skip.append(max(total - inner, 0.0))
+    if len(_COSTS) >= _COSTS_MAX:
+        _COSTS.clear()
+    out = _COSTS[key] = (tuple(full), tuple(skip))
+    return out
+
+
 def iter_cost(run: RunInfo, i: int, skip: bool) -> float:
     """Recorded time of outer iteration ``i`` that a replay repeats: all of it, or
     (``skip``) the outer-level code only; never the recording's checkpoint capture."""
-    if i < len(run.outer_s):
-        total = run.outer_s[i] - (run.checkpoint_s[i] if i < len(run.checkpoint_s) else 0.0)
-        inner = run.inner_s[i] if i < len(run.inner_s) else 0.0
-        return max(total - inner, 0.0) if skip else max(total, 0.0)
-    if run.outer_s:  # not recorded (the run stopped before): the mean of those that were
-        return sum(iter_cost(run, j, skip) for j in range(len(run.outer_s))) / len(run.outer_s)
+    costs = run.iteration_costs[skip]
+    if i < len(costs):
+        return costs[i]
+    if costs:  # not recorded (the run stopped before): the mean of those that were
+        return sum(costs) / len(costs)
     return 0.0
+
+
+def span_cost(run: RunInfo, start: int, stop: int, skip: bool = False) -> float:
+    """``sum(iter_cost(run, i, skip) for i in range(start, stop))``, the same number
+    (the same terms added in the same order) without a call per iteration."""
+    costs = run.iteration_costs[skip]
+    if 0 <= start and stop <= len(costs):
+        return sum(costs[start:stop])
+    return sum([iter_cost(run, i, skip) for i in range(start, stop)])
 
 
 def restore_cost(c: CheckpointRef | None) -> float:

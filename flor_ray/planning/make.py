@@ -87,8 +87,8 @@ def make_plan(
     startup = max((r.imports_s + ZYGOTE_EXTRA_S for r in runs if r.run_id in busy), default=0.0)
     from ..numerics import describe
 
-    numerics = tuple((r.run_id, describe(r.numerics), cpus[r.run_id][1]) for r in runs
-                     if any(t.run_id == r.run_id for t in tasks))
+    tasked = {t.run_id for t in tasks}
+    numerics = tuple((r.run_id, describe(r.numerics), cpus[r.run_id][1]) for r in runs if r.run_id in tasked)
     return Plan(
         names=inputs.names, where=where, iterations=str(iterations), store_url=store_url,
         storage_options=StorageOptions(storage_options or {}), runs=tuple(runs), patches=tuple(patches.values()),

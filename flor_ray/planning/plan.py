@@ -30,6 +30,7 @@ is planned around like an absent one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -118,6 +119,15 @@ class RunInfo:
     #: ``{"after_blocks": b}``, with the ``kwargs`` the process was given
     block: Mapping[str, Any] | None = field(default=None, hash=False)
 
+    @functools.cached_property
+    def iteration_costs(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per recorded outer iteration, what a replay repeats of it: (all of it, the
+        outer-level code only) (:func:`flor_ray.planning.cost.iter_cost`), computed once
+        a run (in its ``__dict__``: a frozen dataclass's fields stay as they are)."""
+        from .cost import iteration_costs
+
+        return iteration_costs(self.outer_s, self.inner_s, self.checkpoint_s)
+
     @property
     def threads(self) -> int | None:
         """The recording's intra-op thread count, when recorded."""
@@ -141,6 +151,12 @@ class RunInfo:
 
     @staticmethod
     def from_meta(meta: Mapping[str, Any], logged: frozenset[str] = frozenset()) -> "RunInfo":
+        from ..store.manifest import TIMINGS_ASIDE
+
+        if TIMINGS_ASIDE in meta and "timings" not in meta:
+            # the manifest's copy without its timings: estimates from none would be wrong numbers
+            raise ValueError(f"run {meta.get('run_id')}'s metadata lacks the timings the manifest left out; "
+                             "pass it through flor_ray.store.runs.with_timings first")
         t = meta.get("timings") or {}
         return RunInfo(
             run_id=meta["run_id"],
@@ -233,18 +249,27 @@ class VersionPatch:
             return "after propagation the script still does not log it"
         return None
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        """The propagated code's digest (computed once: each of the plan's tasks names it)."""
         h = hashlib.sha256((self.code or "").encode())
         for path, code in self.modules:
             h.update(b"\0" + path.encode() + b"\0" + code.encode())
         return h.hexdigest()[:16]
 
-    def need(self, name: str) -> tuple[str, str, tuple[str, ...]]:
+    @functools.cached_property
+    def _need_of(self) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+        """name -> its first entry of ``needs``: a plan asks once a run for each name."""
+        out: dict[str, tuple[str, str, tuple[str, ...]]] = {}
         for n, kind, reason, carried in self.needs:
-            if n == name:
-                return kind, reason, carried
-        raise PlanningError(f"version {self.version[:8]} does not log {name!r} after propagation")
+            out.setdefault(n, (kind, reason, carried))
+        return out
+
+    def need(self, name: str) -> tuple[str, str, tuple[str, ...]]:
+        hit = self._need_of.get(name)
+        if hit is None:
+            raise PlanningError(f"version {self.version[:8]} does not log {name!r} after propagation")
+        return hit
 
 
 @dataclass(frozen=True)

@@ -62,28 +62,65 @@ def check_fits(plan, cluster: ClusterSnapshot) -> None:
         )
 
 
-def _logged_per_run(store, run_ids: Sequence[str]) -> dict[str, frozenset[str]]:
-    """Names each run already has (recorded or replayed), from the relation's names only."""
-    from ..store.logs import read_logs
+def _logged_per_run(store, run_ids: Sequence[str], facts: Mapping[str, Any],
+                    pieces: Sequence[Any] | None = None) -> dict[str, frozenset[str]]:
+    """Names each run's recording logged: from the plan facts of a sealed run whose
+    record files are those the facts were taken from, else from a segment's footer
+    (:class:`~flor_ray.store.segments.Origin` ``names``), else from the names of its
+    rows (older stores, a crashed run's loose parts, a run still recording): only those
+    runs' rows are read. ``pieces``: the relation's pieces of at least these runs
+    (:func:`~flor_ray.store.logs.list_pieces`), listed here when None or gone since."""
+    from ..store.damage import healthy_pieces
+    from ..store.logs import list_pieces
 
-    out: dict[str, set[str]] = {r: set() for r in run_ids}
     if not run_ids:
         return {}
-    # the selected runs stand for the store's valid ones: only their parts are listed, and
-    # read_logs would otherwise read every run file (or the manifest) a second time
-    t = read_logs(store, None, run_ids, columns=["run_id", "name", "source"], runs=frozenset(run_ids))
-    pairs = t.group_by(["run_id", "name", "source"]).aggregate([])
-    for rid, name, src in zip(pairs.column("run_id").to_pylist(), pairs.column("name").to_pylist(),
-                              pairs.column("source").to_pylist()):
-        if src == "record":
-            out.setdefault(rid, set()).add(name)
+    want = frozenset(run_ids)
+    for attempt in range(64):
+        if pieces is None:
+            pieces = list_pieces(store, list(run_ids), ("record",))
+        record = healthy_pieces(store, [p for p in pieces if p.source == "record" and p.run_id in want], want)
+        try:
+            return _record_names(store, run_ids, record, facts)
+        except FileNotFoundError:  # compacted or consolidated since the listing: list again
+            if attempt == 63:
+                raise
+            pieces = None
+    raise AssertionError("unreachable")
+
+
+def _record_names(store, run_ids: Sequence[str], record: Sequence[Any],
+                  facts: Mapping[str, Any]) -> dict[str, frozenset[str]]:
+    """:func:`_logged_per_run` from the runs' healthy ``record`` pieces."""
+    by_run: dict[str, list] = {}
+    for p in record:
+        by_run.setdefault(p.run_id, []).append(p)
+    out: dict[str, set[str]] = {r: set() for r in run_ids}
+    unknown = []
+    for rid, ps in by_run.items():
+        f = facts.get(rid)
+        if f is not None and f.names is not None and {(p.origin, p.origin_size, p.stamp) for p in ps} == f.parts:
+            out[rid] |= f.names
+            continue
+        for p in ps:
+            if p.names is not None:
+                out[rid] |= set(p.names)
+            else:
+                unknown.append(p)
+    if unknown:
+        from ..store.segments import piece_names
+
+        for p, names in zip(unknown, piece_names(store, unknown)):
+            out[p.run_id] |= names
     return {k: frozenset(v) for k, v in out.items()}
 
 
-def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple[ReplayedPart, ...]]:
+def replayed_parts(store, run_ids: Sequence[str], pieces: Sequence[Any] | None = None,
+                   ) -> tuple[frozenset[str], tuple[ReplayedPart, ...]]:
     """The keys of the runs' finished replay partitions (kept apart ones too), and
     what each trusted one holds, read from its footer (in parallel: one small read
-    per partition, a round trip each on object stores).
+    per partition, a round trip each on object stores); ``pieces``: the relation's
+    pieces of at least these runs (:func:`~flor_ray.store.logs.list_pieces`; None: listed here).
 
     A partition without that footer (an older task) or with an unreadable one holds
     nothing as far as the planner knows: its values are de-duplicated at query time,
@@ -91,14 +128,17 @@ def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import pyarrow.parquet as pq
-
     from ..store.logs import MISMATCH_SOURCE, TASK_META_KEY, parts_of_runs
 
-    fs, root = store.arrow_fs()
     keys: set[str] = set()
     trusted: list = []
-    for piece in parts_of_runs(store, run_ids, ("replay", MISMATCH_SOURCE)):
+    sources = ("replay", MISMATCH_SOURCE)
+    if pieces is None:
+        pieces = parts_of_runs(store, run_ids, sources)
+    want = set(run_ids)
+    for piece in pieces:
+        if piece.source not in sources or piece.run_id not in want:
+            continue
         keys.add(piece.task)
         if piece.source == "replay":
             trusted.append(piece)
@@ -108,6 +148,9 @@ def replayed_parts(store, run_ids: Sequence[str]) -> tuple[frozenset[str], tuple
             if piece.in_segment:  # the footer the task wrote, kept by the segment
                 meta = piece.task_footer
             else:
+                import pyarrow.parquet as pq  # only for loose partitions: a plan of segments never imports it
+
+                fs, root = store.arrow_fs()
                 with fs.open_input_file(f"{root}/{piece.file}") as fh:
                     meta = (pq.read_metadata(fh).metadata or {}).get(TASK_META_KEY)
             d = json.loads(meta) if meta else None
@@ -362,16 +405,23 @@ def plan_replay(
     today_an = analyze(today, filename=str(path))
     modules = today_modules(path)
     today_names = list(dict.fromkeys([*today_an.logged_names, *_names_of(modules, None)]))
-    logged = _logged_per_run(store, [m["run_id"] for m in metas])
+    from ..store.logs import list_pieces
+    from ..store.manifest import read_plan_facts
+    from ..store.runs import with_timings
+
+    facts = read_plan_facts(store)
+    run_ids = [m["run_id"] for m in metas]
+    pieces = list_pieces(store, run_ids)  # the relation's pieces of the runs: for the names and the replays
+    logged = _logged_per_run(store, run_ids, facts, pieces)
     names = _requested(names, today_names, logged, metas, path)
     running = [] if include_running else [m for m in metas if m.get("status") == "running"]
     refused = [m for m in metas if m.get("replay_refused") and m not in running]  # e.g. imported without its code
     metas = [m for m in metas if m not in running and m not in refused]
     modules = {p: m for p, m in modules.items() if set(m[1]) & set(names)}
-    runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in metas]
+    runs = [RunInfo.from_meta(m, logged.get(m["run_id"], frozenset())) for m in with_timings(store, metas, facts)]
     runs, other_script = _of_todays_script(store, runs, path)
     patches = propagate_versions(store, today, [(r.version, r.script) for r in runs], names, modules)
-    done, replayed = replayed_parts(store, [r.run_id for r in runs])
+    done, replayed = replayed_parts(store, [r.run_id for r in runs], pieces)
     cluster = cluster or cluster_snapshot()
     plan = make_plan(
         names=names, where=where, iterations=iterations, runs=runs, patches=patches, cluster=cluster,

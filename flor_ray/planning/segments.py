@@ -9,10 +9,11 @@ re-execution from iteration 0 where no checkpoint holds the loop-carried state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .cost import iter_cost, restore_cost
+from .cost import iter_cost, restore_cost, span_cost
 from .plan import CheckpointRef, ReplayedPart, Resources, RunInfo, Task, VersionPatch, task_key
 from .schedule import merge, split, worth_splitting
 
@@ -50,8 +51,6 @@ class _Tasks:
         res = ctx.resources
         self.gpus = res.num_gpus if res.num_gpus is not None else (1.0 if run.device == "cuda" else 0.0)
         self.keep_reexec = sorted(set(names) | (set(patch.logged) & run.logged))
-        self.keep_skip = sorted(set(names) | {n for n in patch.logged if n in run.logged
-                                              and patch.need(n)[0] in ("setup", "outer", "after")})
         # loop-carried state: what the requested names read (skip mode restores it where
         # the inner loops end) and what re-executed training reads besides (reexec)
         need_skip = ctx.carried
@@ -63,6 +62,14 @@ class _Tasks:
         self.ckpts_skip = {c.iteration: c for c in run.checkpoints if c.holds(need_skip)}
         self.ckpts = {c.iteration: c for c in run.checkpoints if c.holds(need_reexec)}  # restore points of reexec
 
+    @functools.cached_property
+    def keep_skip(self) -> list[str]:
+        """The names a skip task keeps: the requested ones and those of the run's that
+        the patched code logs outside the inner loops (asked by the outer modes only)."""
+        patch, run = self.patch, self.run
+        return sorted(set(self.ctx.names) | {n for n in patch.logged if n in run.logged
+                                             and patch.need(n)[0] in ("setup", "outer", "after")})
+
     def _estimate(self, mode: str, stop: int, restore: CheckpointRef | None, ckpts: Sequence[CheckpointRef]) -> float:
         run = self.run
         if mode == "setup":
@@ -70,8 +77,8 @@ class _Tasks:
         if mode == "skip":
             return run.replay_setup_s + sum(iter_cost(run, c.iteration, True) + restore_cost(c) for c in ckpts)
         first = restore.iteration if restore else -1
-        return run.replay_setup_s + restore_cost(restore) + (iter_cost(run, first, True) if restore else 0.0) + sum(
-            iter_cost(run, i, False) for i in range(first + 1, stop + 1))
+        return run.replay_setup_s + restore_cost(restore) + (iter_cost(run, first, True) if restore else 0.0) + \
+            span_cost(run, first + 1, stop + 1)
 
     def add(self, mode: str, start: int, stop: int, restore: CheckpointRef | None, ckpts: Sequence[CheckpointRef],
             keep: Sequence[str], setup: bool, after: bool, note: str = "") -> None:
@@ -177,7 +184,10 @@ def _reexec_segments(ctx: RunContext, ckpts: Mapping[int, CheckpointRef],
     """Each span cut where a checkpoint (of ``ckpts``, the restore points) lets a
     segment start, merged to the number of segments its work is worth."""
     run = ctx.run
-    cost = {i: iter_cost(run, i, False) for span in spans for i in span}
+    recorded = run.iteration_costs[0]
+    cost: Sequence[float] | dict[int, float] = recorded  # iteration -> iter_cost(run, i, False)
+    if any(i < 0 or i >= len(recorded) for span in spans for i in (span[0], span[-1])):
+        cost = {i: iter_cost(run, i, False) for span in spans for i in span}
     out: list[list[int]] = []
     for span in spans:
         # split points: a segment may start at s when a checkpoint exists at s - 1

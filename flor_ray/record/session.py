@@ -455,9 +455,9 @@ class RecordSession(Checkpointing, CellsRun, LoopRuntime):
         from ..store.consolidation import after_run
 
         try:
-            if self._flushes >= after:
-                compact_record(self.store, self.run_id)
-            seal(self.store, self.run_id, json.loads(json.dumps(self.meta, default=str)))
+            done = compact_record(self.store, self.run_id) if self._flushes >= after else None
+            seal(self.store, self.run_id, json.loads(json.dumps(self.meta, default=str)),
+                 done.names if done is not None and done.written else None)
             after_run(self.store, after, self.settings.consolidate_after)
         except (FlorError, OSError):
             pass

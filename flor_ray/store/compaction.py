@@ -51,6 +51,8 @@ class Compacted:
 
     written: tuple[str, ...]
     deleted: tuple[str, ...]
+    #: the distinct names of the run's record rows, when they were read (for its manifest entry)
+    names: tuple[str, ...] | None = None
 
 
 def _covered(entries: Sequence[Entry]) -> set[str]:
@@ -155,7 +157,10 @@ def compact_record(store: "Store", run_id: str) -> Compacted:
         written.append(rel)
         gone += [parts[i][1].path for i in group if parts[i][1].path != rel]
     _delete(store, gone)
-    return Compacted(tuple(written), tuple(gone))
+    from .segments import distinct_names
+
+    names = sorted({n for t in tables for n in distinct_names(t)})
+    return Compacted(tuple(written), tuple(gone), tuple(names))
 
 
 def _delete(store: "Store", rels: Sequence[str]) -> None:
@@ -191,7 +196,7 @@ def compact_ended(store: "Store", after: int = 2, crashed_only: bool = False) ->
             if rid is not None:
                 loose[rid] = loose.get(rid, 0) + 1
     out = []
-    raws = {}
+    raws, names = {}, {}
     for meta in load_runs(store):
         rid = meta["run_id"]
         status = meta.get("status")
@@ -204,5 +209,7 @@ def compact_ended(store: "Store", after: int = 2, crashed_only: bool = False) ->
                 raw = read_run_file(store, layout.run_meta(rid))
                 if raw is not None:
                     raws[rid] = raw
-    seal_many(store, raws)
+                    if done.names is not None:
+                        names[rid] = done.names
+    seal_many(store, raws, names)
     return out

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import layout
-from .segments import SEGMENT_FORMAT, SEGMENT_KEY, Origin, Piece, piece_tables, resolve, segment_origins, stable_segments
+from .segments import (SEGMENT_FORMAT, SEGMENT_KEY, Origin, Piece, distinct_names, piece_tables, resolve,
+                       segment_origins, stable_segments)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -187,13 +188,14 @@ def _write_segment(store: "Store", items: list[tuple[Piece, "pa.Table", str | No
         parts = []
         for i in group:
             p, t, foot = items[i]
-            origins.append(Origin(p.origin, p.origin_size, p.stamp,
-                                  p.run_id, p.source, g_i if t.num_rows else -1, off, t.num_rows, foot))
+            origins.append(Origin(p.origin, p.origin_size, p.stamp, p.run_id, p.source,
+                                  g_i if t.num_rows else -1, off, t.num_rows, foot, distinct_names(t)))
             parts.append(_normalised(t, p, target))
             off += t.num_rows
         tables.append(pa.concat_tables(parts))
     meta = dict(target.metadata or {})
-    meta[SEGMENT_KEY] = json.dumps({"format": SEGMENT_FORMAT, "origins": [o.as_json() for o in origins]},
+    meta[SEGMENT_KEY] = json.dumps({"format": SEGMENT_FORMAT, "origins": [o.as_json() for o in origins],
+                                    "names": [list(o.names or ()) for o in origins]},
                                    separators=(",", ":"), default=str).encode()
     target = target.with_metadata(meta)
     sink = pa.BufferOutputStream()

@@ -17,6 +17,7 @@ Layout (``SCHEMA_VERSION`` in :mod:`flor_ray.store.logs` versions the log files)
     <url>/replays/<time>-<id>.json              timings of one replay (plan calibration)
     <url>/quarantine/<time>/<path>              damaged files moved aside by ``flor-ray check``
     <url>/manifest.json                         sealed runs' metadata and parts (a cache, checked)
+    <url>/manifest-plan.json                    sealed runs' timings and logged names (the planner's)
 
 Every path is store-relative (``/``-separated). Components built from user input go
 through :func:`safe_component`, so an id can never escape the store.
@@ -35,7 +36,7 @@ __all__ = [
     "part_run_id", "part_run_folder", "part_source", "part_task", "checkpoint", "checkpoint_folder",
     "checkpoint_objects", "checkpoint_object", "saved_file", "kind_of", "run_of",
     "code_version", "code_object", "replay_history", "quarantined", "OUTPUT", "output_folder", "output_part",
-    "output_run_id", "compacted_part", "part_flushes", "MANIFEST", "SEGMENTS", "segment", "is_segment",
+    "output_run_id", "compacted_part", "part_flushes", "MANIFEST", "PLAN_FACTS", "SEGMENTS", "segment", "is_segment",
 ]
 
 MARKER = "flor-store.json"
@@ -48,6 +49,7 @@ REPLAYS = "replays"
 OUTPUT = "output"
 QUARANTINE = "quarantine"
 MANIFEST = "manifest.json"
+PLAN_FACTS = "manifest-plan.json"
 SEGMENTS = "logs/segments"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 _RUN_DIR = "run_id="

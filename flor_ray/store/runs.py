@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 from . import layout
 from .damage import Damage, report, run_meta_problem
@@ -17,8 +17,10 @@ from .listing import Entry, list_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import Store
+    from .manifest import PlanFacts
 
-__all__ = ["load_runs", "read_run_file", "with_liveness", "cached_runs", "ParsedRun", "RunFiles"]
+__all__ = ["load_runs", "read_run_file", "with_liveness", "cached_runs", "with_timings", "timings_left_out",
+           "ParsedRun", "RunFiles"]
 
 
 class ParsedRun(NamedTuple):
@@ -46,7 +48,8 @@ def load_runs(store: "Store") -> list[dict]:
     """Every run's metadata, oldest first (run ids sort by start time).
 
     A run file that is not a run's metadata is left out, with one warning naming it.
-    The run files of sealed runs are not read: the manifest holds them.
+    The run files of sealed runs are not read: the manifest holds them, without their
+    per-epoch ``timings`` (:func:`timings_left_out`; :func:`with_timings` adds them).
     """
     return cached_runs(store).metas
 
@@ -127,3 +130,35 @@ def cached_runs(store: "Store", parsed: Mapping[str, ParsedRun] | None = None) -
         if meta is not None:
             metas.append(with_liveness(meta))
     return RunFiles(_by_start(metas), listing, new)
+
+
+def timings_left_out(meta: Mapping) -> bool:
+    """Whether ``meta`` came from the manifest without its ``timings``
+    (:mod:`flor_ray.store.manifest`): :func:`with_timings` puts them back."""
+    from .manifest import TIMINGS_ASIDE
+
+    return TIMINGS_ASIDE in meta and "timings" not in meta
+
+
+def with_timings(store: "Store", metas: Sequence[dict], facts: "Mapping[str, PlanFacts] | None" = None) -> list[dict]:
+    """``metas`` with the ``timings`` the manifest left out put back (new dicts for
+    those; the others as they are), from the plan facts (``facts``, read here when
+    None and some are needed: one read), else from the run's file."""
+    from .manifest import TIMINGS_ASIDE, read_plan_facts
+
+    if not any(timings_left_out(m) for m in metas):
+        return list(metas)
+    facts = read_plan_facts(store) if facts is None else facts
+    out = []
+    for m in metas:
+        if timings_left_out(m):
+            f, aside = facts.get(m["run_id"]), m[TIMINGS_ASIDE]  # aside: the run file's [size, stamp]
+            if f is not None and isinstance(aside, list) and len(aside) == 2 and f.stands_for(*aside):
+                timings = f.timings
+            else:  # facts lost to two runs sealing at once: the run file holds them
+                raw = read_run_file(store, layout.run_meta(m["run_id"], checked=False))
+                timings = (raw or {}).get("timings")
+            m = {k: v for k, v in m.items() if k != TIMINGS_ASIDE}
+            m["timings"] = timings
+        out.append(m)
+    return out

@@ -48,10 +48,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import Store
 
 __all__ = ["SEGMENT_KEY", "Origin", "Piece", "segment_origins", "stable_segments", "resolve", "loose_piece",
-           "piece_tables"]
+           "piece_tables", "piece_names", "distinct_names"]
 
 #: the footer key of a segment: JSON {"format": 1, "origins": [[path, size, stamp, run_id, source,
-#: row_group, offset, rows, task_footer], ...]}
+#: row_group, offset, rows, task_footer], ...], "names": [[name, ...] or null, ...]}: ``names``,
+#: one list per origin (the distinct names of its rows, what a plan needs of a run's rows),
+#: is absent from the segments of earlier versions, which read it as unknown
 SEGMENT_KEY = b"flor_ray.segment"
 SEGMENT_FORMAT = 1
 #: listings of the segments folder a reader takes at most to see two that agree
@@ -75,6 +77,7 @@ class Origin:
     offset: int
     rows: int
     task_footer: str | None = None  # a replay partition's TASK_META_KEY footer
+    names: tuple[str, ...] | None = None  # the distinct names of its rows; None: not known
 
     def as_json(self) -> list:
         return [self.path, self.size, self.stamp, self.run_id, self.source, self.row_group, self.offset,
@@ -103,6 +106,7 @@ class Piece:
     rows: int | None = None
     task_footer: str | None = None
     origin_size: int | None = None
+    names: tuple[str, ...] | None = None  # the distinct names of its rows, where its segment says
 
     @property
     def task(self) -> str:
@@ -131,8 +135,84 @@ def _parse(raw: bytes) -> tuple[Origin, ...]:
     doc = json.loads(raw)
     if not isinstance(doc, dict) or doc.get("format") != SEGMENT_FORMAT:
         raise ValueError("not a segment footer of a known format")
-    return tuple(Origin(p, s, _tupled(st), r, src, int(g), int(o), int(n), t)
-                 for p, s, st, r, src, g, o, n, t in doc["origins"])
+    origins = doc["origins"]
+    names = doc.get("names")
+    if not isinstance(names, list) or len(names) != len(origins):
+        names = [None] * len(origins)
+    return tuple(Origin(p, s, _tupled(st), r, src, int(g), int(o), int(n), t,
+                        None if ns is None else tuple(ns))
+                 for (p, s, st, r, src, g, o, n, t), ns in zip(origins, names))
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    """A ULEB128 integer of Thrift's compact protocol at ``data[i:]``: (value, end)."""
+    out = shift = 0
+    while True:
+        b = data[i]
+        out |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return out, i
+        shift += 7
+
+
+#: how a footer key is encoded in a Parquet file's footer (Thrift compact protocol:
+#: KeyValue field 1, binary, then field 2, binary): what :func:`_local_footer_value` seeks
+_KEY_FIELD = b"\x18" + bytes([len(SEGMENT_KEY)]) + SEGMENT_KEY + b"\x18"
+
+
+def _local_footer_value(path: str) -> bytes | None:
+    """The value of the segment's footer key, read from the file's footer bytes without
+    pyarrow (whose import is most of a fresh process's cost of a listing); None when
+    not found so (the caller reads the footer with pyarrow).
+
+    The key-value metadata is the last field of the footer holding free bytes: its
+    last match is the key's (row group statistics come before it; the Arrow schema kept
+    there is base64), and the value found is parsed as a segment's footer before use."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        n = f.tell()
+        if n < 12:
+            return None
+        f.seek(n - 8)
+        tail = f.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or length > n - 12:
+            return None
+        f.seek(n - 8 - length)
+        footer = f.read(length)
+    at = footer.rfind(_KEY_FIELD)
+    if at < 0:
+        return None
+    try:
+        size, start = _varint(footer, at + len(_KEY_FIELD))
+    except IndexError:
+        return None
+    value = footer[start:start + size]
+    return value if len(value) == size else None
+
+
+def _read_origins(store: "Store", e: Entry) -> tuple[Origin, ...] | None:
+    """The origins of a segment's footer; None when it is not a segment."""
+    if store.is_local:
+        raw = _local_footer_value(store.path(e.path))  # FileNotFoundError: gone since the listing
+        if raw is not None:
+            try:
+                return _parse(raw)
+            except (ValueError, KeyError, TypeError):
+                pass  # not what it seemed: pyarrow reads the footer
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, root = store.arrow_fs()
+    try:
+        with fs.open_input_file(f"{root}/{e.path}") as fh:
+            meta = pq.read_metadata(fh).metadata or {}
+        return _parse(meta[SEGMENT_KEY])
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowInvalid, KeyError, ValueError, TypeError):
+        return None
 
 
 def segment_origins(store: "Store", e: Entry) -> tuple[Origin, ...] | None:
@@ -144,17 +224,8 @@ def segment_origins(store: "Store", e: Entry) -> tuple[Origin, ...] | None:
         hit = _FOOTERS.get(key)
     if hit is not None:
         return hit
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs, root = store.arrow_fs()
-    try:
-        with fs.open_input_file(f"{root}/{e.path}") as fh:
-            meta = pq.read_metadata(fh).metadata or {}
-        out = _parse(meta[SEGMENT_KEY])
-    except FileNotFoundError:
-        raise
-    except (OSError, pa.ArrowInvalid, KeyError, ValueError, TypeError):
+    out = _read_origins(store, e)
+    if out is None:
         return None
     with _LOCK:
         if len(_FOOTERS) >= _FOOTERS_MAX:
@@ -201,7 +272,7 @@ def resolve(store: "Store", loose: Sequence[Entry], segments: Sequence[Entry]) -
     for seg, o in held.values():
         if o.rows:
             pieces.append(Piece(seg.path, seg.size, seg.stamp, o.path, o.stamp, o.run_id, o.source,
-                                o.row_group, o.offset, o.rows, o.task_footer, o.size))
+                                o.row_group, o.offset, o.rows, o.task_footer, o.size, o.names))
     pieces.sort(key=lambda p: p.origin)
     return tuple(pieces)
 
@@ -257,3 +328,27 @@ def piece_tables(store: "Store", pieces: Sequence[Piece],
         out.append(table if starts is None else table.slice(starts[p.row_group] + p.offset, p.rows))
     return out
 
+
+
+def distinct_names(table: "pa.Table") -> tuple[str, ...]:
+    """The distinct values of a table's ``name`` column, sorted."""
+    import pyarrow.compute as pc
+
+    if "name" not in table.column_names:
+        return ()
+    return tuple(sorted(n for n in pc.unique(table.column("name")).to_pylist() if n is not None))
+
+
+def piece_names(store: "Store", pieces: Sequence[Piece]) -> list[frozenset[str]]:
+    """The distinct names of each piece's rows (its ``name`` column read; no pandas)."""
+
+    def read(pf, row_groups):
+        if "name" not in pf.schema_arrow.names:
+            import pyarrow as pa
+
+            return pa.table({"name": pa.nulls(pf.metadata.num_rows if row_groups is None else
+                                              sum(pf.metadata.row_group(g).num_rows for g in row_groups), pa.string())})
+        return (pf.read(columns=["name"], use_threads=False) if row_groups is None
+                else pf.read_row_groups(row_groups, columns=["name"], use_threads=False))
+
+    return [frozenset(distinct_names(t)) for t in piece_tables(store, pieces, read)]
