@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
-__all__ = ["Column", "MISSING", "column", "time_column", "frame_columns", "render_table", "render_csv", "render_json"]
+__all__ = ["Column", "MISSING", "column", "array_column", "time_column", "frame_columns", "printable", "render_table",
+           "render_csv", "render_json"]
 
 #: a key absent from a row (pandas fills NaN, as it does for None in these kinds)
 MISSING = object()
@@ -31,19 +32,63 @@ _DIGITS = 6
 _MAX_COLWIDTH = 60
 _NUMBER = re.compile(r"^\s*[+-]?[0-9]+\.[0-9]*$")  # pandas' _NUMBER_WITH_DECIMAL_RE
 _CONTROL = re.compile(r"[\x00-\x1f]")
-_NUMERIC = ("int", "float", "bool")
+_NUMERIC = ("int", "ints", "float", "bool")
+_FORMATS = ("table", "csv", "json")
+_CSV_QUOTE = re.compile(r'[,"\r\n]')
 #: the ISO 8601 forms pandas and Python parse alike (to the microsecond: pandas keeps nanoseconds)
 _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})?$")
 
 
 @dataclass(frozen=True)
 class Column:
-    """One column: its name, its kind (``int``, ``float``, ``bool``, ``bools`` (with NaN), ``str``, ``time``)
-    and its values (None where pandas holds NaN / NaT; aware UTC datetimes for ``time``)."""
+    """One column: its name, its kind (``int``, ``ints`` (nullable: None is ``<NA>``), ``float``,
+    ``bool``, ``bools`` (objects: NaN among them), ``str``, ``time``), its values (None where
+    pandas holds NaN / NaT; aware UTC datetimes for ``time``) and the formats in which
+    they print as pandas prints them (:func:`printable`)."""
 
     name: str
     kind: str
-    values: tuple
+    values: Sequence[Any]
+    formats: tuple = _FORMATS
+
+
+def printable(columns: Sequence[Column], fmt: str) -> bool:
+    """Whether every column prints in ``fmt`` as pandas prints it."""
+    return all(fmt in c.formats for c in columns)
+
+
+def array_column(name: str, values: Any, mask: Any = None) -> Column | None:
+    """The column of a numpy array as pandas shows it in a frame (``mask``: the
+    missing entries of a nullable integer array), or None for a dtype or value left to
+    pandas. Floats beyond fixed notation (or infinite) print as pandas does in CSV
+    only, or also in JSON when merely infinite; strings that pandas would cut or that
+    hold control characters, in CSV only."""
+    import numpy as np
+
+    if not isinstance(name, str) or _CONTROL.search(name) or len(name) > _MAX_COLWIDTH:
+        return None
+    kind = values.dtype.kind
+    if kind in "iu":
+        if mask is not None and mask.any():
+            return Column(name, "ints", [None if m else v for v, m in zip(values.tolist(), mask.tolist())])
+        return Column(name, "int", values.tolist())
+    if kind == "b":
+        return Column(name, "bool", values.tolist())
+    if kind == "f" and values.dtype.itemsize == 8:
+        a = np.abs(values)
+        plain = (a == 0.0) | ((a >= 10.0 ** -_DIGITS) & (a <= 1e6)) | np.isnan(values)
+        formats = _FORMATS if plain.all() else ("csv", "json") if (plain | np.isinf(values)).all() else ("csv",)
+        return Column(name, "float", values.tolist(), formats)
+    if kind != "O":
+        return None
+    out = [None if v is None or (isinstance(v, float) and v != v) else v for v in values.tolist()]
+    present = set(type(v) for v in out) - {type(None)}
+    if present == {str}:
+        odd = [v for v in set(out) if v is not None and (_CONTROL.search(v) or len(v) > _MAX_COLWIDTH)]
+        return Column(name, "str", out, ("csv",) if odd else _FORMATS)
+    if present == {bool}:
+        return Column(name, "bools", out)
+    return None
 
 
 def column(name: str, values: Sequence[Any]) -> Column | None:
@@ -145,17 +190,33 @@ def _seconds(t: datetime, sep: str) -> str:
 # ------------------------------------------------------------------- table
 def _table_cells(c: Column) -> list[str]:
     if c.kind == "float":
-        cells = ["NaN" if v is None or math.isnan(v) else f"{v:.{_DIGITS}f}" for v in c.values]
+        fixed = f"{{:.{_DIGITS}f}}".format
+        cells = ["NaN" if v is None or v != v else fixed(v) for v in c.values]
         return _trim_zeros(cells)
     if c.kind == "time":
         return ["NaN" if v is None else _seconds(v, " ") for v in c.values]
     if c.kind in ("str", "bools"):
         return ["NaN" if v is None else str(v) for v in c.values]
-    return [str(v) for v in c.values]  # int, bool
+    if c.kind == "ints":
+        return ["<NA>" if v is None else str(v) for v in c.values]
+    return list(map(str, c.values))  # int, bool
 
 
 def _trim_zeros(cells: list[str]) -> list[str]:
-    """pandas' ``_trim_zeros_float``: the trailing zeros all numbers share, less one."""
+    """pandas' ``_trim_zeros_float``: the trailing zeros all numbers share, less one.
+
+    Every cell here is a number in fixed notation or ``NaN``, so the zeros all share
+    are the fewest any number ends with (a number's zeros end at its decimal point)."""
+    nums = [x for x in cells if x != "NaN"]
+    if not nums or any("n" in x for x in nums):  # inf: pandas' own rules
+        return _trim_zeros_slowly(cells)
+    cut = min(len(x) - len(x.rstrip("0")) for x in nums)
+    if not cut:
+        return cells
+    return [x if x == "NaN" else x[:-cut] + "0" if x[-cut - 1] == "." else x[:-cut] for x in cells]
+
+
+def _trim_zeros_slowly(cells: list[str]) -> list[str]:
     is_num = [_NUMBER.match(x) is not None for x in cells]
     if not any(is_num):
         return cells
@@ -172,32 +233,47 @@ def render_table(columns: Sequence[Column]) -> str:
     for c in columns:
         cells = _table_cells(c)
         head = " " + c.name if c.kind in _NUMERIC else c.name  # pandas' label of a numeric column
-        width = max(len(head), max(len(x) for x in cells))
-        cols.append([head.rjust(width)] + [x.rjust(width) for x in cells])
-    return "\n".join(" ".join(row) for row in zip(*cols))
+        width = max(len(head), max(map(len, cells)))
+        just = str.rjust
+        cols.append([head.rjust(width), *(x if len(x) == width else just(x, width) for x in cells)])
+    return "\n".join(map(" ".join, zip(*cols)))
 
 
 # --------------------------------------------------------------------- csv
 def _csv_cells(c: Column) -> list[str]:
     if c.kind == "float":
-        return ["" if v is None or math.isnan(v) else repr(v) for v in c.values]
+        cells = list(map(repr, c.values))  # pandas writes each float as Python's repr does
+        return [x if x != "nan" and x != "None" else "" for x in cells] if "nan" in cells or "None" in cells else cells
     if c.kind == "time":
         micros = [v.microsecond for v in c.values if v is not None]
         digits = 0 if not any(micros) else 3 if all(us % 1000 == 0 for us in micros) else 6  # pandas: the finest needed
         return ["" if v is None else _seconds(v, " ") + (f".{v.microsecond:06d}"[:digits + 1] if digits else "")
                 + "+00:00" for v in c.values]
     if c.kind in ("str", "bools"):
+        cells = ["" if v is None else str(v) for v in c.values]
+        quote = {x: _csv_quoted(x) for x in set(cells) if _CSV_QUOTE.search(x)}
+        return [quote.get(x, x) for x in cells] if quote else cells
+    if c.kind == "ints":
         return ["" if v is None else str(v) for v in c.values]
-    return [str(v) for v in c.values]
+    return list(map(str, c.values))
+
+
+def _csv_quoted(x: str) -> str:
+    """A field as the csv module's minimal quoting writes it (the fields it quotes hold one of ``_CSV_QUOTE``)."""
+    return '"' + x.replace('"', '""') + '"'
 
 
 def render_csv(columns: Sequence[Column]) -> str:
     """``df.to_csv(index=False)``."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([c.name for c in columns])
-    w.writerows(zip(*(_csv_cells(c) for c in columns)) if columns else ())
-    return buf.getvalue()
+    if len(columns) < 2:  # a row of one empty field is quoted: the csv module's own rules
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([c.name for c in columns])
+        w.writerows(zip(*(_csv_cells(c) for c in columns)) if columns else ())
+        return buf.getvalue()
+    head = ",".join(_csv_quoted(c.name) if _CSV_QUOTE.search(c.name) else c.name for c in columns) + "\n"
+    rows = "\n".join(map(",".join, zip(*(_csv_cells(c) for c in columns))))
+    return head + rows + "\n" if rows else head
 
 
 # -------------------------------------------------------------------- json
@@ -207,7 +283,7 @@ def _json_str(s: str) -> str:
 
 def _json_float(v: float | None) -> str:
     """pandas' encoder at ``double_precision=10``: ten decimals, trailing zeros dropped."""
-    if v is None or math.isnan(v):
+    if v is None or math.isnan(v) or math.isinf(v):
         return "null"
     if v == 0.0:
         return "0.0"  # -0.0 too
@@ -221,10 +297,13 @@ def _json_cells(c: Column) -> list[str]:
     if c.kind == "time":
         return ["null" if v is None else f'"{_seconds(v, "T")}.{v.microsecond // 1000:03d}Z"' for v in c.values]
     if c.kind == "str":
-        return ["null" if v is None else _json_str(v) for v in c.values]
+        text = {v: _json_str(v) for v in set(c.values) if v is not None}
+        return ["null" if v is None else text[v] for v in c.values]
     if c.kind in ("bool", "bools"):
         return ["null" if v is None else "true" if v else "false" for v in c.values]
-    return [str(v) for v in c.values]
+    if c.kind == "ints":
+        return ["null" if v is None else str(v) for v in c.values]
+    return list(map(str, c.values))
 
 
 def render_json(columns: Sequence[Column]) -> str:
