@@ -375,17 +375,19 @@ def render_columns(fr: Frame, fmt: str) -> "list[Column] | None":
         return [Column(c, "str", []) for c in fr.order]
     if len(set(fr.order)) != len(fr.order):
         return None
-    codes = fr.codes.tolist()
+    def by_run(per_run: list) -> list:
+        gathered = np.empty(len(per_run), dtype=object)
+        gathered[:] = per_run
+        return gathered[fr.codes].tolist()
+
     out = []
     for name in fr.order:
         c = fr.columns[name]
         if c.kind == "run":
-            per_run = c.data
-            col = Column(name, "str", [per_run[i] for i in codes]) if all(
-                isinstance(v, str) for v in per_run) else None
+            col = Column(name, "str", by_run(c.data)) if all(isinstance(v, str) for v in c.data) else None
         elif c.kind == "arg":
             col = column(name, c.data)  # per run, as pandas infers the dtype of the per-run values
-            col = None if col is None else Column(name, col.kind, [col.values[i] for i in codes], col.formats)
+            col = None if col is None else Column(name, col.kind, by_run(list(col.values)), col.formats)
         elif c.kind == "loop":
             col = array_column(name, c.data, c.mask)
         else:

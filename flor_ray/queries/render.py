@@ -19,7 +19,8 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from itertools import repeat
+from typing import Any, Sequence
 
 __all__ = ["Column", "MISSING", "column", "array_column", "time_column", "frame_columns", "printable", "render_table",
            "render_csv", "render_json"]
@@ -190,16 +191,35 @@ def _seconds(t: datetime, sep: str) -> str:
 # ------------------------------------------------------------------- table
 def _table_cells(c: Column) -> list[str]:
     if c.kind == "float":
-        fixed = f"{{:.{_DIGITS}f}}".format
-        cells = ["NaN" if v is None or v != v else fixed(v) for v in c.values]
+        cells = _formatted(c.values, f"{{:.{_DIGITS}f}}".format, "NaN")
         return _trim_zeros(cells)
     if c.kind == "time":
         return ["NaN" if v is None else _seconds(v, " ") for v in c.values]
     if c.kind in ("str", "bools"):
-        return ["NaN" if v is None else str(v) for v in c.values]
+        return _strings(c.values, "NaN")
     if c.kind == "ints":
         return ["<NA>" if v is None else str(v) for v in c.values]
     return list(map(str, c.values))  # int, bool
+
+
+def _formatted(values: Sequence[Any], fmt, missing: str) -> list[str]:
+    """``fmt`` of each float, ``missing`` for None and NaN (``nan`` is the only cell NaN formats to)."""
+    if None in values:
+        values = [math.nan if v is None else v for v in values]
+    distinct = set(values)
+    if len(distinct) * 2 < len(values):  # one value per run gathered on its rows: format each once
+        text = {v: fmt(v) for v in distinct}
+        cells = [text[v] for v in values]
+    else:
+        cells = list(map(fmt, values))
+    return [missing if x == "nan" else x for x in cells] if "nan" in cells else cells
+
+
+def _strings(values: Sequence[Any], missing: str) -> list[str]:
+    """Each value as ``str`` does, ``missing`` for None."""
+    if None not in values and all(type(v) is str for v in set(values)):
+        return list(values)
+    return [missing if v is None else str(v) for v in values]
 
 
 def _trim_zeros(cells: list[str]) -> list[str]:
@@ -207,10 +227,13 @@ def _trim_zeros(cells: list[str]) -> list[str]:
 
     Every cell here is a number in fixed notation or ``NaN``, so the zeros all share
     are the fewest any number ends with (a number's zeros end at its decimal point)."""
-    nums = [x for x in cells if x != "NaN"]
+    nums = set(cells)
+    nums.discard("NaN")
     if not nums or any("n" in x for x in nums):  # inf: pandas' own rules
         return _trim_zeros_slowly(cells)
-    cut = min(len(x) - len(x.rstrip("0")) for x in nums)
+    cut = 0
+    while cut < _DIGITS and all(x.endswith("0" * (cut + 1)) for x in nums):  # stops at the first that does not
+        cut += 1
     if not cut:
         return cells
     return [x if x == "NaN" else x[:-cut] + "0" if x[-cut - 1] == "." else x[:-cut] for x in cells]
@@ -234,23 +257,21 @@ def render_table(columns: Sequence[Column]) -> str:
         cells = _table_cells(c)
         head = " " + c.name if c.kind in _NUMERIC else c.name  # pandas' label of a numeric column
         width = max(len(head), max(map(len, cells)))
-        just = str.rjust
-        cols.append([head.rjust(width), *(x if len(x) == width else just(x, width) for x in cells)])
+        cols.append([head.rjust(width), *map(str.rjust, cells, repeat(width))])
     return "\n".join(map(" ".join, zip(*cols)))
 
 
 # --------------------------------------------------------------------- csv
 def _csv_cells(c: Column) -> list[str]:
     if c.kind == "float":
-        cells = list(map(repr, c.values))  # pandas writes each float as Python's repr does
-        return [x if x != "nan" and x != "None" else "" for x in cells] if "nan" in cells or "None" in cells else cells
+        return _formatted(c.values, repr, "")  # pandas writes each float as Python's repr does
     if c.kind == "time":
         micros = [v.microsecond for v in c.values if v is not None]
         digits = 0 if not any(micros) else 3 if all(us % 1000 == 0 for us in micros) else 6  # pandas: the finest needed
         return ["" if v is None else _seconds(v, " ") + (f".{v.microsecond:06d}"[:digits + 1] if digits else "")
                 + "+00:00" for v in c.values]
     if c.kind in ("str", "bools"):
-        cells = ["" if v is None else str(v) for v in c.values]
+        cells = _strings(c.values, "")
         quote = {x: _csv_quoted(x) for x in set(cells) if _CSV_QUOTE.search(x)}
         return [quote.get(x, x) for x in cells] if quote else cells
     if c.kind == "ints":
@@ -291,9 +312,18 @@ def _json_float(v: float | None) -> str:
     return text + "0" if text.endswith(".") else text
 
 
+def _json_floats(values: Sequence[Any]) -> list[str]:
+    """:func:`_json_float` of each value, in passes over all of them."""
+    cells = [x.rstrip("0") for x in _formatted(values, "{:.10f}".format, "null")]
+    cells = [x + "0" if x[-1] == "." else x for x in cells]
+    if "-0.0" in cells or "inf" in cells or "-inf" in cells:  # -0.0 (the only value that formats so here), inf
+        cells = ["0.0" if x == "-0.0" else "null" if x == "inf" or x == "-inf" else x for x in cells]
+    return cells
+
+
 def _json_cells(c: Column) -> list[str]:
     if c.kind == "float":
-        return [_json_float(v) for v in c.values]
+        return _json_floats(c.values)
     if c.kind == "time":
         return ["null" if v is None else f'"{_seconds(v, "T")}.{v.microsecond // 1000:03d}Z"' for v in c.values]
     if c.kind == "str":
@@ -308,6 +338,7 @@ def _json_cells(c: Column) -> list[str]:
 
 def render_json(columns: Sequence[Column]) -> str:
     """``df.to_json(orient="records", date_format="iso")``."""
-    keys = [_json_str(c.name) + ":" for c in columns]
-    rows: Iterable[tuple[str, ...]] = zip(*(_json_cells(c) for c in columns)) if columns else ()
-    return "[" + ",".join("{" + ",".join(k + v for k, v in zip(keys, row)) + "}" for row in rows) + "]"
+    if not columns or not len(columns[0].values):
+        return "[]"
+    keyed = [list(map((_json_str(c.name) + ":").__add__, _json_cells(c))) for c in columns]
+    return "[{" + "},{".join(map(",".join, zip(*keyed))) + "}]"
