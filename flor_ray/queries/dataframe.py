@@ -387,6 +387,8 @@ def render_columns(fr: Frame, fmt: str) -> "list[Column] | None":
             col = Column(name, "str", by_run(c.data)) if all(isinstance(v, str) for v in c.data) else None
         elif c.kind == "arg":
             col = column(name, c.data)  # per run, as pandas infers the dtype of the per-run values
+            if all(v is None for v in c.data):  # an arg none of these runs set: pandas' objects, None
+                col = Column(name, "none", [None] * len(c.data))
             col = None if col is None else Column(name, col.kind, by_run(list(col.values)), col.formats)
         elif c.kind == "loop":
             col = array_column(name, c.data, c.mask)

@@ -43,7 +43,8 @@ _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+
 @dataclass(frozen=True)
 class Column:
     """One column: its name, its kind (``int``, ``ints`` (nullable: None is ``<NA>``), ``float``,
-    ``bool``, ``bools`` (objects: NaN among them), ``str``, ``time``), its values (None where
+    ``bool``, ``bools`` (objects: NaN among them), ``str``, ``time``, ``none`` (objects, all
+    None)), its values (None where
     pandas holds NaN / NaT; aware UTC datetimes for ``time``) and the formats in which
     they print as pandas prints them (:func:`printable`)."""
 
@@ -199,7 +200,7 @@ def _table_cells(c: Column) -> list[str]:
         return _strings(c.values, "NaN")
     if c.kind == "ints":
         return ["<NA>" if v is None else str(v) for v in c.values]
-    return list(map(str, c.values))  # int, bool
+    return list(map(str, c.values))  # int, bool, none
 
 
 def _formatted(values: Sequence[Any], fmt, missing: str) -> list[str]:
@@ -276,6 +277,8 @@ def _csv_cells(c: Column) -> list[str]:
         return [quote.get(x, x) for x in cells] if quote else cells
     if c.kind == "ints":
         return ["" if v is None else str(v) for v in c.values]
+    if c.kind == "none":
+        return [""] * len(c.values)
     return list(map(str, c.values))
 
 
@@ -331,7 +334,7 @@ def _json_cells(c: Column) -> list[str]:
         return ["null" if v is None else text[v] for v in c.values]
     if c.kind in ("bool", "bools"):
         return ["null" if v is None else "true" if v else "false" for v in c.values]
-    if c.kind == "ints":
+    if c.kind in ("ints", "none"):
         return ["null" if v is None else str(v) for v in c.values]
     return list(map(str, c.values))
 
