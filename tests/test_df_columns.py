@@ -210,3 +210,32 @@ def test_the_command_line_imports_no_pandas(st):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stderr.strip().splitlines()[-1]) == []
     assert proc.stdout == flor_ray.dataframe("acc", "closure", "loss", "gnorm", store=st).to_csv(index=False)
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_repeated_values_print_as_pandas_prints_them(fmt):
+    """Values repeated on many rows (an arg per run, a flag) are formatted once each:
+    0.0 and -0.0, equal as keys, stay apart; NaN and missing values stay missing."""
+    import numpy as np
+    import pandas as pd
+
+    from flor_ray.queries import render
+
+    n = 40
+    data = {
+        "zeros": np.array([0.0, -0.0, 0.5, 0.25] * (n // 4)),
+        "lr": np.array([0.1, 0.05] * (n // 2)),
+        "nan": np.array([np.nan, 1.5] * (n // 2)),
+        "big": np.array([2 ** 62, -(2 ** 62)] * (n // 2), dtype=np.int64),
+        "flag": np.array([True, False] * (n // 2)),
+        "word": np.array(['a, "b"', "c/d", None, "e"] * (n // 4), dtype=object),
+        "maybe": np.array([True, np.nan] * (n // 2), dtype=object),
+    }
+    epoch = pd.array([None, *range(n - 1)], dtype="Int64")
+    cols = [render.array_column(k, v) for k, v in data.items()]
+    cols.append(render.array_column("epoch", np.asarray(epoch.fillna(0), dtype=np.int64), np.asarray(epoch.isna())))
+    df = pd.DataFrame({**data, "epoch": epoch})
+    assert all(c is not None and fmt in c.formats for c in cols)
+    got = {"table": lambda: render.render_table(cols) + "\n", "csv": lambda: render.render_csv(cols),
+           "json": lambda: render.render_json(cols) + "\n"}[fmt]()
+    assert got == _pandas_text(df, fmt)

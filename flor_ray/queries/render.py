@@ -208,7 +208,8 @@ def _formatted(values: Sequence[Any], fmt, missing: str) -> list[str]:
     if None in values:
         values = [math.nan if v is None else v for v in values]
     distinct = set(values)
-    if len(distinct) * 2 < len(values):  # one value per run gathered on its rows: format each once
+    if len(distinct) * 2 < len(values) and 0.0 not in distinct:  # one value per run on its rows: each once
+        # (not with zeros: 0.0 and -0.0 are one key)
         text = {v: fmt(v) for v in distinct}
         cells = [text[v] for v in values]
     else:
@@ -273,8 +274,11 @@ def _csv_cells(c: Column) -> list[str]:
                 + "+00:00" for v in c.values]
     if c.kind in ("str", "bools"):
         cells = _strings(c.values, "")
-        quote = {x: _csv_quoted(x) for x in set(cells) if _CSV_QUOTE.search(x)}
-        return [quote.get(x, x) for x in cells] if quote else cells
+        distinct = set(cells)
+        if not _CSV_QUOTE.search("".join(distinct)):  # one pass over them all: none needs quotes
+            return cells
+        quote = {x: _csv_quoted(x) for x in distinct if _CSV_QUOTE.search(x)}
+        return [quote.get(x, x) for x in cells]
     if c.kind == "ints":
         return ["" if v is None else str(v) for v in c.values]
     if c.kind == "none":
