@@ -369,27 +369,24 @@ def render_columns(fr: Frame, fmt: str) -> "list[Column] | None":
     beyond fixed notation in a table, ...)."""
     import numpy as np
 
-    from .render import Column, array_column, column, printable
+    from .render import Column, array_column, column, none_column, printable
 
     if not fr.columns:
         return [Column(c, "str", []) for c in fr.order]
     if len(set(fr.order)) != len(fr.order):
         return None
-    def by_run(per_run: list) -> list:
-        gathered = np.empty(len(per_run), dtype=object)
-        gathered[:] = per_run
-        return gathered[fr.codes].tolist()
-
     out = []
     for name in fr.order:
         c = fr.columns[name]
-        if c.kind == "run":
-            col = Column(name, "str", by_run(c.data)) if all(isinstance(v, str) for v in c.data) else None
-        elif c.kind == "arg":
-            col = column(name, c.data)  # per run, as pandas infers the dtype of the per-run values
-            if all(v is None for v in c.data):  # an arg none of these runs set: pandas' objects, None
-                col = Column(name, "none", [None] * len(c.data))
-            col = None if col is None else Column(name, col.kind, by_run(list(col.values)), col.formats)
+        if c.kind in ("run", "arg"):  # one value per run: the column of the runs, gathered on their rows
+            per_run = np.empty(len(c.data), dtype=object)
+            per_run[:] = c.data
+            col = array_column(name, per_run) if c.kind == "run" else column(name, c.data)  # pandas' inference
+            if c.kind == "arg" and all(v is None for v in c.data):  # an arg none of these runs set
+                col = none_column(name, len(c.data))
+            if col is not None:
+                per_run[:] = col.values
+                col = Column(name, col.kind, per_run[fr.codes].tolist(), col.formats)
         elif c.kind == "loop":
             col = array_column(name, c.data, c.mask)
         else:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from itertools import repeat
 from typing import Any, Sequence
 
-__all__ = ["Column", "MISSING", "column", "array_column", "time_column", "frame_columns", "printable", "render_table",
+__all__ = ["Column", "MISSING", "column", "array_column", "none_column", "time_column", "frame_columns", "printable", "render_table",
            "render_csv", "render_json"]
 
 #: a key absent from a row (pandas fills NaN, as it does for None in these kinds)
@@ -119,6 +119,13 @@ def column(name: str, values: Sequence[Any]) -> Column | None:
             return None
         return Column(name, "str", tuple(None if v is MISSING else v for v in values))
     return None
+
+
+def none_column(name: str, n: int) -> Column | None:
+    """A column of ``n`` None, as pandas holds a list of None (objects: ``None`` in a table)."""
+    if not isinstance(name, str) or _CONTROL.search(name) or len(name) > _MAX_COLWIDTH:
+        return None
+    return Column(name, "none", [None] * n)
 
 
 def frame_columns(df: Any) -> list[Column] | None:

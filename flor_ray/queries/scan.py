@@ -211,8 +211,8 @@ def scan_parts(store: "Store", files: "Sequence[Piece]", names: Sequence[str] | 
     """The rows of ``names`` (all names: None) in ``files`` (pieces), as flat arrays in piece order.
 
     Returns None when no row is left; else run/source/name/vtype/loops codes per row,
-    ``iters`` (per depth: int32 or None when all null), ``seq`` and the value columns
-    (Arrow). Run codes index the sorted run ids of ``files`` (``rid_dict``); loop path
+    ``iters`` (per depth: int32 or None when all null), ``seq``, the numeric values as
+    :class:`Numbers` and the strings as Arrow (taken only when a series needs them). Run codes index the sorted run ids of ``files`` (``rid_dict``); loop path
     codes follow the unified dictionaries of all files, in file order (the numbering
     that breaks ties between paths with equal iterations, as it always did).
     """
