@@ -156,7 +156,18 @@ def cmd_runs(a) -> int:
 def cmd_df(a) -> int:
     import flor_ray
 
-    _write_frame(flor_ray.dataframe(*a.names, where=a.where, store=a.store), a.format, a.output)
+    fmt = _format_of(a.format, a.output)
+    if fmt == "parquet":
+        _write_frame(flor_ray.dataframe(*a.names, where=a.where, store=a.store), fmt, a.output)
+        return 0
+    from .queries.dataframe import frame, render_columns, to_pandas
+
+    result = frame(flor_ray._store(a.store), a.names, a.where, stacklevel=3)
+    columns = render_columns(result, fmt)  # the same text as pandas writes, without importing it
+    if columns is None:  # a shape or value only pandas prints as it does (see render_columns)
+        _write_frame(to_pandas(result), fmt, a.output)
+    else:
+        _write_columns(columns, fmt, a.output)
     return 0
 
 

@@ -7,20 +7,23 @@ assembled with the runs' versions and args.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 from ..errors import QueryError
-from ..store.logs import ITER_COLS, log_parts, parts_in_order
+from ..store.logs import log_parts, parts_in_order
 from .cache import CACHE
 from .runs import select_runs
-from .scan import Scan, Series, differ, first_seen, int_array, scan_parts, series_rows, values_of
+from .scan import NO_ITER, Scan, Series, differ, first_seen, scan_parts, series_rows, values_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
+    from .render import Column
+
     from ..store import Store
 
-__all__ = ["dataframe", "ConflictWarning"]
+__all__ = ["dataframe", "frame", "to_pandas", "render_columns", "Frame", "Col", "ConflictWarning"]
 
 
 class Picked(NamedTuple):
@@ -29,6 +32,33 @@ class Picked(NamedTuple):
     column: str
     series: Series
     values: Any
+
+
+@dataclass(frozen=True)
+class Col:
+    """One column of a :class:`Frame`, as numpy data that pandas wraps or
+    :mod:`flor_ray.queries.render` prints.
+
+    ``kind``: ``run`` (``data``: one string per run, gathered by the frame's run codes),
+    ``arg`` (``data``: one value per run, likewise), ``loop`` (``data``: int64
+    iterations, ``mask``: the rows without one) or ``values`` (``data``: a numpy array
+    row by row).
+    """
+
+    kind: str
+    data: Any
+    mask: Any = None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The result of :func:`dataframe` before pandas: its columns by name, their order
+    (a name twice: a log named like a loop), each row's run code and the run ids."""
+
+    columns: dict
+    order: list
+    codes: Any = None
+    rows: int = 0
 
 
 def dataframe(store: "Store", names: Sequence[str], where: str | None = None) -> "pd.DataFrame":
@@ -46,8 +76,13 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
     Per name the rows are put in loop order with vectorised passes (no per-row
     Python); several names are joined on the loop context and occurrence.
     """
+    return to_pandas(frame(store, names, where, stacklevel=5))
+
+
+def frame(store: "Store", names: Sequence[str], where: str | None = None, stacklevel: int = 4) -> Frame:
+    """:func:`dataframe`'s columns as numpy data, without pandas (the command line
+    prints them through :func:`render_columns`)."""
     import numpy as np
-    import pandas as pd
 
     store.check()
     names = list(names)
@@ -65,7 +100,7 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
                 + "; list the names with `flor-ray sql \"SELECT DISTINCT name FROM logs\"`, "
                 "or back-fill a new name with flor.replay"
             )
-        return pd.DataFrame(columns=["run_id", "version"])
+        return Frame({}, ["run_id", "version"])
     scan.task = task_order[scan.file]
     rid_dict = scan.rid_dict
     order_of = {m["run_id"]: i for i, m in enumerate(metas)}
@@ -87,10 +122,9 @@ def dataframe(store: "Store", names: Sequence[str], where: str | None = None) ->
               for source, suffix in (("record", ""), ("replay", "__replay")) if (name, source) in kinds]
     picked = _pick_series(scan, series, kinds, run_rank)
     codes, loops, iter_arrays, occurrence, columns = _join_series(scan, picked, run_rank, depth)
-    _warn_conflicts(scan, picked)
-    cols = list(columns)
+    _warn_conflicts(scan, picked, stacklevel)
     loop_cats = [str(v) for v in loop_vals]
-    return _assemble(codes, loops, loop_cats, iter_arrays, columns, cols, paths, rid_dict, metas, occurrence)
+    return _assemble(codes, loops, loop_cats, iter_arrays, columns, paths, rid_dict, metas, occurrence)
 
 
 #: listings a query takes at most when parts vanish between its listing and its reads:
@@ -158,54 +192,88 @@ def _pick_series(scan: Scan, series: list, kinds: dict, run_rank) -> list[Picked
 
 
 def _join_series(scan: Scan, picked: list[Picked], run_rank, depth: int):
-    """(run codes, loop codes, iteration arrays, occurrences or None, value columns) of
-    the result: one series as it is, several outer-joined on (context, occurrence)."""
-    import numpy as np
-    import pandas as pd
+    """(run codes, loop codes, iterations per depth as (int64, mask), occurrences or None,
+    value columns) of the result: one series as it is, several outer-joined on (run,
+    loop context, occurrence).
 
-    iter_cols = list(ITER_COLS[:depth])  # deeper columns are all null: not carried
+    The join orders its rows by run, iterations (none first), occurrence, then loop
+    path code: the order of pandas' sorted outer merge on (run, path, iterations,
+    occurrence) followed by a stable sort on (run, iterations, occurrence). A column
+    missing from some rows takes the type pandas gives it there: ints become floats,
+    bools and strings objects with NaN, a conflict flag False.
+    """
+    import numpy as np
+
     by_depth = {d: it for d, it in enumerate(scan.iters) if it is not None}
-    loop_cats = [str(v) for v in scan.loop_vals]
 
     def gather(a, rows):
         return a if rows is None else a[rows]
 
     def iters_of(rows):
         n = len(gather(scan.run, rows))
-        return {d: int_array(gather(by_depth[d], rows)) if d in by_depth
-                else pd.arrays.IntegerArray(np.zeros(n, np.int64), np.ones(n, bool)) for d in range(depth)}
+        return [gather(by_depth[d], rows) if d in by_depth else np.full(n, NO_ITER, np.int32) for d in range(depth)]
 
-    several = any(ser.occ is not None for _, ser, _ in picked)
     if len(picked) == 1:
         col, ser, vals = picked[0]
         occ = None if ser.occ is None else ser.occ.astype(np.int64)
-        return (gather(scan.run, ser.rows), gather(scan.loops, ser.rows), iters_of(ser.rows), occ, {col: vals})
-    frames = []
-    for col, ser, vals in picked:
-        n = len(gather(scan.run, ser.rows))
-        frames.append(pd.DataFrame({
-            "_rank": run_rank[gather(scan.run, ser.rows)],
-            "loops": pd.Categorical.from_codes(gather(scan.loops, ser.rows), categories=loop_cats),
-            **{c: a for c, a in zip(iter_cols, iters_of(ser.rows).values())},
-            "_occ": np.zeros(n, np.int64) if ser.occ is None else ser.occ.astype(np.int64),
-            col: vals,
-        }))
-    key_cols = ["_rank", "loops", *iter_cols, "_occ"]
-    wide = frames[0]
-    for f in frames[1:]:
-        wide = wide.merge(f, on=key_cols, how="outer", sort=False)
-    wide = wide.sort_values(["_rank", *iter_cols, "_occ"], na_position="first", kind="stable").reset_index(drop=True)
-    columns = {}
-    for col, _, _ in picked:
-        if col.endswith("__conflict"):
-            wide[col] = wide[col].fillna(False).astype(bool)
-        columns[col] = wide[col]
-    return (_codes_from_rank(wide["_rank"].to_numpy(), run_rank), wide["loops"].cat.codes.to_numpy(),
-            {d: wide[c].array for d, c in enumerate(iter_cols)},
-            wide["_occ"].to_numpy() if several else None, columns)
+        return (gather(scan.run, ser.rows), gather(scan.loops, ser.rows), [_loop_ints(it) for it in iters_of(ser.rows)],
+                occ, {col: vals})
+    several = any(ser.occ is not None for _, ser, _ in picked)
+    sizes = [len(vals) for _, _, vals in picked]
+    rank = np.concatenate([run_rank[gather(scan.run, ser.rows)] for _, ser, _ in picked])
+    loops = np.concatenate([gather(scan.loops, ser.rows) for _, ser, _ in picked])
+    occ = np.concatenate([np.zeros(n, np.int64) if ser.occ is None else ser.occ.astype(np.int64)
+                          for n, (_, ser, _) in zip(sizes, picked)])
+    per_series = [iters_of(ser.rows) for _, ser, _ in picked]
+    iters = [np.concatenate([its[d] for its in per_series]) for d in range(depth)]
+    keys = [rank, *iters, occ, loops]
+    order = np.lexsort(tuple(reversed(keys)))
+    new = np.ones(len(order), dtype=bool)
+    if len(order) > 1:
+        same = np.ones(len(order) - 1, dtype=bool)
+        for k in keys:
+            ks = k[order]
+            same &= ks[1:] == ks[:-1]
+        new[1:] = ~same
+    pos = np.empty(len(order), dtype=np.int64)
+    pos[order] = np.cumsum(new) - 1
+    first = order[new]
+    columns, at = {}, 0
+    for (col, _, vals), n in zip(picked, sizes):
+        columns[col] = _spread(vals, pos[at:at + n], len(first), col.endswith("__conflict"))
+        at += n
+    return (_codes_from_rank(rank[first], run_rank), loops[first], [_loop_ints(it[first]) for it in iters],
+            occ[first] if several else None, columns)
 
 
-def _warn_conflicts(scan: Scan, picked: list[Picked]) -> None:
+def _spread(vals, at, n: int, flag: bool):
+    """``vals`` put at rows ``at`` of ``n`` rows, the others missing as pandas' outer merge leaves them."""
+    import numpy as np
+
+    if len(at) == n:  # every row: the type as it is
+        out = np.empty(n, dtype=vals.dtype)
+    elif flag:
+        out = np.zeros(n, dtype=bool)
+    elif vals.dtype.kind in "fiu":
+        out = np.full(n, np.nan)
+    else:
+        out = np.full(n, np.nan, dtype=object)
+    out[at] = vals
+    return out
+
+
+def _loop_ints(values) -> tuple:
+    """Iterations (int32, :data:`NO_ITER` for none) as (int64 values, mask of none)."""
+    import numpy as np
+
+    mask = values == NO_ITER
+    out = values.astype(np.int64)
+    if mask.any():
+        out[mask] = 0
+    return out, mask
+
+
+def _warn_conflicts(scan: Scan, picked: list[Picked], stacklevel: int) -> None:
     """A :class:`ConflictWarning` naming the identities whose replayed values differ."""
     import warnings
 
@@ -222,17 +290,17 @@ def _warn_conflicts(scan: Scan, picked: list[Picked]) -> None:
     n = sum(len(ser.dups) for _, ser in found)
     warnings.warn(ConflictWarning(
         f"{n} replayed value(s) differ from an earlier replay of the same value; the earliest is shown and "
-        f"<name>__conflict marks the row; the raw rows are in SQL's logs_all: " + "; ".join(lines)), stacklevel=4)
+        f"<name>__conflict marks the row; the raw rows are in SQL's logs_all: " + "; ".join(lines)), stacklevel=stacklevel)
 
 
-def _assemble(codes, loops, loop_cats, iter_arrays, columns: dict, cols: list, paths: list, rid_dict, metas,
-              occurrence=None):
-    """The result frame: run_id, version, the args, a column per loop, the
+def _assemble(codes, loops, loop_cats, iter_arrays, columns: dict, paths: list, rid_dict, metas,
+              occurrence=None) -> Frame:
+    """The result's columns: run_id, version, the args, a column per loop, the
     occurrence where some context holds several values, the values."""
     import numpy as np
-    import pandas as pd
 
-    out: dict[str, Any] = {"run_id": _strings_by_run(codes, rid_dict), **columns}
+    cols = list(columns)
+    out: dict[str, Col] = {"run_id": Col("run", list(rid_dict)), **{c: Col("values", v) for c, v in columns.items()}}
     # loop columns named after the loops
     per_depth: dict[int, list[str]] = {}
     for path in paths:
@@ -241,19 +309,18 @@ def _assemble(codes, loops, loop_cats, iter_arrays, columns: dict, cols: list, p
                 per_depth[d].append(lname)
     loop_cols: list[str] = []
     for d, lnames in sorted(per_depth.items()):
-        src = iter_arrays[d]
+        values, none = iter_arrays[d]
         for lname in lnames:
             if lname in loop_cols:
                 continue
             loop_cols.append(lname)
             if len(lnames) == 1:
-                out[lname] = src
+                out[lname] = Col("loop", values, none)
             else:
                 has = [len(p.split("/")) > d and p.split("/")[d] == lname for p in loop_cats]
-                mask = np.asarray(has, dtype=bool)[loops]
-                out[lname] = pd.Series(src).where(mask, pd.NA).array
+                out[lname] = Col("loop", values, none | ~np.asarray(has, dtype=bool)[loops])
     runs = {m["run_id"]: m for m in metas}
-    out["version"] = _strings_by_run(codes, [str((runs.get(r) or {}).get("version")) for r in rid_dict])
+    out["version"] = Col("run", [str((runs.get(r) or {}).get("version")) for r in rid_dict])
     arg_names: list[str] = []
     for m in metas:
         for a in m.get("args") or {}:
@@ -262,16 +329,72 @@ def _assemble(codes, loops, loop_cats, iter_arrays, columns: dict, cols: list, p
     arg_cols = []
     for a in arg_names:
         col = a if a not in cols and a not in loop_cols and a not in ("run_id", "version") else f"arg_{a}"
-        out[col] = _by_run(codes, rid_dict, {r: (m.get("args") or {}).get(a) for r, m in runs.items()})
+        out[col] = Col("arg", [((runs.get(r) or {}).get("args") or {}).get(a) for r in rid_dict])
         arg_cols.append(col)
     occ_cols = []
     if occurrence is not None:
         occ_cols = ["occurrence" if "occurrence" not in out else "flor_occurrence"]
-        out[occ_cols[0]] = occurrence
-    order = ["run_id", "version", *arg_cols, *loop_cols, *occ_cols, *cols]
-    if len(set(order)) == len(order):
-        return pd.DataFrame({c: out[c] for c in order}, copy=False)
-    return pd.DataFrame(out, copy=False)[order]  # a log named like a loop: as it always was
+        out[occ_cols[0]] = Col("values", occurrence)
+    return Frame(out, ["run_id", "version", *arg_cols, *loop_cols, *occ_cols, *cols], codes, len(codes))
+
+
+def to_pandas(fr: Frame) -> "pd.DataFrame":
+    """The pandas frame of :func:`dataframe`: each :class:`Col` wrapped as the type
+    pandas shows it (nullable Int64 loops, ``str`` run ids and versions, the dtype
+    pandas infers for each arg)."""
+    import pandas as pd
+
+    if not fr.columns:
+        return pd.DataFrame(columns=fr.order)
+    out: dict[str, Any] = {}
+    for name, c in fr.columns.items():
+        if c.kind == "run":
+            out[name] = _strings_by_run(fr.codes, c.data)
+        elif c.kind == "arg":
+            out[name] = pd.Series(c.data).to_numpy()[fr.codes]  # the dtype pandas infers
+        elif c.kind == "loop":
+            out[name] = pd.arrays.IntegerArray(c.data, c.mask)
+        else:
+            out[name] = c.data
+    if len(set(fr.order)) == len(fr.order):
+        return pd.DataFrame({c: out[c] for c in fr.order}, copy=False)
+    return pd.DataFrame(out, copy=False)[fr.order]  # a log named like a loop: as it always was
+
+
+def render_columns(fr: Frame, fmt: str) -> "list[Column] | None":
+    """The frame as :mod:`flor_ray.queries.render` columns that print in ``fmt`` (table,
+    csv or json) byte for byte as pandas prints :func:`to_pandas`'s frame; None where
+    only pandas prints it so: a log named like a loop (a column twice), an arg or value
+    of a type or magnitude the renderer leaves to pandas (lists, mixed types, floats
+    beyond fixed notation in a table, ...)."""
+    import numpy as np
+
+    from .render import Column, array_column, column, none_column, printable
+
+    if not fr.columns:
+        return [Column(c, "str", []) for c in fr.order]
+    if len(set(fr.order)) != len(fr.order):
+        return None
+    out = []
+    for name in fr.order:
+        c = fr.columns[name]
+        if c.kind in ("run", "arg"):  # one value per run: the column of the runs, gathered on their rows
+            per_run = np.empty(len(c.data), dtype=object)
+            per_run[:] = c.data
+            col = array_column(name, per_run) if c.kind == "run" else column(name, c.data)  # pandas' inference
+            if c.kind == "arg" and all(v is None for v in c.data):  # an arg none of these runs set
+                col = none_column(name, len(c.data))
+            if col is not None:
+                per_run[:] = col.values
+                col = Column(name, col.kind, per_run[fr.codes].tolist(), col.formats)
+        elif c.kind == "loop":
+            col = array_column(name, c.data, c.mask)
+        else:
+            col = array_column(name, np.asarray(c.data))
+        if col is None or not printable([col], fmt):
+            return None
+        out.append(col)
+    return out
 
 
 def _strings_by_run(codes, per_run: list[str]):
@@ -286,14 +409,6 @@ def _strings_by_run(codes, per_run: list[str]):
 
     return pd.arrays.ArrowStringArray(pc.take(pa.array(per_run, pa.large_string()), pa.array(codes)),
                                       dtype=pd.StringDtype("pyarrow", na_value=float("nan")))
-
-
-def _by_run(codes, rid_dict: list[str], value_of: dict):
-    """A per-row column from one value per run, gathered by run codes (vectorised)."""
-    import pandas as pd
-
-    per_run = pd.Series([value_of.get(r) for r in rid_dict])  # the dtype pandas infers
-    return per_run.to_numpy()[codes] if len(per_run) else []
 
 
 def _codes_from_rank(ranks, run_rank):

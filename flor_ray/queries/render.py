@@ -19,9 +19,11 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from itertools import repeat
+from typing import Any, Sequence
 
-__all__ = ["Column", "MISSING", "column", "time_column", "frame_columns", "render_table", "render_csv", "render_json"]
+__all__ = ["Column", "MISSING", "column", "array_column", "none_column", "time_column", "frame_columns", "printable", "render_table",
+           "render_csv", "render_json"]
 
 #: a key absent from a row (pandas fills NaN, as it does for None in these kinds)
 MISSING = object()
@@ -31,19 +33,64 @@ _DIGITS = 6
 _MAX_COLWIDTH = 60
 _NUMBER = re.compile(r"^\s*[+-]?[0-9]+\.[0-9]*$")  # pandas' _NUMBER_WITH_DECIMAL_RE
 _CONTROL = re.compile(r"[\x00-\x1f]")
-_NUMERIC = ("int", "float", "bool")
+_NUMERIC = ("int", "ints", "float", "bool")
+_FORMATS = ("table", "csv", "json")
+_CSV_QUOTE = re.compile(r'[,"\r\n]')
 #: the ISO 8601 forms pandas and Python parse alike (to the microsecond: pandas keeps nanoseconds)
 _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})?$")
 
 
 @dataclass(frozen=True)
 class Column:
-    """One column: its name, its kind (``int``, ``float``, ``bool``, ``bools`` (with NaN), ``str``, ``time``)
-    and its values (None where pandas holds NaN / NaT; aware UTC datetimes for ``time``)."""
+    """One column: its name, its kind (``int``, ``ints`` (nullable: None is ``<NA>``), ``float``,
+    ``bool``, ``bools`` (objects: NaN among them), ``str``, ``time``, ``none`` (objects, all
+    None)), its values (None where
+    pandas holds NaN / NaT; aware UTC datetimes for ``time``) and the formats in which
+    they print as pandas prints them (:func:`printable`)."""
 
     name: str
     kind: str
-    values: tuple
+    values: Sequence[Any]
+    formats: tuple = _FORMATS
+
+
+def printable(columns: Sequence[Column], fmt: str) -> bool:
+    """Whether every column prints in ``fmt`` as pandas prints it."""
+    return all(fmt in c.formats for c in columns)
+
+
+def array_column(name: str, values: Any, mask: Any = None) -> Column | None:
+    """The column of a numpy array as pandas shows it in a frame (``mask``: the
+    missing entries of a nullable integer array), or None for a dtype or value left to
+    pandas. Floats beyond fixed notation (or infinite) print as pandas does in CSV
+    only, or also in JSON when merely infinite; strings that pandas would cut or that
+    hold control characters, in CSV only."""
+    import numpy as np
+
+    if not isinstance(name, str) or _CONTROL.search(name) or len(name) > _MAX_COLWIDTH:
+        return None
+    kind = values.dtype.kind
+    if kind in "iu":
+        if mask is not None and mask.any():
+            return Column(name, "ints", [None if m else v for v, m in zip(values.tolist(), mask.tolist())])
+        return Column(name, "int", values.tolist())
+    if kind == "b":
+        return Column(name, "bool", values.tolist())
+    if kind == "f" and values.dtype.itemsize == 8:
+        a = np.abs(values)
+        plain = (a == 0.0) | ((a >= 10.0 ** -_DIGITS) & (a <= 1e6)) | np.isnan(values)
+        formats = _FORMATS if plain.all() else ("csv", "json") if (plain | np.isinf(values)).all() else ("csv",)
+        return Column(name, "float", values.tolist(), formats)
+    if kind != "O":
+        return None
+    out = [None if v is None or (isinstance(v, float) and v != v) else v for v in values.tolist()]
+    present = set(type(v) for v in out) - {type(None)}
+    if present == {str}:
+        odd = [v for v in set(out) if v is not None and (_CONTROL.search(v) or len(v) > _MAX_COLWIDTH)]
+        return Column(name, "str", out, ("csv",) if odd else _FORMATS)
+    if present == {bool}:
+        return Column(name, "bools", out)
+    return None
 
 
 def column(name: str, values: Sequence[Any]) -> Column | None:
@@ -72,6 +119,13 @@ def column(name: str, values: Sequence[Any]) -> Column | None:
             return None
         return Column(name, "str", tuple(None if v is MISSING else v for v in values))
     return None
+
+
+def none_column(name: str, n: int) -> Column | None:
+    """A column of ``n`` None, as pandas holds a list of None (objects: ``None`` in a table)."""
+    if not isinstance(name, str) or _CONTROL.search(name) or len(name) > _MAX_COLWIDTH:
+        return None
+    return Column(name, "none", [None] * n)
 
 
 def frame_columns(df: Any) -> list[Column] | None:
@@ -145,17 +199,56 @@ def _seconds(t: datetime, sep: str) -> str:
 # ------------------------------------------------------------------- table
 def _table_cells(c: Column) -> list[str]:
     if c.kind == "float":
-        cells = ["NaN" if v is None or math.isnan(v) else f"{v:.{_DIGITS}f}" for v in c.values]
+        cells = _formatted(c.values, f"{{:.{_DIGITS}f}}".format, "NaN")
         return _trim_zeros(cells)
     if c.kind == "time":
         return ["NaN" if v is None else _seconds(v, " ") for v in c.values]
     if c.kind in ("str", "bools"):
-        return ["NaN" if v is None else str(v) for v in c.values]
-    return [str(v) for v in c.values]  # int, bool
+        return _strings(c.values, "NaN")
+    if c.kind == "ints":
+        return ["<NA>" if v is None else str(v) for v in c.values]
+    return list(map(str, c.values))  # int, bool, none
+
+
+def _formatted(values: Sequence[Any], fmt, missing: str) -> list[str]:
+    """``fmt`` of each float, ``missing`` for None and NaN (``nan`` is the only cell NaN formats to)."""
+    if None in values:
+        values = [math.nan if v is None else v for v in values]
+    distinct = set(values)
+    if len(distinct) * 2 < len(values) and 0.0 not in distinct:  # one value per run on its rows: each once
+        # (not with zeros: 0.0 and -0.0 are one key)
+        text = {v: fmt(v) for v in distinct}
+        cells = [text[v] for v in values]
+    else:
+        cells = list(map(fmt, values))
+    return [missing if x == "nan" else x for x in cells] if "nan" in cells else cells
+
+
+def _strings(values: Sequence[Any], missing: str) -> list[str]:
+    """Each value as ``str`` does, ``missing`` for None."""
+    if None not in values and all(type(v) is str for v in set(values)):
+        return list(values)
+    return [missing if v is None else str(v) for v in values]
 
 
 def _trim_zeros(cells: list[str]) -> list[str]:
-    """pandas' ``_trim_zeros_float``: the trailing zeros all numbers share, less one."""
+    """pandas' ``_trim_zeros_float``: the trailing zeros all numbers share, less one.
+
+    Every cell here is a number in fixed notation or ``NaN``, so the zeros all share
+    are the fewest any number ends with (a number's zeros end at its decimal point)."""
+    nums = set(cells)
+    nums.discard("NaN")
+    if not nums or any("n" in x for x in nums):  # inf: pandas' own rules
+        return _trim_zeros_slowly(cells)
+    cut = 0
+    while cut < _DIGITS and all(x.endswith("0" * (cut + 1)) for x in nums):  # stops at the first that does not
+        cut += 1
+    if not cut:
+        return cells
+    return [x if x == "NaN" else x[:-cut] + "0" if x[-cut - 1] == "." else x[:-cut] for x in cells]
+
+
+def _trim_zeros_slowly(cells: list[str]) -> list[str]:
     is_num = [_NUMBER.match(x) is not None for x in cells]
     if not any(is_num):
         return cells
@@ -172,32 +265,50 @@ def render_table(columns: Sequence[Column]) -> str:
     for c in columns:
         cells = _table_cells(c)
         head = " " + c.name if c.kind in _NUMERIC else c.name  # pandas' label of a numeric column
-        width = max(len(head), max(len(x) for x in cells))
-        cols.append([head.rjust(width)] + [x.rjust(width) for x in cells])
-    return "\n".join(" ".join(row) for row in zip(*cols))
+        width = max(len(head), max(map(len, cells)))
+        cols.append([head.rjust(width), *map(str.rjust, cells, repeat(width))])
+    return "\n".join(map(" ".join, zip(*cols)))
 
 
 # --------------------------------------------------------------------- csv
 def _csv_cells(c: Column) -> list[str]:
     if c.kind == "float":
-        return ["" if v is None or math.isnan(v) else repr(v) for v in c.values]
+        return _formatted(c.values, repr, "")  # pandas writes each float as Python's repr does
     if c.kind == "time":
         micros = [v.microsecond for v in c.values if v is not None]
         digits = 0 if not any(micros) else 3 if all(us % 1000 == 0 for us in micros) else 6  # pandas: the finest needed
         return ["" if v is None else _seconds(v, " ") + (f".{v.microsecond:06d}"[:digits + 1] if digits else "")
                 + "+00:00" for v in c.values]
     if c.kind in ("str", "bools"):
+        cells = _strings(c.values, "")
+        distinct = set(cells)
+        if not _CSV_QUOTE.search("".join(distinct)):  # one pass over them all: none needs quotes
+            return cells
+        quote = {x: _csv_quoted(x) for x in distinct if _CSV_QUOTE.search(x)}
+        return [quote.get(x, x) for x in cells]
+    if c.kind == "ints":
         return ["" if v is None else str(v) for v in c.values]
-    return [str(v) for v in c.values]
+    if c.kind == "none":
+        return [""] * len(c.values)
+    return list(map(str, c.values))
+
+
+def _csv_quoted(x: str) -> str:
+    """A field as the csv module's minimal quoting writes it (the fields it quotes hold one of ``_CSV_QUOTE``)."""
+    return '"' + x.replace('"', '""') + '"'
 
 
 def render_csv(columns: Sequence[Column]) -> str:
     """``df.to_csv(index=False)``."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([c.name for c in columns])
-    w.writerows(zip(*(_csv_cells(c) for c in columns)) if columns else ())
-    return buf.getvalue()
+    if len(columns) < 2:  # a row of one empty field is quoted: the csv module's own rules
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([c.name for c in columns])
+        w.writerows(zip(*(_csv_cells(c) for c in columns)) if columns else ())
+        return buf.getvalue()
+    head = ",".join(_csv_quoted(c.name) if _CSV_QUOTE.search(c.name) else c.name for c in columns) + "\n"
+    rows = "\n".join(map(",".join, zip(*(_csv_cells(c) for c in columns))))
+    return head + rows + "\n" if rows else head
 
 
 # -------------------------------------------------------------------- json
@@ -207,7 +318,7 @@ def _json_str(s: str) -> str:
 
 def _json_float(v: float | None) -> str:
     """pandas' encoder at ``double_precision=10``: ten decimals, trailing zeros dropped."""
-    if v is None or math.isnan(v):
+    if v is None or math.isnan(v) or math.isinf(v):
         return "null"
     if v == 0.0:
         return "0.0"  # -0.0 too
@@ -215,20 +326,33 @@ def _json_float(v: float | None) -> str:
     return text + "0" if text.endswith(".") else text
 
 
+def _json_floats(values: Sequence[Any]) -> list[str]:
+    """:func:`_json_float` of each value, in passes over all of them."""
+    cells = [x.rstrip("0") for x in _formatted(values, "{:.10f}".format, "null")]
+    cells = [x + "0" if x[-1] == "." else x for x in cells]
+    if "-0.0" in cells or "inf" in cells or "-inf" in cells:  # -0.0 (the only value that formats so here), inf
+        cells = ["0.0" if x == "-0.0" else "null" if x == "inf" or x == "-inf" else x for x in cells]
+    return cells
+
+
 def _json_cells(c: Column) -> list[str]:
     if c.kind == "float":
-        return [_json_float(v) for v in c.values]
+        return _json_floats(c.values)
     if c.kind == "time":
         return ["null" if v is None else f'"{_seconds(v, "T")}.{v.microsecond // 1000:03d}Z"' for v in c.values]
     if c.kind == "str":
-        return ["null" if v is None else _json_str(v) for v in c.values]
+        text = {v: _json_str(v) for v in set(c.values) if v is not None}
+        return ["null" if v is None else text[v] for v in c.values]
     if c.kind in ("bool", "bools"):
         return ["null" if v is None else "true" if v else "false" for v in c.values]
-    return [str(v) for v in c.values]
+    if c.kind in ("ints", "none"):
+        return ["null" if v is None else str(v) for v in c.values]
+    return list(map(str, c.values))
 
 
 def render_json(columns: Sequence[Column]) -> str:
     """``df.to_json(orient="records", date_format="iso")``."""
-    keys = [_json_str(c.name) + ":" for c in columns]
-    rows: Iterable[tuple[str, ...]] = zip(*(_json_cells(c) for c in columns)) if columns else ()
-    return "[" + ",".join("{" + ",".join(k + v for k, v in zip(keys, row)) + "}" for row in rows) + "]"
+    if not columns or not len(columns[0].values):
+        return "[]"
+    keyed = [list(map((_json_str(c.name) + ":").__add__, _json_cells(c))) for c in columns]
+    return "[{" + "},{".join(map(",".join, zip(*keyed))) + "}]"

@@ -13,7 +13,6 @@ from ..store.logs import ITER_COLS, schema, unreadable
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    import pandas as pd
     import pyarrow as pa
 
     from ..store import Store
@@ -45,10 +44,43 @@ class Scan:
     loop_vals: list
     iters: list  # per depth: int32 codes or None (all null)
     seq: Any
-    value_float: Any
-    value_int: Any
-    value_str: Any
+    value_float: "Numbers"
+    value_int: "Numbers"
+    value_str: Any  # Arrow, every row read (``str_rows`` picks the scan's)
+    str_rows: Any = None  # None: the scan's rows are all the rows read
     task: Any = None
+
+
+@dataclass(frozen=True)
+class Numbers:
+    """A numeric column of the scan's rows: ``values`` (NaN or 0 where null) and
+    ``valid`` (None: no null)."""
+
+    values: Any
+    valid: Any = None
+
+    def at(self, rows) -> "Numbers":
+        valid = None if self.valid is None else self.valid[rows]
+        return Numbers(self.values[rows], None if valid is None or valid.all() else valid)
+
+    def to_numpy(self) -> "np.ndarray":
+        """As Arrow's ``to_numpy`` gives them: nulls make ints floats, NaN."""
+        import numpy as np
+
+        if self.valid is None:
+            return self.values
+        out = self.values.astype(np.float64)
+        out[~self.valid] = np.nan
+        return out
+
+    def to_pylist(self) -> list:
+        import numpy as np
+
+        out = self.values.tolist()
+        if self.valid is not None:
+            for i in np.flatnonzero(~self.valid).tolist():
+                out[i] = None
+        return out
 
 
 def read_files(store: "Store", pieces: "Sequence[Piece]") -> list:
@@ -88,16 +120,82 @@ def read_files(store: "Store", pieces: "Sequence[Piece]") -> list:
     return piece_tables(store, pieces, read, _DF_DICT_COLS)
 
 
+#: numpy dtypes of the fixed-width Arrow types the scan reads
+_NP_TYPES = {"int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64", "uint8": "uint8",
+             "uint16": "uint16", "uint32": "uint32", "uint64": "uint64", "float": "float32", "double": "float64"}
+
+
+def np_of(arr, fill: Any = None) -> "np.ndarray":
+    """A fixed-width or boolean Arrow array (chunked or not) as numpy, nulls as ``fill``
+    (None: as Arrow's ``to_numpy`` gives them, ints as floats with NaN)."""
+    values, valid = _np_parts(arr)
+    if valid is None:
+        return values
+    if fill is None:
+        return Numbers(values, valid).to_numpy()
+    out = values.copy()
+    out[~valid] = fill
+    return out
+
+
+def numbers_of(arr) -> "Numbers":
+    """A numeric Arrow column as :class:`Numbers`: NaN (floats) or 0 (ints) where null."""
+    import numpy as np
+
+    values, valid = _np_parts(arr)
+    if valid is not None:
+        values = values.copy()
+        values[~valid] = np.nan if values.dtype.kind == "f" else 0
+    return Numbers(values, valid)
+
+
+def _np_parts(arr) -> tuple:
+    """(values, validity or None) of a fixed-width or boolean Arrow array, read from
+    its buffers: pyarrow's own ``to_numpy`` (and ``pa.array``, ``fill_null``, ``is_valid``)
+    import pandas or pyarrow.compute, which cost a command line more than its query."""
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.chunk(0) if arr.num_chunks == 1 else pa.concat_arrays(arr.chunks) if arr.num_chunks \
+            else pa.nulls(0, arr.type)
+    n, off, bufs = len(arr), arr.offset, arr.buffers()
+
+    def bits(buf):
+        b = np.zeros(0, np.uint8) if buf is None else np.frombuffer(buf, np.uint8)
+        return np.unpackbits(b, bitorder="little")[off:off + n].astype(bool)
+
+    if pa.types.is_boolean(arr.type):
+        vals = bits(bufs[1])
+    else:
+        dtype = np.dtype(_NP_TYPES[str(arr.type)])
+        vals = np.zeros(0, dtype) if bufs[1] is None else np.frombuffer(bufs[1], dtype)[off:off + n]
+    if len(vals) < n:  # an all-null array may carry no values
+        vals = np.zeros(n, vals.dtype)
+    if not arr.null_count:
+        return vals, None
+    valid = bits(bufs[0])
+    if len(valid) < n:
+        valid = np.zeros(n, bool)
+    return vals, valid
+
+
+def arrow_indices(rows) -> "pa.Array":
+    """Row indices for ``take`` (``pa.array`` would import pandas, see :func:`np_of`)."""
+    import numpy as np
+    import pyarrow as pa
+
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)])
+
+
 def _dict_codes(col) -> tuple:
     """(int32 codes, values) of a dictionary-encoded column whose chunks share one
     dictionary; nulls get -1."""
     import numpy as np
 
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    idx = arr.indices
-    if idx.null_count:
-        idx = idx.fill_null(-1)
-    return idx.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), arr.dictionary.to_pylist()
+    return np_of(arr.indices, -1).astype(np.int32, copy=False), arr.dictionary.to_pylist()
 
 
 def _iter_values(col) -> "np.ndarray | None":
@@ -106,17 +204,15 @@ def _iter_values(col) -> "np.ndarray | None":
 
     if col.null_count == len(col):
         return None
-    if col.null_count:
-        col = col.fill_null(NO_ITER)
-    return col.to_numpy().astype(np.int32, copy=False)
+    return np_of(col, NO_ITER).astype(np.int32, copy=False)
 
 
 def scan_parts(store: "Store", files: "Sequence[Piece]", names: Sequence[str] | None) -> "Scan | None":
     """The rows of ``names`` (all names: None) in ``files`` (pieces), as flat arrays in piece order.
 
     Returns None when no row is left; else run/source/name/vtype/loops codes per row,
-    ``iters`` (per depth: int32 or None when all null), ``seq`` and the value columns
-    (Arrow). Run codes index the sorted run ids of ``files`` (``rid_dict``); loop path
+    ``iters`` (per depth: int32 or None when all null), ``seq``, the numeric values as
+    :class:`Numbers` and the strings as Arrow (taken only when a series needs them). Run codes index the sorted run ids of ``files`` (``rid_dict``); loop path
     codes follow the unified dictionaries of all files, in file order (the numbering
     that breaks ties between paths with equal iterations, as it always did).
     """
@@ -152,9 +248,9 @@ def scan_parts(store: "Store", files: "Sequence[Piece]", names: Sequence[str] | 
     def rows(a):
         return a if sel is None else a[sel]
 
-    def column(c):
-        col = t.column(c)
-        return col if sel is None else col.take(pa.array(sel))
+    def numbers(c):
+        col = numbers_of(t.column(c))
+        return col if sel is None else col.at(sel)
 
     vtype, vtype_vals = _dict_codes(t.column("vtype"))
     vtype = rows(vtype)
@@ -179,10 +275,11 @@ def scan_parts(store: "Store", files: "Sequence[Piece]", names: Sequence[str] | 
         loops=rows(loops),
         loop_vals=loop_vals,
         iters=iters,
-        seq=rows((seq.fill_null(0) if seq.null_count else seq).to_numpy()),
-        value_float=column("value_float"),
-        value_int=column("value_int"),
-        value_str=column("value_str"),
+        seq=rows(np_of(seq, 0)),
+        value_float=numbers("value_float"),
+        value_int=numbers("value_int"),
+        value_str=t.column("value_str"),
+        str_rows=sel,
     )
 
 
@@ -297,44 +394,48 @@ def differ(a, b) -> "np.ndarray":
 
 
 def values_of(scan: Scan, rows, kinds: set[str]):
-    """The values of ``rows`` as a numpy array, typed by the kinds of the series."""
+    """The values of ``rows`` as a numpy array, typed by the kinds of the series (as
+    Arrow's ``to_numpy`` gives them: nulls make ints floats with NaN)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     def col(c):
-        arr = getattr(scan, c)
-        return arr if rows is None else arr.take(pa.array(rows))
+        x = getattr(scan, c)
+        return x if rows is None else x.at(rows)
+
+    def strings():
+        arr = scan.value_str
+        at = scan.str_rows if rows is None else rows if scan.str_rows is None else scan.str_rows[rows]
+        if at is None:
+            return arr.to_pylist()
+        if arr.null_count == len(arr):
+            return [None] * len(at)
+        return arr.take(arrow_indices(at)).to_pylist()  # Arrow's take (imports pyarrow.compute): strings only
 
     if kinds <= {"float"}:
         return col("value_float").to_numpy()
     if kinds <= {"int"}:
         return col("value_int").to_numpy()
     if kinds <= {"int", "float"}:
-        return pc.coalesce(col("value_float"), pc.cast(col("value_int"), pa.float64())).to_numpy()
+        f, i = col("value_float"), col("value_int")
+        if f.valid is None:
+            return f.values
+        out = np.where(f.valid, f.values, i.values.astype(np.float64))
+        if i.valid is not None:
+            out[~f.valid & ~i.valid] = np.nan
+        return out
     if kinds <= {"bool"}:
         return col("value_int").to_numpy().astype(bool)
     if kinds <= {"str"}:
-        return col("value_str").to_numpy(zero_copy_only=False)
+        texts = strings()
+        strs = np.empty(len(texts), dtype=object)
+        strs[:] = texts
+        return strs
     vt = np.asarray(scan.vtype_vals, dtype=object)[scan.vtype if rows is None else scan.vtype[rows]]
     decoded = [
         f if t == "float" else int(i) if t == "int" else bool(i) if t == "bool"
         else json.loads(s_) if t == "json" else s_
-        for t, f, i, s_ in zip(vt, *(col(c).to_pylist() for c in ("value_float", "value_int", "value_str")))
+        for t, f, i, s_ in zip(vt, col("value_float").to_pylist(), col("value_int").to_pylist(), strings())
     ]
     vals = np.empty(len(decoded), dtype=object)  # lists stay elements, not a 2-D array
     vals[:] = decoded
     return vals
-
-
-def int_array(values) -> "pd.arrays.IntegerArray":
-    """A nullable Int64 array from int32 iterations with :data:`NO_ITER` for nulls."""
-    import numpy as np
-    import pandas as pd
-
-    mask = values == NO_ITER
-    out = values.astype(np.int64)
-    if mask.any():
-        out[mask] = 0
-    return pd.arrays.IntegerArray(out, mask)
-
