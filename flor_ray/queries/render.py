@@ -232,3 +232,18 @@ def render_json(columns: Sequence[Column]) -> str:
     keys = [_json_str(c.name) + ":" for c in columns]
     rows: Iterable[tuple[str, ...]] = zip(*(_json_cells(c) for c in columns)) if columns else ()
     return "[" + ",".join("{" + ",".join(k + v for k, v in zip(keys, row)) + "}" for row in rows) + "]"
+
+
+# ------------------------------------------------------------- for sql()
+#: the longest column name or string value the renderers here show as pandas does
+MAX_NAME_WIDTH = _MAX_COLWIDTH
+
+
+def plain_float(v: float) -> bool:
+    """Whether a float64 value renders here as pandas renders it (NaN included)."""
+    return _plain_float(v)
+
+
+def plain_str(s: str) -> bool:
+    """Whether a string (value or column name) renders here as pandas renders it."""
+    return not _CONTROL.search(s) and len(s) <= _MAX_COLWIDTH

@@ -30,7 +30,7 @@ from ..errors import QueryError
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["connect", "check_query", "run_query", "refusal", "select_where", "QUERY_WORDS"]
+__all__ = ["connect", "check_query", "run_query", "fetch_rows", "refusal", "select_where", "QUERY_WORDS"]
 
 #: what sql() runs: DuckDB parses DESCRIBE, SHOW, SUMMARIZE, FROM, VALUES, UNPIVOT and
 #: WITH ... SELECT as SELECT statements, PIVOT as a MULTI statement
@@ -113,6 +113,17 @@ def run_query(con, query: str) -> "pd.DataFrame":
     con.begin()
     try:
         return con.execute(query).df()
+    finally:
+        con.rollback()
+
+
+def fetch_rows(con, query: str) -> tuple[list[str], list[str], list[tuple]]:
+    """:func:`run_query`'s answer as column names, DuckDB type names and Python rows (no pandas)."""
+    con.begin()
+    try:
+        result = con.execute(query)
+        desc = result.description or []
+        return [d[0] for d in desc], [str(d[1]) for d in desc], result.fetchall()
     finally:
         con.rollback()
 
