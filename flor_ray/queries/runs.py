@@ -69,8 +69,8 @@ def _typed(name: str, values: list) -> "tuple[str, list] | None":
         return None
     complete = len(present) == len(values)
     kinds = {type(v) for v in present}
-    if kinds == {bool}:
-        return ("BOOLEAN", list(values)) if complete else None
+    if kinds == {bool}:  # pandas: an object column, its NaN and None read by DuckDB as NULL
+        return "BOOLEAN", [None if v is MISSING else v for v in values]
     if kinds == {int}:
         if not all(-2**63 <= v < 2**63 for v in present):
             return None

@@ -21,15 +21,19 @@ from typing import Any, Sequence
 
 __all__ = ["available", "ReaderSource", "register", "quote", "literal", "RunsTable", "runs_table"]
 
-try:  # DuckDB 2.0's scan of Python sources
-    from duckdb._sources import ArrowScanSource as _Base
-except ImportError:  # pragma: no cover - an older DuckDB: the pyarrow path
-    _Base = object  # type: ignore[assignment,misc]
+
+def _base() -> type | None:
+    """DuckDB 2.0's base class of the sources its Arrow scan reads; None in a DuckDB without it."""
+    try:
+        from duckdb._sources import ArrowScanSource
+    except ImportError:  # pragma: no cover - an older DuckDB: the pyarrow path
+        return None
+    return ArrowScanSource
 
 
 def available(con: Any) -> bool:
     """Whether ``con`` scans a :class:`ReaderSource` (DuckDB's source protocol is there)."""
-    return _Base is not object and hasattr(con, "_register_arrow_source")
+    return hasattr(con, "_register_arrow_source") and _base() is not None
 
 
 def quote(name: str) -> str:
@@ -104,15 +108,16 @@ def _exact(node: Any) -> bool:
     return all(_exact(k) for k in kids) and (not isinstance(node, nodes.In) or all(_exact(v) for v in node.values))
 
 
-class ReaderSource(_Base):  # type: ignore[misc,valid-type]
+class _Reading:
     """A table of the reader (``select``: a query over its tables or the store's parts) as
     the sandbox scans it: each scan a fresh stream of the asked columns, with the asked
     filters applied by the reader (DuckDB itself: the same semantics)."""
 
     schema_is_stable = True
+    one_shot = False
 
     def __init__(self, reader: Any, select: str, columns: Sequence[str]) -> None:
-        super().__init__(None)
+        self.obj = None
         self.reader, self.select, self.columns = reader, select, tuple(columns)
         self._lock = threading.Lock()
 
@@ -139,7 +144,22 @@ class ReaderSource(_Base):  # type: ignore[misc,valid-type]
         return self._stream(self._sql(columns, filters)), columns is not None
 
 
-def register(con: Any, name: str, source: ReaderSource) -> None:
+_CLASS: list[type] = []
+
+
+def ReaderSource(reader: Any, select: str, columns: Sequence[str]) -> Any:  # noqa: N802 - reads as the class
+    """A :class:`_Reading` that is also DuckDB's scan source (the class made on first use:
+    ``import flor_ray.queries.sql`` does not import duckdb)."""
+    if not _CLASS:
+        _CLASS.append(type("ReaderSource", (_Reading, _base()), {}))
+    return _CLASS[0](reader, select, columns)
+
+
+def is_reader_source(obj: Any) -> bool:
+    return isinstance(obj, _Reading)
+
+
+def register(con: Any, name: str, source: Any) -> None:
     """Put ``source`` under ``name`` on the sandboxed connection (a view over the scan)."""
     con._register_arrow_source(name, source)
 

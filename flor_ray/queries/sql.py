@@ -145,7 +145,7 @@ class SqlConnection:
             con.unregister(name)
         except Exception:  # noqa: BLE001 - nothing registered under the name yet
             pass
-        if isinstance(source, sources.ReaderSource):
+        if sources.is_reader_source(source):
             sources.register(con, name, source)
         else:
             con.register(name, source)
@@ -180,16 +180,17 @@ class SqlConnection:
         n_files = len({p.file for p in pieces})
         small = sum(p.origin_size or 0 for p in pieces) <= _SQL_MATERIALIZE_BYTES + 8192 * n_files
         if sources.available(con) and (not pieces or store.is_local):
-            select = (sources.parts_select(self.reading(), store, pieces) if pieces
+            reader = self.reading()
+            select = (sources.parts_select(reader, store, pieces) if pieces
                       else sources.empty_select(sources.LOGS_COLUMNS))
             if select is not None:
                 self.logs_kind = "view" if pieces else "table"
-                if pieces and small and self.reader.execute(
+                if pieces and small and reader.execute(
                         f"SELECT count(*) FROM ({select})").fetchone()[0] <= SQL_MATERIALIZE_ROWS:
-                    self.reader.execute(f"CREATE OR REPLACE TABLE flor_logs AS {select}")
+                    reader.execute(f"CREATE OR REPLACE TABLE flor_logs AS {select}")
                     select, self.logs_kind = "SELECT * FROM flor_logs", "table"
                 names = [n for n, _ in sources.LOGS_COLUMNS]
-                self._register("logs_arrow", sources.ReaderSource(self.reader, select, names))
+                self._register("logs_arrow", sources.ReaderSource(reader, select, names))
                 _create_views(con, pieces)
                 self.logs_key = pieces
                 return
