@@ -329,3 +329,19 @@ def test_the_readers_tables_are_not_reachable(recorded):
     settings = dict(flor_ray.sql("SELECT name, value FROM duckdb_settings()", store=st).values)
     assert settings["enable_external_access"] == "false" and settings["lock_configuration"] == "true"
     assert settings["allowed_paths"] in ("[]", "")  # no file of the store is let through
+
+
+def test_no_temp_directory_is_open(recorded, tmp_path, monkeypatch):
+    """DuckDB leaves its temp directory (<cwd>/.tmp) open when external access is off: closed too."""
+    _, st = recorded
+    (tmp_path / ".tmp").mkdir()
+    monkeypatch.chdir(tmp_path)
+    query_sql.connection(st).close()
+    for query in ("WITH x AS (COPY (SELECT 42 AS a) TO '.tmp/x.csv') SELECT 1",
+                  f"WITH x AS (COPY (SELECT 42 AS a) TO '{tmp_path}/.tmp/x.csv') SELECT 1",
+                  f"SELECT * FROM glob('{tmp_path}/.tmp/*')"):
+        with pytest.raises(QueryError, match=FILES):
+            flor_ray.sql(query, store=st)
+    assert not list((tmp_path / ".tmp").iterdir())
+    settings = dict(flor_ray.sql("SELECT name, value FROM duckdb_settings()", store=st).values)
+    assert settings["temp_directory"] == "" and settings["allowed_directories"] in ("[]", "")

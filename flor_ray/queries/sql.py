@@ -2,9 +2,11 @@
 output (:mod:`flor_ray.queries.output`), sandboxed.
 
 ``logs`` / ``logs_all`` / ``replay_mismatch`` are views over ``logs_arrow`` (the
-Parquet parts, as an Arrow dataset or, when small, its rows in memory), and ``runs``
-the runs table; both are kept per store (:mod:`flor_ray.queries.cache`) and built again
-when a listing of the store differs.
+Parquet parts: for a local store read by DuckDB's own Parquet reader in a private
+connection, :mod:`flor_ray.queries.sources`; else an Arrow dataset; when small, its rows
+in memory), and ``runs`` the runs table; both are kept per store
+(:mod:`flor_ray.queries.cache`) and built again when a listing of the store differs.
+:func:`sql_columns` gives the command line the answer without pandas.
 """
 
 from __future__ import annotations
