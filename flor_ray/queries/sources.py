@@ -211,27 +211,35 @@ def whole_segments(store: "Any", pieces: Sequence[Any]) -> bool:
 
 
 def parts_select(reader: Any, store: Any, pieces: Sequence[Any]) -> str | None:
-    """A query of the reader over the parts of ``pieces`` (a local store's loose files, their
-    run and source from their folders, and whole segments) in the relation's columns, a
-    column an older file lacks as nulls; None when a segment is wanted only in part."""
+    """A query of the reader over the parts of ``pieces`` (a local store's loose files, with
+    the run and source their listing gave them, and whole segments) in the relation's
+    columns, a column an older file lacks as nulls; None when a segment is wanted only in part."""
     import os
 
     if not whole_segments(store, pieces):
         return None
-    columns = LOGS_COLUMNS
-    loose = sorted({p.file for p in pieces if not p.in_segment})
-    segs = sorted({p.file for p in pieces if p.in_segment})
+    loose = {os.path.join(store.root, p.file): p for p in pieces if not p.in_segment}
+    segs = sorted({os.path.join(store.root, p.file) for p in pieces if p.in_segment})
+    if loose:  # each loose file's run and source, as the listing read them from its folders
+        paths = sorted(loose)
+        reader.execute("CREATE OR REPLACE TABLE flor_parts AS SELECT unnest($1::VARCHAR[]) AS path, "
+                       "unnest($2::VARCHAR[]) AS run_id, unnest($3::VARCHAR[]) AS source",
+                       [paths, [loose[f].run_id for f in paths], [loose[f].source for f in paths]])
     selects = []
-    for files, hive in ((loose, True), (segs, False)):
+    for files, own in ((sorted(loose), False), (segs, True)):
         if not files:
             continue
-        paths = "[" + ", ".join(literal(os.path.join(store.root, f)) for f in files) + "]"
-        scan = (f"read_parquet({paths}, union_by_name = true"
-                + (", hive_partitioning = true, hive_types_autocast = false)" if hive else ", hive_partitioning = false)"))
+        scan = (f"read_parquet([{', '.join(literal(f) for f in files)}], union_by_name = true, "
+                f"hive_partitioning = false{'' if own else ', filename = true'})")
         have = {r[0] for r in reader.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
-        cols = ", ".join(f"CAST({quote(n)} AS {t}) AS {quote(n)}" if n in have else f"NULL::{t} AS {quote(n)}"
-                         for n, t in columns)
-        selects.append(f"SELECT {cols} FROM {scan}")
+        cols = []
+        for n, t in LOGS_COLUMNS:
+            if not own and n in ("run_id", "source"):
+                cols.append(f"_p.{quote(n)}")
+            else:
+                cols.append(f"CAST(_f.{quote(n)} AS {t}) AS {quote(n)}" if n in have else f"NULL::{t} AS {quote(n)}")
+        join = "" if own else " JOIN flor_parts _p ON _p.path = _f.filename"
+        selects.append(f"SELECT {', '.join(cols)} FROM {scan} _f{join}")
     return " UNION ALL ".join(selects)
 
 
