@@ -174,6 +174,14 @@ def cmd_df(a) -> int:
 def cmd_sql(a) -> int:
     import flor_ray
 
+    fmt = _format_of(a.format, a.output)
+    if fmt != "parquet":  # the result's rows printed without pandas (see queries/render.py)
+        from .queries.sql import sql_columns
+
+        columns = sql_columns(flor_ray._store(a.store), a.query)
+        if columns is not None:
+            _write_columns(columns, fmt, a.output)
+            return 0
     _write_frame(flor_ray.sql(a.query, store=a.store), a.format, a.output)
     return 0
 

@@ -71,9 +71,25 @@ def _read_table(store: "Store", entries: Iterable[Entry]):
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def register_output(con: Any, store: "Store", entries: tuple[Entry, ...]) -> None:
+#: :func:`_schema` in DuckDB's types
+_DUCK_COLUMNS = (("run_id", "VARCHAR"), ("stream", "VARCHAR"), ("line", "BIGINT"), ("time", "TIMESTAMPTZ"),
+                 ("loops", "VARCHAR"), *((f"iter{k}", "BIGINT") for k in range(MAX_LOOP_DEPTH)), ("text", "VARCHAR"))
+
+
+def register_output(con: Any, store: "Store", entries: tuple[Entry, ...], reader: Any = None) -> None:
     """Register the ``output`` table on a sandboxed connection: the parts' rows, in
-    memory when small, else a lazy Arrow dataset (the engine itself opens no file)."""
+    memory when small, else a lazy Arrow dataset (the engine itself opens no file);
+    no part and a ``reader`` (:mod:`flor_ray.queries.sources`): its empty table, without pyarrow."""
+    if not entries and reader is not None:
+        from . import sources
+
+        try:
+            con.unregister("output")
+        except Exception:  # noqa: BLE001 - nothing registered under the name yet
+            pass
+        sources.register(con, "output", sources.ReaderSource(reader, sources.empty_select(_DUCK_COLUMNS),
+                                                             [n for n, _ in _DUCK_COLUMNS]))
+        return
     if sum(e.size or 0 for e in entries) <= OUTPUT_MATERIALIZE_BYTES:
         source: Any = _read_table(store, entries)
     else:

@@ -356,3 +356,18 @@ def render_json(columns: Sequence[Column]) -> str:
         return "[]"
     keyed = [list(map((_json_str(c.name) + ":").__add__, _json_cells(c))) for c in columns]
     return "[{" + "},{".join(map(",".join, zip(*keyed))) + "}]"
+
+
+# ------------------------------------------------------------- for sql()
+#: the longest column name or string value the renderers here show as pandas does
+MAX_NAME_WIDTH = _MAX_COLWIDTH
+
+
+def plain_float(v: float) -> bool:
+    """Whether a float64 value renders here as pandas renders it (NaN included)."""
+    return _plain_float(v)
+
+
+def plain_str(s: str) -> bool:
+    """Whether a string (value or column name) renders here as pandas renders it."""
+    return not _CONTROL.search(s) and len(s) <= _MAX_COLWIDTH

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..store import Store
     from .render import Column
 
-__all__ = ["runs_frame", "runs_columns", "select_runs"]
+__all__ = ["runs_frame", "runs_columns", "select_runs", "runs_values"]
 
 _RUN_COLS = (
     "run_id",
@@ -54,6 +54,55 @@ def runs_frame(store: "Store", metas: list[dict] | None = None) -> "pd.DataFrame
         if c in df:
             df[c] = pd.to_datetime(df[c], utc=True, errors="coerce", format="ISO8601")
     return df
+
+
+def _typed(name: str, values: list) -> "tuple[str, list] | None":
+    """The DuckDB type and values of one column as :func:`runs_frame` registered in DuckDB
+    gives them; None where that is not pinned down here (the caller takes the frame)."""
+    from .render import MISSING, time_column
+
+    if name in ("started_at", "ended_at"):
+        c = time_column(name, values)
+        return None if c is None else ("TIMESTAMPTZ", list(c.values))
+    present = [v for v in values if v is not MISSING and v is not None]
+    if not present:
+        return None
+    complete = len(present) == len(values)
+    kinds = {type(v) for v in present}
+    if kinds == {bool}:  # pandas: an object column, its NaN and None read by DuckDB as NULL
+        return "BOOLEAN", [None if v is MISSING else v for v in values]
+    if kinds == {int}:
+        if not all(-2**63 <= v < 2**63 for v in present):
+            return None
+        if complete:
+            return "BIGINT", list(values)
+    if kinds <= {int, float}:
+        if any(isinstance(v, int) and abs(v) > 2**53 for v in present) or any(v != v for v in present):
+            return None
+        return "DOUBLE", [None if v is MISSING or v is None else float(v) for v in values]
+    if kinds == {str}:
+        return "VARCHAR", [None if v is MISSING else v for v in values]
+    return None
+
+
+def runs_values(metas: list[dict]) -> "tuple[list[str], list[str], list[list]] | None":
+    """The runs table without pandas: its column names, DuckDB types and a list of values
+    per column, the same as :func:`runs_frame` in DuckDB; None when a column's type or a
+    value is one that only pandas decides (mixed types, nested values, all missing, ...)."""
+    from .render import MISSING
+
+    rows = _rows(metas)
+    if not rows:
+        return None
+    names = list(dict.fromkeys(k for r in rows for k in r))  # pandas: keys in order of first appearance
+    types, values = [], []
+    for name in names:
+        typed = _typed(name, [r.get(name, MISSING) for r in rows])
+        if typed is None:
+            return None
+        types.append(typed[0])
+        values.append(typed[1])
+    return names, types, values
 
 
 def runs_columns(store: "Store", metas: list[dict] | None = None) -> "list[Column] | None":

@@ -2,11 +2,15 @@
 
 A sandboxed connection is locked before any table is registered: no file or network
 access (``enable_external_access`` off, so read_csv, read_blob, COPY, EXPORT, ATTACH,
-INSTALL and http/s3 URLs fail inside DuckDB itself), no extension auto-install or
-auto-load, no Python replacement scans (a query cannot read the caller's variables),
-and a configuration that no SET, RESET or PRAGMA can change. The tables are Arrow data
-that flor_ray read from the store's listing and registered from Python, so the engine
-never opens a file; registered tables are views, so no INSERT, UPDATE or DELETE can
+INSTALL and http/s3 URLs fail inside DuckDB itself; no temp directory either, which
+DuckDB would otherwise leave open: a query too large for memory fails instead of
+spilling), no extension auto-install or auto-load, no Python replacement scans (a query
+cannot read the caller's variables), and a configuration that no SET, RESET or PRAGMA
+can change. The tables are Arrow data registered from Python: streams from a second,
+private DuckDB (:mod:`flor_ray.queries.sources`, which reads a local store's listed
+parts and holds the runs table, and which no user's SQL reaches), or data that pyarrow
+read from the store's listing; so the sandboxed engine never opens a file, the store's
+own parts included. Registered tables are views, so no INSERT, UPDATE or DELETE can
 change them, inside a WITH or not. Every query runs in a transaction that is rolled
 back, so nothing a statement might leave behind reaches the next query. Statements
 other than queries are refused before they run, with a message naming what is not
@@ -30,7 +34,7 @@ from ..errors import QueryError
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["connect", "check_query", "run_query", "refusal", "select_where", "QUERY_WORDS"]
+__all__ = ["connect", "check_query", "run_query", "fetch_rows", "refusal", "select_where", "QUERY_WORDS"]
 
 #: what sql() runs: DuckDB parses DESCRIBE, SHOW, SUMMARIZE, FROM, VALUES, UNPIVOT and
 #: WITH ... SELECT as SELECT statements, PIVOT as a MULTI statement
@@ -42,6 +46,8 @@ _LOCKDOWN = (
     "SET python_enable_replacements = false",
     "SET autoinstall_known_extensions = false",
     "SET autoload_known_extensions = false",
+    # the default temp directory (<cwd>/.tmp) stays open to queries when external access is off
+    "SET temp_directory = ''",
     "SET enable_external_access = false",
     "SET lock_configuration = true",
 )
@@ -113,6 +119,17 @@ def run_query(con, query: str) -> "pd.DataFrame":
     con.begin()
     try:
         return con.execute(query).df()
+    finally:
+        con.rollback()
+
+
+def fetch_rows(con, query: str) -> tuple[list[str], list[str], list[tuple]]:
+    """:func:`run_query`'s answer as column names, DuckDB type names and Python rows (no pandas)."""
+    con.begin()
+    try:
+        result = con.execute(query)
+        desc = result.description or []
+        return [d[0] for d in desc], [str(d[1]) for d in desc], result.fetchall()
     finally:
         con.rollback()
 

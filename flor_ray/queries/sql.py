@@ -2,9 +2,11 @@
 output (:mod:`flor_ray.queries.output`), sandboxed.
 
 ``logs`` / ``logs_all`` / ``replay_mismatch`` are views over ``logs_arrow`` (the
-Parquet parts, as an Arrow dataset or, when small, its rows in memory), and ``runs``
-the runs table; both are kept per store (:mod:`flor_ray.queries.cache`) and built again
-when a listing of the store differs.
+Parquet parts: for a local store read by DuckDB's own Parquet reader in a private
+connection, :mod:`flor_ray.queries.sources`; else an Arrow dataset; when small, its rows
+in memory), and ``runs`` the runs table; both are kept per store
+(:mod:`flor_ray.queries.cache`) and built again when a listing of the store differs.
+:func:`sql_columns` gives the command line the answer without pandas.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ from ..store.logs import MISMATCH_SOURCE, dataset, file_schemas, log_parts, unre
 from .cache import CACHE
 from .dataframe import LISTINGS
 from .output import output_listing, register_output
-from .runs import runs_frame
-from .sandbox import check_query, connect, refusal, run_query
+from . import sources
+from .runs import runs_frame, runs_values
+from .sandbox import check_query, connect, fetch_rows, refusal, run_query
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
+    from .render import Column
+
     from ..store import Store
 
-__all__ = ["sql", "connection", "SqlConnection", "SQL_MATERIALIZE_ROWS"]
+__all__ = ["sql", "sql_columns", "connection", "SqlConnection", "SQL_MATERIALIZE_ROWS"]
 
 _CTX = "name, loops, iter0, iter1, iter2, iter3, items"
 #: ``logs_all``: every row of every partition (kept-apart ones too) with a typed
@@ -78,34 +83,37 @@ _SQL_MATERIALIZE_BYTES = 4 << 20
 
 
 
-def _sql_error(exc: Exception, runs) -> QueryError:
+def _sql_error(exc: Exception, columns) -> QueryError:
     return QueryError(
         f"SQL failed: {str(exc).splitlines()[0]}; tables: logs(run_id, source, version, file, "
         "loops, iter0..iter3, items, name, vtype, value, value_float, value_int, value_str, seq, task), "
         "logs_all (every row, replayed values as often as tasks wrote them), replay_mismatch (rows kept apart "
         f"by the fidelity check, with recorded_* and mismatched), output(run_id, stream, line, time, loops, "
-        f"iter0..iter3, text: captured printed lines) and runs({', '.join(runs.columns)})"
+        f"iter0..iter3, text: captured printed lines) and runs({', '.join(map(str, columns))})"
     )
 
 
 class SqlConnection:
     """One store's sandboxed DuckDB connection (:mod:`flor_ray.queries.sandbox`), kept between
-    :func:`sql` calls.
+    :func:`sql` calls, and its reader (:mod:`flor_ray.queries.sources`).
 
-    ``logs`` / ``logs_arrow`` and ``runs`` are Arrow data registered from Python, built
-    from a listing of the store and registered again when a later listing differs (a
-    new run, a new flush, a replay partition, a rewritten or deleted file). Used under
-    ``lock`` only.
+    ``logs_arrow``, ``runs`` and ``output`` are scans of Arrow data given from Python: the
+    reader's streams over the parts of a local store and over the runs table it holds, or
+    Arrow data read by pyarrow (object stores, a segment read in part, a value only pandas
+    types). They are built from a listing of the store and registered again when a later
+    listing differs (a new run, a new flush, a replay partition, a rewritten or deleted
+    file). Used under ``lock`` only.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.con: Any = None
+        self.reader: Any = None  # the private connection that reads the parts (never sees a user's SQL)
         self.logs_key: Any = None  # the listing the logs tables were built from
-        #: "table": the rows in memory; "view": an Arrow dataset that reads the files per query
+        #: "table": the rows in memory; "view": read from the files by each query
         self.logs_kind: str | None = None
         self.runs_key: Any = None
-        self.runs: Any = None  # the runs DataFrame
+        self.runs_columns: tuple[str, ...] = ()
         self.output_key: Any = None  # the listing the output table was built from
 
     def connect(self):
@@ -113,20 +121,49 @@ class SqlConnection:
             self.con = connect()
         return self.con
 
+    def reading(self):
+        """The reader: an in-memory DuckDB that only flor_ray's own statements reach."""
+        if self.reader is None:
+            import duckdb
+
+            self.reader = duckdb.connect(config={"autoinstall_known_extensions": "false",
+                                                 "autoload_known_extensions": "false"})
+        return self.reader
+
     def close(self) -> None:
-        con, self.con = self.con, None
-        self.logs_key = self.logs_kind = self.runs_key = self.runs = self.output_key = None
-        if con is not None:
-            try:
-                con.close()
-            except Exception:  # noqa: BLE001 - closing a connection that is going anyway
-                pass
+        cons, self.con, self.reader = (self.con, self.reader), None, None
+        self.logs_key = self.logs_kind = self.runs_key = self.output_key = None
+        self.runs_columns = ()
+        for con in cons:
+            if con is not None:
+                try:
+                    con.close()
+                except Exception:  # noqa: BLE001 - closing a connection that is going anyway
+                    pass
 
-    def set_runs(self, runs, key) -> None:
-        import duckdb
+    def _register(self, name: str, source: Any) -> None:
+        con = self.connect()
+        try:
+            con.unregister(name)
+        except Exception:  # noqa: BLE001 - nothing registered under the name yet
+            pass
+        if sources.is_reader_source(source):
+            sources.register(con, name, source)
+        else:
+            con.register(name, source)
 
+    def set_runs(self, store: "Store", metas: list[dict], key) -> None:
         con = self.connect()
         self.runs_key = None
+        typed = runs_values(metas) if sources.available(con) else None
+        if typed is not None:  # without pandas: the reader holds the same table
+            table = sources.runs_table(self.reading(), "flor_runs", *typed)
+            self._register("runs", table.source)
+            self.runs_columns, self.runs_key = table.columns, key
+            return
+        import duckdb
+
+        runs = runs_frame(store, metas)
         # as Arrow (a registered DataFrame is converted again by every query), unless a
         # column does not convert: then the DataFrame, failing only where it is used
         con.register("flor_runs_frame", runs)
@@ -136,18 +173,38 @@ class SqlConnection:
             table = runs
         finally:
             con.unregister("flor_runs_frame")
-        con.register("runs", table)
-        self.runs, self.runs_key = runs, key
+        self._register("runs", table)
+        self.runs_columns, self.runs_key = tuple(runs.columns), key
 
     def set_logs(self, store: "Store", pieces) -> None:
+        con = self.connect()
+        self.logs_key = self.logs_kind = None
+        n_files = len({p.file for p in pieces})
+        small = sum(p.origin_size or 0 for p in pieces) <= _SQL_MATERIALIZE_BYTES + 8192 * n_files
+        if sources.available(con) and (not pieces or store.is_local):
+            reader = self.reading()
+            select = (sources.parts_select(reader, store, pieces) if pieces
+                      else sources.empty_select(sources.LOGS_COLUMNS))
+            if select is not None:
+                self.logs_kind = "view" if pieces else "table"
+                if pieces and small and reader.execute(
+                        f"SELECT count(*) FROM ({select})").fetchone()[0] <= SQL_MATERIALIZE_ROWS:
+                    reader.execute(f"CREATE OR REPLACE TABLE flor_logs AS {select}")
+                    select, self.logs_kind = "SELECT * FROM flor_logs", "table"
+                names = [n for n, _ in sources.LOGS_COLUMNS]
+                self._register("logs_arrow", sources.ReaderSource(reader, select, names))
+                _create_views(con, pieces)
+                self.logs_key = pieces
+                return
+        self._set_logs_arrow(store, pieces, small)
+
+    def _set_logs_arrow(self, store: "Store", pieces, small: bool) -> None:
+        """:meth:`set_logs` through pyarrow: an object store, or a segment read in part."""
         import pyarrow as pa
 
         from ..store.logs import read_pieces
 
         con = self.connect()
-        self.logs_key = self.logs_kind = None
-        n_files = len({p.file for p in pieces})
-        small = sum(p.origin_size or 0 for p in pieces) <= _SQL_MATERIALIZE_BYTES + 8192 * n_files
         if not pieces:
             file_schema, part_schema = file_schemas()
             source: Any = pa.schema(list(file_schema) + list(part_schema)).empty_table()
@@ -160,7 +217,7 @@ class SqlConnection:
                 source = read_pieces(store, pieces, dictionary=True)
             elif small and source.count_rows() <= SQL_MATERIALIZE_ROWS:
                 source = source.to_table()
-        con.register("logs_arrow", source)
+        self._register("logs_arrow", source)
         self.logs_kind = "view" if pieces and not isinstance(source, pa.Table) else "table"
         _create_views(con, pieces)
         self.logs_key = pieces
@@ -182,6 +239,17 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
     next call. A relation of up to :data:`SQL_MATERIALIZE_ROWS` rows is held in memory,
     larger ones are read from the Parquet files by every query.
     """
+    return _run(store, query, frame=True)
+
+
+def sql_columns(store: "Store", query: str) -> "list[Column] | None":
+    """:func:`sql`'s answer as the columns of :mod:`flor_ray.queries.render` (the command
+    line prints them without pandas), or None when :func:`sql`'s frame prints a column
+    otherwise (a type or value that render leaves to pandas, no rows): then call :func:`sql`."""
+    return _run(store, query, frame=False)
+
+
+def _run(store: "Store", query: str, frame: bool) -> Any:
     import duckdb
 
     store.check()
@@ -192,7 +260,7 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
     listing = log_parts(store, runs={m["run_id"] for m in metas})
     for _ in range(LISTINGS - 1):
         try:
-            return _query(store, query, metas, runs_key, listing)
+            return _query(store, query, metas, runs_key, listing, frame)
         except (QueryError, duckdb.Error, OSError, ValueError):
             # a part compacted away since the listing reads as missing or unreadable:
             # the query runs again on a new listing; the same listing, the same error
@@ -200,40 +268,70 @@ def sql(store: "Store", query: str) -> "pd.DataFrame":
             if again == listing:
                 raise
             listing = again
-    return _query(store, query, metas, runs_key, listing)
+    return _query(store, query, metas, runs_key, listing, frame)
 
 
-def _query(store: "Store", query: str, metas: list[dict], runs_key, listing) -> "pd.DataFrame":
-    """:func:`sql` on the parts of ``listing``."""
+def _query(store: "Store", query: str, metas: list[dict], runs_key, listing, frame: bool) -> Any:
+    """:func:`sql` on the parts of ``listing`` (``frame``: a DataFrame, else :func:`sql_columns`'s)."""
     import duckdb
 
     files = sorted({p.file for p in listing})
     state = connection(store)
     with state.lock:
-        runs = state.runs if state.runs_key == runs_key else runs_frame(store, metas)
         try:
             con = state.connect()
             check_query(con, query)
             if state.runs_key != runs_key:
-                state.set_runs(runs, runs_key)
+                state.set_runs(store, metas, runs_key)
             if state.logs_key != listing:
                 state.set_logs(store, listing)
             outputs = output_listing(store, {m["run_id"] for m in metas})
             if state.output_key != outputs:
                 state.output_key = None
-                register_output(con, store, outputs)
+                reader = state.reading() if sources.available(con) else None
+                register_output(con, store, outputs, reader)
                 state.output_key = outputs
-            return run_query(con, query)
+            return run_query(con, query) if frame else _columns(*fetch_rows(con, query))
         except QueryError:
             raise
         except (duckdb.IOException, duckdb.InvalidInputException) as exc:
             if "parquet" in str(exc).lower() or "thrift" in str(exc).lower():
                 raise unreadable(store, files, exc) from exc
-            raise refusal(exc) or _sql_error(exc, runs) from exc
+            raise refusal(exc) or _sql_error(exc, state.runs_columns) from exc
         except duckdb.FatalException as exc:  # the database is unusable: a new one next time
+            columns = state.runs_columns
             state.close()
-            raise _sql_error(exc, runs) from exc
+            raise _sql_error(exc, columns) from exc
         except duckdb.Error as exc:
-            raise refusal(exc) or _sql_error(exc, runs) from exc
+            raise refusal(exc) or _sql_error(exc, state.runs_columns) from exc
         except (OSError, ValueError) as exc:  # a corrupted file met by the Arrow scan
             raise unreadable(store, files, exc) from exc
+
+
+#: DuckDB's result types that ``.df()`` gives the dtype :func:`~flor_ray.queries.render.frame_columns`
+#: takes, and that kind (an integer or boolean with a NULL is a nullable dtype: left to pandas)
+_KINDS = {"BIGINT": "int", "INTEGER": "int", "DOUBLE": "float", "VARCHAR": "str", "BOOLEAN": "bool"}
+
+
+def _columns(names: list[str], types: list[str], rows: list[tuple]) -> "list[Column] | None":
+    """``frame_columns(result.df())`` from the result's rows, or None where that is None."""
+    from .render import MAX_NAME_WIDTH, Column, plain_float, plain_str
+
+    if not rows or len(set(names)) < len(names):
+        return None
+    out = []
+    for k, (name, kind) in enumerate(zip(names, (_KINDS.get(t) for t in types))):
+        if kind is None or not isinstance(name, str) or not plain_str(name) or len(name) > MAX_NAME_WIDTH:
+            return None
+        values = tuple(r[k] for r in rows)
+        if kind == "float":
+            values = tuple(float("nan") if v is None else v for v in values)
+            if not all(plain_float(v) for v in values):
+                return None
+        elif kind == "str":
+            if all(v is None for v in values) or not all(v is None or plain_str(v) for v in values):
+                return None
+        elif None in values:
+            return None
+        out.append(Column(name, kind, values))
+    return out
