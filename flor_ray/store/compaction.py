@@ -138,14 +138,14 @@ def compact_record(store: "Store", run_id: str) -> Compacted:
 
     fs, root = store.arrow_fs()
     tables = []
-    names: set[str] = set()
+    logged: set[str] = set()
     try:
         for _, e in parts:
             with fs.open_input_file(f"{root}/{e.path}") as fh:
                 pf = pq.ParquetFile(fh)
                 tables.append(pf.read())  # not read_table: a recording never imports pandas
                 if "name" in pf.schema_arrow.names:  # the names dictionary-encoded: no pyarrow.compute
-                    names.update(distinct_names(pq.ParquetFile(fh, read_dictionary=["name"]).read(columns=["name"])))
+                    logged.update(distinct_names(pq.ParquetFile(fh, read_dictionary=["name"]).read(columns=["name"])))
     except (OSError, pa.ArrowInvalid):
         return Compacted((), ())
     written: list[str] = []
@@ -163,7 +163,7 @@ def compact_record(store: "Store", run_id: str) -> Compacted:
         written.append(rel)
         gone += [parts[i][1].path for i in group if parts[i][1].path != rel]
     _delete(store, gone)
-    return Compacted(tuple(written), tuple(gone), tuple(sorted(names)))
+    return Compacted(tuple(written), tuple(gone), tuple(sorted(logged)))
 
 
 def _delete(store: "Store", rels: Sequence[str]) -> None:
