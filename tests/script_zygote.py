@@ -16,6 +16,12 @@ differs from the server's only in variables that nothing imported in advance rea
 at import (:func:`Zygote.forkable`). Anything else runs as a plain process, and so
 does everything when ``FLOR_TEST_FORK=0``.
 
+What still tells a forked script from a new process: ``sys.argv[0]`` is the script's
+absolute path (``__file__`` and tracebacks are as `python script.py` has them),
+``FLOR_T_START`` is set, the parent is the server, the children share the server's
+``str`` hash seed, and what was imported in advance is in ``sys.modules`` and was
+not timed (tests of import costs, start times or imports use ``fork=False``).
+
 Run as ``python script_zygote.py SOCKET`` (the server); imported, the client.
 """
 
@@ -33,10 +39,11 @@ import time
 import weakref
 
 #: variables read by the child at run time only (flor_ray reads FLOR_* when a session
-#: starts, FLOR_REPLAY at import is what the product's child handles; botocore, Ray and
-#: git are not imported in advance; pytest names the current test): a difference in
-#: these keeps a request forkable
-RUNTIME_PREFIXES = ("FLOR_", "AWS_", "RAY_", "GIT_", "PYTEST_CURRENT_TEST")
+#: starts, and what its import reads the product's child reads again; botocore, Ray and
+#: git are not imported in advance; pytest names the current test; breakpoint() reads
+#: PYTHONBREAKPOINT at each call, and Ray sets it in the tests' process): a difference
+#: in these keeps a request forkable
+RUNTIME_PREFIXES = ("FLOR_", "AWS_", "RAY_", "GIT_", "PYTEST_CURRENT_TEST", "PYTHONBREAKPOINT")
 
 
 # ------------------------------------------------------------------------------ server

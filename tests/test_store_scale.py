@@ -199,8 +199,7 @@ def s3_store(tmp_path_factory):
     git(repo, "init", "-q", "-b", "main")
     write(repo, "train.py", bench_store.SCRIPT)
     url = "s3://flor-scale/store"
-    subprocess.run([sys.executable, "train.py", "--epochs", "4"], cwd=repo, env=server.env(FLOR_STORE=url),
-                   check=True, capture_output=True)
+    run_script(repo, "train.py", "--epochs", "4", env=server.env(FLOR_STORE=url))
     st = server.store(url)
     (template,) = flor_ray.runs(store=st)["run_id"]
     meta = st.read_json(layout.run_meta(template))
