@@ -23,7 +23,7 @@ from flor_ray.store import Store, layout
 from flor_ray.store.consolidation import consolidate
 from flor_ray.store.logs import log_parts, read_logs
 
-from conftest import REPO_ROOT, S3, Counting, clean_env, git, reads_during, write
+from conftest import REPO_ROOT, S3, Counting, clean_env, git, reads_during, start_script, write
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_store  # noqa: E402
@@ -95,8 +95,7 @@ def typed(with_statement: bool) -> str:
 
 
 def _start(cwd: Path, *args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=cwd, env=clean_env(**{**ENV, **env}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script(cwd, "train.py", *args, env=clean_env(**{**ENV, **env}))
 
 
 def _done(p: subprocess.Popen, ok: bool = True) -> None:
