@@ -181,7 +181,7 @@ def history(tmp_path_factory, ray_local):
         procs = []
         for lr in RUNS[v]:
             args = ["train.py", *ARGV, "--kwargs", f"lr={lr}"]
-            procs.append(start_script(repo, *args, env=clean_env(FLOR_CHECKPOINT_BUDGET="1")))
+            procs.append(start_script(repo, *args, env=clean_env(FLOR_CHECKPOINT_BUDGET="1", FLOR_CHECKPOINT_MAX_PERIOD="1")))
             hand = base / f"hand-{v}-{lr}"
             hand.mkdir()
             git(hand, "init", "-q")
