@@ -113,7 +113,9 @@ def _both(st: Store, query: str, monkeypatch) -> tuple[pd.DataFrame, pd.DataFram
         old = flor_ray.sql(query, store=st)
     query_sql.connection(st).close()
     new = flor_ray.sql(query, store=st)
-    assert query_sql.connection(st).reader is not None, "the reader was not used"
+    named = query_sql.named_tables(query_sql.connection(st).connect(), query)
+    if named is None or named & query_sql._LOGS_GROUP:  # (a runs table only pandas types needs no reader)
+        assert query_sql.connection(st).reader is not None, "the reader was not used"
     return old, new
 
 

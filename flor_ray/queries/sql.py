@@ -11,6 +11,7 @@ in memory), and ``runs`` the runs table; both are kept per store
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +153,23 @@ class SqlConnection:
         else:
             con.register(name, source)
 
+    def forget(self, name: str) -> None:
+        """Unregister a table that a query does not read and that may be stale, so that
+        a query naming it after all meets no table (and is run again with all of them)
+        rather than old rows."""
+        key = {"runs": "runs_key", "logs_arrow": "logs_key", "output": "output_key"}[name]
+        if getattr(self, key) is None:
+            return
+        setattr(self, key, None)
+        try:
+            self.connect().unregister(name)
+        except Exception:  # noqa: BLE001 - nothing registered under the name
+            pass
+
+    def ensure_runs(self, store: "Store", metas: list[dict], key) -> None:
+        if self.runs_key != key:
+            self.set_runs(store, metas, key)
+
     def set_runs(self, store: "Store", metas: list[dict], key) -> None:
         con = self.connect()
         self.runs_key = None
@@ -271,29 +289,86 @@ def _run(store: "Store", query: str, frame: bool) -> Any:
     return _query(store, query, metas, runs_key, listing, frame)
 
 
-def _query(store: "Store", query: str, metas: list[dict], runs_key, listing, frame: bool) -> Any:
-    """:func:`sql` on the parts of ``listing`` (``frame``: a DataFrame, else :func:`sql_columns`'s)."""
+#: what builds each table a query may name: the logs group (one listing of the parts), runs, output
+_LOGS_GROUP = frozenset({"logs", "logs_all", "replay_mismatch", "logs_arrow", "flor_replay_order"})
+#: table references through which a query reaches tables it does not name
+#: (``query_table('runs')``, ``duckdb_tables()``; ``SHOW``, ``DESCRIBE``, ``SUMMARIZE``)
+_INDIRECT = frozenset({"TABLE_FUNCTION", "SHOW_REF"})
+
+
+def named_tables(con, query: str) -> frozenset[str] | None:
+    """The tables ``query`` names (lower case), read from DuckDB's own parse tree
+    (``json_serialize_sql``), so that a query builds only the tables it reads: the runs
+    table of thousands of runs costs a query on ``logs`` alone more than its scan.
+    None when the tree does not tell them all: a statement it does not serialize
+    (``EXPLAIN``, ``PIVOT ...``), a table function, a ``SHOW``/``DESCRIBE``, a table of
+    another schema (``information_schema``): then every table is built."""
     import duckdb
 
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchall()[0][0])
+    except (duckdb.Error, ValueError, TypeError):
+        return None
+    if not isinstance(tree, dict) or tree.get("error"):
+        return None
+    names: set[str] = set()
+    todo: list[Any] = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            kind = node.get("type")  # a table reference's, an expression's, or a type (a dict)
+            if not isinstance(kind, str):
+                kind = None
+            if kind in _INDIRECT:
+                return None
+            if kind == "BASE_TABLE":
+                if str(node.get("schema_name") or "main").lower() != "main" or node.get("catalog_name") not in (None, ""):
+                    return None
+                names.add(str(node.get("table_name", "")).lower())
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return frozenset(names)
+
+
+def _query(store: "Store", query: str, metas: list[dict], runs_key, listing, frame: bool,
+           all_tables: bool = False) -> Any:
+    """:func:`sql` on the parts of ``listing`` (``frame``: a DataFrame, else :func:`sql_columns`'s),
+    with the tables the query names (``all_tables``: all of them)."""
+    import duckdb
+
+    named = None
     files = sorted({p.file for p in listing})
     state = connection(store)
     with state.lock:
         try:
             con = state.connect()
             check_query(con, query)
-            if state.runs_key != runs_key:
-                state.set_runs(store, metas, runs_key)
-            if state.logs_key != listing:
-                state.set_logs(store, listing)
-            outputs = output_listing(store, {m["run_id"] for m in metas})
-            if state.output_key != outputs:
-                state.output_key = None
-                reader = state.reading() if sources.available(con) else None
-                register_output(con, store, outputs, reader)
-                state.output_key = outputs
+            named = None if all_tables else named_tables(con, query)
+            if named is None or "runs" in named:
+                state.ensure_runs(store, metas, runs_key)
+            elif state.runs_key != runs_key:
+                state.forget("runs")
+            if named is None or named & _LOGS_GROUP:
+                if state.logs_key != listing:
+                    state.set_logs(store, listing)
+            elif state.logs_key != listing:
+                state.forget("logs_arrow")
+            if named is None or "output" in named:
+                outputs = output_listing(store, {m["run_id"] for m in metas})
+                if state.output_key != outputs:
+                    state.output_key = None
+                    reader = state.reading() if sources.available(con) else None
+                    register_output(con, store, outputs, reader)
+                    state.output_key = outputs
+            else:
+                state.forget("output")
             return run_query(con, query) if frame else _columns(*fetch_rows(con, query))
         except QueryError:
             raise
+        except duckdb.CatalogException as exc:
+            if named is None:
+                raise refusal(exc) or _sql_error(exc, state.runs_columns) from exc
         except (duckdb.IOException, duckdb.InvalidInputException) as exc:
             if "parquet" in str(exc).lower() or "thrift" in str(exc).lower():
                 raise unreadable(store, files, exc) from exc
@@ -306,6 +381,9 @@ def _query(store: "Store", query: str, metas: list[dict], runs_key, listing, fra
             raise refusal(exc) or _sql_error(exc, state.runs_columns) from exc
         except (OSError, ValueError) as exc:  # a corrupted file met by the Arrow scan
             raise unreadable(store, files, exc) from exc
+    # a name it was not given (a misspelt table, or one named_tables missed): once more with
+    # every table built, for the answer or for the error that lists the tables there are
+    return _query(store, query, metas, runs_key, listing, frame, all_tables=True)
 
 
 #: DuckDB's result types that ``.df()`` gives the dtype :func:`~flor_ray.queries.render.frame_columns`
