@@ -194,27 +194,13 @@ LOGS_COLUMNS = (("version", "VARCHAR"), ("file", "VARCHAR"), ("loops", "VARCHAR"
                 ("source", "VARCHAR"))
 
 
-def whole_segments(store: "Any", pieces: Sequence[Any]) -> bool:
-    """Whether every segment among ``pieces`` is wanted whole (each origin it holds with rows)."""
-    from ..store.listing import Entry
-    from ..store.segments import segment_origins
-
-    segs: dict[str, tuple] = {}
-    for p in pieces:
-        if p.in_segment:
-            segs.setdefault(p.file, (p, []))[1].append(p.origin)
-    for rel, (p, origins) in segs.items():
-        held = [o.path for o in segment_origins(store, Entry(rel, p.file_size, p.file_stamp)) or () if o.rows]
-        if sorted(held) != sorted(origins):
-            return False
-    return True
-
-
 def parts_select(reader: Any, store: Any, pieces: Sequence[Any]) -> str | None:
     """A query of the reader over the parts of ``pieces`` (a local store's loose files, with
     the run and source their listing gave them, and whole segments) in the relation's
     columns, a column an older file lacks as nulls; None when a segment is wanted only in part."""
     import os
+
+    from ..store.segments import whole_segments
 
     if not whole_segments(store, pieces):
         return None

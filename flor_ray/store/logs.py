@@ -347,19 +347,14 @@ def dataset(store: "Store", pieces: "Sequence[Piece]", file_schema, part_schema,
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from .segments import segment_origins
+    from .segments import whole_segments
 
     fs, root = store.arrow_fs()
     full = pa.schema(list(file_schema) + list(part_schema))
     loose = [p.file for p in pieces if not p.in_segment]
-    segs: dict[str, tuple] = {}
-    for p in pieces:
-        if p.in_segment:
-            segs.setdefault(p.file, (p, []))[1].append(p.origin)
-    for rel, (p, origins) in segs.items():
-        held = [o.path for o in segment_origins(store, Entry(rel, p.file_size, p.file_stamp)) or () if o.rows]
-        if sorted(held) != sorted(origins):
-            return None
+    segs = list(dict.fromkeys(p.file for p in pieces if p.in_segment))
+    if not whole_segments(store, pieces):
+        return None
     dict_cols = list(DICT_COLS)
     parts = []
     if loose:

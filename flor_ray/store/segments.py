@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import Store
 
 __all__ = ["SEGMENT_KEY", "Origin", "Piece", "segment_origins", "stable_segments", "resolve", "loose_piece",
-           "piece_tables", "piece_names", "distinct_names"]
+           "piece_tables", "piece_names", "distinct_names", "whole_segments"]
 
 #: the footer key of a segment: JSON {"format": 1, "origins": [[path, size, stamp, run_id, source,
 #: row_group, offset, rows, task_footer], ...], "names": [[name, ...] or null, ...]}: ``names``,
@@ -378,3 +378,16 @@ def piece_names(store: "Store", pieces: Sequence[Piece]) -> list[frozenset[str]]
                 else pf.read_row_groups(row_groups, columns=["name"], use_threads=False))
 
     return [frozenset(distinct_names(t)) for t in piece_tables(store, pieces, read)]
+
+
+def whole_segments(store: "Store", pieces: Sequence[Piece]) -> bool:
+    """Whether every segment among ``pieces`` is wanted whole (each origin it holds with rows)."""
+    segs: dict[str, tuple] = {}
+    for p in pieces:
+        if p.in_segment:
+            segs.setdefault(p.file, (p, []))[1].append(p.origin)
+    for rel, (p, origins) in segs.items():
+        held = [o.path for o in segment_origins(store, Entry(rel, p.file_size, p.file_stamp)) or () if o.rows]
+        if sorted(held) != sorted(origins):
+            return False
+    return True
