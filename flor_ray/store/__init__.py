@@ -314,6 +314,17 @@ class Store:
                 out[f"{rel.rstrip('/')}/{name}"] = int(e.get("size") or 0)
         return out
 
+    def infos(self, path: str, recursive: bool = False) -> dict[str, dict]:
+        """fsspec's info dict of each file below ``path`` (a path of :meth:`path`), by
+        its path: ``find(detail=True)``, or with ``recursive`` false ``ls(detail=True)``
+        less the folders; by the lean S3 reader where it applies. Raises the backend's
+        errors (``FileNotFoundError`` for a folder that is not there, on s3fs)."""
+        if self.reader is not None:
+            return {e["name"]: e for e in self.reader.list(path, recursive) if e["type"] != "directory"}
+        if recursive:
+            return self.fs.find(path, detail=True)
+        return {e["name"]: e for e in self.fs.ls(path, detail=True) if e.get("type") != "directory"}
+
     def find(self, rel: str, suffix: str = "") -> list[str]:
         """Store-relative paths of all files below ``rel`` ending in ``suffix``."""
         base = self.path(rel)

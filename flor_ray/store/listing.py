@@ -72,12 +72,7 @@ def _list_remote(store: "Store", rel: str, suffix: str, recursive: bool) -> list
     base = store.path(rel)
     root = store.root
     try:
-        if store.reader is not None:
-            found = {e["name"]: e for e in store.reader.list(base, recursive) if e["type"] != "directory"}
-        elif recursive:
-            found = store.fs.find(base, detail=True)
-        else:
-            found = {e["name"]: e for e in store.fs.ls(base, detail=True) if e.get("type") != "directory"}
+        found = store.infos(base, recursive)
     except FileNotFoundError:
         return []
     except Exception as exc:

@@ -332,8 +332,10 @@ class S3Reader:
         for attempt in range(1, S3_ATTEMPTS + 1):
             try:
                 reply = self._once(method, bucket, key, params, headers)
-            except (ConnectionError, TimeoutError, http.client.HTTPException, OSError):
+            except (ConnectionError, TimeoutError, http.client.HTTPException, OSError) as exc:
                 if attempt == S3_ATTEMPTS:
+                    if isinstance(exc, http.client.HTTPException):  # a broken answer: callers take OSErrors
+                        raise ConnectionError(f"a broken answer from S3: {type(exc).__name__}: {exc}") from exc
                     raise
                 time.sleep(BACKOFF_S * attempt)
                 continue
