@@ -350,3 +350,25 @@ def test_damage_check_reads_ends_through_the_lean_reader(moto):
         client.delete_object(Bucket=BUCKET, Key="store/logs/bad/part-0.parquet")
         CACHE.reset()
         damage._PART_CACHE.clear()
+
+
+def test_arrow_file_infos_of_many_paths_in_one_listing(moto, monkeypatch):
+    import pyarrow.fs as pafs
+
+    server, counting, repo, env = moto
+    lean = server.store(URL)
+    assert lean.reader is not None
+    monkeypatch.setenv("FLOR_S3_READER", "s3fs")
+    slow = server.store(URL)
+    files = [lean.path(p) for p in lean.find("", "")]
+    assert len(files) >= 3
+    asked = files + [lean.path("logs/none.parquet"), lean.path("logs")]
+    (fa, _), (fb, _) = lean.arrow_fs(), slow.arrow_fs()
+    counting.take()
+    got = fa.get_file_info(asked)
+    requests = counting.take()
+    want = fb.get_file_info(asked)
+    assert [(i.path, i.type, i.size if i.type == pafs.FileType.File else None) for i in got] == \
+        [(i.path, i.type, i.size if i.type == pafs.FileType.File else None) for i in want]
+    # one listing for the files, a HEAD (and a listing) for each path it does not hold
+    assert requests.get("LIST", 0) <= 3 and requests.get("HEAD", 0) == 2, requests

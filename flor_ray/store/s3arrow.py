@@ -2,16 +2,18 @@
 
 A :class:`pyarrow.fs.FileSystemHandler` over the reader, for ``PyFileSystem``: Parquet
 footers and row groups come as ranged GETs on the reader's keep-alive connections, and
-nothing imports s3fs or botocore. ``pyarrow.fs.S3FileSystem`` would do the reads in
-C++, but its first use initialises the AWS SDK (measured: ~0.1-0.2 s and a request to
-the instance metadata endpoint when the region is not given) and resolves credentials
-its own way, which a store's storage options do not map onto exactly; a store's reads
-are a few footers and a segment or two, where Python's overhead is noise.
+nothing imports s3fs or botocore. Measured against ``pyarrow.fs.S3FileSystem``
+(fresh processes, moto, the 1,000-run segment of 1,050,000 rows, 3 columns read): it
+made 20 requests (a HEAD, then a GET per column chunk; on AWS each one a round trip)
+where this handler makes 2, initialised in 0.02-0.1 s, and took 0.38-0.9 s against
+0.23-0.4 s; it would also resolve credentials its own way (the AWS SDK's chain),
+which a store's storage options do not map onto exactly.
 
 Opening a file is one GET of its last :data:`TAIL_BYTES` (the whole file when
 smaller; the answer says the size): the footer pyarrow reads first, with no HEAD
-before it. Later reads fetch at least :data:`BLOCK_BYTES` from where they start
-(s3fs's read-ahead, so a file's row groups come in as few requests as with s3fs).
+before it. A read outside it fetches the rest of the file when that is at most
+:data:`BLOCK_BYTES` (s3fs's block size), else that many bytes from where it starts
+(s3fs's read-ahead), so a file's row groups come in as few requests as with s3fs.
 Writes (``open_output_stream``, deletes, moves) go to s3fs's handler, created on
 first use.
 """
@@ -80,10 +82,14 @@ class RangedFile(io.RawIOBase):
         with self._lock:
             out = self._cached(start, end)
             if out is None:
-                stop = min(self._size, max(end, start + BLOCK_BYTES))
-                data = self._reader.get(self._path, start, stop)
-                self._blocks = [b for b in self._blocks if b[0] >= self._size - TAIL_BYTES] + [(start, data)]
-                out = data[:end - start]
+                tail_at = self._blocks[0][0]
+                if self._size <= BLOCK_BYTES and end <= tail_at:  # the rest of a file of one block
+                    at, data = 0, self._reader.get(self._path, 0, tail_at)
+                else:
+                    at = start
+                    data = self._reader.get(self._path, start, min(self._size, max(end, start + BLOCK_BYTES)))
+                self._blocks = [self._blocks[0], *self._blocks[1:][-1:], (at, data)]
+                out = data[start - at:end - at]
         self._pos = start + len(out)
         return out
 
@@ -129,12 +135,24 @@ class LeanHandler(pafs.FileSystemHandler):
         got = self._reader.head(path)
         if got is not None:
             return pafs.FileInfo(path, pafs.FileType.File, size=got["size"])
-        if self._reader.exists(path):
+        if self._reader.is_folder(path):
             return pafs.FileInfo(path, pafs.FileType.Directory)
         return pafs.FileInfo(path, pafs.FileType.NotFound)
 
     def get_file_info(self, paths):
-        return [self._info(p) for p in paths]
+        """A HEAD a path; for several (a dataset's files), the keys from the first to
+        the last listed instead, 1,000 a request, and a HEAD only for what the listing
+        does not hold (a folder, a file gone since)."""
+        if len(paths) < 3:
+            return [self._info(p) for p in paths]
+        paths = [p.rstrip("/") for p in paths]
+        first, last = min(paths), max(paths)
+        folder = first[:first.rfind("/")] if "/" in first else first
+        while not last.startswith(folder + "/") and "/" in folder:
+            folder = folder.rsplit("/", 1)[0]
+        # S3 lists the keys after start-after: a prefix of the first path comes before it
+        sizes = {e["name"]: e["size"] for e in self._reader.list(folder, True, start_after=first[:-1], until=last)}
+        return [pafs.FileInfo(p, pafs.FileType.File, size=sizes[p]) if p in sizes else self._info(p) for p in paths]
 
     def get_file_info_selector(self, selector):
         base = selector.base_dir.rstrip("/")

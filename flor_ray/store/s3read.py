@@ -388,10 +388,11 @@ class S3Reader:
         return {"name": path, "size": int(reply.headers.get("content-length", 0)), "type": "file",
                 "ETag": reply.headers.get("etag")}
 
-    def list(self, path: str, recursive: bool = False) -> list[dict]:
+    def list(self, path: str, recursive: bool = False, start_after: str = "", until: str = "") -> list[dict]:
         """The objects below the folder ``path`` (s3fs's info dicts: name, size, type,
         LastModified, ETag), and with ``recursive`` false its subfolders (type
-        "directory"); every page of the listing."""
+        "directory"); every page of the listing (``start_after``, ``until``: only the
+        keys after the one and up to the other, both ``bucket/key`` paths)."""
         import xml.etree.ElementTree as ET
 
         bucket, key = self._split(path.rstrip("/"))
@@ -399,6 +400,9 @@ class S3Reader:
         params = {"list-type": "2", "prefix": prefix}
         if not recursive:
             params["delimiter"] = "/"
+        if start_after:
+            params["start-after"] = self._split(start_after)[1]
+        last = self._split(until)[1] if until else ""
         out: list[dict] = []
         while True:
             reply = self.request("GET", bucket, "", params=params)
@@ -415,14 +419,16 @@ class S3Reader:
                 out.append({"name": f"{bucket}/{(p.findtext(f'{_NS}Prefix') or '').rstrip('/')}", "size": 0,
                             "type": "directory"})
             token = root.findtext(f"{_NS}NextContinuationToken")
-            if root.findtext(f"{_NS}IsTruncated") != "true" or not token:
-                return out
+            if root.findtext(f"{_NS}IsTruncated") != "true" or not token or (last and out and out[-1]["name"] >= until):
+                return [e for e in out if e["name"] <= until] if last else out
             params = {**params, "continuation-token": token}
 
     def exists(self, path: str) -> bool:
         """Whether an object or a folder is at ``path`` (s3fs's ``exists``)."""
-        if self.head(path) is not None:
-            return True
+        return self.head(path) is not None or self.is_folder(path)
+
+    def is_folder(self, path: str) -> bool:
+        """Whether keys start with ``path/``: one listing of one key."""
         bucket, key = self._split(path.rstrip("/"))
         reply = self.request("GET", bucket, "", params={"list-type": "2", "prefix": f"{key}/", "max-keys": "1"})
         if reply.status == 404:
