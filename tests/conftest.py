@@ -86,13 +86,61 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def run_script(repo: Path, script: str = "train.py", *args: str, env: dict | None = None, check: bool = True):
-    proc = subprocess.run(
-        [sys.executable, script, *args], cwd=repo, env=env or clean_env(), capture_output=True, text=True
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+#: the suite's fork server of scripts (tests/script_zygote.py), started on first use
+_ZYGOTE: list = []
+
+
+def start_script(repo: Path, script: str = "train.py", *args: str, env: dict | None = None,
+                 fork: bool | None = None):
+    """``python script args...`` in ``repo``, its stdout and stderr captured as text: a
+    ``subprocess.Popen`` or, forked from the suite's warm zygote, an object with the
+    same ``args``, ``pid``, ``returncode``, ``poll``, ``wait``, ``communicate`` and ``kill``.
+    ``fork`` None: forked when that is as faithful as a new process (the environment
+    differs from ``clean_env()`` only in variables read at run time) and the suite
+    was not run with ``FLOR_TEST_FORK=0``; False: a plain process (tests that time
+    imports or the process's start, or look at what the process imported)."""
+    env = env or clean_env()
+    if fork is None:
+        fork = os.environ.get("FLOR_TEST_FORK", "1") != "0" and hasattr(os, "fork")
+    if fork:
+        from script_zygote import Zygote
+
+        if not _ZYGOTE:
+            _ZYGOTE.append(Zygote(clean_env()))
+        differs = _ZYGOTE[0].differs(env)
+        if not differs:
+            proc = _ZYGOTE[0].start(repo, script, args, env)
+            if proc is not None:
+                _launched("fork", repo, script)
+                return proc
+        _launched(f"new process ({' '.join(differs) or 'the zygote failed'})", repo, script)
+    else:
+        _launched("new process", repo, script)
+    return subprocess.Popen([sys.executable, script, *args], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _launched(how: str, repo: Path, script: str) -> None:
+    """FLOR_TEST_FORK_LOG=path: a line per script started, forked or not (to see which tests fork)."""
+    log = os.environ.get("FLOR_TEST_FORK_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{how}\t{os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}\t{repo}/{script}\n")
+
+
+def run_script(repo: Path, script: str = "train.py", *args: str, env: dict | None = None, check: bool = True,
+               fork: bool | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run ``python script args...`` in ``repo`` to its end (:func:`start_script`)."""
+    proc = start_script(repo, script, *args, env=env, fork=fork)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{script} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
 
 
 def write(repo: Path, name: str, text: str) -> Path:

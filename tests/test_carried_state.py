@@ -9,7 +9,6 @@ code carries from one iteration to the next: an annealed ``lr`` and
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -20,7 +19,7 @@ from flor_ray.planning.plan import ClusterSnapshot
 from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
-from conftest import clean_env, git, write
+from conftest import clean_env, git, start_script, write
 
 HEAD = '''
 import argparse
@@ -195,8 +194,7 @@ def recorded(tmp_path_factory, ray_local):
 
 
 def _start(repo, epochs, env):
-    return subprocess.Popen([sys.executable, "train.py", "--epochs", str(epochs)], cwd=repo, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script(repo, "train.py", "--epochs", str(epochs), env=env)
 
 
 def _values(store, name, source, first=0):

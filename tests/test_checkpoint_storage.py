@@ -23,7 +23,7 @@ from flor_ray.store.checkpoints import load_snapshot, manifest
 from flor_ray.store.logs import read_logs
 from flor_ray.store.retention import Policy, collect
 
-from conftest import clean_env, git, write
+from conftest import clean_env, git, start_script, write
 
 # An embedding and a backbone, frozen; a head trained with AdamW, a step schedule,
 # a DataLoader shuffling with its own generator. `#WNORM` marks today's statement.
@@ -91,8 +91,7 @@ def typed(with_statement: bool) -> str:
 
 
 def _record(cwd, lr, env):
-    return subprocess.Popen([sys.executable, "train.py", "--kwargs", f"lr={lr}"], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script(cwd, "train.py", "--kwargs", f"lr={lr}", env=env)
 
 
 @pytest.fixture(scope="module")

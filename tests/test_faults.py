@@ -37,7 +37,7 @@ from flor_ray.planning.plan import ClusterSnapshot
 from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
-from conftest import REPO_ROOT, S3, clean_env, git, run_script, write
+from conftest import REPO_ROOT, S3, clean_env, git, run_script, start_script, write
 
 EPOCHS = 6
 KS = (1, 2)  # one run per value of the arg k
@@ -373,8 +373,7 @@ def test_corrupted_parquet_is_named(proj):
 
 # ------------------------------------------------------- concurrent recording
 def _record_concurrently(repo: Path, env: dict, ks=(3, 4)) -> None:
-    procs = [subprocess.Popen([sys.executable, "train.py", "--kwargs", f"k={k}"], cwd=repo, env=env,
-                              stderr=subprocess.PIPE, text=True) for k in ks]
+    procs = [start_script(repo, "train.py", "--kwargs", f"k={k}", env=env) for k in ks]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import flor_ray
-from conftest import S3, clean_env, git, init_repo, write
+from conftest import S3, clean_env, git, init_repo, run_script, write
 
 EPOCHS = 6
 
@@ -106,7 +106,7 @@ def reference(train_repo):
     """The rows of a run whose store never failed."""
     store = train_repo.parent / "ref-store"
     env = clean_env(FLOR_STORE=str(store), FLOR_CHECKPOINT_BUDGET="1")
-    subprocess.run([sys.executable, "train.py"], cwd=train_repo, env=env, check=True, capture_output=True)
+    run_script(train_repo, env=env)
     return _values(store)
 
 
@@ -267,7 +267,7 @@ def small_repo(tmp_path_factory):
     r.mkdir()
     git(r, "init", "-q", "-b", "main")
     write(r, "train.py", SMALL.format(mark=str(mark)))
-    subprocess.run([sys.executable, "train.py"], cwd=r, env=clean_env(), check=True, capture_output=True)
+    run_script(r)
     write(r, "train.py", SMALL.format(mark=str(mark)).replace(
         'flor.log("total", total)', 'flor.log("total", total)\n        flor.log("twice", 2 * total)'))
     return r

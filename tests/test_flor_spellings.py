@@ -13,8 +13,6 @@ the same replay plan.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -26,7 +24,7 @@ from flor_ray.propagation import propagate_detailed
 from flor_ray.propagation.project import logged_names
 from flor_ray.store import Store
 
-from conftest import clean_env, git, write
+from conftest import clean_env, git, start_script, write
 
 TRAIN = '''
 import argparse
@@ -151,8 +149,7 @@ def histories(tmp_path_factory):
         write(repo, "flor.py", FLOR_SHIM)
         git(repo, "add", "train.py", "flor.py")
         git(repo, "-c", "user.name=d", "-c", "user.email=d@x", "commit", "-qm", "v1")
-        procs.append(subprocess.Popen([sys.executable, "train.py", "--hidden", "10"], cwd=repo, env=clean_env(FLOR_CHECKPOINT_BUDGET="1"),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(start_script(repo, "train.py", "--hidden", "10", env=clean_env(FLOR_CHECKPOINT_BUDGET="1")))
         repos[spelling] = repo
     for p in procs:
         _, err = p.communicate(timeout=300)

@@ -14,7 +14,6 @@ callback, a lambda, ``import *``, module state) are checked on the analysis alon
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -26,7 +25,7 @@ from flor_ray.store import Store
 from flor_ray.store.logs import read_logs
 from flor_ray.store.runs import load_runs
 
-from conftest import clean_env, git, write
+from conftest import clean_env, git, start_script, write
 
 MAIN = '''
 import argparse
@@ -155,8 +154,7 @@ def _plain(text: str) -> str:
 def _record(where, files, typed: bool) -> subprocess.Popen:
     for name, text in files.items():
         write(where, name, _typed_in(text) if typed else _plain(text))
-    return subprocess.Popen([sys.executable, "main.py"], cwd=where, env=clean_env(FLOR_CHECKPOINT_BUDGET="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script(where, "main.py", env=clean_env(FLOR_CHECKPOINT_BUDGET="1"))
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ the statements it can hold typed in by hand, compared bit for bit.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -32,7 +30,7 @@ from flor_ray.propagation import PropagationError, propagate_detailed
 from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
-from conftest import clean_env, git, write
+from conftest import clean_env, git, start_script, write
 
 HEAD = '''
 import argparse
@@ -182,16 +180,14 @@ def history(tmp_path_factory, ray_local):
         git(repo, "-c", "user.name=d", "-c", "user.email=d@x", "commit", "-qm", v)
         procs = []
         for lr in RUNS[v]:
-            args = [sys.executable, "train.py", *ARGV, "--kwargs", f"lr={lr}"]
-            procs.append(subprocess.Popen(args, cwd=repo, env=clean_env(FLOR_CHECKPOINT_BUDGET="1"),
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            args = ["train.py", *ARGV, "--kwargs", f"lr={lr}"]
+            procs.append(start_script(repo, *args, env=clean_env(FLOR_CHECKPOINT_BUDGET="1", FLOR_CHECKPOINT_MAX_PERIOD="1")))
             hand = base / f"hand-{v}-{lr}"
             hand.mkdir()
             git(hand, "init", "-q")
             write(hand, "train.py", typed_in(src, HELD[v]))
             hands[(v, float(lr))] = Store(str(hand / ".flor"))
-            procs.append(subprocess.Popen(args, cwd=hand, env=clean_env(), stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
+            procs.append(start_script(hand, *args))
         for p in procs:
             _, err = p.communicate(timeout=300)
             assert p.returncode == 0, err

@@ -261,4 +261,4 @@ def test_a_script_never_imports_ipython(repo):
             flor.log("x", i)
         assert not any(m.split(".")[0] in ("IPython", "ipykernel", "jupyter_client") for m in sys.modules)
     """)
-    run_script(repo)
+    run_script(repo, fork=False)  # a new process: what the recording itself imports

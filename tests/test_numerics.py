@@ -18,7 +18,7 @@ from flor_ray.store.logs import read_logs
 from flor_ray.store.runs import load_runs
 from flor_ray.store import Store
 
-from conftest import clean_env, git, run_script, write
+from conftest import clean_env, git, run_script, start_script, write
 
 # An LSTM sequence classifier: its head's weight gradient sums over a batch of 256,
 # which torch/MKL split by the intra-op thread count, so 1 and 2 threads give other
@@ -253,9 +253,7 @@ def history(tmp_path_factory, ray_local):
     git(hand, "init", "-q")
     write(hand, "train.py", _script(True))
     # the oracle's repository is its own: it runs beside the two recordings
-    oracle = subprocess.Popen([sys.executable, "train.py"], cwd=hand,
-                              env=clean_env(FLOR_STORE=str(root / "hand-store")),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    oracle = start_script(hand, "train.py", env=clean_env(FLOR_STORE=str(root / "hand-store")))
     run_script(repo)
     run_script(repo, "train_pinned.py", "--kwargs", "lr=0.01", env=clean_env(TRAIN_THREADS="1"))
     _, err = oracle.communicate(timeout=300)

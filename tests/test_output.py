@@ -15,7 +15,7 @@ from flor_ray.execution.driver import LocalRunner, run_plan
 from flor_ray.planning.plan import ClusterSnapshot
 from flor_ray.store import Store
 
-from conftest import clean_env, init_repo, write
+from conftest import clean_env, init_repo, start_script, write
 
 HELPERS = '''
 import torch
@@ -102,8 +102,7 @@ def _start(tmp_path_factory, name: str, *args: str, **env: str):
     write(repo, "train.py", TRAIN)
     # a flush at every epoch's end (the epochs take milliseconds): output follows the flushes
     env = {"FLOR_FLUSH_INTERVAL": "0", **env}
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=repo, env=clean_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_script(repo, "train.py", *args, env=clean_env(**env))
     return repo, proc
 
 

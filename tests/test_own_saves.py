@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from flor_ray.store import Store
 from flor_ray.store.checkpoints import load_snapshot
 from flor_ray.store.logs import read_logs
 
-from conftest import clean_env, git, init_repo, write
+from conftest import clean_env, git, init_repo, start_script, write
 
 SCRIPT = '''
 import argparse
@@ -117,8 +116,7 @@ def _repo(base: Path, name: str, typed: bool) -> Path:
 
 
 def _start(repo: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=repo, env=env or clean_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return start_script(repo, "train.py", *args, env=env)
 
 
 def _wait(*procs: subprocess.Popen) -> list[str]:

@@ -191,7 +191,7 @@ def test_recording_never_imports_pandas_gitpython_or_compute(repo):
     write(repo, "train.py", "import atexit, sys\n"
           "atexit.register(lambda: print([m for m in ('pandas', 'pyarrow.compute', 'git') if m in sys.modules]))\n"
           + TRAIN_SCRIPT)
-    proc = run_script(repo)
+    proc = run_script(repo, fork=False)  # a new process: what the recording itself imports
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     runs = json.loads(next((repo / ".flor" / "runs").glob("*.json")).read_text())
     assert runs["status"] == "finished" and len(runs["checkpoints"]) >= 1
@@ -276,7 +276,7 @@ def test_checkpoint_period_counts_the_writers_cpu():
 def test_profile_accounting(repo, tmp_path):
     write(repo, "train.py", TRAIN_SCRIPT)
     out = tmp_path / "prof.json"
-    run_script(repo, env=clean_env(FLOR_PROFILE=str(out)))
+    run_script(repo, env=clean_env(FLOR_PROFILE=str(out)), fork=False)  # the costs of a new process
     p = json.loads(out.read_text())
     assert p["calls"]["log"] == 4 * 6 + 4  # loss per step, acc per epoch
     assert p["calls"]["arg"] == 2 and p["calls"]["start"] == 1 and p["calls"]["finish"] == 1

@@ -7,8 +7,6 @@ old version with the statements typed in by hand.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,14 +16,13 @@ from flor_ray.execution.driver import run_plan
 from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
-from conftest import clean_env, git, run_script, write
+from conftest import clean_env, git, run_script, start_script, write
 
 from histories import V1, V2, V3, plain, with_statements
 
 
 def _start(repo, *args, env):
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=repo, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script(repo, "train.py", *args, env=env)
 
 
 def _wait(procs):

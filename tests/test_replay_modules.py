@@ -5,7 +5,6 @@ bit for bit, with full re-executions that have the statements typed in by hand."
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
@@ -15,7 +14,7 @@ from flor_ray.store.logs import read_logs
 from flor_ray.store.runs import load_runs
 from flor_ray.store import Store
 
-from conftest import clean_env, git, write
+from conftest import clean_env, git, start_script, write
 
 MAIN = '''
 import argparse
@@ -121,8 +120,7 @@ def _files(version: str) -> dict[str, str]:
 def _record(repo, files, typed: bool) -> subprocess.Popen:
     for name, text in files.items():
         write(repo, name, _typed_in(text) if typed else _plain(text))
-    return subprocess.Popen([sys.executable, "train.py"], cwd=repo, env=clean_env(FLOR_CHECKPOINT_BUDGET="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script(repo, "train.py", env=clean_env(FLOR_CHECKPOINT_BUDGET="1"))
 
 
 @pytest.fixture(scope="module")

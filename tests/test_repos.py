@@ -30,7 +30,7 @@ from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 from flor_ray.versions import TamperedFile, blob_id, materialize, read_file, read_version
 
-from conftest import clean_env, git, init_repo, run_script, write
+from conftest import clean_env, git, init_repo, run_script, start_script, write
 
 # ---------------------------------------------------------------- scripts
 HELPERS = '''
@@ -102,8 +102,7 @@ UTIL = "def scale(x):\n    return 2 * x\n"
 
 
 def _popen(cwd: Path, script: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, script], cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_script(cwd, script, env=env)
 
 
 def _wait(procs) -> None:

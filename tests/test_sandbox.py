@@ -20,7 +20,7 @@ from flor_ray.store.credentials import redact, without_secrets
 from flor_ray.errors import QueryError
 from flor_ray.store import Store
 
-from conftest import clean_env, git, write
+from conftest import clean_env, git, start_script, write
 
 SCRIPT = """
 import argparse
@@ -89,8 +89,7 @@ def recorded(tmp_path_factory):
 
 
 def _start(repo, *args, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=repo, env=env or clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script(repo, "train.py", *args, env=env)
 
 
 def _wait(procs) -> None:

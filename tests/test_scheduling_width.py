@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -31,7 +30,7 @@ from flor_ray.planning.plan import ClusterSnapshot
 from flor_ray.store import Store
 from flor_ray.store.logs import read_logs
 
-from conftest import clean_env, git, write
+from conftest import git, start_script, write
 
 # the Ray workers cannot import this module: its functions travel by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -202,8 +201,7 @@ def history(tmp_path_factory):
     hand.mkdir()
     git(hand, "init", "-q")
     write(hand, "train.py", SCRIPT.replace("#WNORM", WNORM))
-    procs = [subprocess.Popen([sys.executable, "train.py", "--kwargs", f"lr={lr}"], cwd=d, env=clean_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [start_script(d, "train.py", "--kwargs", f"lr={lr}")
              for lr in LRS for d in (repo, hand)]
     for p in procs:
         _, err = p.communicate(timeout=300)

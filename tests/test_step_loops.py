@@ -12,7 +12,6 @@ script with the statements typed in by hand, compared bit for bit.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from flor_ray.execution.driver import run_plan
 from flor_ray.store.logs import read_logs
 from flor_ray.store import Store, layout
 
-from conftest import clean_env, git, run_script, write
+from conftest import git, run_script, start_script, write
 
 SCRIPTS = Path(__file__).parent / "step_scripts"
 COUNT_STEPS, EVAL_EVERY = 2000, 250
@@ -58,8 +57,7 @@ def _new_repo(path: Path) -> Path:
 
 
 def _popen(repo: Path, script: str, *args: str):
-    return subprocess.Popen([sys.executable, script, *args], cwd=repo, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_script(repo, script, *args)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from flor_ray.errors import DamagedFileWarning
 from flor_ray.planning.plan import ClusterSnapshot
 from flor_ray.store import Store
 
-from conftest import clean_env, git, write
+from conftest import clean_env, git, run_script, write
 
 EPOCHS = 3
 KS = (1, 2, 3)
@@ -63,8 +63,7 @@ def recorded(tmp_path_factory) -> Path:
     git(repo, "init", "-q", "-b", "main")
     write(repo, "train.py", SCRIPT)
     for k in KS:
-        subprocess.run([sys.executable, "train.py", "--kwargs", f"k={k}"], cwd=repo, env=clean_env(**KEEP_PARTS),
-                       check=True, capture_output=True)
+        run_script(repo, "train.py", "--kwargs", f"k={k}", env=clean_env(**KEEP_PARTS))
     return repo
 
 

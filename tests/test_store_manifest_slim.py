@@ -295,3 +295,20 @@ def test_span_costs_are_the_sums_of_iteration_costs(history):
         t = run.outer_s[0] - (run.checkpoint_s[0] if run.checkpoint_s else 0.0)
         assert iter_cost(run, 0, False) == max(t, 0.0)
         assert iter_cost(run, 0, True) == max(t - (run.inner_s[0] if run.inner_s else 0.0), 0.0)
+
+
+@pytest.mark.parametrize("index_type", ["int8", "int16", "int32", "int64"])
+def test_distinct_names_of_dictionary_chunks_are_those_referenced(index_type):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from flor_ray.store.segments import distinct_names
+
+    dictionary = pa.array(["loss", "acc", "unused", None, "lr"])
+    codes = pa.array([0, None, 1, 1, 4, 0, 3, None, 0, 1], type=index_type)
+    whole = pa.DictionaryArray.from_arrays(codes, dictionary)
+    chunks = [whole.slice(0, 2), whole.slice(3, 1), whole.slice(5, 0), whole.slice(6, 4)]  # not code 4
+    table = pa.table({"name": pa.chunked_array(chunks, type=whole.type)})
+    plain = pa.table({"name": pc.cast(table.column("name"), pa.string())})
+    assert distinct_names(table) == distinct_names(plain) == ("acc", "loss")
+    assert distinct_names(pa.table({"name": pa.chunked_array([whole])})) == ("acc", "loss", "lr")

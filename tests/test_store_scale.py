@@ -22,7 +22,7 @@ from flor_ray.store.consolidation import consolidate
 from flor_ray.store.logs import log_parts
 from flor_ray.store.manifest import read_manifest
 
-from conftest import REPO_ROOT, S3, Counting, clean_env, git, reads_during, write
+from conftest import REPO_ROOT, S3, Counting, clean_env, git, reads_during, run_script, write
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_store  # noqa: E402
@@ -82,8 +82,7 @@ if __name__ == "__main__":
 
 def _record(repo: Path, *args: str, check: bool = True, **env: str) -> None:
     env = {"FLOR_FLUSH_INTERVAL": "0", **env}  # a part per epoch (the epochs take milliseconds)
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=repo, env=clean_env(**env),
-                          capture_output=True, text=True)
+    proc = run_script(repo, "train.py", *args, env=clean_env(**env), check=False)
     assert not check or proc.returncode == 0, proc.stderr
 
 
@@ -200,8 +199,7 @@ def s3_store(tmp_path_factory):
     git(repo, "init", "-q", "-b", "main")
     write(repo, "train.py", bench_store.SCRIPT)
     url = "s3://flor-scale/store"
-    subprocess.run([sys.executable, "train.py", "--epochs", "4"], cwd=repo, env=server.env(FLOR_STORE=url),
-                   check=True, capture_output=True)
+    run_script(repo, "train.py", "--epochs", "4", env=server.env(FLOR_STORE=url))
     st = server.store(url)
     (template,) = flor_ray.runs(store=st)["run_id"]
     meta = st.read_json(layout.run_meta(template))

@@ -23,7 +23,7 @@ from flor_ray.store import Store, layout
 from flor_ray.store.consolidation import consolidate
 from flor_ray.store.logs import log_parts, read_logs
 
-from conftest import REPO_ROOT, S3, Counting, clean_env, git, reads_during, write
+from conftest import REPO_ROOT, S3, Counting, clean_env, git, reads_during, start_script, write
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_store  # noqa: E402
@@ -95,8 +95,7 @@ def typed(with_statement: bool) -> str:
 
 
 def _start(cwd: Path, *args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=cwd, env=clean_env(**{**ENV, **env}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script(cwd, "train.py", *args, env=clean_env(**{**ENV, **env}))
 
 
 def _done(p: subprocess.Popen, ok: bool = True) -> None:
@@ -166,6 +165,7 @@ def test_flor_ray_compact_reads_bit_for_bit_as_before(history, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"of {len(RUNS)} runs into 1 segment" in proc.stdout, proc.stdout
     assert _loose(st) == [] and len(_segments(st)) == 1
+    assert not list(Path(st.path(layout.LOGS)).glob("run_id=*")), "the emptied partition folders are removed"
     assert {p.file for p in log_parts(st)} == {str(_segments(st)[0].relative_to(st.root))}
     pd.testing.assert_frame_equal(_frame(st), frame, check_exact=True)
     pd.testing.assert_frame_equal(_rows(st), rows, check_exact=True)
@@ -193,6 +193,36 @@ def test_a_reader_during_consolidation_sees_each_row_once(tmp_path):
 
     assert any(reads_during(st, work, want))  # a read began while consolidating
     assert _loose(st) == [] and len(_segments(st)) == 1
+    assert sorted(p.name for p in Path(st.path(layout.LOGS)).iterdir()) == ["segments"]
+
+
+def test_a_writer_meets_its_partition_folder_removed_and_makes_it_again(tmp_path):
+    # consolidations remove the folders they empty while recordings write beside them:
+    # every flush lands, none fails for a folder removed between its makedirs and its open
+    import threading
+
+    from flor_ray.store import write_local
+
+    folder = tmp_path / "logs" / "run_id=r" / "source=record"
+    stop = threading.Event()
+
+    def remover():  # as consolidations would, each removing the folder once, many times a second
+        while not stop.wait(0.0005):
+            for d in (folder, folder.parent):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+
+    t = threading.Thread(target=remover)
+    t.start()
+    try:
+        for i in range(2000):
+            write_local(str(folder / f"part-{i:05d}.parquet"), b"x")
+            (folder / f"part-{i:05d}.parquet").unlink()  # empty again, for the remover
+    finally:
+        stop.set()
+        t.join()
 
 
 def _replayed(st: Store, name: str, lr_of: dict) -> list:
@@ -233,7 +263,7 @@ def test_consolidated_replays_are_known_to_the_planner_and_stay_exact(history, t
     # the segment's copy, each value once
     rel, data = next(iter(kept.items()))
     time.sleep(0.01)
-    Path(st.path(layout.LOGS, rel)).write_bytes(data)
+    st.write_bytes(f"{layout.LOGS}/{rel}", data)  # as a task writes it (its folder, emptied, was removed)
     assert sum(p.origin == f"{layout.LOGS}/{rel}" for p in log_parts(st)) == 1
     assert [p.file for p in log_parts(st) if p.origin == f"{layout.LOGS}/{rel}"] == [f"{layout.LOGS}/{rel}"]
     pd.testing.assert_frame_equal(_frame(st, "loss", "gnorm"), frame, check_exact=True)

@@ -10,8 +10,6 @@ Oracle: the same scripts re-run in full with the statement typed in by hand.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from flor_ray.planning.plan import ClusterSnapshot, SkipKind
 from flor_ray.store import Store
 from flor_ray.store.logs import read_logs
 
-from conftest import clean_env, git, init_repo, write
+from conftest import git, init_repo, start_script, write
 
 # The two scripts differ where it shows in a weight norm: the width, the optimiser,
 # the learning rate and the data seed.
@@ -71,8 +69,7 @@ def source(script: str, today: bool) -> str:
 
 
 def _record(repo: Path, *scripts: str) -> None:
-    procs = [subprocess.Popen([sys.executable, s], cwd=repo, env=clean_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for s in scripts]
+    procs = [start_script(repo, s) for s in scripts]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err

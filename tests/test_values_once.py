@@ -24,7 +24,7 @@ from flor_ray.queries.dataframe import ConflictWarning
 from flor_ray.store.logs import read_logs
 from flor_ray.store import Store
 
-from conftest import clean_env, git, write
+from conftest import clean_env, git, start_script, write
 
 EPOCHS = 4
 LRS = (0.1, 0.05)
@@ -98,9 +98,8 @@ def _src(gnorm: str = "", wnorm: str = "") -> str:
 
 
 def _record(repo, *kwargs: str, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", "--batch-size", "24", "--kwargs", *kwargs], cwd=repo,
-                            env=env or clean_env(FLOR_CHECKPOINT_BUDGET="0.5"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_script(repo, "train.py", "--batch-size", "24", "--kwargs", *kwargs,
+                        env=env or clean_env(FLOR_CHECKPOINT_BUDGET="0.5"))
 
 
 def _wait(procs) -> None:

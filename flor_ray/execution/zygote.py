@@ -7,8 +7,8 @@ them once per Ray worker, then serves requests (one JSON line on stdin each): it
 forks a child that becomes the replayed script (``runpy`` as ``__main__``, its own
 working directory, environment, ``sys.argv``, stdout and stderr files) and answers
 with the child's exit code. The child starts from a clean flor_ray state: nothing
-of a session exists in the zygote, and replay mode is chosen from the child's
-``FLOR_REPLAY``.
+of a session exists in the zygote, and flor_ray's import-time reading of the
+process (``--kwargs``, replay mode from ``FLOR_REPLAY``) is done for the child.
 
 Fork is safe here because the zygote is single-threaded: it never runs torch
 operations (the thread pools start on first use) and touches no CUDA.
@@ -71,10 +71,12 @@ def _child(req: dict) -> None:
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     code = 0
     try:
-        if os.environ.get("FLOR_REPLAY"):  # the replay's session (its view of files) before the script's first line
-            import flor_ray
+        # what importing flor_ray reads of the process (--kwargs taken out of argv; a
+        # replay's session, its view of files, from FLOR_REPLAY) is read again for this
+        # child, before the script's first line
+        import importlib
 
-            flor_ray._session()
+        importlib.reload(sys.modules["flor_ray"])
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         if exc.code is None:
@@ -84,13 +86,17 @@ def _child(req: dict) -> None:
         else:
             sys.stderr.write(f"{exc.code}\n")
             code = 1
-    except BaseException:  # noqa: BLE001 - reported as `python script.py` would
-        sys.excepthook(*sys.exc_info())
+    except BaseException as exc:  # noqa: BLE001 - reported as `python script.py` would
+        exc.__traceback__ = _script_frames(exc.__traceback__)  # what the hook prints
+        sys.excepthook(type(exc), exc, exc.__traceback__)
         code = 1
-    # atexit handlers (the replay session's flush) run as at a normal exit; the
-    # interpreter's teardown (module by module, with torch loaded: seconds) is skipped
+    # as at a normal exit: non-daemon threads joined, then the atexit handlers (the
+    # session's flush); the interpreter's teardown (module by module, with torch
+    # loaded: seconds) is skipped
     import atexit
+    import threading
 
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -98,6 +104,15 @@ def _child(req: dict) -> None:
         except Exception:  # noqa: BLE001 - a closed stream has nothing to flush
             pass
     os._exit(code)
+
+
+def _script_frames(tb):
+    """The traceback from the script's first frame, as ``python script.py`` prints it
+    (none for a script that does not compile): this module's and runpy's frames left out."""
+    while tb is not None and (tb.tb_frame.f_code is _child.__code__
+                              or tb.tb_frame.f_globals.get("__name__") == "runpy"):
+        tb = tb.tb_next
+    return tb
 
 
 def serve() -> None:

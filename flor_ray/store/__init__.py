@@ -56,14 +56,25 @@ def _bounded_waits(protocol: str, options: dict) -> None:
         options.setdefault("timeout", s.read_timeout_s)
 
 
+#: a consolidation removes each folder it empties once: a writer meeting that makes it again
+_MAKE_FOLDER_ATTEMPTS = 10
+
+
 def write_local(path: str, data: bytes, durable: bool = False) -> None:
     """Write a local file atomically: a ``.``-prefixed temporary renamed into place
     (``durable``: fsync'ed first); a failure (disk full, read-only) leaves no temporary."""
     d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
     try:
-        with open(tmp, "wb") as f:
+        for attempt in range(_MAKE_FOLDER_ATTEMPTS):
+            try:
+                os.makedirs(d, exist_ok=True)
+                f = open(tmp, "wb")
+                break
+            except (FileNotFoundError, FileExistsError):  # a consolidation removed the folder it emptied
+                if attempt == _MAKE_FOLDER_ATTEMPTS - 1:  # just now (makedirs: between its mkdir and its check)
+                    raise
+        with f:
             f.write(data)
             if durable:
                 f.flush()

@@ -134,12 +134,18 @@ def compact_record(store: "Store", run_id: str) -> Compacted:
         return Compacted((), ())
     if len(parts) == 1 and len(loose) == 1:  # one flush: a file already
         return Compacted((), ())
+    from .segments import distinct_names
+
     fs, root = store.arrow_fs()
     tables = []
+    logged: set[str] = set()
     try:
         for _, e in parts:
             with fs.open_input_file(f"{root}/{e.path}") as fh:
-                tables.append(pq.ParquetFile(fh).read())  # not read_table: a recording never imports pandas
+                pf = pq.ParquetFile(fh)
+                tables.append(pf.read())  # not read_table: a recording never imports pandas
+                if "name" in pf.schema_arrow.names:  # the names dictionary-encoded: no pyarrow.compute
+                    logged.update(distinct_names(pq.ParquetFile(fh, read_dictionary=["name"]).read(columns=["name"])))
     except (OSError, pa.ArrowInvalid):
         return Compacted((), ())
     written: list[str] = []
@@ -157,10 +163,7 @@ def compact_record(store: "Store", run_id: str) -> Compacted:
         written.append(rel)
         gone += [parts[i][1].path for i in group if parts[i][1].path != rel]
     _delete(store, gone)
-    from .segments import distinct_names
-
-    names = sorted({n for t in tables for n in distinct_names(t)})
-    return Compacted(tuple(written), tuple(gone), tuple(names))
+    return Compacted(tuple(written), tuple(gone), tuple(sorted(logged)))
 
 
 def _delete(store: "Store", rels: Sequence[str]) -> None:

@@ -266,7 +266,29 @@ def _delete_loose(store: "Store", pieces: Sequence[Piece]) -> list[str]:
                 out.append(p.file)
         except FileNotFoundError:
             pass
+    _remove_empty_folders(store, out)
     return out
+
+
+def _remove_empty_folders(store: "Store", rels: Sequence[str]) -> None:
+    """Remove the partition folders (``source=``, then ``run_id=``) these deletions
+    emptied: a local listing walks every folder, and a store of thousands of consolidated
+    runs would keep thousands of empty ones. ``rmdir`` removes only an empty folder, and a
+    writer that meets its folder gone makes it again (:func:`flor_ray.store.write_local`)."""
+    import os
+
+    folders = {os.path.dirname(r) for r in rels}
+    for level in range(2):
+        parents = set()
+        for rel in sorted(folders):
+            if not rel.startswith(layout.LOGS + "/"):
+                continue
+            try:
+                os.rmdir(store.path(rel))
+            except OSError:  # not empty (or gone already)
+                continue
+            parents.add(os.path.dirname(rel))
+        folders = parents
 
 
 def consolidate(store: "Store", *, min_runs: int = 1, replay_grace_s: float = REPLAY_GRACE_S,

@@ -357,12 +357,38 @@ def piece_tables(store: "Store", pieces: Sequence[Piece],
 
 
 def distinct_names(table: "pa.Table") -> tuple[str, ...]:
-    """The distinct values of a table's ``name`` column, sorted."""
-    import pyarrow.compute as pc
+    """The distinct values of a table's ``name`` column, sorted. A dictionary-encoded
+    column is read from its codes, without ``pyarrow.compute`` (whose import a recording's
+    exit does not pay: see :func:`flor_ray.store.compaction.compact_record`)."""
+    import pyarrow as pa
 
     if "name" not in table.column_names:
         return ()
-    return tuple(sorted(n for n in pc.unique(table.column("name")).to_pylist() if n is not None))
+    col = table.column("name")
+    if pa.types.is_dictionary(col.type):
+        found: set[str] = set()
+        for chunk in col.chunks:
+            found.update(_referenced(chunk))
+        return tuple(sorted(found))
+    import pyarrow.compute as pc
+
+    return tuple(sorted(n for n in pc.unique(col).to_pylist() if n is not None))
+
+
+def _referenced(chunk: "pa.DictionaryArray") -> list[str]:
+    """The dictionary values a chunk's non-null codes refer to (a dictionary may hold more)."""
+    import numpy as np
+
+    idx = chunk.indices
+    if not len(idx):
+        return []
+    width = idx.type.bit_width // 8
+    codes = np.frombuffer(idx.buffers()[1], dtype=f"<i{width}", count=idx.offset + len(idx))[idx.offset:]
+    if idx.null_count:
+        bits = np.unpackbits(np.frombuffer(idx.buffers()[0], dtype=np.uint8), bitorder="little")
+        codes = codes[bits[idx.offset: idx.offset + len(idx)].astype(bool)]
+    values = chunk.dictionary.to_pylist()
+    return [values[c] for c in np.unique(codes) if values[c] is not None]
 
 
 def piece_names(store: "Store", pieces: Sequence[Piece]) -> list[frozenset[str]]:
