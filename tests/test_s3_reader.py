@@ -86,6 +86,7 @@ def test_lean_reader_only_where_it_can_be_faithful(tmp_path):
     opts = {"key": "k", "secret": "s", "token": "t", "client_kwargs": {"endpoint_url": "http://h:9", "region_name": "r"}}
     r = for_store(URL, opts, env)  # the options win over the environment
     assert (r.creds, r.endpoint, r.region) == (Credentials("k", "s", "t"), "http://h:9", "r")
+    assert for_store(URL, {**opts, "anon": False, "use_listings_cache": False}, env).creds == Credentials("k", "s", "t")
     assert for_store(URL, {}, {**env, "AWS_ENDPOINT_URL": "http://a:1", "AWS_ENDPOINT_URL_S3": "http://b:2/"}).endpoint \
         == "http://b:2"
     # s3fs where this reader would not do what s3fs does

@@ -14,9 +14,9 @@ exactly what s3fs would, else s3fs, as if this module did not exist:
 - the URL is ``s3://`` (``s3a://`` and others: s3fs);
 - the storage options hold only what is understood here: ``key``, ``secret``,
   ``token``, ``endpoint_url``, ``client_kwargs`` with only ``endpoint_url`` and
-  ``region_name``, and ``use_listings_cache`` (any other option, such as ``anon``,
-  ``profile``, ``config_kwargs``, ``requester_pays`` or ``version_aware``, changes
-  what s3fs does: s3fs);
+  ``region_name``, ``use_listings_cache`` and a false ``anon`` (any other option, such
+  as ``anon=True``, ``profile``, ``config_kwargs``, ``requester_pays`` or
+  ``version_aware``, changes what s3fs does: s3fs);
 - credentials resolve statically, in botocore's order: ``key``/``secret`` (and
   ``token``) of the options; else ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
   (``AWS_SESSION_TOKEN``); else the profile (``AWS_PROFILE``, default ``default``) of
@@ -61,7 +61,7 @@ __all__ = ["Credentials", "S3Reader", "for_store", "sign", "ConnectTimeoutError"
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
-_OPTIONS = {"key", "secret", "token", "endpoint_url", "client_kwargs", "use_listings_cache"}
+_OPTIONS = {"key", "secret", "token", "endpoint_url", "client_kwargs", "use_listings_cache", "anon"}
 _CLIENT_OPTIONS = {"endpoint_url", "region_name"}
 #: profile settings that make botocore get credentials some other way than reading them
 _DYNAMIC = ("role_arn", "source_profile", "credential_source", "credential_process", "web_identity_token_file",
@@ -180,6 +180,8 @@ def for_store(url: str, options: Mapping[str, Any], env: Mapping[str, str] | Non
         return None
     client = options.get("client_kwargs") or {}
     if set(options) - _OPTIONS or not isinstance(client, Mapping) or set(client) - _CLIENT_OPTIONS:
+        return None
+    if options.get("anon"):  # unsigned requests: s3fs's
         return None
     if options.get("endpoint_url") and client.get("endpoint_url"):
         return None
