@@ -373,3 +373,20 @@ def test_arrow_file_infos_of_many_paths_in_one_listing(moto, monkeypatch):
         [(i.path, i.type, i.size if i.type == pafs.FileType.File else None) for i in want]
     # one listing for the files, a HEAD (and a listing) for each path it does not hold
     assert requests.get("LIST", 0) <= 3 and requests.get("HEAD", 0) == 2, requests
+
+
+def test_a_segment_is_opened_with_the_get_that_read_its_origins(moto):
+    import pyarrow.parquet as pq
+
+    from flor_ray.store import segments
+
+    server, counting, repo, env = moto
+    st = server.store(URL)
+    (seg,) = segments.stable_segments(st)
+    counting.take()
+    origins = segments._read_origins(st, seg)
+    fs, root = st.arrow_fs()
+    with fs.open_input_file(f"{root}/{seg.path}") as fh:
+        table = pq.ParquetFile(fh).read()
+    assert counting.take() == {"GET": 1}  # the file's end (all of it here), once
+    assert table.num_rows == sum(o.rows for o in origins) > 0

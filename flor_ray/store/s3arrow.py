@@ -9,9 +9,10 @@ where this handler makes 2, initialised in 0.02-0.1 s, and took 0.38-0.9 s again
 0.23-0.4 s; it would also resolve credentials its own way (the AWS SDK's chain),
 which a store's storage options do not map onto exactly.
 
-Opening a file is one GET of its last :data:`TAIL_BYTES` (the whole file when
-smaller; the answer says the size): the footer pyarrow reads first, with no HEAD
-before it. A read outside it fetches the rest of the file when that is at most
+Opening a file is one GET of its last :data:`~flor_ray.store.s3read.TAIL_BYTES` (the
+whole file when smaller; the answer says the size): the footer pyarrow reads first,
+with no HEAD before it; a segment's is the one its footer's origin list was read
+from (:func:`flor_ray.store.segments.segment_origins`), as segments never change. A read outside it fetches the rest of the file when that is at most
 :data:`BLOCK_BYTES` (s3fs's block size), else that many bytes from where it starts
 (s3fs's read-ahead), so a file's row groups come in as few requests as with s3fs.
 Writes (``open_output_stream``, deletes, moves) go to s3fs's handler, created on
@@ -27,15 +28,15 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from . import layout
+from .s3read import TAIL_BYTES
+
 if TYPE_CHECKING:  # pragma: no cover
     from . import Store
     from .s3read import S3Reader
 
 __all__ = ["LeanHandler", "RangedFile", "TAIL_BYTES", "BLOCK_BYTES"]
 
-#: bytes of a file's end fetched when it is opened: a segment's footer (its origin list
-#: grows ~100 bytes a run file) fits for thousands of runs, and a record part whole
-TAIL_BYTES = 1 << 20
 #: least bytes fetched by a read that misses (s3fs's default block size)
 BLOCK_BYTES = 50 << 20
 
@@ -43,10 +44,10 @@ BLOCK_BYTES = 50 << 20
 class RangedFile(io.RawIOBase):
     """A read-only, seekable file over one object, its bytes fetched in ranges."""
 
-    def __init__(self, reader: "S3Reader", path: str):
+    def __init__(self, reader: "S3Reader", path: str, immutable: bool = False):
         super().__init__()
         self._reader, self._path = reader, path
-        data, self._size = reader.tail(path, TAIL_BYTES)
+        data, self._size = reader.tail(path, TAIL_BYTES, keep=immutable)
         self._blocks: list[tuple[int, bytes]] = [(self._size - len(data), data)]
         self._pos = 0
         self._lock = threading.Lock()
@@ -162,11 +163,16 @@ class LeanHandler(pafs.FileSystemHandler):
         return [pafs.FileInfo(e["name"], pafs.FileType.Directory if e["type"] == "directory" else pafs.FileType.File,
                               size=None if e["type"] == "directory" else e["size"]) for e in found]
 
+    def _open(self, path: str):
+        root = self._store.root
+        rel = path[len(root) + 1:] if path.startswith(root + "/") else path
+        return pa.PythonFile(RangedFile(self._reader, path, immutable=layout.is_segment(rel)), mode="r")
+
     def open_input_file(self, path: str):
-        return pa.PythonFile(RangedFile(self._reader, path), mode="r")
+        return self._open(path)
 
     def open_input_stream(self, path: str):
-        return pa.PythonFile(RangedFile(self._reader, path), mode="r")
+        return self._open(path)
 
     # writes: s3fs's
     def create_dir(self, path, recursive):

@@ -71,6 +71,12 @@ _ROUTING = ("endpoint_url", "services", "s3", "use_fips_endpoint", "use_dualstac
 _RETRIED = (500, 502, 503, 504)
 #: seconds before a request's second attempt (s3fs waits about this long)
 BACKOFF_S = 0.1
+#: bytes of a Parquet file's end fetched in one GET to read its footer: a segment's
+#: footer (its origin list, ~100 bytes a file it holds) for thousands of runs, and a
+#: record part whole
+TAIL_BYTES = 1 << 20
+#: immutable files' ends kept by a reader (:meth:`S3Reader.tail` ``keep``)
+_TAILS_KEPT = 16
 
 
 class ConnectTimeoutError(TimeoutError):
@@ -260,6 +266,7 @@ class S3Reader:
         self.region = region or "us-east-1"
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._regions: dict[str, str] = {}  # bucket -> its region, learnt from a redirect
+        self._tails: dict[tuple[str, int], tuple[bytes, int]] = {}
         self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
 
@@ -370,8 +377,25 @@ class S3Reader:
         _raise_for(reply, path)
         return reply.body
 
-    def tail(self, path: str, n: int) -> tuple[bytes, int]:
-        """The object's last ``n`` bytes (all of it when smaller) and its size: one GET."""
+    def tail(self, path: str, n: int, keep: bool = False) -> tuple[bytes, int]:
+        """The object's last ``n`` bytes (all of it when smaller) and its size: one GET.
+        ``keep``: the object never changes (a segment: its name is new at every write),
+        so its end is kept for the next call with ``keep`` (the footer read of a listing,
+        then pyarrow's opening of the same file)."""
+        if keep:
+            with self._lock:
+                hit = self._tails.get((path, n))
+            if hit is not None:
+                return hit
+        out = self._tail(path, n)
+        if keep:
+            with self._lock:
+                if len(self._tails) >= _TAILS_KEPT:
+                    self._tails.clear()
+                self._tails[(path, n)] = out
+        return out
+
+    def _tail(self, path: str, n: int) -> tuple[bytes, int]:
         bucket, key = self._split(path)
         reply = self.request("GET", bucket, key, headers={"range": f"bytes=-{n}"})
         if reply.status == 416:  # an empty object

@@ -179,15 +179,13 @@ def _local_footer_value(path: str) -> bytes | None:
         return _key_value(f.read(length))
 
 
-#: bytes of a segment's end read in one GET on object stores: its footer (the origin
-#: list, ~100 bytes a file it holds) for tens of thousands of files
-_TAIL_BYTES = 1 << 20
-
-
 def _remote_footer_value(store: "Store", path: str) -> bytes | None:
     """:func:`_local_footer_value` on an object store read by the lean reader: one
-    ranged GET of the file's end (two when the footer is larger than that)."""
-    data, n = store.reader.tail(path, _TAIL_BYTES)
+    ranged GET of the file's end (two when the footer is larger than that), kept for
+    pyarrow's opening of the file (:mod:`flor_ray.store.s3arrow`)."""
+    from .s3read import TAIL_BYTES
+
+    data, n = store.reader.tail(path, TAIL_BYTES, keep=True)
     if n < 12 or len(data) < 8:
         return None
     length = _footer_length(data[-8:], n)
