@@ -12,7 +12,8 @@ which a store's storage options do not map onto exactly.
 Opening a file is one GET of its last :data:`~flor_ray.store.s3read.TAIL_BYTES` (the
 whole file when smaller; the answer says the size): the footer pyarrow reads first,
 with no HEAD before it; a segment's is the one its footer's origin list was read
-from (:func:`flor_ray.store.segments.segment_origins`), as segments never change. A read outside it fetches the rest of the file when that is at most
+from (:func:`flor_ray.store.segments.segment_origins`), as segments never change.
+A read outside it fetches the rest of the file when that is at most
 :data:`BLOCK_BYTES` (s3fs's block size), else that many bytes from where it starts
 (s3fs's read-ahead), so a file's row groups come in as few requests as with s3fs.
 Writes (``open_output_stream``, deletes, moves) go to s3fs's handler, created on
