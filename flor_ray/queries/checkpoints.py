@@ -42,7 +42,7 @@ class LoadedCheckpoint:
 def _times(store: "Store", run_id: str) -> dict[str, str]:
     """Checkpoint file name -> its write time (ISO, UTC), from one listing."""
     try:
-        infos = store.fs.ls(store.path(layout.checkpoint_folder(run_id)), detail=True)
+        infos = store.infos(store.path(layout.checkpoint_folder(run_id))).values()
     except (FileNotFoundError, OSError):
         return {}
     out = {}

@@ -103,6 +103,7 @@ class Store:
         self.storage_options = StorageOptions(storage_options or {})
         self._fs = None
         self._root: str | None = None
+        self._lean: Any = False  # False: not decided yet; None: s3fs reads too
 
     # pickling: ship the URL, rebuild the filesystem on the other side
     def __getstate__(self) -> dict:
@@ -151,10 +152,24 @@ class Store:
         return "://" not in self.url and self.url != "/"
 
     @property
+    def reader(self):
+        """The lean S3 reader of this store (:mod:`flor_ray.store.s3read`), or None where
+        s3fs reads it too (what that module's docstring lists)."""
+        if self._lean is False:
+            self._lean = None
+            if self.url.startswith("s3://"):
+                from .s3read import for_store
+
+                self._lean = for_store(self.url, self.storage_options)
+        return self._lean
+
+    @property
     def root(self) -> str:
         if self._root is None:
             if self._plain_local:
                 self._root = self.url  # what fsspec's local filesystem makes of the absolute path
+            elif self.reader is not None:
+                self._root = self.url[len("s3://"):].rstrip("/")  # what s3fs makes of the URL
             else:
                 self.fs
         assert self._root is not None
@@ -164,6 +179,8 @@ class Store:
     def is_local(self) -> bool:
         if self._plain_local:
             return True
+        if self.reader is not None:
+            return False
         protocol = self.fs.protocol
         protos = (protocol,) if isinstance(protocol, str) else tuple(protocol)
         return "file" in protos or "local" in protos
@@ -249,6 +266,8 @@ class Store:
             if self._plain_local:
                 with open(self.path(rel), "rb") as f:
                     return f.read()
+            if self.reader is not None:
+                return self.reader.get(self.path(rel))
             return self.fs.cat_file(self.path(rel))
         except FileNotFoundError:
             raise
@@ -266,6 +285,8 @@ class Store:
         try:
             if self._plain_local:
                 return os.path.exists(self.path(rel))
+            if self.reader is not None:
+                return self.reader.exists(self.path(rel))
             return self.fs.exists(self.path(rel))
         except Exception as exc:
             raise self._wrap(f"checking {rel}", exc) from exc
@@ -274,7 +295,12 @@ class Store:
         """Names (not paths) directly under ``rel``; hidden temporaries left out."""
         try:
             # a local store lists without fsspec (its import is a tenth of a second of a CLI call)
-            entries = os.listdir(self.path(rel)) if self._plain_local else self.fs.ls(self.path(rel), detail=False)
+            if self._plain_local:
+                entries = os.listdir(self.path(rel))
+            elif self.reader is not None:
+                entries = [e["name"] for e in self.reader.list(self.path(rel))]
+            else:
+                entries = self.fs.ls(self.path(rel), detail=False)
         except (FileNotFoundError, NotADirectoryError):
             return []
         except Exception as exc:
@@ -286,7 +312,8 @@ class Store:
         """Store-relative path -> size in bytes of each file directly under ``rel``:
         one listing (one request on an object store), however many files."""
         try:
-            entries = self.fs.ls(self.path(rel), detail=True)
+            entries = (self.reader.list(self.path(rel)) if self.reader is not None
+                       else self.fs.ls(self.path(rel), detail=True))
         except FileNotFoundError:
             return {}
         except Exception as exc:
@@ -298,11 +325,23 @@ class Store:
                 out[f"{rel.rstrip('/')}/{name}"] = int(e.get("size") or 0)
         return out
 
+    def infos(self, path: str, recursive: bool = False) -> dict[str, dict]:
+        """fsspec's info dict of each file below ``path`` (a path of :meth:`path`), by
+        its path: ``find(detail=True)``, or with ``recursive`` false ``ls(detail=True)``
+        less the folders; by the lean S3 reader where it applies. Raises the backend's
+        errors (``FileNotFoundError`` for a folder that is not there, on s3fs)."""
+        if self.reader is not None:
+            return {e["name"]: e for e in self.reader.list(path, recursive) if e["type"] != "directory"}
+        if recursive:
+            return self.fs.find(path, detail=True)
+        return {e["name"]: e for e in self.fs.ls(path, detail=True) if e.get("type") != "directory"}
+
     def find(self, rel: str, suffix: str = "") -> list[str]:
         """Store-relative paths of all files below ``rel`` ending in ``suffix``."""
         base = self.path(rel)
         try:
-            found = self.fs.find(base)
+            found = ([e["name"] for e in self.reader.list(base, recursive=True)] if self.reader is not None
+                     else self.fs.find(base))
         except FileNotFoundError:
             return []
         except Exception as exc:
@@ -358,6 +397,10 @@ class Store:
 
         if self.is_local:
             return pafs.LocalFileSystem(), self.root
+        if self.reader is not None:
+            from .s3arrow import LeanHandler
+
+            return pafs.PyFileSystem(LeanHandler(self)), self.root
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs)), self.root
 
     def runs_rel(self, run_id: str) -> str:

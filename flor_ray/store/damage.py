@@ -113,12 +113,17 @@ def _check_part(store: "Store", rel: str, size: int | None) -> str | None:
                 f.seek(size - 8)
                 tail = f.read(8)
         else:
+            reader = store.reader  # the lean S3 reader, or None: s3fs's
+            cat = store.fs.cat_file if reader is None else reader.get
             if size is None:
-                size = store.fs.size(path)
+                info = store.fs.info(path) if reader is None else reader.head(path)
+                if info is None:
+                    return None  # removed since the listing
+                size = int(info["size"])
             if size < 12:
                 return f"is {size} bytes long, too short for a Parquet file (truncated)"
-            head = store.fs.cat_file(path, start=0, end=4)
-            tail = store.fs.cat_file(path, start=size - 8, end=size)
+            head = cat(path, start=0, end=4)
+            tail = cat(path, start=size - 8, end=size)
     except FileNotFoundError:
         return None  # removed since the listing: nothing to leave out
     if head != _MAGIC or tail[4:] != _MAGIC:

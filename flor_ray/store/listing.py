@@ -72,10 +72,7 @@ def _list_remote(store: "Store", rel: str, suffix: str, recursive: bool) -> list
     base = store.path(rel)
     root = store.root
     try:
-        if recursive:
-            found = store.fs.find(base, detail=True)
-        else:
-            found = {e["name"]: e for e in store.fs.ls(base, detail=True) if e.get("type") != "directory"}
+        found = store.infos(base, recursive)
     except FileNotFoundError:
         return []
     except Exception as exc:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import threading
+from functools import partial
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -164,23 +165,45 @@ _KEY_FIELD = b"\x18" + bytes([len(SEGMENT_KEY)]) + SEGMENT_KEY + b"\x18"
 def _local_footer_value(path: str) -> bytes | None:
     """The value of the segment's footer key, read from the file's footer bytes without
     pyarrow (whose import is most of a fresh process's cost of a listing); None when
-    not found so (the caller reads the footer with pyarrow).
-
-    The key-value metadata is the last field of the footer holding free bytes: its
-    last match is the key's (row group statistics come before it; the Arrow schema kept
-    there is base64), and the value found is parsed as a segment's footer before use."""
+    not found so (the caller reads the footer with pyarrow)."""
     with open(path, "rb") as f:
         f.seek(0, 2)
         n = f.tell()
         if n < 12:
             return None
         f.seek(n - 8)
-        tail = f.read(8)
-        length = int.from_bytes(tail[:4], "little")
-        if tail[4:] != b"PAR1" or length > n - 12:
+        length = _footer_length(f.read(8), n)
+        if length is None:
             return None
         f.seek(n - 8 - length)
-        footer = f.read(length)
+        return _key_value(f.read(length))
+
+
+def _remote_footer_value(store: "Store", path: str) -> bytes | None:
+    """:func:`_local_footer_value` on an object store read by the lean reader: one
+    ranged GET of the file's end (two when the footer is larger than that), kept for
+    pyarrow's opening of the file (:mod:`flor_ray.store.s3arrow`)."""
+    from .s3read import TAIL_BYTES
+
+    data, n = store.reader.tail(path, TAIL_BYTES, keep=True)
+    if n < 12 or len(data) < 8:
+        return None
+    length = _footer_length(data[-8:], n)
+    if length is None:
+        return None
+    footer = data[-8 - length:-8] if length + 8 <= len(data) else store.reader.get(path, n - 8 - length, n - 8)
+    return _key_value(footer)
+
+
+def _footer_length(tail: bytes, n: int) -> int | None:
+    length = int.from_bytes(tail[:4], "little")
+    return length if tail[4:] == b"PAR1" and length <= n - 12 else None
+
+
+def _key_value(footer: bytes) -> bytes | None:
+    """The key-value metadata is the last field of the footer holding free bytes: its
+    last match is the key's (row group statistics come before it; the Arrow schema kept
+    there is base64), and the value found is parsed as a segment's footer before use."""
     at = footer.rfind(_KEY_FIELD)
     if at < 0:
         return None
@@ -194,8 +217,9 @@ def _local_footer_value(path: str) -> bytes | None:
 
 def _read_origins(store: "Store", e: Entry) -> tuple[Origin, ...] | None:
     """The origins of a segment's footer; None when it is not a segment."""
-    if store.is_local:
-        raw = _local_footer_value(store.path(e.path))  # FileNotFoundError: gone since the listing
+    if store.is_local or store.reader is not None:
+        # FileNotFoundError: gone since the listing
+        raw = (_local_footer_value if store.is_local else partial(_remote_footer_value, store))(store.path(e.path))
         if raw is not None:
             try:
                 return _parse(raw)

@@ -54,7 +54,7 @@ def _listing(store: "Store") -> dict[str, int]:
     """Store-relative path -> size of every file in the store (temporaries included:
     they take space too)."""
     try:
-        found = store.fs.find(store.root, detail=True)
+        found = store.infos(store.root, recursive=True)
     except FileNotFoundError:
         return {}
     except Exception as exc:  # noqa: BLE001 - botocore / aiohttp errors are not OSErrors
