@@ -390,3 +390,43 @@ def test_a_segment_is_opened_with_the_get_that_read_its_origins(moto):
         table = pq.ParquetFile(fh).read()
     assert counting.take() == {"GET": 1}  # the file's end (all of it here), once
     assert table.num_rows == sum(o.rows for o in origins) > 0
+
+
+OBJECT_STORE_QUERIES = [
+    "SELECT count(*) AS n FROM logs",
+    "SELECT * FROM logs ORDER BY ALL",
+    "SELECT run_id, name, count(*) AS n, max(value) AS best FROM logs WHERE name = 'acc' GROUP BY ALL ORDER BY ALL",
+    "SELECT l.source, r.status, count(*) AS n FROM logs_all l JOIN runs r USING (run_id) GROUP BY ALL ORDER BY ALL",
+    "SELECT count(*) AS n, count(DISTINCT run_id) AS runs FROM logs WHERE iter1 IS NOT NULL",
+]
+
+
+@pytest.mark.parametrize("query", OBJECT_STORE_QUERIES)
+def test_sql_scans_an_object_stores_pieces_as_the_dataset_does(moto, query, monkeypatch):
+    """The pieces of an object store scanned through pyarrow's Parquet reader, held in
+    memory or read by each query, answer as the pyarrow dataset does."""
+    import pandas as pd
+
+    from flor_ray.queries import sources
+    from flor_ray.queries import sql as query_sql
+
+    server, _, _, env = moto
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        if k in env:
+            monkeypatch.setenv(k, env[k])
+    st = server.store(URL)
+    answers = {}
+    for mode in ("dataset", "pieces in memory", "pieces read by each query"):
+        query_sql.connection(st).close()
+        with monkeypatch.context() as m:
+            if mode == "dataset":
+                m.setattr(sources, "available", lambda con: False)
+            if mode == "pieces read by each query":
+                m.setattr(query_sql, "SQL_MATERIALIZE_ROWS", 0)
+            answers[mode] = flor_ray.sql(query, store=st)
+            kind = query_sql.connection(st).logs_kind
+        assert kind == {"dataset": kind, "pieces in memory": "table", "pieces read by each query": "view"}[mode]
+    query_sql.connection(st).close()
+    assert len(answers["dataset"]) > 0
+    pd.testing.assert_frame_equal(answers["pieces in memory"], answers["dataset"])
+    pd.testing.assert_frame_equal(answers["pieces read by each query"], answers["dataset"])

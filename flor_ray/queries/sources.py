@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-__all__ = ["available", "ReaderSource", "register", "quote", "literal", "RunsTable", "runs_table"]
+__all__ = ["available", "ReaderSource", "PiecesSource", "register", "quote", "literal", "RunsTable", "runs_table"]
 
 
 def _base() -> type | None:
@@ -156,7 +156,50 @@ def ReaderSource(reader: Any, select: str, columns: Sequence[str]) -> Any:  # no
 
 
 def is_reader_source(obj: Any) -> bool:
-    return isinstance(obj, _Reading)
+    return isinstance(obj, (_Reading, _Pieces))
+
+
+class _Pieces:
+    """The pieces of an object store's relation as the sandbox scans them: each scan
+    reads the asked columns of the pieces with pyarrow's Parquet reader (the Arrow data
+    dictionary-encoded as in the files; the rows filtered by DuckDB), without
+    ``pyarrow.dataset``, whose import costs a command line more than the scan (it
+    imports pandas). A local store's parts are the reader's (:func:`parts_select`)."""
+
+    schema_is_stable = True
+    one_shot = False
+
+    def __init__(self, store: Any, pieces: Sequence[Any], schema: Any) -> None:
+        self.obj = None
+        self.store, self.pieces, self.schema = store, tuple(pieces), schema
+
+    def __arrow_c_schema__(self) -> object:
+        return self.schema.__arrow_c_schema__()
+
+    def accepts(self, predicate: Any) -> bool:
+        return False
+
+    def stream(self, columns: Sequence[int] | None, filters: Sequence[Any]) -> tuple[object, bool]:
+        import pyarrow as pa
+
+        from ..store.logs import read_pieces
+
+        if columns is not None and not columns:  # count(*): the rows, no column
+            n = read_pieces(self.store, self.pieces, columns=["seq"], dictionary=True).num_rows
+            return pa.table({"_none": pa.nulls(n)}).__arrow_c_stream__(), True
+        names = None if columns is None else [self.schema.names[i] for i in columns]
+        return read_pieces(self.store, self.pieces, columns=names, dictionary=True).__arrow_c_stream__(), \
+            columns is not None
+
+
+_PIECES_CLASS: list[type] = []
+
+
+def PiecesSource(store: Any, pieces: Sequence[Any], schema: Any) -> Any:  # noqa: N802 - reads as the class
+    """A :class:`_Pieces` that is also DuckDB's scan source (the class made on first use)."""
+    if not _PIECES_CLASS:
+        _PIECES_CLASS.append(type("PiecesSource", (_Pieces, _base()), {}))
+    return _PIECES_CLASS[0](store, pieces, schema)
 
 
 def register(con: Any, name: str, source: Any) -> None:

@@ -230,6 +230,16 @@ class SqlConnection:
             # dictionary-encoded, as in the files: DuckDB scans the codes, not millions of
             # equal strings (as fast as its own Parquet reader on the 10^6-row benchmark)
             file_schema, part_schema = file_schemas(dictionary=True)
+            if sources.available(con):  # the pieces scanned by pyarrow's Parquet reader
+                full = pa.schema(list(file_schema) + list(part_schema))
+                source = read_pieces(store, pieces, dictionary=True) if small else None
+                if source is None or source.num_rows > SQL_MATERIALIZE_ROWS:
+                    source = sources.PiecesSource(store, pieces, full)
+                self._register("logs_arrow", source)
+                self.logs_kind = "table" if isinstance(source, pa.Table) else "view"
+                _create_views(con, pieces)
+                self.logs_key = pieces
+                return
             source = dataset(store, pieces, file_schema, part_schema, True)
             if source is None:  # a segment only partly read: its pieces, in memory
                 source = read_pieces(store, pieces, dictionary=True)
