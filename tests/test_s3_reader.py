@@ -174,10 +174,11 @@ def test_commands_answer_as_through_s3fs_in_no_more_requests(moto, command):
 
 
 def test_read_only_commands_import_no_s3fs(moto):
+    # nor pandas: sql scans the pieces without pyarrow.dataset (which imports it)
     server, counting, repo, env = moto
     probe = ("import runpy, sys\nsys.argv = ['flor-ray', *sys.argv[1:]]\ntry:\n    runpy.run_module('flor_ray.cli', "
              "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('\\nIMPORTED', sorted({m.split('.')[0] for m in "
-             "sys.modules} & {'s3fs', 'fsspec', 'botocore', 'aiobotocore', 'boto3'}))\n")
+             "sys.modules} & {'s3fs', 'fsspec', 'botocore', 'aiobotocore', 'boto3', 'pandas'}))\n")
     for command, args in COMMANDS.items():
         proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=repo, env=env, capture_output=True, text=True,
                               timeout=120)
@@ -398,6 +399,12 @@ OBJECT_STORE_QUERIES = [
     "SELECT run_id, name, count(*) AS n, max(value) AS best FROM logs WHERE name = 'acc' GROUP BY ALL ORDER BY ALL",
     "SELECT l.source, r.status, count(*) AS n FROM logs_all l JOIN runs r USING (run_id) GROUP BY ALL ORDER BY ALL",
     "SELECT count(*) AS n, count(DISTINCT run_id) AS runs FROM logs WHERE iter1 IS NOT NULL",
+    # filters on the source and the run: applied to the pieces
+    "SELECT source, count(*) AS n FROM logs_all WHERE source IN ('record', 'replay') GROUP BY ALL ORDER BY ALL",
+    "SELECT count(*) AS n FROM logs_all WHERE source = 'replay'",
+    "SELECT name, count(*) AS n FROM logs WHERE run_id = (SELECT min(run_id) FROM runs) GROUP BY ALL ORDER BY ALL",
+    "SELECT name, sum(value) AS s FROM logs WHERE run_id IN (SELECT run_id FROM runs ORDER BY run_id LIMIT 2) "
+    "AND source = 'record' GROUP BY ALL ORDER BY ALL",
 ]
 
 

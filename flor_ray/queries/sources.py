@@ -177,19 +177,45 @@ class _Pieces:
         return self.schema.__arrow_c_schema__()
 
     def accepts(self, predicate: Any) -> bool:
-        return False
+        """A filter on the run or the source (``logs`` keeps ``source = 'record'``): a
+        piece's rows share both, so it is applied to the pieces, before any is read."""
+        try:
+            return _piece_values(predicate) is not None
+        except Exception:  # noqa: BLE001 - a node of a kind not known here: the engine filters it
+            return False
 
     def stream(self, columns: Sequence[int] | None, filters: Sequence[Any]) -> tuple[object, bool]:
         import pyarrow as pa
 
         from ..store.logs import read_pieces
 
+        pieces = list(self.pieces)
+        for f in filters:
+            column, values = _piece_values(f)
+            pieces = [p for p in pieces if getattr(p, column) in values]
         if columns is not None and not columns:  # count(*): the rows, no column
-            n = read_pieces(self.store, self.pieces, columns=["seq"], dictionary=True).num_rows
+            n = read_pieces(self.store, pieces, columns=["seq"], dictionary=True).num_rows
             return pa.table({"_none": pa.nulls(n)}).__arrow_c_stream__(), True
         names = None if columns is None else [self.schema.names[i] for i in columns]
-        return read_pieces(self.store, self.pieces, columns=names, dictionary=True).__arrow_c_stream__(), \
+        return read_pieces(self.store, pieces, columns=names, dictionary=True).__arrow_c_stream__(), \
             columns is not None
+
+
+def _piece_values(node: Any) -> tuple[str, frozenset] | None:
+    """``(column, values)`` of ``run_id``/``source`` ``=`` or ``IN`` string constants; else None."""
+    from duckdb._sources import nodes
+
+    if isinstance(node, nodes.Binary) and node.op == "=":
+        col, lits = node.left, [node.right]
+    elif isinstance(node, nodes.In):
+        col, lits = node.operand, list(node.values)
+    else:
+        return None
+    if not (isinstance(col, nodes.Col) and col.parts in (("run_id",), ("source",))):
+        return None
+    if not all(isinstance(v, nodes.Lit) and v.type == "VARCHAR" and isinstance(v.value, str) for v in lits):
+        return None
+    return col.parts[0], frozenset(v.value for v in lits)
 
 
 _PIECES_CLASS: list[type] = []

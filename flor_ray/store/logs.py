@@ -262,9 +262,16 @@ def read_pieces(store: "Store", pieces: "Sequence[Piece]", columns: Sequence[str
         cols = []
         for f in full:
             if f.name in ("run_id", "source"):
-                v = pa.scalar(p.run_id if f.name == "run_id" else p.source, pa.string())
-                cols.append(pa.DictionaryArray.from_arrays(pa.array(np.zeros(t.num_rows, np.int32)), pa.array([v]))
-                            if dictionary else pa.repeat(v, t.num_rows))
+                text = p.run_id if f.name == "run_id" else p.source
+                if dictionary:  # from buffers: pa.array and pa.scalar import pandas (to ask if it is pandas')
+                    raw = text.encode()
+                    value = pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, len(raw)], np.int32)),
+                                                                   pa.py_buffer(raw)])
+                    codes = pa.Array.from_buffers(pa.int32(), t.num_rows,
+                                                  [None, pa.py_buffer(np.zeros(t.num_rows, np.int32))])
+                    cols.append(pa.DictionaryArray.from_arrays(codes, value))
+                else:
+                    cols.append(pa.repeat(pa.scalar(text, pa.string()), t.num_rows))
             elif f.name in t.column_names:
                 col = t.column(f.name)
                 cols.append(col if col.type == f.type else col.cast(f.type))
