@@ -187,17 +187,17 @@ class _Pieces:
     def stream(self, columns: Sequence[int] | None, filters: Sequence[Any]) -> tuple[object, bool]:
         import pyarrow as pa
 
-        from ..store.logs import read_pieces
+        from ..store.logs import read_relation
 
         pieces = list(self.pieces)
         for f in filters:
             column, values = _piece_values(f)
             pieces = [p for p in pieces if getattr(p, column) in values]
         if columns is not None and not columns:  # count(*): the rows, no column
-            n = read_pieces(self.store, pieces, columns=["seq"], dictionary=True).num_rows
+            n = read_relation(self.store, pieces, ["seq"]).num_rows
             return pa.table({"_none": pa.nulls(n)}).__arrow_c_stream__(), True
         names = None if columns is None else [self.schema.names[i] for i in columns]
-        return read_pieces(self.store, pieces, columns=names, dictionary=True).__arrow_c_stream__(), \
+        return read_relation(self.store, pieces, names).__arrow_c_stream__(), \
             columns is not None
 
 

@@ -278,10 +278,47 @@ def read_pieces(store: "Store", pieces: "Sequence[Piece]", columns: Sequence[str
             else:
                 cols.append(pa.nulls(t.num_rows, f.type))
         tables.append(pa.Table.from_arrays(cols, schema=full))
-    if not tables:
-        return full.empty_table()
+    if not tables:  # not Schema.empty_table(), which imports pandas
+        return pa.Table.from_arrays([pa.nulls(0, f.type) for f in full], schema=full)
     out = pa.concat_tables(tables)
     return out.unify_dictionaries() if dictionary else out
+
+
+def read_relation(store: "Store", pieces: "Sequence[Piece]", columns: Sequence[str] | None = None) -> "pa.Table":
+    """:func:`read_pieces` (dictionary-encoded) in no particular row order: a segment wanted
+    whole is read as one file, its run and source columns its own, not piece by piece
+    (a thousand runs' pieces cost a thousand small tables)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .segments import whole_segments
+
+    file_schema, part_schema = file_schemas(True)
+    full = pa.schema(list(file_schema) + list(part_schema))
+    if columns is not None:
+        full = pa.schema([full.field(c) for c in columns])
+    by_file: dict[str, list] = {}
+    for p in pieces:
+        if p.in_segment:
+            by_file.setdefault(p.file, []).append(p)
+    fs, root = store.arrow_fs()
+    tables, whole = [], set()
+    for rel, ps in by_file.items():
+        if not whole_segments(store, ps):
+            continue
+        with fs.open_input_file(f"{root}/{rel}") as fh:
+            pf = pq.ParquetFile(fh, read_dictionary=[f.name for f in full if pa.types.is_dictionary(f.type)])
+            if not set(full.names) <= set(pf.schema_arrow.names):
+                continue  # an older segment: piece by piece, the missing columns as nulls
+            t = pf.read(columns=full.names)
+        if t.schema.remove_metadata() != full.remove_metadata():
+            continue
+        tables.append(t.replace_schema_metadata(full.metadata))
+        whole.add(rel)
+    rest = [p for p in pieces if p.file not in whole]
+    if rest or not tables:
+        tables.append(read_pieces(store, rest, columns, dictionary=True))
+    return pa.concat_tables(tables).unify_dictionaries() if len(tables) > 1 else tables[0]
 
 
 def read_logs(
