@@ -78,7 +78,14 @@ def _mount_tmpfs(path: Path, size: str) -> None:
 
 
 def _remount(path: Path, opts: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{opts}", str(path)], check=True, capture_output=True)
+    # read-only is refused while a file there is open for writing (the recording's flush or
+    # checkpoint of that instant, "mount point is busy"): again until the kernel lets it
+    for _ in range(100):
+        proc = subprocess.run(["mount", "-o", f"remount,{opts}", str(path)], capture_output=True, text=True)
+        if proc.returncode == 0 or "busy" not in proc.stderr.lower():
+            break
+        time.sleep(0.02)
+    proc.check_returncode()
 
 
 @pytest.fixture
