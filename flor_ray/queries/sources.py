@@ -144,15 +144,20 @@ class _Reading:
         return self._stream(self._sql(columns, filters)), columns is not None
 
 
-_CLASS: list[type] = []
+_CLASSES: dict[type, type] = {}
+
+
+def _scan_source(kind: type) -> type:
+    """``kind`` made DuckDB's scan source too (the class made on first use:
+    ``import flor_ray.queries.sql`` does not import duckdb)."""
+    if kind not in _CLASSES:
+        _CLASSES[kind] = type(kind.__name__.lstrip("_") + "Source", (kind, _base()), {})
+    return _CLASSES[kind]
 
 
 def ReaderSource(reader: Any, select: str, columns: Sequence[str]) -> Any:  # noqa: N802 - reads as the class
-    """A :class:`_Reading` that is also DuckDB's scan source (the class made on first use:
-    ``import flor_ray.queries.sql`` does not import duckdb)."""
-    if not _CLASS:
-        _CLASS.append(type("ReaderSource", (_Reading, _base()), {}))
-    return _CLASS[0](reader, select, columns)
+    """A :class:`_Reading` that is also DuckDB's scan source."""
+    return _scan_source(_Reading)(reader, select, columns)
 
 
 def is_reader_source(obj: Any) -> bool:
@@ -218,14 +223,9 @@ def _piece_values(node: Any) -> tuple[str, frozenset] | None:
     return col.parts[0], frozenset(v.value for v in lits)
 
 
-_PIECES_CLASS: list[type] = []
-
-
 def PiecesSource(store: Any, pieces: Sequence[Any], schema: Any) -> Any:  # noqa: N802 - reads as the class
-    """A :class:`_Pieces` that is also DuckDB's scan source (the class made on first use)."""
-    if not _PIECES_CLASS:
-        _PIECES_CLASS.append(type("PiecesSource", (_Pieces, _base()), {}))
-    return _PIECES_CLASS[0](store, pieces, schema)
+    """A :class:`_Pieces` that is also DuckDB's scan source."""
+    return _scan_source(_Pieces)(store, pieces, schema)
 
 
 def register(con: Any, name: str, source: Any) -> None:

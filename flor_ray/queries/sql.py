@@ -231,20 +231,17 @@ class SqlConnection:
             # equal strings (as fast as its own Parquet reader on the 10^6-row benchmark)
             file_schema, part_schema = file_schemas(dictionary=True)
             if sources.available(con):  # the pieces scanned by pyarrow's Parquet reader
-                full = pa.schema(list(file_schema) + list(part_schema))
-                source = read_pieces(store, pieces, dictionary=True) if small else None
+                known = [p.rows for p in pieces]  # a segment's pieces say their rows, loose files not
+                many = None not in known and sum(known) > SQL_MATERIALIZE_ROWS
+                source = read_pieces(store, pieces, dictionary=True) if small and not many else None
                 if source is None or source.num_rows > SQL_MATERIALIZE_ROWS:
-                    source = sources.PiecesSource(store, pieces, full)
-                self._register("logs_arrow", source)
-                self.logs_kind = "table" if isinstance(source, pa.Table) else "view"
-                _create_views(con, pieces)
-                self.logs_key = pieces
-                return
-            source = dataset(store, pieces, file_schema, part_schema, True)
-            if source is None:  # a segment only partly read: its pieces, in memory
-                source = read_pieces(store, pieces, dictionary=True)
-            elif small and source.count_rows() <= SQL_MATERIALIZE_ROWS:
-                source = source.to_table()
+                    source = sources.PiecesSource(store, pieces, pa.schema(list(file_schema) + list(part_schema)))
+            else:
+                source = dataset(store, pieces, file_schema, part_schema, True)
+                if source is None:  # a segment only partly read: its pieces, in memory
+                    source = read_pieces(store, pieces, dictionary=True)
+                elif small and source.count_rows() <= SQL_MATERIALIZE_ROWS:
+                    source = source.to_table()
         self._register("logs_arrow", source)
         self.logs_kind = "view" if pieces and not isinstance(source, pa.Table) else "table"
         _create_views(con, pieces)

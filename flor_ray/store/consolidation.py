@@ -278,7 +278,7 @@ def _remove_empty_folders(store: "Store", rels: Sequence[str]) -> None:
     import os
 
     folders = {os.path.dirname(r) for r in rels}
-    for level in range(2):
+    for _ in range(2):  # source=, then run_id=
         parents = set()
         for rel in sorted(folders):
             if not rel.startswith(layout.LOGS + "/"):
