@@ -408,10 +408,154 @@ OBJECT_STORE_QUERIES = [
 ]
 
 
+#: how ``sql`` reads an object store's relation: the mode's settings, and the kind of table it makes
+SQL_MODES = {
+    "dataset": ({"available": False}, None),
+    "pieces in memory": ({"FETCH_BYTES": 0}, "table"),
+    "pieces read by each query": ({"FETCH_BYTES": 0, "SQL_MATERIALIZE_ROWS": 0}, "view"),
+    "copies in memory": ({}, "table"),
+    "copies read by each query": ({"SQL_MATERIALIZE_ROWS": 0}, "view"),
+}
+
+
 @pytest.mark.parametrize("query", OBJECT_STORE_QUERIES)
-def test_sql_scans_an_object_stores_pieces_as_the_dataset_does(moto, query, monkeypatch):
-    """The pieces of an object store scanned through pyarrow's Parquet reader, held in
-    memory or read by each query, answer as the pyarrow dataset does."""
+def test_sql_on_an_object_store_answers_alike_in_every_mode(moto, query, monkeypatch):
+    """The pieces of an object store scanned through pyarrow's Parquet reader (held in
+    memory or read by each query) and the files fetched whole and read by DuckDB's own
+    reader answer as the pyarrow dataset does."""
+    import pandas as pd
+
+    from flor_ray.queries import copies, sources
+    from flor_ray.queries import sql as query_sql
+
+    server, _, _, env = moto
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        if k in env:
+            monkeypatch.setenv(k, env[k])
+    st = server.store(URL)
+    answers = {}
+    for mode, (settings, want_kind) in SQL_MODES.items():
+        query_sql.connection(st).close()
+        with monkeypatch.context() as m:
+            for name, value in settings.items():
+                if name == "available":
+                    m.setattr(sources, "available", lambda con, v=value: v)
+                else:
+                    m.setattr(copies if name == "FETCH_BYTES" else query_sql, name, value)
+            answers[mode] = flor_ray.sql(query, store=st)
+            conn = query_sql.connection(st)
+            kind, held = conn.logs_kind, dict(conn.copies.held())
+        assert want_kind is None or kind == want_kind, mode
+        if mode == "copies read by each query":  # every file of the relation, held locally
+            files = {p.file for p in query_sql.log_parts(st)}
+            assert set(held) == files and all(Path(v).is_file() for v in held.values())
+        else:
+            assert held == {}, mode  # not fetched, or released once the rows were in memory
+    query_sql.connection(st).close()
+    assert len(answers["dataset"]) > 0
+    for mode in SQL_MODES:
+        pd.testing.assert_frame_equal(answers[mode], answers["dataset"])
+
+
+def test_sql_copies_follow_the_listing_and_go_with_the_connection(moto, tmp_path, monkeypatch):
+    """The files fetched for the reader are fetched once while the listing names them
+    unchanged; a new run fetches only its own file; files compacted away lose their
+    copies; closing the connection removes the folder."""
+    import dataclasses
+
+    from flor_ray.queries import copies
+    from flor_ray.queries import sql as query_sql
+
+    server, _, _, env = moto
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        if k in env:
+            monkeypatch.setenv(k, env[k])
+    monkeypatch.setattr(query_sql, "SQL_MATERIALIZE_ROWS", 0)  # the copies stay: a view over them
+    url = f"s3://{BUCKET}/copies"
+    repo = tmp_path / "proj"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    write(repo, "train.py", bench_store.SCRIPT)
+    run_env = server.env(FLOR_STORE=url)
+
+    def record():
+        subprocess.run([sys.executable, "train.py", "--epochs", "2"], cwd=repo, env=run_env, check=True,
+                       capture_output=True, timeout=120)
+
+    st = server.store(url)
+    fetched: list[str] = []
+    read = st.read_bytes
+    monkeypatch.setattr(st, "read_bytes", lambda rel: (fetched.append(rel) if rel.endswith(".parquet") else None)
+                        or read(rel))
+    query = "SELECT run_id, count(*) AS n FROM logs GROUP BY ALL ORDER BY ALL"
+    record()
+    first = flor_ray.sql(query, store=st)
+    conn = query_sql.connection(st)
+    held = dict(conn.copies.held())
+    assert len(first) == 1 and len(held) == 1 and fetched == list(held)
+    folder = Path(conn.copies.folder)
+    assert all(Path(p).parent == folder for p in held.values())
+
+    fetched.clear()
+    assert flor_ray.sql(query, store=st).equals(first) and fetched == []  # the same listing: nothing fetched
+
+    record()
+    second = flor_ray.sql(query, store=st)
+    now = dict(conn.copies.held())
+    assert len(second) == 2 and len(fetched) == 1 and set(now) == set(held) | set(fetched)
+    assert all(now[rel] == held[rel] for rel in held)  # the first run's copy kept
+
+    CACHE.reset()  # compaction below lists the store afresh
+    consolidate(st, merge_all=True)
+    fetched.clear()
+    third = flor_ray.sql(query, store=st)
+    conn = query_sql.connection(st)
+    segs = dict(conn.copies.held())
+    assert third.equals(second) and len(segs) == 1 and layout.is_segment(next(iter(segs)))
+    assert fetched == list(segs) and sorted(p.name for p in Path(conn.copies.folder).iterdir()) == \
+        [Path(segs[next(iter(segs))]).name]  # the loose files' copies removed
+
+    # a file whose size is not the listed one changed since: an error, nothing kept
+    piece = next(p for p in query_sql.log_parts(st))
+    fresh = copies.LocalCopies()
+    with pytest.raises(OSError, match="changed since it was listed"):
+        fresh.paths(st, [dataclasses.replace(piece, file_size=piece.file_size + 1)])
+    assert fresh.held() == {}
+    fresh.clear()
+
+    folder = Path(conn.copies.folder)
+    conn.close()
+    assert not folder.exists() and conn.copies.held() == {}
+
+
+def test_sql_on_an_object_store_leaves_no_copies_at_exit(moto, tmp_path):
+    """The command line, and a process that exits with the copies still read by a view."""
+    server, counting, repo, env = moto
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    run_env = {**env, "TMPDIR": str(tmp)}
+    proc = _cli(repo, run_env, "sql", "SELECT name, count(*) AS n FROM logs GROUP BY ALL ORDER BY ALL",
+                "--format", "csv")
+    assert proc.returncode == 0, proc.stderr
+    assert "acc," in proc.stdout and "loss," in proc.stdout
+    assert list(tmp.iterdir()) == []
+    script = (
+        "import os, flor_ray\n"
+        "from flor_ray.api import resolve_store\nfrom flor_ray.queries import sql\n"
+        "sql.SQL_MATERIALIZE_ROWS = 0\n"
+        "print(len(flor_ray.sql('SELECT * FROM logs')), len(os.listdir(sql.connection(resolve_store()).copies.folder)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, env=run_env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows, held = map(int, proc.stdout.split())
+    assert rows > 0 and held >= 2  # the segment and the loose run's file were read as copies
+    assert list(tmp.iterdir()) == []
+
+
+def test_sql_without_room_for_copies_reads_the_store_through_pyarrow(moto, tmp_path, monkeypatch):
+    import tempfile
+
     import pandas as pd
 
     from flor_ray.queries import sources
@@ -422,18 +566,15 @@ def test_sql_scans_an_object_stores_pieces_as_the_dataset_does(moto, query, monk
         if k in env:
             monkeypatch.setenv(k, env[k])
     st = server.store(URL)
-    answers = {}
-    for mode in ("dataset", "pieces in memory", "pieces read by each query"):
-        query_sql.connection(st).close()
-        with monkeypatch.context() as m:
-            if mode == "dataset":
-                m.setattr(sources, "available", lambda con: False)
-            if mode == "pieces read by each query":
-                m.setattr(query_sql, "SQL_MATERIALIZE_ROWS", 0)
-            answers[mode] = flor_ray.sql(query, store=st)
-            kind = query_sql.connection(st).logs_kind
-        assert kind == {"dataset": kind, "pieces in memory": "table", "pieces read by each query": "view"}[mode]
+    query = "SELECT run_id, name, count(*) AS n, sum(value) AS s FROM logs GROUP BY ALL ORDER BY ALL"
     query_sql.connection(st).close()
-    assert len(answers["dataset"]) > 0
-    pd.testing.assert_frame_equal(answers["pieces in memory"], answers["dataset"])
-    pd.testing.assert_frame_equal(answers["pieces read by each query"], answers["dataset"])
+    with monkeypatch.context() as m:
+        m.setattr(sources, "available", lambda con: False)
+        want = flor_ray.sql(query, store=st)
+    query_sql.connection(st).close()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "not-there"))
+    got = flor_ray.sql(query, store=st)
+    conn = query_sql.connection(st)
+    assert conn.copies.held() == {} and conn.copies.folder is None and not (tmp_path / "not-there").exists()
+    conn.close()
+    pd.testing.assert_frame_equal(got, want)

@@ -4,7 +4,7 @@ without pandas, pyarrow.dataset or a copy through Python values.
 The sandboxed connection (:mod:`flor_ray.queries.sandbox`) never opens a file: it scans
 Arrow streams that a :class:`ReaderSource` hands it. The reader, an in-memory DuckDB
 that only flor_ray's own statements reach, reads exactly the listed Parquet parts of a
-local store with DuckDB's Parquet reader (the columns and the simple filters of each
+local store (or their local copies, :mod:`flor_ray.queries.copies`) with DuckDB's Parquet reader (the columns and the simple filters of each
 scan pushed down), or holds the runs table built from the runs' metadata. A user's query
 cannot name the reader: it is another database, and ATTACH is refused in the sandbox.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["available", "ReaderSource", "PiecesSource", "register", "quote", "literal", "RunsTable", "runs_table"]
 
@@ -263,18 +263,26 @@ LOGS_COLUMNS = (("version", "VARCHAR"), ("file", "VARCHAR"), ("loops", "VARCHAR"
                 ("source", "VARCHAR"))
 
 
-def parts_select(reader: Any, store: Any, pieces: Sequence[Any]) -> str | None:
-    """A query of the reader over the parts of ``pieces`` (a local store's loose files, with
-    the run and source their listing gave them, and whole segments) in the relation's
-    columns, a column an older file lacks as nulls; None when a segment is wanted only in part."""
+def parts_select(reader: Any, store: Any, pieces: Sequence[Any],
+                 fetch: Callable[[Sequence[Any]], Mapping[str, str]] | None = None) -> str | None:
+    """A query of the reader over the parts of ``pieces`` (loose files, with the run and
+    source their listing gave them, and whole segments) in the relation's columns, a
+    column an older file lacks as nulls; None when a segment is wanted only in part.
+    ``fetch``: the local path of each file of the pieces (copies of an object store's,
+    :mod:`flor_ray.queries.copies`); None: the files are the local store's own."""
     import os
 
     from ..store.segments import whole_segments
 
     if not whole_segments(store, pieces):
         return None
-    loose = {os.path.join(store.root, p.file): p for p in pieces if not p.in_segment}
-    segs = sorted({os.path.join(store.root, p.file) for p in pieces if p.in_segment})
+    paths = fetch(pieces) if fetch is not None else None
+
+    def where(p: Any) -> str:
+        return paths[p.file] if paths is not None else os.path.join(store.root, p.file)
+
+    loose = {where(p): p for p in pieces if not p.in_segment}
+    segs = sorted({where(p) for p in pieces if p.in_segment})
     if loose:  # each loose file's run and source, as the listing read them from its folders
         paths = sorted(loose)
         reader.execute("CREATE OR REPLACE TABLE flor_parts AS SELECT unnest($1::VARCHAR[]) AS path, "

@@ -2,9 +2,10 @@
 output (:mod:`flor_ray.queries.output`), sandboxed.
 
 ``logs`` / ``logs_all`` / ``replay_mismatch`` are views over ``logs_arrow`` (the
-Parquet parts: for a local store read by DuckDB's own Parquet reader in a private
-connection, :mod:`flor_ray.queries.sources`; else an Arrow dataset; when small, its rows
-in memory), and ``runs`` the runs table; both are kept per store
+Parquet parts, read by DuckDB's own Parquet reader in a private connection,
+:mod:`flor_ray.queries.sources`: a local store's files, or an object store's fetched
+whole as local copies, :mod:`flor_ray.queries.copies`; else through pyarrow; when small,
+its rows in memory), and ``runs`` the runs table; both are kept per store
 (:mod:`flor_ray.queries.cache`) and built again when a listing of the store differs.
 :func:`sql_columns` gives the command line the answer without pandas.
 """
@@ -20,7 +21,7 @@ from ..store.logs import MISMATCH_SOURCE, dataset, file_schemas, log_parts, unre
 from .cache import CACHE
 from .dataframe import LISTINGS
 from .output import output_listing, register_output
-from . import sources
+from . import copies, sources
 from .runs import runs_frame, runs_values
 from .sandbox import check_query, connect, fetch_rows, refusal, run_query
 
@@ -99,9 +100,9 @@ class SqlConnection:
     :func:`sql` calls, and its reader (:mod:`flor_ray.queries.sources`).
 
     ``logs_arrow``, ``runs`` and ``output`` are scans of Arrow data given from Python: the
-    reader's streams over the parts of a local store and over the runs table it holds, or
-    Arrow data read by pyarrow (object stores, a segment read in part, a value only pandas
-    types). They are built from a listing of the store and registered again when a later
+    reader's streams over the parts (a local store's, or local copies of an object
+    store's) and over the runs table it holds, or Arrow data read by pyarrow (an object
+    store's relation too large to copy, a segment read in part, a value only pandas types). They are built from a listing of the store and registered again when a later
     listing differs (a new run, a new flush, a replay partition, a rewritten or deleted
     file). Used under ``lock`` only.
     """
@@ -116,6 +117,7 @@ class SqlConnection:
         self.runs_key: Any = None
         self.runs_columns: tuple[str, ...] = ()
         self.output_key: Any = None  # the listing the output table was built from
+        self.copies = copies.LocalCopies()  # an object store's files the reader reads
 
     def connect(self):
         if self.con is None:
@@ -135,6 +137,7 @@ class SqlConnection:
         cons, self.con, self.reader = (self.con, self.reader), None, None
         self.logs_key = self.logs_kind = self.runs_key = self.output_key = None
         self.runs_columns = ()
+        self.copies.clear()
         for con in cons:
             if con is not None:
                 try:
@@ -199,16 +202,23 @@ class SqlConnection:
         self.logs_key = self.logs_kind = None
         n_files = len({p.file for p in pieces})
         small = sum(p.origin_size or 0 for p in pieces) <= _SQL_MATERIALIZE_BYTES + 8192 * n_files
-        if sources.available(con) and (not pieces or store.is_local):
+        if sources.available(con) and (not pieces or store.is_local or copies.fetchable(pieces)):
             reader = self.reading()
-            select = (sources.parts_select(reader, store, pieces) if pieces
-                      else sources.empty_select(sources.LOGS_COLUMNS))
+            # an object store's files are read as local copies, fetched whole
+            fetch = None if store.is_local else (lambda wanted: self.copies.paths(store, wanted))
+            try:
+                select = (sources.parts_select(reader, store, pieces, fetch) if pieces
+                          else sources.empty_select(sources.LOGS_COLUMNS))
+            except copies.NoLocalRoom:  # no room for the copies here: pyarrow reads the store
+                self.copies.clear()
+                select = None
             if select is not None:
                 self.logs_kind = "view" if pieces else "table"
                 if pieces and small and reader.execute(
                         f"SELECT count(*) FROM ({select})").fetchone()[0] <= SQL_MATERIALIZE_ROWS:
                     reader.execute(f"CREATE OR REPLACE TABLE flor_logs AS {select}")
                     select, self.logs_kind = "SELECT * FROM flor_logs", "table"
+                    self.copies.clear()  # the rows are in memory
                 names = [n for n, _ in sources.LOGS_COLUMNS]
                 self._register("logs_arrow", sources.ReaderSource(reader, select, names))
                 _create_views(con, pieces)
