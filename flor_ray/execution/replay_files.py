@@ -24,9 +24,14 @@ replayed process :class:`ReplayFiles` extends that to the paths that leave it:
   repository the same size and modification time); otherwise reading it is a
   :class:`ReplayFileError`, since the replay cannot see what the run resumed from.
 * ``torch.save`` does nothing in a replay (a replay restores flor's checkpoints and
-  skips most iterations: its saves would not be the recording's), so reading back a
-  file that the replay itself ``torch.save``d is a :class:`ReplayFileError` rather
-  than a read of an older file.
+  skips most iterations: its saves would not be the recording's). A file the
+  recording read back with ``torch.load`` after saving it (the best model, loaded
+  after the loop) is read, at the same place in the script, as the bytes the
+  recording kept of it (:mod:`flor_ray.record.own_files`), checked by their sha256.
+  Reading back any other file that the replay itself ``torch.save``d is a
+  :class:`ReplayFileError` rather than a read of an older file. A file the recording
+  saved to outside the repository is never written by the replay: opened for
+  writing, it is a private copy of the replay.
 
 Writes outside the repository (``/tmp``, a dataset cache, ``~/.cache``) go where
 the script sends them, as the recording's did: a replay that downloads a dataset
@@ -40,7 +45,7 @@ import builtins
 import errno
 import io
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..errors import FlorError
 
@@ -70,6 +75,16 @@ class ReplayFiles:
         self.discarded: set[str] = set()  # torch.saved by this replay (not written)
         self._real: dict[str, Any] = {}
         self.notes: dict[str, str] = {}  # for the task's report: the user's files this replay hid
+        #: the recording's reads of its own saves, by path (where the script was, the bytes' sha256)
+        self.read_back: dict[str, list[dict]] = {}
+        for entry in facts.get("read_back") or ():
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                self.read_back.setdefault(entry["path"], []).append(entry)
+        self.position: Callable[[], list] | None = None  # where the script is (the worker's)
+        self.fetch: Callable[[str], bytes] | None = None  # a store file's bytes
+        self._served: dict[tuple, int] = {}  # (path, position) -> reads served there
+        self._private: str | None = None  # the served copies and the outside files opened for writing
+        self._outside: dict[str, str] = {}  # a saved-to path outside the repository -> its private copy
 
     # -------------------------------------------------------------- the rules
     def mapped(self, path: Any, write: bool = True) -> Any:
@@ -80,6 +95,12 @@ class ReplayFiles:
         if isinstance(path, int):
             return path
         p = os.fspath(path)
+        if isinstance(p, str) and self._outside:
+            moved = self._outside.get(os.path.abspath(p))
+            if moved is not None:
+                return moved
+        if write and isinstance(p, str) and self.saved and self._outside_saved(p):
+            return self._private_path(os.path.abspath(p))
         root = self.root
         if not isinstance(p, str) or root is None or not p.startswith(root) or root == self.tree:
             return path
@@ -97,6 +118,83 @@ class ReplayFiles:
             return path
         return mine
 
+    def _outside_saved(self, p: str) -> bool:
+        """A path the recording torch.saved to, outside the repository (and the scratch copy)."""
+        a = os.path.abspath(p)
+        if a not in self.saved:
+            return False
+        inside = [d for d in (self.root, self.tree) if d]
+        return not any(a == d or a.startswith(d + os.sep) for d in inside)
+
+    def _folder(self) -> str:
+        if self._private is None:
+            import shutil
+            import tempfile
+            import weakref
+
+            self._private = tempfile.mkdtemp(prefix="flor-replay-files-")
+            weakref.finalize(self, shutil.rmtree, self._private, True)
+        return self._private
+
+    def _private_path(self, a: str) -> str:
+        """The replay's own file for ``a``, a saved-to path outside the repository."""
+        import hashlib
+
+        moved = os.path.join(self._folder(), hashlib.sha1(a.encode()).hexdigest()[:16] + "-" + os.path.basename(a))
+        self._outside[a] = moved
+        return moved
+
+    def served(self, target: Any, count: bool = True) -> str | None:
+        """The local copy of the bytes the recording read at ``target`` here (the same
+        place in the script), or None where it read none there. ``count``: a read (the
+        n-th read here gets the n-th recorded one, where they differ)."""
+        if not self.read_back or self.position is None or isinstance(target, int):
+            return None
+        p = os.fspath(target)
+        if not isinstance(p, str):
+            return None
+        recorded = self._recorded(os.path.abspath(p))
+        entries = self.read_back.get(recorded)
+        if not entries:
+            return None
+        where = list(self.position())
+        here = [e for e in entries if e.get("at") == where]
+        if not here:
+            return None
+        key = (recorded, tuple(where))
+        n = self._served.get(key, 0)
+        if len({e.get("sha256") for e in here}) == 1:
+            entry = here[0]
+        elif n < len(here):
+            entry = here[n]
+        else:
+            raise ReplayFileError(
+                f"the replayed script of run {self.run_id} reads {recorded} {n + 1} times at {where}, where the "
+                f"recording read it {len(here)} times with different contents: the replay cannot tell which to show")
+        if count:
+            self._served[key] = n + 1
+        return self._copy_of(entry, recorded)
+
+    def _copy_of(self, entry: Mapping[str, Any], recorded: str) -> str:
+        import hashlib
+
+        digest = str(entry.get("sha256"))
+        local = os.path.join(self._folder(), f"read-{digest}{os.path.splitext(recorded)[1]}")
+        if self._exists(local):
+            return local
+        try:
+            data = self.fetch(str(entry["stored"])) if self.fetch is not None else None
+        except Exception as exc:  # noqa: BLE001 - said with the file's name; the task fails
+            raise ReplayFileError(f"run {self.run_id} read back {recorded}, and its kept copy "
+                                  f"{entry.get('stored')} cannot be read: {exc}") from exc
+        if data is None or hashlib.sha256(data).hexdigest() != digest:
+            raise ReplayFileError(f"run {self.run_id} read back {recorded}, and its kept copy {entry.get('stored')} "
+                                  "is not the bytes it read (damaged): the replay cannot show the script that file")
+        with self._real["open"](local + ".tmp", "wb") as f:
+            f.write(data)
+        self._real["replace"](local + ".tmp", local)
+        return local
+
     def _recorded(self, a: str) -> str:
         """The recording's name of the absolute path ``a`` of this replay."""
         if self.root is not None and (a == self.tree or a.startswith(self.tree + os.sep)):
@@ -112,8 +210,15 @@ class ReplayFiles:
             return
         a = os.path.abspath(p)
         info = self.saved.get(self._recorded(a))
-        if info is None or a in self.written:
+        if info is not None and info.get("opened") and a in self.written:
+            if reading:  # a torch.save into a file the replay opened: nothing was written
+                raise ReplayFileError(
+                    f"the replayed script of run {self.run_id} reads {p}, which it torch.saved earlier in this "
+                    "replay, at a place where the recording did not torch.load it; a replay does not write "
+                    "torch.save files (it skips most iterations): log the value from the objects in memory instead")
             return
+        if info is None or a in self.written or (info.get("opened") and "existed" not in info):
+            return  # not a saved-to path, the replay's own file, or nothing known of its start
         if a in self.discarded:
             if reading:
                 raise ReplayFileError(
@@ -162,6 +267,10 @@ class ReplayFiles:
 
         def _open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
             writing = bool(_WRITES & set(mode))
+            if not writing and self.read_back:
+                copy = self.served(file)
+                if copy is not None:
+                    return real["open"](copy, mode, *args, **kwargs)
             target = self.mapped(file, writing)
             if writing:
                 if not isinstance(target, int):
@@ -173,6 +282,10 @@ class ReplayFiles:
         def _stat(path: Any, *args: Any, **kwargs: Any) -> Any:
             if args or kwargs.get("dir_fd") is not None:
                 return real["stat"](path, *args, **kwargs)
+            if self.read_back:
+                copy = self.served(path, count=False)
+                if copy is not None:
+                    return real["stat"](copy, **kwargs)
             target = self.mapped(path, False)
             self.check(target, False)
             return real["stat"](target, **kwargs)

@@ -93,6 +93,7 @@ class ReplaySession(LoopRuntime):
         self.files = ReplayFiles(tree_of(spec.script, sys.argv[0] if sys.argv else ""),
                                  load_facts(self.store, spec.run_id), spec.run_id,
                                  keep=(str(self.store.root),) if self.store.is_local else ())
+        self.files.position, self.files.fetch = self._file_position, self.store.read_bytes
         self.files.install()
         self._suppress_saves()
         atexit.register(self.finish)

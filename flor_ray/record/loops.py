@@ -158,6 +158,15 @@ class LoopRuntime:
             return self._outer_gen(name, it, length)
         return self._inner_gen(name, it, depth, length)
 
+    def _file_position(self) -> list:
+        """Where the script is, as a recording and its replays both see it (the files it
+        reads back are kept by it, :mod:`flor_ray.record.own_files`): in a top-level
+        loop's iteration, or before or after the outer loop."""
+        st = self._stack
+        if st:
+            return ["loop", st[0][0], self._last if len(st) == 1 else st[0][1]]
+        return ["after" if self._outer_started else "setup", None, None]
+
     def _push(self, name: str, length: int | None = None) -> list:
         if self._stack:  # the enclosing loop's position becomes part of the prefix
             top = self._stack[-1]

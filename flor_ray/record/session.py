@@ -183,7 +183,7 @@ class RecordSession(Checkpointing, CellsRun, LoopRuntime):
         self._note_parts(cells)
         from .own_files import FileFacts
 
-        self._file_facts = FileFacts(where.repo_root)
+        self._file_facts = FileFacts(where.repo_root, self._file_position, self._keep_read_back)
         import numpy  # noqa: F401  # on this thread: the writer's pyarrow import needs it, and a
         # module half-imported by another thread must never be seen by capture_rng / environment()
         timer.mark("meta")
@@ -200,6 +200,15 @@ class RecordSession(Checkpointing, CellsRun, LoopRuntime):
 
         self._output = start_capture(self)
         timer.mark("rest")
+
+    def _keep_read_back(self, digest: str, suffix: str, data: bytes) -> str:
+        """A file the script reads back, into the store before the script goes on (its
+        replays read these bytes, :mod:`flor_ray.record.own_files`)."""
+        from ..store import layout
+
+        rel = layout.saved_file(self.run_id, f"read-{digest}{suffix}")
+        self._spool.write(rel, data, durable=True)
+        return rel
 
     def _record_error(self, error: dict) -> None:
         self._error = error
