@@ -80,6 +80,10 @@ def test_statement_kinds_replay_exactly(recorded, name, kind, mode):
     text = plan.explain()
     assert f"Need[{name} -> {kind}:" in text
     assert {t.mode for t in plan.tasks} >= {mode}, text
+    if kind == "after":  # only the loop's end: its last checkpoint, none of the iterations before
+        (task,) = plan.tasks
+        assert (task.mode, task.start, task.stop, task.after) == ("skip", 4, 4, True), text
+        assert [c.iteration for c in task.checkpoints] == [4]
     if name == "best":
         assert "loop-carried state (best)" in text
         # the checkpoints hold the loop-carried `best`: no task needs to start from iteration 0
@@ -174,3 +178,29 @@ def test_replay_history_calibrates_the_next_plans_estimates(recorded):
         warnings.simplefilter("error")
         store.delete(f"{HISTORY_DIR}/99999999T000000-broken.json")
         assert len(load_calibration(store).samples) == len(samples)
+
+
+def test_after_the_loop_without_a_last_checkpoint_reexecutes_from_the_nearest(tmp_path):
+    """A loop of unknown length checkpointed every other iteration: the end (iteration 5)
+    has no checkpoint, so the one task re-executes it from checkpoint 4, nothing before."""
+    old = fill(OLD, ()).replace('range(5)', '(e for e in range(6))')
+    repo, hand = tmp_path / "proj", tmp_path / "hand"
+    for where, src in ((repo, old), (hand, fill(OLD).replace('range(5)', '(e for e in range(6))'))):
+        where.mkdir()
+        git(where, "init", "-q")
+        write(where, "train.py", src)
+        run_script(where, env=clean_env(FLOR_CHECKPOINT_MAX_PERIOD="2"))
+    store = Store(str(repo / ".flor"))
+    (meta,) = flor_ray.runs(store=store).to_dict("records")
+    ckpts = [c["iteration"] for c in store.read_json(f"runs/{meta['run_id']}.json")["checkpoints"]]
+    assert 5 not in ckpts and 4 in ckpts, ckpts
+    write(repo, "train.py", fill(OLD).replace('range(5)', '(e for e in range(6))'))
+    plan = flor_ray.plan_replay(["final_bias"], store=store, script=repo / "train.py", cluster=ClusterSnapshot(2))
+    (task,) = plan.tasks
+    assert (task.mode, task.start, task.stop, task.restore.iteration, task.after) == ("reexec", 5, 5, 4, True)
+    assert "no checkpoint for the last iteration 5: re-executes from checkpoint 4" in plan.explain()
+    report = run_plan(plan, progress=False, runner=LocalRunner())
+    assert not report.failed, str(report)
+    hand_store = Store(str(hand / ".flor"))
+    assert _vals(store, "final_bias", "replay") == _vals(hand_store, "final_bias", "record")
+    assert _vals(hand_store, "final_bias", "record")

@@ -48,6 +48,8 @@ class _Tasks:
         self.worst = max(kinds.values(), key=RANK.__getitem__) if kinds else "setup"
         self.need_after = need_after and any(k == "after" for k in kinds.values())
         self.need_setup = edges and any(k == "setup" for k in kinds.values())
+        #: no requested name is logged in the loop: only the state at its end is needed
+        self.only_after = all(k in ("setup", "after") for k in kinds.values())
         res = ctx.resources
         self.gpus = res.num_gpus if res.num_gpus is not None else (1.0 if run.device == "cuda" else 0.0)
         self.keep_reexec = sorted(set(names) | (set(patch.logged) & run.logged))
@@ -123,6 +125,21 @@ class _Tasks:
             self.add("reexec", its[0], its[-1], restore, (), self.keep_skip, False, self.at_end(its[-1]),
                      note + self.suffix)
 
+    def end(self, want: Sequence[int]) -> None:
+        """Names after the loop only: the loop's end, from the last iteration's checkpoint
+        (skipped to), or re-executed from the nearest earlier one. The iterations before
+        it hold no row of these names, and a replay of them could not change the state
+        the last checkpoint restores."""
+        last = max(want)
+        if last in self.ckpts_skip:
+            self.add("skip", last, last, None, [self.ckpts_skip[last]], self.keep_skip, False, True,
+                     "the names are logged after the loop: its last checkpoint is restored")
+            return
+        restore = _nearest(self.ckpts, last - 1)
+        note = (f"no checkpoint for the last iteration {last}: "
+                + (f"re-executes from checkpoint {restore.iteration}" if restore else "re-executes from iteration 0"))
+        self.add("reexec", last, last, restore, (), self.keep_skip, False, True, note + self.suffix)
+
     def inner(self, want: Sequence[int]) -> None:
         """Names inside the inner loops: re-execute segments from the nearest checkpoint."""
         spans = [list(range(min(want), max(want) + 1))] if self.edges else _spans(want)
@@ -159,7 +176,9 @@ def run_tasks(ctx: RunContext, want: Sequence[int], edges: bool = True, need_aft
     if b.blocked and not b.ckpts and (b.worst == "inner" or not b.ckpts_skip):
         b.from_zero(want)
         return b.tasks
-    if b.worst in ("outer", "after"):
+    if b.worst == "after" and b.only_after and b.at_end(max(want)):
+        b.end(want)
+    elif b.worst in ("outer", "after"):
         b.outer(want)
     else:
         b.inner(want)
