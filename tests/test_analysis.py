@@ -887,3 +887,36 @@ def test_a_factory_parameter_bound_to_a_checkpointed_object_is_no_carried_value(
     # which no checkpoint restores: it stays carried, named by the closure's parameter
     assert "optimizer" not in a.training_carried and "m" not in a.training_carried
     assert "counter" in a.training_carried
+
+
+HELPER_STEP = """
+import flor_ray as flor
+
+def train_step(model, opt):
+    opt.zero_grad()
+    loss = model(X).sum()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+model = Net()
+opt = make_opt(model)
+with flor.checkpointing(model=model, opt=opt):
+    for epoch in flor.loop("epoch", range(10)):
+        loss = train_step(model, opt)
+        last = evaluate(model)
+        flor.log("loss", loss)
+test_loss = evaluate(model)
+flor.log("test_loss", test_loss)
+flor.log("last_seen", last)
+"""
+
+
+def test_after_the_loop_a_model_a_helper_trained_is_the_last_checkpoints():
+    """Skip mode restores the last iteration's checkpoint after its outer-level code ran
+    (the training step in a helper): after the loop, the model is the checkpoint's."""
+    need = an(HELPER_STEP).need("test_loss")
+    assert need.kind == "after", need.reason
+    # a value computed in the iteration before that restore is not: the iteration re-executes
+    stale = an(HELPER_STEP).need("last_seen")
+    assert stale.kind == "inner" and "reads the checkpointed 'model'" in stale.reason, stale.reason

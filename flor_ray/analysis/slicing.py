@@ -137,6 +137,10 @@ class Slicing:
                             continue  # restored by the checkpoint
                         if not ckpt:
                             res.inner_hits.append((n, d))
+                    elif ckpt and not start_inner and not self.in_body[u.pos] and self._before_restore(d):
+                        # read after the loop: the last iteration's checkpoint, restored after this
+                        # outer-level code (a training step in a helper) ran, is what the loop leaves
+                        continue
                     if d.pos not in seen:
                         seen.add(d.pos)
                         push(d, d.uses)

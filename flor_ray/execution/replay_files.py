@@ -5,6 +5,13 @@ its working tree at its start), so a relative path already reads the files as th
 recorded run found them and writes into the copy, which is discarded. Inside the
 replayed process :class:`ReplayFiles` extends that to the paths that leave it:
 
+* **Files git ignores, by a relative path.** The scratch copy holds the snapshot only,
+  so a dataset the repository keeps but git ignores (``./data``, ``./cora``) is read,
+  listed (``os.listdir``, ``os.scandir``, so ``glob`` and ``os.walk``) and probed
+  (``os.stat``, ``os.lstat``) in the recorded repository where the copy lacks it,
+  and only as the recorded run could have found it: a file changed since the run
+  started (a later run's checkpoint, a regenerated dataset) reads as absent, and the
+  task's report says so. Writes stay in the copy.
 * **The repository by an absolute path.** A path under the recorded run's repository
   root (``/home/me/proj/out/ckpt.pt``, from a recorded ``--out`` argument; a store
   kept in the repository aside) is mapped to the same path in the scratch copy for
@@ -45,6 +52,7 @@ import builtins
 import errno
 import io
 import os
+import sys
 from typing import Any, Callable, Mapping
 
 from ..errors import FlorError
@@ -52,6 +60,7 @@ from ..errors import FlorError
 __all__ = ["ReplayFileError", "ReplayFiles"]
 
 _WRITES = set("wax+")
+_STAMP_SLACK_S = 0.02
 
 
 class ReplayFileError(FlorError):
@@ -85,6 +94,12 @@ class ReplayFiles:
         self._served: dict[tuple, int] = {}  # (path, position) -> reads served there
         self._private: str | None = None  # the served copies and the outside files opened for writing
         self._outside: dict[str, str] = {}  # a saved-to path outside the repository -> its private copy
+        #: when the recorded run's process started (seconds since the epoch): the user's files
+        #: changed later are not what it found; None (older metadata): any is read
+        started = facts.get("process_started")
+        self.started: float | None = (float(started) if isinstance(started, (int, float))
+                                      else _epoch(facts.get("run_started")))
+        self._changed: dict[str, str] = {}  # a path of the copy -> the user's file there, changed since
 
     # -------------------------------------------------------------- the rules
     def mapped(self, path: Any, write: bool = True) -> Any:
@@ -102,12 +117,17 @@ class ReplayFiles:
         if write and isinstance(p, str) and self.saved and self._outside_saved(p):
             return self._private_path(os.path.abspath(p))
         root = self.root
-        if not isinstance(p, str) or root is None or not p.startswith(root) or root == self.tree:
+        if not isinstance(p, str) or root is None or root == self.tree:
+            return path
+        a = os.path.abspath(p)
+        if a == self.tree or a.startswith(self.tree + os.sep):  # a relative path, most often
+            return path if write else self._read_through(a, path)
+        if not p.startswith(root):
             return path
         rest = p[len(root):]
         if rest and rest[0] != os.sep:
             return path
-        if any(p == k or p.startswith(k + os.sep) for k in self.keep):
+        if self._kept(p):
             return path
         mine = self.tree + rest
         if write or os.path.basename(p) in self.names:
@@ -115,8 +135,95 @@ class ReplayFiles:
         try:
             self._real["stat"](mine)
         except OSError:
-            return path
+            if self._as_found(p):
+                return path
+            if p in self.notes:
+                self._changed[mine] = p
+            return mine
         return mine
+
+    def _kept(self, a: str) -> bool:
+        """Inside one of flor's own folders under the repository (a store kept in it)."""
+        return any(a == k or a.startswith(k + os.sep) for k in self.keep)
+
+    def _theirs(self, a: str) -> str | None:
+        """The recorded repository's path of ``a``, a path in the scratch copy."""
+        if self.root is None or self.root == self.tree:
+            return None
+        theirs = self.root + a[len(self.tree):]
+        return None if self._kept(theirs) else theirs
+
+    def _read_through(self, a: str, path: Any) -> Any:
+        """A read in the scratch copy: the copy's file, else the recorded repository's as
+        the run found it (a file git ignores), else the copy's path (absent)."""
+        if os.path.basename(a) in self.names:
+            return path  # the script's own checkpoint files: the rules of check()
+        try:
+            self._real["stat"](a)
+            return path
+        except OSError:
+            pass
+        theirs = self._theirs(a)
+        if theirs is None:
+            return path
+        if self._as_found(theirs):
+            return theirs
+        if theirs in self.notes:
+            self._changed[a] = theirs
+        return path
+
+    def _room(self, target: Any) -> None:
+        """Before a write in the scratch copy: the folders above it that the copy lacks and
+        the recorded repository has (folders git ignores), made in the copy."""
+        if isinstance(target, int) or self.root is None or self.root == self.tree:
+            return
+        t = os.fspath(target)
+        if not isinstance(t, str):
+            return
+        a = os.path.dirname(os.path.abspath(t))
+        missing = []
+        while a.startswith(self.tree + os.sep) and not self._exists(a):
+            theirs = self._theirs(a)
+            if theirs is None or not self._isdir(theirs):
+                return  # not a folder of the repository's: the write fails as it would
+            missing.append(a)
+            a = os.path.dirname(a)
+        for folder in reversed(missing):
+            try:
+                self._real["mkdir"](folder)
+            except FileExistsError:
+                pass
+
+    def _refuse_changed(self, target: Any) -> None:
+        """Opening a file git ignores that changed since the run started: said, not absent."""
+        if not self._changed or isinstance(target, int):
+            return
+        a = os.path.abspath(os.fspath(target))
+        theirs = self._changed.get(a)
+        if theirs is not None and not self._exists(a):
+            raise ReplayFileError(
+                f"the replayed script of run {self.run_id} reads {theirs}, which git ignores (it is not in the "
+                "run's code snapshot) and which has changed since the run started: the replay cannot show the "
+                "script the file the run read; put it back as it was, or replay only runs recorded since it changed")
+
+    def _as_found(self, theirs: str, st: Any = None) -> bool:
+        """Whether the user's ``theirs`` is there as the recorded run could have found it:
+        a folder, or a file not changed since the run started (else it reads as absent,
+        and the task's report says so)."""
+        import stat as stat_kind
+
+        if st is None:
+            try:
+                st = self._real["stat"](theirs)
+            except OSError:
+                return False
+        # the process start is known to 10 ms: a file made just before it (`prep.py && train.py`) counts
+        if self.started is None or stat_kind.S_ISDIR(st.st_mode) or st.st_mtime <= self.started + _STAMP_SLACK_S:
+            return True
+        if theirs not in self.notes:
+            self.notes[theirs] = (f"run {self.run_id}: {theirs} read as absent: it changed after the run started "
+                                  "(a later run's file, or data made again), so it is not what the run found")
+        return False
 
     def _outside_saved(self, p: str) -> bool:
         """A path the recording torch.saved to, outside the repository (and the scratch copy)."""
@@ -195,6 +302,76 @@ class ReplayFiles:
         self._real["replace"](local + ".tmp", local)
         return local
 
+    def _folders(self, path: Any) -> tuple[Any, str | None]:
+        """A listed folder: the path to list in the scratch copy (or as given), and the
+        recorded repository's same folder where the copy may lack some of it (else None)."""
+        p = os.fspath(path)
+        if not isinstance(p, str) or self.root is None or self.root == self.tree:
+            return path, None
+        a = os.path.abspath(p)
+        if a == self.tree or a.startswith(self.tree + os.sep):
+            return path, self._theirs(a)
+        if (a == self.root or a.startswith(self.root + os.sep)) and not self._kept(a):
+            return self.tree + a[len(self.root):], a
+        return path, None
+
+    def _extra(self, theirs: str, have: set[str]) -> list[Any]:
+        """The entries of the user's folder ``theirs`` that the copy lacks, as the run could
+        have found them (``os.DirEntry``)."""
+        out = []
+        try:
+            with self._real["scandir"](theirs) as it:
+                for e in it:
+                    if e.name in have or self._kept(e.path):
+                        continue
+                    try:
+                        st = e.stat(follow_symlinks=True)
+                    except OSError:
+                        continue
+                    if self._as_found(e.path, st):
+                        out.append(e)
+        except OSError:
+            return []
+        return out
+
+    def listdir(self, path: Any = ".") -> list[Any]:
+        if isinstance(path, (int, bytes)):
+            return self._real["listdir"](path)
+        mine, theirs = self._folders(path)
+        try:
+            names = self._real["listdir"](mine)
+        except (FileNotFoundError, NotADirectoryError):
+            if theirs is None or not self._isdir(theirs):
+                raise
+            names = []
+        if theirs is not None:
+            names += [e.name for e in self._extra(theirs, set(names))]
+        return names
+
+    def scandir(self, path: Any = ".") -> Any:
+        if isinstance(path, (int, bytes)):
+            return self._real["scandir"](path)
+        mine, theirs = self._folders(path)
+        if theirs is None:
+            return self._real["scandir"](mine)
+        try:
+            own = list(self._real["scandir"](mine))
+        except (FileNotFoundError, NotADirectoryError):
+            if not self._isdir(theirs):
+                raise
+            own = []
+        prefix = os.fspath(path)
+        extra = [_Entry(e, os.path.join(prefix, e.name)) for e in self._extra(theirs, {e.name for e in own})]
+        return _Listing(own + extra)
+
+    def _isdir(self, p: str) -> bool:
+        import stat as stat_kind
+
+        try:
+            return stat_kind.S_ISDIR(self._real["stat"](p).st_mode)
+        except OSError:
+            return False
+
     def _recorded(self, a: str) -> str:
         """The recording's name of the absolute path ``a`` of this replay."""
         if self.root is not None and (a == self.tree or a.startswith(self.tree + os.sep)):
@@ -262,8 +439,9 @@ class ReplayFiles:
         if getattr(builtins.open, "_flor_replay", False):
             return
         real = self._real
-        real.update(open=builtins.open, io_open=io.open, stat=os.stat, mkdir=os.mkdir, replace=os.replace,
-                    rename=os.rename, remove=os.remove, unlink=os.unlink)
+        real.update(open=builtins.open, io_open=io.open, stat=os.stat, lstat=os.lstat, mkdir=os.mkdir,
+                    replace=os.replace, rename=os.rename, remove=os.remove, unlink=os.unlink, listdir=os.listdir,
+                    scandir=os.scandir)
 
         def _open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
             writing = bool(_WRITES & set(mode))
@@ -274,9 +452,11 @@ class ReplayFiles:
             target = self.mapped(file, writing)
             if writing:
                 if not isinstance(target, int):
+                    self._room(target)
                     self.written.add(os.path.abspath(os.fspath(target)))
             else:
                 self.check(target, True)
+                self._refuse_changed(target)
             return real["open"](target, mode, *args, **kwargs)
 
         def _stat(path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -290,6 +470,13 @@ class ReplayFiles:
             self.check(target, False)
             return real["stat"](target, **kwargs)
 
+        def _lstat(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if args or kwargs.get("dir_fd") is not None:
+                return real["lstat"](path, *args, **kwargs)
+            target = self.mapped(path, False)
+            self.check(target, False)
+            return real["lstat"](target, **kwargs)
+
         def _moved(name: str):
             def move(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
                 s, d = self.mapped(src), self.mapped(dst)
@@ -297,18 +484,28 @@ class ReplayFiles:
                     self.discarded.add(os.path.abspath(os.fspath(d)))  # an atomic torch.save's rename
                     return None
                 if not isinstance(d, int):
+                    self._room(d)
                     self.written.add(os.path.abspath(os.fspath(d)))
                 return real[name](s, d, *args, **kwargs)
             return move
 
         def _one(name: str):
             def call(path: Any, *args: Any, **kwargs: Any) -> Any:
-                return real[name](self.mapped(path), *args, **kwargs)
+                target = self.mapped(path)
+                if name == "mkdir" and not args and kwargs.get("dir_fd") is None:
+                    self._room(target)
+                return real[name](target, *args, **kwargs)
             return call
 
         _open._flor_replay = True  # type: ignore[attr-defined]
         builtins.open = io.open = _open  # type: ignore[assignment]
-        os.stat = _stat  # type: ignore[assignment]
+        # numpy's text readers (loadtxt, genfromtxt) open through the `open` it held at import
+        datasource = sys.modules.get("numpy.lib._datasource")
+        openers = getattr(getattr(datasource, "_file_openers", None), "_file_openers", None)
+        if isinstance(openers, dict) and openers.get(None) is real["open"]:
+            openers[None] = _open
+        os.stat, os.lstat = _stat, _lstat  # type: ignore[assignment]
+        os.listdir, os.scandir = self.listdir, self.scandir  # type: ignore[assignment]
         os.replace, os.rename = _moved("replace"), _moved("rename")  # type: ignore[assignment]
         os.mkdir, os.remove, os.unlink = _one("mkdir"), _one("remove"), _one("unlink")  # type: ignore[assignment]
 
@@ -316,6 +513,71 @@ class ReplayFiles:
         """``torch.save(obj, f)`` in the replay: nothing written, the path remembered."""
         if isinstance(f, (str, os.PathLike)):
             self.discarded.add(os.path.abspath(os.fspath(self.mapped(f))))
+
+
+class _Entry:
+    """An ``os.DirEntry`` of the user's folder under the name the script listed it by."""
+
+    def __init__(self, entry: Any, path: str):
+        self._entry, self.name, self.path = entry, entry.name, path
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"<DirEntry {self.name!r}>"
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        return self._entry.is_dir(follow_symlinks=follow_symlinks)
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool:
+        return self._entry.is_file(follow_symlinks=follow_symlinks)
+
+    def is_symlink(self) -> bool:
+        return self._entry.is_symlink()
+
+    def is_junction(self) -> bool:
+        return False
+
+    def stat(self, *, follow_symlinks: bool = True) -> Any:
+        return self._entry.stat(follow_symlinks=follow_symlinks)
+
+    def inode(self) -> int:
+        return self._entry.inode()
+
+
+class _Listing:
+    """What ``os.scandir`` returns: an iterator of entries that is its own context manager."""
+
+    def __init__(self, entries: list[Any]):
+        self._it = iter(entries)
+
+    def __iter__(self) -> "_Listing":
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._it)
+
+    def __enter__(self) -> "_Listing":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._it = iter(())
+
+
+def _epoch(text: Any) -> float | None:
+    """An ISO time (a run's ``started_at``) as seconds since the epoch; None if it is not one."""
+    import datetime as dt
+
+    if not isinstance(text, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def tree_of(script: str, argv0: str) -> str:
@@ -334,5 +596,7 @@ def load_facts(store: Any, run_id: str) -> dict | None:
     except Exception:  # noqa: BLE001 - no facts: only the repository mapping is lost
         return None
     facts = meta.get("own_files") if isinstance(meta, dict) else None
-    return facts if isinstance(facts, dict) else None
+    if not isinstance(facts, dict):
+        return None
+    return {**facts, "run_started": meta.get("started_at")}
 

@@ -50,8 +50,11 @@ class FileFacts:
     ``keep(digest, suffix, data)``: the store path the bytes were written to."""
 
     def __init__(self, repo_root: str, position: Callable[[], list] | None = None,
-                 keep: Callable[[str, str, bytes], str] | None = None):
+                 keep: Callable[[str, str, bytes], str] | None = None, process_started: float | None = None):
         self.repo_root = os.path.abspath(repo_root)
+        #: when the recorded process started (seconds since the epoch): a replay shows the
+        #: script only files that have not changed since (:mod:`flor_ray.execution.replay_files`)
+        self.process_started = process_started
         self.saved: dict[str, dict] = {}
         self.read_back: list[dict] = []
         self.position, self.keep = position, keep
@@ -91,6 +94,8 @@ class FileFacts:
 
     def as_meta(self) -> dict:
         out = {"repo_root": self.repo_root, "saved": {k: dict(v) for k, v in self.saved.items()}}
+        if self.process_started is not None:
+            out["process_started"] = self.process_started
         if self.read_back:
             out["read_back"] = [dict(r) for r in self.read_back]
         return out

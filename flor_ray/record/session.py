@@ -183,7 +183,7 @@ class RecordSession(Checkpointing, CellsRun, LoopRuntime):
         self._note_parts(cells)
         from .own_files import FileFacts
 
-        self._file_facts = FileFacts(where.repo_root, self._file_position, self._keep_read_back)
+        self._file_facts = FileFacts(where.repo_root, self._file_position, self._keep_read_back, self._t_process)
         import numpy  # noqa: F401  # on this thread: the writer's pyarrow import needs it, and a
         # module half-imported by another thread must never be seen by capture_rng / environment()
         timer.mark("meta")
