@@ -920,3 +920,10 @@ def test_after_the_loop_a_model_a_helper_trained_is_the_last_checkpoints():
     # a value computed in the iteration before that restore is not: the iteration re-executes
     stale = an(HELPER_STEP).need("last_seen")
     assert stale.kind == "inner" and "reads the checkpointed 'model'" in stale.reason, stale.reason
+
+
+def test_a_name_logged_in_the_loop_and_after_it_has_rows_each_iteration():
+    src = HELPER_STEP.replace('flor.log("loss", loss)', 'flor.log("loss", loss)\n        flor.log("test_loss", float(epoch))')
+    both = an(src).need("test_loss")
+    assert both.kind == "after" and both.in_loop  # planned for every iteration and the end
+    assert not an(HELPER_STEP).need("test_loss").in_loop  # the end alone

@@ -223,3 +223,25 @@ def test_reads_at_one_place_get_the_recorded_contents_in_order(tmp_path):
         files.served(path)
     here = ["loop", "epoch", 4]
     assert files.served(path) is None
+
+
+def test_a_read_back_that_cannot_be_kept_leaves_the_run_going(tmp_path):
+    """The store refusing the kept copy: the script's own load still works, said once;
+    the run has no read-back, so a replay will refuse rather than guess."""
+    from conftest import run_script
+
+    repo = init_repo(tmp_path)
+    faulty = ("from flor_ray.record.session import RecordSession\n"
+              "def _refuse(self, digest, suffix, data):\n"
+              "    raise OSError('the store refused it')\n"
+              "RecordSession._keep_read_back = _refuse\n")
+    write(repo, "train.py", faulty + _script(False).replace('parser.add_argument("--epochs", type=int, default=6)',
+                                                            'parser.add_argument("--epochs", type=int, default=3)'))
+    write(repo, ".gitignore", "*.pt\n.flor/\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "train")
+    proc = run_script(repo, fork=False)
+    assert proc.stderr.count("could not keep") >= 1 and "the store refused it" in proc.stderr, proc.stderr
+    meta = _meta(repo)
+    assert meta["status"] == "finished" and "read_back" not in meta["own_files"]
+    assert (repo / "model.pt").exists()

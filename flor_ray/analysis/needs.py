@@ -10,6 +10,8 @@ towards re-execution. :class:`Needs` is mixed into the analyzer after
 
 from __future__ import annotations
 
+import dataclasses
+
 import libcst as cst
 
 from .results import Need, carried_note, combine, sorted_tuple
@@ -30,6 +32,12 @@ class Needs:
 
     def _need_at(self, s: Unit, vuses: frozenset[str], name: str, line: int, label: str | None = None) -> Need:
         """The need of a log statement (or of a call that leads to one) at driver unit ``s``."""
+        need = self._need_of_site(s, vuses, name, line, label)
+        if self.outer is not None and self.in_body[s.pos]:
+            need = dataclasses.replace(need, in_loop=True)
+        return need
+
+    def _need_of_site(self, s: Unit, vuses: frozenset[str], name: str, line: int, label: str | None) -> Need:
         what = label or f"{name!r} (line {line})"
         outer = self.outer
         if outer is None:

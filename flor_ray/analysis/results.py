@@ -67,6 +67,8 @@ class Need:
     reason: str
     reads: tuple[str, ...] = ()
     carried: tuple[str, ...] = ()
+    #: logged inside the outer loop at one of its sites (rows each iteration), whatever the kind
+    in_loop: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,4 +124,4 @@ def combine(name: str, needs: list[tuple[Need, int]], merge_reason: bool = True)
         reason = f"{name!r} is logged at {len(needs)} sites (lines {lines}); the most demanding: {reason}"
     if carried and not best.carried:
         reason += carried_note(carried)
-    return Need(best.kind, reason, tuple(reads), tuple(carried))
+    return Need(best.kind, reason, tuple(reads), tuple(carried), any(n.in_loop for n, _ in needs))

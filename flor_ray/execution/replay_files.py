@@ -61,6 +61,7 @@ __all__ = ["ReplayFileError", "ReplayFiles"]
 
 _WRITES = set("wax+")
 _STAMP_SLACK_S = 0.02
+_NOTES_KEPT = 50
 
 
 class ReplayFileError(FlorError):
@@ -137,7 +138,7 @@ class ReplayFiles:
         except OSError:
             if self._as_found(p):
                 return path
-            if p in self.notes:
+            if self._exists(p):
                 self._changed[mine] = p
             return mine
         return mine
@@ -168,7 +169,7 @@ class ReplayFiles:
             return path
         if self._as_found(theirs):
             return theirs
-        if theirs in self.notes:
+        if self._exists(theirs):  # there, but changed since the run started
             self._changed[a] = theirs
         return path
 
@@ -220,7 +221,7 @@ class ReplayFiles:
         # the process start is known to 10 ms: a file made just before it (`prep.py && train.py`) counts
         if self.started is None or stat_kind.S_ISDIR(st.st_mode) or st.st_mtime <= self.started + _STAMP_SLACK_S:
             return True
-        if theirs not in self.notes:
+        if theirs not in self.notes and len(self.notes) < _NOTES_KEPT:  # a listing may meet thousands
             self.notes[theirs] = (f"run {self.run_id}: {theirs} read as absent: it changed after the run started "
                                   "(a later run's file, or data made again), so it is not what the run found")
         return False

@@ -230,6 +230,8 @@ class VersionPatch:
     #: the version's script this patch is of; None: the script of every run of the version
     #: (two scripts recorded at one version have a patch each)
     script: str | None = None
+    #: the names logged after the outer loop only (no site inside it: no rows an iteration)
+    only_after: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:

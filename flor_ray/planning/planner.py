@@ -301,7 +301,9 @@ def propagate_versions(store, today: str, targets: Iterable[tuple[str, str]], na
         patches[version, script] = VersionPatch(
             version, res.code, None, placements + m_places, needs + m_needs,
             tuple(an.logged_names) + tuple(n for n, *_ in m_needs), tuple(an.loop_carried),
-            tuple(an.training_carried), refused + m_refused, files, script=script)
+            tuple(an.training_carried), refused + m_refused, files, script=script,
+            # a module's statement is taken as logged in the loop: its rows planned as before
+            only_after=tuple(n for n, nd in an.needs if nd.kind == "after" and not nd.in_loop))
     return patches
 
 

@@ -49,7 +49,7 @@ class _Tasks:
         self.need_after = need_after and any(k == "after" for k in kinds.values())
         self.need_setup = edges and any(k == "setup" for k in kinds.values())
         #: no requested name is logged in the loop: only the state at its end is needed
-        self.only_after = all(k in ("setup", "after") for k in kinds.values())
+        self.only_after = all(k == "setup" or (k == "after" and n in patch.only_after) for n, k in kinds.items())
         res = ctx.resources
         self.gpus = res.num_gpus if res.num_gpus is not None else (1.0 if run.device == "cuda" else 0.0)
         self.keep_reexec = sorted(set(names) | (set(patch.logged) & run.logged))

@@ -116,7 +116,14 @@ def install_save_hook(watch: Callable[[], Any], facts: Callable[[], FileFacts | 
     def load(f: Any, *args: Any, **kwargs: Any) -> Any:
         known = facts()
         if known is not None:
-            known.loading(f, opener)
+            try:
+                known.loading(f, opener)
+            except Exception as exc:  # noqa: BLE001 - the script's load goes on; its replays will lack the file
+                import warnings
+
+                warnings.warn(f"flor_ray could not keep {path_of(f)}, which the run reads back, for its replays "
+                              f"({type(exc).__name__}: {exc}); a replay that reads it will be refused",
+                              stacklevel=2)
         return real_load(f, *args, **kwargs)
 
     def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
