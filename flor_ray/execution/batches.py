@@ -195,12 +195,32 @@ def run_packed(fn: Callable, args: Sequence[tuple], batches: Sequence[Batch], *,
             for h in ready:
                 _collect_one(h, sent, lost, on_done, retry_exceptions, send)
     except KeyboardInterrupt:
-        for h in sent:
+        _cancel(list(sent))
+        raise
+
+
+#: how long an interrupted replay waits for Ray to take its cancellations
+CANCEL_WAIT_S = 10.0
+
+
+def _cancel(handles: list) -> None:
+    """Cancel ``handles`` (force: their workers killed), on a thread that the interrupt
+    waits for at most :data:`CANCEL_WAIT_S`: a worker or raylet that does not answer must
+    not hold Ctrl-C. A local Ray goes with the driver in any case."""
+    import threading
+
+    import ray
+
+    def cancel() -> None:
+        for h in handles:
             try:
                 ray.cancel(h, force=True)
             except Exception:  # noqa: BLE001 - already finished or gone: nothing to cancel
                 pass
-        raise
+
+    t = threading.Thread(target=cancel, name="flor-cancel", daemon=True)
+    t.start()
+    t.join(CANCEL_WAIT_S)
 
 
 @functools.lru_cache(maxsize=None)
