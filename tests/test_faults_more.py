@@ -346,7 +346,13 @@ def test_ctrl_c_stops_a_replay_at_once_and_cancels_its_tasks(small_repo):
     import signal
 
     marks = small_repo.parent / "marks"
-    proc = subprocess.Popen([sys.executable, "-m", "flor_ray.cli", "replay", "twice", "-q"], cwd=small_repo,
+    # the command as a terminal starts it: SIGINT at its default, unblocked, whatever this
+    # process's threads left in the disposition and mask a child inherits
+    start = ("import os, signal, sys\n"
+             "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+             "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])\n"
+             "os.execv(sys.executable, [sys.executable, '-m', 'flor_ray.cli', 'replay', 'twice', '-q'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", start], cwd=small_repo,
                             env=clean_env(PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 180
@@ -356,13 +362,15 @@ def test_ctrl_c_stops_a_replay_at_once_and_cancels_its_tasks(small_repo):
     (mark,) = list(marks.glob("running-*"))
     script_pid = int(mark.name.split("-")[1])
     t0 = time.monotonic()
+    with open(f"/proc/{proc.pid}/status") as f:  # said where it fails: the driver's signal mask and ignored set
+        masks = " ".join(line.strip() for line in f if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
     proc.send_signal(signal.SIGINT)
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:  # where the driver hangs: its threads' stacks (faulthandler)
         proc.send_signal(signal.SIGABRT)
         out, err = proc.communicate(timeout=30)
-        pytest.fail(f"the replay did not stop within 60 s of Ctrl-C:\n{err[-8000:]}")
+        pytest.fail(f"the replay did not stop within 60 s of Ctrl-C ({masks}):\n{err[-8000:]}")
     assert time.monotonic() - t0 < 30
     assert proc.returncode == 130, err
     assert "interrupted" in err and "cancelled" in err
