@@ -9,7 +9,6 @@ with the new statements typed in by hand.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
